@@ -1,0 +1,59 @@
+//! The server of `run-job`: live output goes to the terminal, everything else is a no-op
+//! (the run directory already holds every file the job produced).
+
+use super::{Server, ServerError};
+use crate::phase::Phase;
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
+
+/// Writes live output to standard output and accepts every report.
+#[derive(Debug, Default)]
+pub struct LocalServer {
+    _private: (),
+}
+
+impl LocalServer {
+    pub fn new() -> LocalServer {
+        LocalServer::default()
+    }
+}
+
+impl Server for LocalServer {
+    fn post_result(&self, _job_id: &str, _body: &Value) -> Result<(), ServerError> {
+        Ok(())
+    }
+
+    fn job_state(&self, _job_id: &str) -> Result<Option<String>, ServerError> {
+        Ok(None)
+    }
+
+    fn post_agent_state(&self, _state: &str, _comment: &str) -> Result<(), ServerError> {
+        Ok(())
+    }
+
+    fn output(&self, _job_id: &str, _phase: Phase, chunk: &[u8], _log: &Path, _len: u64) {
+        // A closed or full terminal must not stop the job: the log file has every byte.
+        let _ = std::io::stdout().lock().write_all(chunk);
+    }
+
+    fn finish_output(&self, _job_id: &str, _phase: Phase) {
+        let _ = std::io::stdout().lock().flush();
+    }
+
+    fn post_serial_log(&self, _job_id: &str, _phase: Phase, _path: &Path) -> Result<(), ServerError> {
+        Ok(())
+    }
+
+    fn post_provision_log(&self, _job_id: &str, _code: i32, _detail: &str) -> Result<(), ServerError> {
+        Ok(())
+    }
+
+    fn post_events(&self, _job_id: &str, _body: &Value) -> Result<(), ServerError> {
+        Ok(())
+    }
+
+    fn upload_artifacts(&self, _job_id: &str, _tarball: &Path) -> Result<(), ServerError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,97 @@
+//! What the lifecycle and the daemon need from a Testflinger server, as a trait, with a
+//! local implementation for `run-job` ([`local`]) and the HTTP one for the daemon.
+
+pub mod local;
+
+use crate::phase::Phase;
+use serde_json::Value;
+use std::path::Path;
+
+/// The two live log streams of a job (PROTOCOL §3.11).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LogType {
+    Output,
+    Serial,
+}
+
+impl LogType {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogType::Output => "output",
+            LogType::Serial => "serial",
+        }
+    }
+}
+
+/// Whose fault a server error is; this alone decides whether to retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerErrorKind {
+    /// Could not reach the server, or it answered 5xx: worth retrying later.
+    Unavailable,
+    /// The server refused the request (4xx other than a token expiry): retrying the same
+    /// request will not help.
+    Rejected,
+    /// The server answered something that is not what the protocol says.
+    Malformed,
+    /// A local file needed for the request could not be read.
+    Local,
+}
+
+/// A failed server call: what was tried, on what, and what came back.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {detail}")]
+pub struct ServerError {
+    pub kind: ServerErrorKind,
+    /// e.g. `POST /v1/result/<id>`.
+    pub what: String,
+    pub detail: String,
+}
+
+impl ServerError {
+    pub fn new(kind: ServerErrorKind, what: impl Into<String>, detail: impl Into<String>) -> Self {
+        ServerError {
+            kind,
+            what: what.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        self.kind == ServerErrorKind::Unavailable
+    }
+}
+
+/// The job-level calls the lifecycle makes. Implementations must be cheap to call from
+/// the phase loop: [`Server::output`] in particular must never block on the network.
+pub trait Server: Send + Sync {
+    /// `POST /v1/result/<id>` with `body` (`job_state`, `status` or `device_info`).
+    fn post_result(&self, job_id: &str, body: &Value) -> Result<(), ServerError>;
+
+    /// The job's state on the server (`GET /v1/result/<id>`), `None` when unknown.
+    fn job_state(&self, job_id: &str) -> Result<Option<String>, ServerError>;
+
+    /// Agent state while a job runs (`POST /v1/agents/data/<agent>` with `state`, `comment`).
+    fn post_agent_state(&self, state: &str, comment: &str) -> Result<(), ServerError>;
+
+    /// New command output of `phase`: `chunk` has just been appended to `log_path`, which is
+    /// now `log_len` bytes long. Must not block on the network.
+    fn output(&self, job_id: &str, phase: Phase, chunk: &[u8], log_path: &Path, log_len: u64);
+
+    /// The phase's output is complete: deliver what is pending (bounded wait).
+    fn finish_output(&self, job_id: &str, phase: Phase);
+
+    /// Send the connector's `<phase>-serial.log` as `serial` fragments.
+    fn post_serial_log(&self, job_id: &str, phase: Phase, path: &Path) -> Result<(), ServerError>;
+
+    /// `POST /v1/agents/provision_logs/<agent>` after a provision phase.
+    fn post_provision_log(&self, job_id: &str, exit_code: i32, detail: &str)
+        -> Result<(), ServerError>;
+
+    /// `POST /v1/job/<id>/events` with the cumulative event list (only for jobs that
+    /// have a `job_status_webhook`).
+    fn post_events(&self, job_id: &str, body: &Value) -> Result<(), ServerError>;
+
+    /// `POST /v1/result/<id>/artifact` with a gzip tarball.
+    fn upload_artifacts(&self, job_id: &str, tarball: &Path) -> Result<(), ServerError>;
+}

@@ -1,0 +1,7 @@
+//! Integration tests, one binary with one module per behaviour.
+
+#[path = "../support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+mod process_tree;

@@ -1,0 +1,1 @@
+//! Process runner: trees die, outputs arrive whole, timeouts fire.
