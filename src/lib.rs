@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod job;
+pub mod lifecycle;
 pub mod phase;
 pub mod process;
 pub mod server;
+pub mod yaml;
