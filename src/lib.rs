@@ -1,13 +1,24 @@
 //! A hardened, drop-in replacement for the Testflinger agent.
 //!
-//! Layers, top to bottom (nothing calls upward): the daemon and `run-job` drive the
+//! Layers, top to bottom (nothing calls upward): [`run_job`] (and the daemon) drive the
 //! typestate [`lifecycle`]; each phase runs through the [`executor`], which uses the
-//! [`process`] runner and a [`server::Server`]; [`config`] and [`job`] are the inputs.
+//! [`process`] runner and a [`server::Server`]; [`config`] and [`job`] are the inputs and
+//! [`outcome`] the result files.
 
+pub mod artifacts;
+pub mod attachments;
 pub mod config;
+pub mod fuzz_api;
+pub mod executor;
 pub mod job;
 pub mod lifecycle;
+pub mod logging;
+pub mod mask;
+pub mod outcome;
 pub mod phase;
 pub mod process;
+pub mod run_job;
 pub mod server;
+pub mod signals;
+pub mod time;
 pub mod yaml;

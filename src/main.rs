@@ -1,1 +1,201 @@
-fn main() {}
+//! The `testflinger-agent` command line: the daemon (default), `run-job`, `check-config`
+//! and `diagram`.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use testflinger_agent::config::Config;
+use testflinger_agent::job::JobSpec;
+use testflinger_agent::lifecycle::diagram::{self, Format};
+use testflinger_agent::process::StopSignal;
+use testflinger_agent::{logging, run_job, signals};
+
+/// A hardened, drop-in replacement for the Testflinger agent.
+#[derive(Debug, Parser)]
+#[command(name = "testflinger-agent", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// The agent config file (YAML).
+    #[arg(short = 'c', long = "config", default_value = "testflinger-agent.conf")]
+    config: PathBuf,
+    /// The refresh-token file written by the deployment tooling.
+    #[arg(long = "token-file", default_value = "/var/lib/testflinger-agent/refresh_token")]
+    token_file: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one job locally, with no server: output to the terminal, files in the run dir.
+    RunJob {
+        /// The agent config file (YAML).
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+        /// The job file (YAML as a person writes it, or JSON as the server sends it).
+        job: PathBuf,
+    },
+    /// Validate a config file and print the effective config (defaults filled in).
+    CheckConfig {
+        /// The agent config file (YAML).
+        #[arg(short = 'c', long = "config", required_unless_present = "reference_table")]
+        config: Option<PathBuf>,
+        /// Print the Markdown reference table of every config key instead.
+        #[arg(long)]
+        reference_table: bool,
+    },
+    /// Render the state diagrams from the code.
+    Diagram {
+        #[arg(long, value_enum, default_value_t = DiagramFormat::Mermaid)]
+        format: DiagramFormat,
+        /// Which state machine.
+        #[arg(long, default_value = "job-lifecycle")]
+        machine: String,
+        /// Write every machine in every format into this directory instead.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DiagramFormat {
+    Mermaid,
+    Dot,
+}
+
+/// Exit status for a config or job file that cannot be used.
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::RunJob { config, job }) => run_job(&config, &job),
+        Some(Command::CheckConfig {
+            config,
+            reference_table,
+        }) => check_config(config.as_deref(), reference_table),
+        Some(Command::Diagram {
+            format,
+            machine,
+            write,
+        }) => diagram(format, &machine, write.as_deref()),
+        None => daemon(&cli.config, &cli.token_file),
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|err| {
+        eprintln!("testflinger-agent: {err}");
+        ExitCode::from(EXIT_BAD_INPUT)
+    })
+}
+
+fn run_job(config_path: &Path, job_path: &Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let spec = match JobSpec::load(job_path) {
+        Ok(spec) => spec,
+        Err(err) => {
+            eprintln!("testflinger-agent: {err}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    if let Err(err) = logging::init(
+        config.logging_level,
+        config.logging_quiet,
+        &config.logging_basedir,
+    ) {
+        eprintln!(
+            "testflinger-agent: cannot open the agent log in {} (config key logging_basedir): {err}",
+            config.logging_basedir.display()
+        );
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
+    let stop = match StopSignal::new() {
+        Ok(stop) => stop,
+        Err(err) => {
+            eprintln!("testflinger-agent: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(err) = signals::spawn(stop.clone()) {
+        log::warn!("cannot install signal handlers: {err}");
+    }
+    match run_job::run_local(&config, &spec, stop) {
+        Ok(run) => {
+            print!("{}", run_job::summary(&run));
+            if run.outcome.succeeded() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("testflinger-agent: {err}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
+}
+
+fn check_config(path: Option<&Path>, reference_table: bool) -> ExitCode {
+    if reference_table {
+        print!("{}", testflinger_agent::config::reference_table_markdown());
+        return ExitCode::SUCCESS;
+    }
+    let Some(path) = path else {
+        return ExitCode::from(EXIT_BAD_INPUT);
+    };
+    match load_config(path) {
+        Ok(config) => {
+            print!("{}", config.effective_yaml());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn diagram(format: DiagramFormat, machine: &str, write: Option<&Path>) -> ExitCode {
+    let format = match format {
+        DiagramFormat::Mermaid => Format::Mermaid,
+        DiagramFormat::Dot => Format::Dot,
+    };
+    if let Some(dir) = write {
+        return match diagram::write_all(dir) {
+            Ok(paths) => {
+                for path in paths {
+                    println!("{}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("testflinger-agent: cannot write diagrams to {}: {err}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match diagram::machines().into_iter().find(|m| m.name == machine) {
+        Some(m) => {
+            print!("{}", diagram::render(&m, format));
+            ExitCode::SUCCESS
+        }
+        None => {
+            let names: Vec<_> = diagram::machines().iter().map(|m| m.name).collect();
+            eprintln!(
+                "testflinger-agent: no state machine named {machine:?}; known: {}",
+                names.join(", ")
+            );
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
+}
+
+fn daemon(config_path: &Path, token_file: &Path) -> ExitCode {
+    let mut config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    config.set_token_file(token_file);
+    eprintln!("testflinger-agent: the daemon is not implemented yet; use run-job");
+    ExitCode::FAILURE
+}

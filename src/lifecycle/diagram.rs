@@ -2,6 +2,7 @@
 //! timestamps), for the committed files in `state-diagrams/`.
 
 use super::transitions::{EdgeKind, STATES, TRANSITIONS};
+use crate::phase::Phase;
 
 /// A state machine to draw: its states in order and its labelled edges.
 #[derive(Clone, Debug)]
@@ -45,12 +46,23 @@ pub fn job_machine() -> Machine {
             .map(|t| {
                 let label = match t.kind {
                     EdgeKind::Forward => format!("{}()", t.method),
-                    EdgeKind::Abort => format!("{}() fails or stop", t.method),
+                    EdgeKind::Abort => abort_label(t.method),
                     EdgeKind::Cleanup => format!("{}()", t.method),
                 };
                 (t.from, label, t.to, t.kind == EdgeKind::Abort)
             })
             .collect(),
+    }
+}
+
+/// Why a forward transition can end in `Aborted` (PROTOCOL §5.4): a failing test phase does
+/// not abort, only its timeout, cancellation, shutdown or a recovery failure does.
+fn abort_label(method: &str) -> String {
+    let fails = Phase::from_name(method).is_some_and(Phase::failure_aborts);
+    if fails {
+        format!("{method}() fails, times out or is stopped")
+    } else {
+        format!("{method}() times out, is stopped or exits 46")
     }
 }
 
@@ -95,4 +107,60 @@ fn dot(m: &Machine) -> String {
     }
     out.push_str("}\n");
     out
+}
+
+/// Every state machine the project draws, by name.
+pub fn machines() -> Vec<Machine> {
+    vec![job_machine()]
+}
+
+/// Writes every machine in every format into `dir`; returns the paths written.
+pub fn write_all(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    for machine in machines() {
+        for format in [Format::Mermaid, Format::Dot] {
+            let path = dir.join(format!("{}.{}", machine.name, format.extension()));
+            std::fs::write(&path, render(&machine, format))?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed files in `state-diagrams/` are exactly what the code renders.
+    #[test]
+    fn committed_diagrams_are_up_to_date() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("state-diagrams");
+        let mut stale = Vec::new();
+        for machine in machines() {
+            for format in [Format::Mermaid, Format::Dot] {
+                let path = dir.join(format!("{}.{}", machine.name, format.extension()));
+                let committed = std::fs::read_to_string(&path).unwrap_or_default();
+                if committed != render(&machine, format) {
+                    stale.push(path.display().to_string());
+                }
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "state diagrams differ from the code: {}\nregenerate with: cargo run -- diagram --write state-diagrams",
+            stale.join(", ")
+        );
+    }
+
+    #[test]
+    fn renders_every_edge() {
+        let m = job_machine();
+        let mermaid = render(&m, Format::Mermaid);
+        let dot = render(&m, Format::Dot);
+        for t in TRANSITIONS {
+            assert!(mermaid.contains(&format!("{} --> {}", t.from, t.to)));
+            assert!(dot.contains(&format!("\"{}\" -> \"{}\"", t.from, t.to)));
+        }
+    }
 }

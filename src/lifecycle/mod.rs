@@ -214,6 +214,8 @@ pub enum StopCause {
     Cancelled,
     /// The agent is shutting down.
     Shutdown,
+    /// The agent cannot run this job (e.g. its attachments were refused).
+    Unrunnable,
 }
 
 /// Why a job left the forward path.
@@ -229,6 +231,8 @@ pub enum AbortReason {
     Cancelled { phase: Phase },
     /// The agent is shutting down, during `phase` or before it started.
     Shutdown { phase: Phase },
+    /// The agent could not run the job at all (seen before `phase`).
+    Unrunnable { phase: Phase },
 }
 
 impl AbortReason {
@@ -240,6 +244,7 @@ impl AbortReason {
             AbortReason::GlobalTimeout { .. } => "global_timeout".to_owned(),
             AbortReason::Cancelled { .. } => "cancelled".to_owned(),
             AbortReason::Shutdown { .. } => "agent_shutdown".to_owned(),
+            AbortReason::Unrunnable { .. } => "job_unrunnable".to_owned(),
         }
     }
 
@@ -250,7 +255,8 @@ impl AbortReason {
             | AbortReason::RecoveryFailed { phase }
             | AbortReason::GlobalTimeout { phase }
             | AbortReason::Cancelled { phase }
-            | AbortReason::Shutdown { phase } => phase,
+            | AbortReason::Shutdown { phase }
+            | AbortReason::Unrunnable { phase } => phase,
         }
     }
 
@@ -393,6 +399,7 @@ impl<S, R: PhaseRunner> Job<S, R> {
             let reason = match cause {
                 StopCause::Cancelled => AbortReason::Cancelled { phase },
                 StopCause::Shutdown => AbortReason::Shutdown { phase },
+                StopCause::Unrunnable => AbortReason::Unrunnable { phase },
             };
             self.runner.stopped_before(&reason);
             self.abort = Some(reason);

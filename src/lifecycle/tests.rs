@@ -275,7 +275,7 @@ proptest! {
     fn cleanup_runs_once_and_no_phase_runs_after_an_abort(
         results in proptest::array::uniform7(arb_result()),
         skips in proptest::array::uniform7(arb_skip()),
-        stop in proptest::option::of((0usize..6, prop_oneof![Just(StopCause::Cancelled), Just(StopCause::Shutdown)])),
+        stop in proptest::option::of((0usize..6, prop_oneof![Just(StopCause::Cancelled), Just(StopCause::Shutdown), Just(StopCause::Unrunnable)])),
     ) {
         let mut runner = ScriptedRunner::default();
         for (phase, result) in Phase::ALL.into_iter().zip(results) {

@@ -2,8 +2,16 @@
 //! `poll()` against deadlines, kill escalation (SIGTERM to the group, grace period,
 //! SIGKILL), and a sweep that leaves no descendant alive when the phase ends.
 //!
-//! All nix calls live in `unix.rs`; this file holds the platform-neutral types.
+//! All nix calls live in `unix.rs`, the `/proc` scan in `sweep.rs`; this file holds the
+//! platform-neutral types, the stop lines and the command state table.
+//!
+//! A command's states, in order: `running` (the shell or the output pipe is alive),
+//! `terminating` (SIGTERM sent to the group, grace period running), `killed` (SIGKILL
+//! sent to the group and to every process carrying the phase token), `exited` (everything
+//! reaped). [`COMMAND_TRANSITIONS`] lists every edge the runner takes; debug builds assert
+//! each transition against it.
 
+mod sweep;
 mod unix;
 
 use std::ffi::OsString;
@@ -18,6 +26,118 @@ pub use unix::{become_subreaper, run_command};
 pub const KILLED_EXIT_CODE: i32 = 247;
 /// Exit code recorded when the agent could not run the command at all.
 pub const AGENT_FAILURE_EXIT_CODE: i32 = 100;
+
+/// Every edge of a command's state machine: `(from, event, to)`.
+///
+/// The runner moves through these and nothing else (checked by `debug_assert!` on every
+/// step); the lead renders this table to the command state diagram.
+pub const COMMAND_TRANSITIONS: &[(&str, &str, &str)] = &[
+    ("running", EV_EXIT, "exited"),
+    ("running", EV_EXIT_LEFT_BACKGROUND, "killed"),
+    ("running", EV_STRAGGLER_WAIT_OVER, "killed"),
+    ("running", EV_GLOBAL_TIMEOUT, "terminating"),
+    ("running", EV_OUTPUT_TIMEOUT, "terminating"),
+    ("running", EV_CANCEL, "terminating"),
+    ("running", EV_SHUTDOWN, "terminating"),
+    ("running", EV_KILL_NOW, "killed"),
+    ("terminating", EV_GROUP_EXITED, "exited"),
+    ("terminating", EV_GROUP_EXITED_LEFT_ESCAPEES, "killed"),
+    ("terminating", EV_GRACE_EXPIRED, "killed"),
+    ("terminating", EV_KILL_NOW, "killed"),
+    ("killed", EV_REAPED, "exited"),
+];
+
+/// The shell exited and the output closed; nothing of the phase was left.
+pub(crate) const EV_EXIT: &str = "exit";
+/// The shell exited and the output closed, but the final sweep found processes left.
+pub(crate) const EV_EXIT_LEFT_BACKGROUND: &str = "exit, background processes left";
+/// The shell exited; background processes kept the output open past `straggler_wait`
+/// (or a stop request / the global deadline cut that wait short).
+pub(crate) const EV_STRAGGLER_WAIT_OVER: &str = "straggler wait over";
+pub(crate) const EV_GLOBAL_TIMEOUT: &str = "global timeout";
+pub(crate) const EV_OUTPUT_TIMEOUT: &str = "output timeout";
+pub(crate) const EV_CANCEL: &str = "cancel";
+pub(crate) const EV_SHUTDOWN: &str = "shutdown";
+pub(crate) const EV_KILL_NOW: &str = "kill now";
+/// After SIGTERM the shell exited, the output closed and no group member is left.
+pub(crate) const EV_GROUP_EXITED: &str = "group exited within grace";
+/// As above, but processes that left the group (carrying the token) were still alive.
+pub(crate) const EV_GROUP_EXITED_LEFT_ESCAPEES: &str = "group exited, escapees left";
+pub(crate) const EV_GRACE_EXPIRED: &str = "grace expired";
+pub(crate) const EV_REAPED: &str = "reaped";
+
+/// Where the runner is in [`COMMAND_TRANSITIONS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CommandState {
+    Running,
+    Terminating,
+    Killed,
+    Exited,
+}
+
+impl CommandState {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            CommandState::Running => "running",
+            CommandState::Terminating => "terminating",
+            CommandState::Killed => "killed",
+            CommandState::Exited => "exited",
+        }
+    }
+
+    /// Takes one edge of [`COMMAND_TRANSITIONS`].
+    pub(crate) fn step(&mut self, event: &'static str, to: CommandState) {
+        debug_assert!(
+            COMMAND_TRANSITIONS.contains(&(self.name(), event, to.name())),
+            "command transition {} --{event}--> {} is not in COMMAND_TRANSITIONS",
+            self.name(),
+            to.name()
+        );
+        *self = to;
+    }
+}
+
+/// The line written to the output when the agent stops a command, as the Python agent
+/// writes it. `None` for an end the agent did not cause.
+pub(crate) fn stop_line(termination: Termination, spec: &CommandSpec) -> Option<String> {
+    let secs = |t: Option<Duration>| t.map_or(0, |t| t.as_secs());
+    match termination {
+        Termination::GlobalTimeout => Some(format!(
+            "\nERROR: Global timeout reached! ({}s)\n",
+            secs(spec.global_timeout)
+        )),
+        Termination::OutputTimeout => Some(format!(
+            "\nERROR: Output timeout reached! ({}s)\n",
+            secs(spec.output_timeout)
+        )),
+        Termination::Cancelled => Some("\nJob cancellation was requested, exiting.\n".into()),
+        Termination::Shutdown => Some("\nThe agent is shutting down: ending this phase.\n".into()),
+        Termination::Exited(_) | Termination::Signaled(_) => None,
+    }
+}
+
+/// The line written when [`StopKind::KillNow`] ends a running command.
+pub(crate) const KILL_NOW_LINE: &str = "\nThe agent is shutting down now: killing this phase.\n";
+
+/// The line written when the sweep had to kill processes the command left behind.
+/// `held_output_for` is set when they kept the output pipe open that long.
+pub(crate) fn straggler_line(count: usize, held_output_for: Option<Duration>) -> String {
+    let what = if count == 1 {
+        "1 background process".to_string()
+    } else {
+        format!("{count} background processes")
+    };
+    let them = if count == 1 { "it" } else { "them" };
+    match held_output_for {
+        Some(waited) => format!(
+            "\nWARNING: {what} still held the output {} ms after the command exited; killed {them}.\n",
+            waited.as_millis()
+        ),
+        None => format!(
+            "\nWARNING: {what} still running after the command exited; killed {them}.\n"
+        ),
+    }
+}
 
 /// Everything needed to run one phase command.
 #[derive(Clone, Debug)]
@@ -170,4 +290,126 @@ pub enum ProcessError {
         #[source]
         source: nix::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATES: [CommandState; 4] = [
+        CommandState::Running,
+        CommandState::Terminating,
+        CommandState::Killed,
+        CommandState::Exited,
+    ];
+
+    fn spec(global: Option<Duration>, output: Option<Duration>) -> CommandSpec {
+        CommandSpec {
+            command: "true".into(),
+            cwd: PathBuf::from("/"),
+            env: Vec::new(),
+            global_timeout: global,
+            output_timeout: output,
+            grace_period: Duration::ZERO,
+            straggler_wait: Duration::ZERO,
+            honour_cancel: true,
+            honour_shutdown: true,
+        }
+    }
+
+    #[test]
+    fn transitions_use_known_states_and_end_in_exited() {
+        let names: Vec<&str> = STATES.iter().map(|s| s.name()).collect();
+        for (from, event, to) in COMMAND_TRANSITIONS {
+            assert!(names.contains(from), "unknown state {from}");
+            assert!(names.contains(to), "unknown state {to}");
+            assert!(!event.is_empty());
+            assert_ne!(*from, "exited", "exited is terminal");
+        }
+        // Every state is reachable from running and reaches exited.
+        for state in names {
+            let mut seen = vec!["running"];
+            let mut i = 0;
+            while i < seen.len() {
+                for (from, _, to) in COMMAND_TRANSITIONS {
+                    if *from == seen[i] && !seen.contains(to) {
+                        seen.push(to);
+                    }
+                }
+                i += 1;
+            }
+            assert!(seen.contains(&state), "{state} unreachable from running");
+            let mut at = state;
+            for _ in 0..STATES.len() {
+                if at == "exited" {
+                    break;
+                }
+                at = COMMAND_TRANSITIONS
+                    .iter()
+                    .find(|(from, _, _)| *from == at)
+                    .map(|(_, _, to)| *to)
+                    .expect("non-terminal state has an edge");
+            }
+            assert_eq!(at, "exited", "{state} does not reach exited");
+        }
+    }
+
+    #[test]
+    fn no_duplicate_edges() {
+        for (i, a) in COMMAND_TRANSITIONS.iter().enumerate() {
+            for b in &COMMAND_TRANSITIONS[i + 1..] {
+                assert!(
+                    !(a.0 == b.0 && a.1 == b.1),
+                    "{a:?} and {b:?} share an event"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stop_lines_match_the_python_agent() {
+        let s = spec(
+            Some(Duration::from_secs(14400)),
+            Some(Duration::from_millis(900_500)),
+        );
+        assert_eq!(
+            stop_line(Termination::GlobalTimeout, &s).as_deref(),
+            Some("\nERROR: Global timeout reached! (14400s)\n")
+        );
+        assert_eq!(
+            stop_line(Termination::OutputTimeout, &s).as_deref(),
+            Some("\nERROR: Output timeout reached! (900s)\n")
+        );
+        assert_eq!(
+            stop_line(Termination::Cancelled, &s).as_deref(),
+            Some("\nJob cancellation was requested, exiting.\n")
+        );
+        assert_eq!(stop_line(Termination::Exited(0), &s), None);
+        let ms = spec(Some(Duration::from_millis(300)), None);
+        assert_eq!(
+            stop_line(Termination::GlobalTimeout, &ms).as_deref(),
+            Some("\nERROR: Global timeout reached! (0s)\n")
+        );
+    }
+
+    #[test]
+    fn straggler_lines() {
+        assert_eq!(
+            straggler_line(2, Some(Duration::from_millis(1000))),
+            "\nWARNING: 2 background processes still held the output 1000 ms after the command exited; killed them.\n"
+        );
+        assert_eq!(
+            straggler_line(1, None),
+            "\nWARNING: 1 background process still running after the command exited; killed it.\n"
+        );
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(Termination::Exited(300).exit_code(), 44);
+        assert_eq!(Termination::Signaled(11).exit_code(), 245);
+        assert_eq!(Termination::GlobalTimeout.exit_code(), KILLED_EXIT_CODE);
+        assert!(Termination::Cancelled.killed_by_agent());
+        assert!(!Termination::Signaled(9).killed_by_agent());
+    }
 }

@@ -1,29 +1,615 @@
 //! The Unix side of the process runner: nix calls, process groups, the subreaper sweep.
+//!
+//! One command is `/bin/sh -c CMD` in a new process group whose stdout and stderr share
+//! one pipe. The runner blocks in `poll()` on that pipe, the [`StopSignal`]'s wake pipe
+//! and a pidfd of the shell (readable when it exits), with the timeout computed from the
+//! nearest deadline. A [`ProcessGroupGuard`] owns the group from spawn to reap: its final
+//! sweep (also run from `Drop`) kills the group and every process carrying the phase token.
 
-use super::{CommandOutcome, CommandSpec, OutputSink, ProcessError, StopSignal};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::libc;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::{getpid, pipe2, read, write, Pid};
+
+use super::sweep::{self, PhaseMarks, TOKEN_VAR};
+use super::{
+    stop_line, straggler_line, CommandOutcome, CommandSpec, CommandState, OutputSink, ProcessError,
+    StopKind, StopSignal, Termination, EV_CANCEL, EV_EXIT, EV_EXIT_LEFT_BACKGROUND,
+    EV_GLOBAL_TIMEOUT, EV_GRACE_EXPIRED, EV_GROUP_EXITED, EV_GROUP_EXITED_LEFT_ESCAPEES,
+    EV_KILL_NOW, EV_OUTPUT_TIMEOUT, EV_REAPED, EV_SHUTDOWN, EV_STRAGGLER_WAIT_OVER, KILL_NOW_LINE,
+};
+
+/// One read from the output pipe; the buffer is reused for the whole command.
+const READ_CHUNK: usize = 256 * 1024;
+/// Requested size of the output pipe (the unprivileged maximum by default).
+const PIPE_SIZE: i32 = 1 << 20;
+/// How long the sweep keeps rescanning while processes of the phase are still alive.
+const SWEEP_BOUND: Duration = Duration::from_secs(2);
+/// After the sweep, how long to wait for the output pipe to report EOF.
+const DRAIN_BOUND: Duration = Duration::from_millis(500);
+/// Without pidfd (Linux < 5.3) the shell's exit is checked this often.
+const NO_PIDFD_TICK: Duration = Duration::from_millis(20);
+/// While terminating, after the shell exited and the output closed, how often the group
+/// is rescanned for members that are still finishing (doubling up to the maximum).
+const GROUP_RESCAN_FIRST: Duration = Duration::from_millis(2);
+const GROUP_RESCAN_MAX: Duration = Duration::from_millis(50);
+
+fn sys(what: &'static str) -> impl FnOnce(Errno) -> ProcessError {
+    move |source| ProcessError::Sys { what, source }
+}
 
 /// A non-blocking self-pipe used to wake a `poll()` when a stop is requested.
 #[derive(Debug)]
-pub struct WakePipe {}
+pub struct WakePipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
 
 impl WakePipe {
     pub fn new() -> Result<WakePipe, ProcessError> {
-        Ok(WakePipe {})
+        let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
+            .map_err(sys("creating the stop signal's wake pipe"))?;
+        Ok(WakePipe { read, write })
     }
-    pub fn wake(&self) {}
+
+    /// Wakes whoever polls the read end. A full pipe already means "wake up".
+    pub fn wake(&self) {
+        let _ = write(&self.write, &[1]);
+    }
+
+    /// Empties the pipe so that the next `poll()` blocks again.
+    fn drain(&self) {
+        let mut buf = [0u8; 64];
+        loop {
+            match read(&self.read, &mut buf) {
+                Ok(0) => break,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+    }
 }
 
 /// Makes this process the child subreaper (prctl), so that descendants that leave the
 /// process group are re-parented to the agent and can be found and killed.
 pub fn become_subreaper() -> Result<(), ProcessError> {
-    Ok(())
+    nix::sys::prctl::set_child_subreaper(true).map_err(sys("prctl(PR_SET_CHILD_SUBREAPER)"))
+}
+
+/// A fresh 128-bit hex token, unique per command.
+fn new_token() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut bytes = [0u8; 16];
+    let random = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        use std::hash::{BuildHasher, Hasher};
+        let state = std::collections::hash_map::RandomState::new();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+            let mut h = state.build_hasher();
+            h.write_u32(std::process::id());
+            h.write_u128(nanos);
+            h.write_u64(count);
+            h.write_usize(i);
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `pidfd_open(2)`: a descriptor that becomes readable when `pid` exits. `None` when the
+/// kernel does not have it.
+fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
+    // memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `waitpid(pid)`, returning the raw status; `Ok(None)` with `nohang` when still running.
+/// Raw statuses are kept (not nix's `WaitStatus`) because decoding a real-time signal
+/// number fails in nix after the child has already been reaped.
+fn reap(pid: Pid, nohang: bool) -> Result<Option<i32>, Errno> {
+    let flags = if nohang { libc::WNOHANG } else { 0 };
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid writes one c_int through a valid pointer to a local.
+        let r = unsafe { libc::waitpid(pid.as_raw(), &mut status, flags) };
+        if r > 0 {
+            return Ok(Some(status));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        match Errno::last() {
+            Errno::EINTR => continue,
+            e => return Err(e),
+        }
+    }
+}
+
+fn decode_status(status: i32) -> Termination {
+    if libc::WIFEXITED(status) {
+        Termination::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Termination::Signaled(libc::WTERMSIG(status))
+    } else {
+        // waitpid without WUNTRACED/WCONTINUED reports only exits and deaths.
+        Termination::Signaled(status & 0x7f)
+    }
+}
+
+/// Owns a command's process group from spawn to reap.
+///
+/// `Drop` kills the group and every process carrying the phase token, then reaps them and
+/// the leader, so an early return or a panic in the sink never leaks a tree. The leader
+/// stays unreaped (a zombie at worst) until [`ProcessGroupGuard::reap_leader`], which keeps
+/// its pid, and so the group id, from being reused while the group is signalled.
+#[derive(Debug)]
+struct ProcessGroupGuard {
+    /// The shell; its pid is the group id.
+    leader: Pid,
+    pidfd: Option<OwnedFd>,
+    token_entry: Vec<u8>,
+    min_starttime: u64,
+    own_pid: i32,
+    /// `(pid, starttime)` of processes seen alive with the token and not reaped yet: an
+    /// exited process shows an empty environment, so its zombie is matched by these.
+    known: Vec<(i32, u64)>,
+    /// Distinct processes (other than the leader) the sweeps found alive and killed.
+    killed: Vec<(i32, u64)>,
+    /// Set once the leader is reaped; the group is never signalled after that.
+    leader_status: Option<i32>,
+}
+
+impl ProcessGroupGuard {
+    fn new(leader: Pid, token: &str) -> ProcessGroupGuard {
+        let mut buf = Vec::new();
+        let min_starttime = sweep::read_stat(leader.as_raw(), &mut buf).map_or(0, |s| s.starttime);
+        ProcessGroupGuard {
+            leader,
+            pidfd: pidfd_open(leader),
+            token_entry: sweep::token_entry(token),
+            min_starttime,
+            own_pid: getpid().as_raw(),
+            known: Vec::new(),
+            killed: Vec::new(),
+            leader_status: None,
+        }
+    }
+
+    fn signal_group(&self, signal: Signal) {
+        if self.leader_status.is_none() {
+            // ESRCH: nobody left in the group. Nothing else can fail for our own group.
+            let _ = killpg(self.leader, signal);
+        }
+    }
+
+    /// Whether the leader has exited (without reaping it). Used when there is no pidfd.
+    fn leader_has_exited(&self) -> bool {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        !matches!(
+            waitid(Id::Pid(self.leader), flags),
+            Ok(WaitStatus::StillAlive)
+        )
+    }
+
+    fn marks(&self, group_only: bool) -> PhaseMarks<'_> {
+        PhaseMarks {
+            pgid: self.leader.as_raw(),
+            token_entry: &self.token_entry,
+            min_starttime: self.min_starttime,
+            known: &self.known,
+            own_pid: self.own_pid,
+            group_only,
+        }
+    }
+
+    /// Group members other than the leader that are still alive.
+    fn living_group_members(&self) -> usize {
+        sweep::scan(&self.marks(true))
+            .iter()
+            .filter(|s| s.is_alive() && s.pid != self.leader.as_raw())
+            .count()
+    }
+
+    /// Kills every process of the phase (the group and the token carriers), rescanning
+    /// until none is left alive (bounded), and reaps those that are our children. Returns
+    /// how many processes other than the leader it found alive. Never touches a process
+    /// that is not the phase's, never reaps a pid that is not the phase's.
+    fn sweep(&mut self) -> usize {
+        let leader = self.leader.as_raw();
+        let before = self.killed.len();
+        let deadline = Instant::now() + SWEEP_BOUND;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let found = sweep::scan(&self.marks(false));
+            let mut alive = 0;
+            for stat in &found {
+                let id = (stat.pid, stat.starttime);
+                if stat.is_alive() {
+                    if stat.pid == leader {
+                        continue;
+                    }
+                    alive += 1;
+                    if !self.known.contains(&id) {
+                        self.known.push(id);
+                    }
+                    if !self.killed.contains(&id) {
+                        self.killed.push(id);
+                    }
+                    let _ = kill(Pid::from_raw(stat.pid), Signal::SIGKILL);
+                } else if stat.ppid == self.own_pid && stat.pid != leader {
+                    if let Ok(Some(_)) | Err(_) = reap(Pid::from_raw(stat.pid), true) {
+                        self.known.retain(|&(pid, _)| pid != stat.pid);
+                    }
+                }
+            }
+            // The leader is not reaped yet, so the group id is still ours.
+            self.signal_group(Signal::SIGKILL);
+            if alive == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "process group {leader}: {alive} processes still alive after {} ms of SIGKILL",
+                    SWEEP_BOUND.as_millis()
+                );
+                break;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+        self.killed.len() - before
+    }
+
+    /// Kills what is left of the group and reaps the leader. Returns its raw status.
+    fn reap_leader(&mut self) -> Result<i32, ProcessError> {
+        if let Some(status) = self.leader_status {
+            return Ok(status);
+        }
+        // Signal the group before reaping its leader (pid reuse).
+        self.signal_group(Signal::SIGKILL);
+        match reap(self.leader, false) {
+            Ok(Some(status)) => {
+                self.leader_status = Some(status);
+                Ok(status)
+            }
+            // waitpid without WNOHANG does not return 0; treat it like an error.
+            Ok(None) => self.give_up_leader(Errno::ECHILD),
+            Err(source) => self.give_up_leader(source),
+        }
+    }
+
+    fn give_up_leader(&mut self, source: Errno) -> Result<i32, ProcessError> {
+        // Nothing more can be done with this pid; never signal its group again.
+        self.leader_status = Some(0);
+        Err(ProcessError::Sys {
+            what: "waitpid on the command's shell",
+            source,
+        })
+    }
+}
+
+impl Drop for ProcessGroupGuard {
+    fn drop(&mut self) {
+        if self.leader_status.is_none() {
+            self.signal_group(Signal::SIGKILL);
+            self.sweep();
+            let _ = self.reap_leader();
+        }
+    }
+}
+
+/// Milliseconds until `deadline`, rounded up so that `poll()` never wakes just before it.
+fn poll_timeout(now: Instant, deadline: Option<Instant>) -> PollTimeout {
+    match deadline {
+        None => PollTimeout::NONE,
+        Some(deadline) => {
+            let left = deadline.saturating_duration_since(now);
+            let ms = left.as_nanos().div_ceil(1_000_000);
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+        }
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Why the pump loop ended.
+enum LoopEnd {
+    /// The shell exited and the output closed (and, when terminating, the group is gone).
+    Done,
+    /// The agent must kill what is left: grace expired, kill now, or stragglers.
+    Kill,
 }
 
 /// Runs one phase command to its end. See the module docs.
 pub fn run_command(
-    _spec: &CommandSpec,
-    _sink: &mut dyn OutputSink,
-    _stop: &StopSignal,
+    spec: &CommandSpec,
+    sink: &mut dyn OutputSink,
+    stop: &StopSignal,
 ) -> Result<CommandOutcome, ProcessError> {
-    unimplemented!("process runner: being written")
+    let token = new_token();
+    let spawn_error = |source| ProcessError::Spawn {
+        cwd: spec.cwd.clone(),
+        source,
+    };
+    let (out_read, out_write) =
+        pipe2(OFlag::O_CLOEXEC).map_err(sys("creating the command's output pipe"))?;
+    let flags = fcntl(&out_read, FcntlArg::F_GETFL).map_err(sys("F_GETFL on the output pipe"))?;
+    fcntl(
+        &out_read,
+        FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK),
+    )
+    .map_err(sys("making the output pipe non-blocking"))?;
+    // Throughput only: a larger pipe means fewer wake-ups. The default 64 KiB still works.
+    let _ = fcntl(&out_read, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+    // The duplicate is close-on-exec too (F_DUPFD_CLOEXEC), so a command spawned by another
+    // thread cannot inherit it and hold this pipe open.
+    let err_write = out_write.try_clone().map_err(spawn_error)?;
+
+    let leader_pid = {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(&spec.command)
+            .current_dir(&spec.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out_write))
+            .stderr(Stdio::from(err_write))
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .env(TOKEN_VAR, &token)
+            .process_group(0);
+        // std's Child neither kills nor waits on drop; the guard owns the process from here.
+        cmd.spawn().map_err(spawn_error)?.id()
+        // `cmd` drops here, closing the agent's copies of the pipe's write end.
+    };
+    let start = Instant::now();
+    let leader = Pid::from_raw(i32::try_from(leader_pid).expect("a Linux pid fits in i32"));
+    let mut guard = ProcessGroupGuard::new(leader, &token);
+    log::debug!("command started: pgid {leader}, cwd {}", spec.cwd.display());
+
+    let wake = stop.wake_pipe();
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut pipe_open = true;
+    let mut leader_exit_at: Option<Instant> = None;
+    let mut state = CommandState::Running;
+    let mut reason: Option<Termination> = None;
+    let mut kill_at = start;
+    let mut needed_sigkill = false;
+    let mut held_output_for: Option<Duration> = None;
+    let mut group_rescan = GROUP_RESCAN_FIRST;
+    let global_deadline = spec.global_timeout.map(|t| start + t);
+    let mut last_output = start;
+
+    let end = loop {
+        let now = Instant::now();
+        if guard.pidfd.is_none() && leader_exit_at.is_none() && guard.leader_has_exited() {
+            leader_exit_at = Some(now);
+        }
+        let command_running = leader_exit_at.is_none() || state == CommandState::Terminating;
+
+        // Stop requests and deadlines while the command itself is running.
+        if command_running {
+            if stop.is_requested(StopKind::KillNow) {
+                if reason.is_none() {
+                    reason = Some(Termination::Shutdown);
+                    sink.output(KILL_NOW_LINE.as_bytes());
+                }
+                needed_sigkill = true;
+                state.step(EV_KILL_NOW, CommandState::Killed);
+                break LoopEnd::Kill;
+            }
+            if state == CommandState::Running {
+                let output_deadline = spec.output_timeout.map(|t| last_output + t);
+                let stop_for = if spec.honour_cancel && stop.is_requested(StopKind::Cancel) {
+                    Some((Termination::Cancelled, EV_CANCEL))
+                } else if spec.honour_shutdown && stop.is_requested(StopKind::Shutdown) {
+                    Some((Termination::Shutdown, EV_SHUTDOWN))
+                } else if global_deadline.is_some_and(|d| now >= d) {
+                    Some((Termination::GlobalTimeout, EV_GLOBAL_TIMEOUT))
+                } else if output_deadline.is_some_and(|d| now >= d) {
+                    Some((Termination::OutputTimeout, EV_OUTPUT_TIMEOUT))
+                } else {
+                    None
+                };
+                if let Some((termination, event)) = stop_for {
+                    if let Some(line) = stop_line(termination, spec) {
+                        sink.output(line.as_bytes());
+                    }
+                    reason = Some(termination);
+                    guard.signal_group(Signal::SIGTERM);
+                    kill_at = now + spec.grace_period;
+                    state.step(event, CommandState::Terminating);
+                    log::debug!("pgid {leader}: {event}, SIGTERM sent");
+                    continue;
+                }
+            }
+        }
+
+        // The shell exited and nothing holds the output any more.
+        if leader_exit_at.is_some() && !pipe_open {
+            if state == CommandState::Running {
+                break LoopEnd::Done;
+            }
+            if guard.living_group_members() == 0 {
+                break LoopEnd::Done;
+            }
+        }
+
+        if state == CommandState::Terminating && now >= kill_at {
+            needed_sigkill = true;
+            state.step(EV_GRACE_EXPIRED, CommandState::Killed);
+            break LoopEnd::Kill;
+        }
+
+        // The shell exited but background processes hold the output: wait a bounded time.
+        let mut straggler_deadline = None;
+        if let (CommandState::Running, Some(exit_at)) = (state, leader_exit_at) {
+            let deadline = earliest(Some(exit_at + spec.straggler_wait), global_deadline);
+            let stop_requested = stop.is_requested(StopKind::KillNow)
+                || (spec.honour_cancel && stop.is_requested(StopKind::Cancel))
+                || (spec.honour_shutdown && stop.is_requested(StopKind::Shutdown));
+            if stop_requested || deadline.is_some_and(|d| now >= d) {
+                held_output_for = Some(now.duration_since(exit_at).min(spec.straggler_wait));
+                state.step(EV_STRAGGLER_WAIT_OVER, CommandState::Killed);
+                break LoopEnd::Kill;
+            }
+            straggler_deadline = deadline;
+        }
+
+        // Sleep in poll() until output, a stop request, the shell's exit or a deadline.
+        let deadline = match state {
+            CommandState::Running if leader_exit_at.is_some() => straggler_deadline,
+            CommandState::Running => earliest(
+                global_deadline,
+                spec.output_timeout.map(|t| last_output + t),
+            ),
+            CommandState::Terminating if leader_exit_at.is_some() && !pipe_open => {
+                let next = now + group_rescan;
+                group_rescan = (group_rescan * 2).min(GROUP_RESCAN_MAX);
+                Some(kill_at.min(next))
+            }
+            _ => Some(kill_at),
+        };
+        let deadline = if guard.pidfd.is_none() && leader_exit_at.is_none() {
+            earliest(deadline, Some(now + NO_PIDFD_TICK))
+        } else {
+            deadline
+        };
+        let watch_leader = leader_exit_at.is_none();
+        let (out_ready, wake_ready, leader_ready) = {
+            let mut fds = Vec::with_capacity(3);
+            fds.push(PollFd::new(wake.read.as_fd(), PollFlags::POLLIN));
+            if pipe_open {
+                fds.push(PollFd::new(out_read.as_fd(), PollFlags::POLLIN));
+            }
+            if let (true, Some(pidfd)) = (watch_leader, &guard.pidfd) {
+                fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, poll_timeout(now, deadline)) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(sys("poll on the command's output")(e)),
+            }
+            let ready = |fd: Option<&PollFd<'_>>| {
+                fd.and_then(|fd| fd.revents())
+                    .is_some_and(|r| !r.is_empty())
+            };
+            let mut it = fds.iter();
+            let wake_ready = ready(it.next());
+            let out_ready = pipe_open && ready(it.next());
+            let leader_ready = watch_leader && guard.pidfd.is_some() && ready(it.next());
+            (out_ready, wake_ready, leader_ready)
+        };
+        if wake_ready {
+            wake.drain();
+        }
+        if leader_ready {
+            leader_exit_at = Some(Instant::now());
+        }
+        if out_ready {
+            match read(&out_read, &mut buf) {
+                Ok(0) => pipe_open = false,
+                Ok(n) => {
+                    sink.output(&buf[..n]);
+                    last_output = Instant::now();
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                Err(e) => return Err(sys("reading the command's output")(e)),
+            }
+        }
+    };
+
+    // End of the command: kill and reap whatever is left.
+    let killed = guard.sweep();
+    if let LoopEnd::Done = end {
+        let event = match (state, killed > 0) {
+            (CommandState::Running, false) => EV_EXIT,
+            (CommandState::Running, true) => EV_EXIT_LEFT_BACKGROUND,
+            (_, false) => EV_GROUP_EXITED,
+            (_, true) => EV_GROUP_EXITED_LEFT_ESCAPEES,
+        };
+        let to = if killed > 0 {
+            CommandState::Killed
+        } else {
+            CommandState::Exited
+        };
+        state.step(event, to);
+        if killed > 0 && reason.is_some() {
+            needed_sigkill = true;
+        }
+    }
+    if pipe_open {
+        drain_output(&out_read, &mut buf, sink)?;
+    }
+    let status = guard.reap_leader()?;
+    let duration = start.elapsed();
+    if state == CommandState::Killed {
+        state.step(EV_REAPED, CommandState::Exited);
+    }
+    debug_assert_eq!(state, CommandState::Exited);
+
+    let termination = reason.unwrap_or_else(|| decode_status(status));
+    if reason.is_none() && killed > 0 {
+        sink.output(straggler_line(killed, held_output_for).as_bytes());
+    }
+    log::debug!(
+        "pgid {leader}: {termination:?} after {} ms, {killed} left-over processes killed",
+        duration.as_millis()
+    );
+    Ok(CommandOutcome {
+        termination,
+        needed_sigkill,
+        stragglers_killed: killed,
+        duration,
+    })
+}
+
+/// Reads what the killed processes left in the pipe, until EOF (bounded: a writer outside
+/// the phase could hold the pipe forever).
+fn drain_output(
+    out_read: &OwnedFd,
+    buf: &mut [u8],
+    sink: &mut dyn OutputSink,
+) -> Result<(), ProcessError> {
+    let deadline = Instant::now() + DRAIN_BOUND;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            log::warn!("output pipe still open after the phase's processes were killed");
+            return Ok(());
+        }
+        let mut fds = [PollFd::new(out_read.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, poll_timeout(now, Some(deadline))) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(sys("poll on the command's output")(e)),
+        }
+        match read(out_read, buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => sink.output(&buf[..n]),
+            Err(Errno::EAGAIN | Errno::EINTR) => {}
+            Err(e) => return Err(sys("reading the command's output")(e)),
+        }
+    }
 }

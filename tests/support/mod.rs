@@ -1,1 +1,7 @@
 //! Test fixtures shared by the integration tests.
+
+pub mod fake_server;
+pub mod http_wire;
+pub mod iso_time;
+pub mod multipart;
+pub mod schema;

@@ -1,0 +1,588 @@
+//! The daemon: start-up, the polling loop of PROTOCOL §9.1 (one agent-record read per
+//! cycle), running a job from the server, the final report, and the spool of reports the
+//! server has not accepted yet (retried every cycle, oldest first, across restarts).
+
+use crate::artifacts;
+use crate::config::Config;
+use crate::executor::PhaseExecutor;
+use crate::job::JobSpec;
+use crate::lifecycle::{run_to_completion, AbortReason, Job, Plan};
+use crate::outcome::{self, OutcomeFile};
+use crate::process::{StopKind, StopSignal};
+use crate::run_job::prepare_rundir;
+use crate::server::http::{AgentRecord, HttpServer, PendingOutput};
+use crate::server::{Server, ServerError};
+use serde_json::{json, Value};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The daemon's own states, for the diagram: (from, event, to).
+pub const DAEMON_TRANSITIONS: &[(&str, &str, &str)] = &[
+    ("starting", "agent data posted", "waiting"),
+    ("waiting", "job received", "busy"),
+    ("waiting", "server state offline/maintenance, or offline marker", "offline"),
+    ("waiting", "server state restart, or SIGUSR1", "restarting"),
+    ("waiting", "SIGTERM/SIGINT", "stopped"),
+    ("busy", "job reported or spooled", "waiting"),
+    ("busy", "exit 46 (recovery failed)", "offline"),
+    ("busy", "SIGTERM/SIGINT", "draining"),
+    ("draining", "cleanup ran, outcome reported or spooled", "stopped"),
+    ("draining", "second SIGTERM/SIGINT: every group killed", "stopped"),
+    ("offline", "server state waiting", "waiting"),
+    ("offline", "SIGTERM/SIGINT", "stopped"),
+    ("restarting", "offline posted, exit non-zero", "stopped"),
+];
+
+/// The name of the file, inside a run directory, that says what live output is left to send.
+const PENDING_OUTPUT_FILE: &str = ".agent-pending-output.json";
+/// How long the end of a job waits for the live output to reach the server before the run
+/// directory goes to the spool with the rest.
+const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(30);
+/// How often advertised queues are re-posted to refresh their 7-day expiry.
+const QUEUE_REFRESH: Duration = Duration::from_secs(3600);
+/// The longest wait between cycles while the server cannot be reached.
+const UNREACHABLE_BACKOFF_CAP: Duration = Duration::from_secs(180);
+/// An agent record older than this is re-posted (heartbeat, PROTOCOL §9.4).
+const HEARTBEAT_AGE: Duration = Duration::from_secs(86_400);
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot use directory {path} (config key {key}): {source}")]
+    Directory {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Process(#[from] crate::process::ProcessError),
+}
+
+/// How the daemon ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaemonExit {
+    /// Stopped by SIGTERM/SIGINT: exit 0.
+    Stopped,
+    /// A restart was requested (server state or SIGUSR1): exit non-zero for the supervisor.
+    Restart,
+}
+
+/// The running daemon.
+pub struct Daemon {
+    config: Config,
+    server: HttpServer,
+    stop: StopSignal,
+    restart_signal: Arc<AtomicBool>,
+    marker_dir: PathBuf,
+    queues_posted: Option<Instant>,
+    unreachable_streak: usize,
+}
+
+impl Daemon {
+    /// Checks the directories and prepares the HTTP client. Nothing is sent yet.
+    pub fn new(config: Config, stop: StopSignal) -> Result<Daemon, DaemonError> {
+        for (key, dir) in [
+            ("execution_basedir", &config.execution_basedir),
+            ("results_basedir", &config.results_basedir),
+            ("logging_basedir", &config.logging_basedir),
+        ] {
+            ensure_writable_dir(dir).map_err(|source| DaemonError::Directory {
+                key,
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        crate::process::become_subreaper()?;
+        let server = HttpServer::new(crate::server::http::HttpSettings::from_config(&config));
+        let restart_signal = Arc::new(AtomicBool::new(false));
+        if let Err(err) =
+            signal_hook::flag::register(signal_hook::consts::SIGUSR1, restart_signal.clone())
+        {
+            log::warn!("cannot install the SIGUSR1 handler: {err}");
+        }
+        Ok(Daemon {
+            config,
+            server,
+            stop,
+            restart_signal,
+            marker_dir: PathBuf::from(crate::executor::MARKER_DIR),
+            queues_posted: None,
+            unreachable_streak: 0,
+        })
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.is_requested(StopKind::Shutdown) || self.stop.is_requested(StopKind::KillNow)
+    }
+
+    /// Sleeps up to `period`, waking early when a stop is requested.
+    fn pause(&self, period: Duration) {
+        let deadline = Instant::now() + period;
+        while !self.stopping() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+        }
+    }
+
+    fn post_agent(&self, body: Value) {
+        if let Err(err) = self.server.post_agent_data(&body) {
+            log::warn!("posting agent data {body} failed: {err}");
+        }
+    }
+
+    fn announce(&mut self) {
+        let mut body = json!({
+            "state": "waiting",
+            "comment": "",
+            "job_id": "",
+            "queues": self.config.job_queues,
+            "location": self.config.location.clone().unwrap_or_default(),
+            "provision_type": self.config.provision_type.clone().unwrap_or_default(),
+        });
+        if let Some(identifier) = &self.config.identifier {
+            body["identifier"] = json!(identifier);
+        }
+        self.post_agent(body);
+        if let Some(images) = self.config.get("advertised_images") {
+            if let Err(err) = self.server.post_images(images) {
+                log::warn!("advertising images failed: {err}");
+            }
+        }
+        self.refresh_queues();
+    }
+
+    fn refresh_queues(&mut self) {
+        if self.queues_posted.is_some_and(|at| at.elapsed() < QUEUE_REFRESH) {
+            return;
+        }
+        if let Some(queues) = self.config.get("advertised_queues") {
+            match self.server.post_queues(queues) {
+                Ok(()) => self.queues_posted = Some(Instant::now()),
+                Err(err) => log::warn!("advertising queues failed: {err}"),
+            }
+        }
+    }
+
+    fn offline_marker(&self) -> Option<PathBuf> {
+        let id = &self.config.agent_id;
+        [id.clone(), id.replace('-', "")]
+            .into_iter()
+            .map(|name| self.marker_dir.join(format!("TESTFLINGER-DEVICE-OFFLINE-{name}")))
+            .find(|path| path.exists())
+    }
+
+    /// Runs until stopped; returns how it ended.
+    pub fn run(mut self) -> DaemonExit {
+        log::info!(
+            "agent {} starting: server {}, queues {:?}",
+            self.config.agent_id,
+            self.config.server_address,
+            self.config.job_queues
+        );
+        self.announce();
+        let exit = loop {
+            if self.stopping() {
+                break DaemonExit::Stopped;
+            }
+            if let Some(exit) = self.cycle() {
+                break exit;
+            }
+        };
+        if exit == DaemonExit::Stopped {
+            self.post_agent(json!({"state": "offline", "comment": "Agent stopped by signal"}));
+        }
+        log::info!("agent {} exiting ({exit:?})", self.config.agent_id);
+        exit
+    }
+
+    /// One polling cycle: spool, one agent-record read, one job poll, jobs back to back.
+    fn cycle(&mut self) -> Option<DaemonExit> {
+        self.retry_spool();
+        let record = self.server.agent_record();
+        self.heartbeat(&record);
+        if self.restart_signal.load(Ordering::SeqCst) || record.state.as_deref() == Some("restart")
+        {
+            if record.state.as_deref() != Some("offline") {
+                let comment = if record.state.as_deref() == Some("restart") {
+                    record.comment.clone()
+                } else {
+                    "Restart signal detected from supervisor process".to_owned()
+                };
+                self.post_agent(json!({"state": "offline", "comment": comment}));
+                return Some(DaemonExit::Restart);
+            }
+        }
+        if matches!(record.state.as_deref(), Some("offline" | "maintenance")) {
+            log::info!(
+                "agent is {} on the server ({}); not taking jobs",
+                record.state.as_deref().unwrap_or_default(),
+                record.comment
+            );
+            self.pause(self.config.polling_period());
+            return None;
+        }
+        if let Some(marker) = self.offline_marker() {
+            log::info!("offline marker {} exists; not taking jobs", marker.display());
+            self.pause(self.config.polling_period());
+            return None;
+        }
+        self.refresh_queues();
+        let queues = if record.restricted_to.is_empty() {
+            self.config.job_queues.clone()
+        } else {
+            record.restricted_to.clone()
+        };
+        loop {
+            if self.stopping() {
+                return None;
+            }
+            match self.server.poll_job(&queues) {
+                Ok(Some(body)) => {
+                    self.unreachable_streak = 0;
+                    self.run_server_job(&body);
+                    if self.stopping() {
+                        return None;
+                    }
+                    if self.offline_marker().is_some() {
+                        return None;
+                    }
+                    // Back to back: poll again at once (PROTOCOL §6.1 step 11).
+                }
+                Ok(None) => {
+                    self.unreachable_streak = 0;
+                    self.pause(self.config.polling_period());
+                    return None;
+                }
+                Err(err) if err.is_retryable() => {
+                    let wait = self.unreachable_backoff();
+                    self.unreachable_streak += 1;
+                    log::warn!("polling for a job failed (next try in {wait:?}): {err}");
+                    self.pause(wait);
+                    return None;
+                }
+                Err(err) => {
+                    log::warn!("polling for a job was refused: {err}");
+                    self.pause(self.config.polling_period());
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The wait after the server could not be reached: the polling interval, doubling with
+    /// each failure in a row, at most [`UNREACHABLE_BACKOFF_CAP`].
+    fn unreachable_backoff(&self) -> Duration {
+        let base = self.config.polling_period().max(Duration::from_secs(1));
+        let factor = 1u32 << self.unreachable_streak.min(8);
+        base.saturating_mul(factor).min(UNREACHABLE_BACKOFF_CAP)
+    }
+
+    fn heartbeat(&self, record: &AgentRecord) {
+        let Some(updated) = record.updated_at.as_deref() else {
+            return;
+        };
+        if crate::time::age_of(updated).is_some_and(|age| age >= HEARTBEAT_AGE) {
+            self.post_agent(json!({
+                "state": record.state.clone().unwrap_or_else(|| "waiting".into()),
+                "comment": record.comment,
+            }));
+        }
+    }
+
+    /// Runs one job the server handed out. Never fails: whatever goes wrong is reported to
+    /// the server when it can be, and the run directory is spooled when it cannot.
+    fn run_server_job(&mut self, body: &[u8]) {
+        let Some(job_id) = loose_job_id(body) else {
+            let saved = self.config.logging_basedir.join(format!(
+                "unusable-job-{}.json",
+                crate::time::now_iso().replace([':', '+', '.'], "-")
+            ));
+            let _ = fs::write(&saved, body);
+            log::error!(
+                "the server sent a job without a usable job_id; there is no job to report to (body saved as {})",
+                saved.display()
+            );
+            return;
+        };
+        self.post_agent(json!({"job_id": job_id}));
+        // testflinger.json first, exactly as received, before anything else.
+        let (rundir, outcome_file) = match prepare_rundir(&self.config, &job_id, body) {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                log::error!("job {job_id}: {err}");
+                let body = json!({
+                    "status": {"setup": crate::process::AGENT_FAILURE_EXIT_CODE},
+                    "job_state": "complete",
+                });
+                if let Err(err) = self.server.post_result(&job_id, &body) {
+                    log::warn!("job {job_id}: could not close the job: {err}");
+                }
+                self.back_to_waiting("");
+                return;
+            }
+        };
+        let mut spec = match JobSpec::from_json(body) {
+            Ok(spec) => spec,
+            Err(err) => {
+                let message = format!("the agent cannot run this job: {err}");
+                log::error!("job {job_id}: {message}");
+                self.close_unrunnable(&job_id, &rundir, outcome_file, &message);
+                self.back_to_waiting("");
+                return;
+            }
+        };
+        log::info!("job {job_id}: starting in {}", rundir.display());
+        let unrunnable = if spec.attachments_complete() {
+            match self.fetch_attachments(&job_id, &rundir) {
+                Ok(()) => {
+                    spec.drop_attachment_lists();
+                    None
+                }
+                Err(message) => {
+                    log::error!("job {job_id}: {message}");
+                    Some(message)
+                }
+            }
+        } else {
+            None
+        };
+        let server: &dyn Server = &self.server;
+        let mut executor = PhaseExecutor::new(
+            &self.config,
+            &spec,
+            rundir.clone(),
+            outcome_file,
+            server,
+            self.stop.clone(),
+        );
+        if let Some(message) = unrunnable {
+            executor.refuse_job(message);
+        }
+        executor.job_started();
+        let plan = Plan::for_job(&self.config, &spec);
+        let done = run_to_completion(Job::new(job_id.as_str(), plan, executor));
+        let (outcome, mut executor) = done.finish();
+        executor.job_finished(&outcome);
+        let offline_comment = executor.agent_comment.clone();
+        drop(executor);
+        let cancelled = matches!(outcome.abort, Some(AbortReason::Cancelled { .. }));
+        log::info!("job {job_id}: finished ({})", outcome.end_detail());
+        self.finish_job(&job_id, &rundir, cancelled);
+        self.back_to_waiting(&offline_comment);
+    }
+
+    /// After a job: clear the job id, then `waiting` (or `offline` with the reason).
+    fn back_to_waiting(&self, offline_comment: &str) {
+        self.post_agent(json!({"job_id": ""}));
+        if !offline_comment.is_empty() {
+            self.post_agent(json!({"state": "offline", "comment": offline_comment}));
+        } else if !self.stopping() {
+            self.post_agent(json!({"state": "waiting", "comment": ""}));
+        }
+    }
+
+    fn fetch_attachments(&self, job_id: &str, rundir: &Path) -> Result<(), String> {
+        let archive = rundir.join(".attachments.tar.gz");
+        self.server
+            .download_attachments(job_id, &archive)
+            .map_err(|err| format!("downloading the attachments failed: {err}"))?;
+        let unpacked = crate::attachments::unpack(&archive, &rundir.join("attachments"))
+            .map_err(|err| format!("the attachments archive was refused: {err}"));
+        let _ = fs::remove_file(&archive);
+        unpacked
+    }
+
+    /// A job the agent cannot run at all: the reason goes into `setup.log` and the live
+    /// output, setup is recorded as failed (100), and the report follows the normal path.
+    fn close_unrunnable(&mut self, job_id: &str, rundir: &Path, mut outcome: OutcomeFile, message: &str) {
+        crate::executor::record_refusal(
+            &self.server,
+            job_id,
+            rundir,
+            &mut outcome,
+            crate::phase::Phase::Setup,
+            message,
+        );
+        self.finish_job(job_id, rundir, false);
+    }
+
+    /// The end of a job: the final state goes into the outcome file, live output is given a
+    /// bounded time to drain, then the report is delivered or the run directory spooled.
+    fn finish_job(&mut self, job_id: &str, rundir: &Path, cancelled: bool) {
+        let final_state = if cancelled { "cancelled" } else { "complete" };
+        if let Err(err) = OutcomeFile::finalize(rundir, final_state) {
+            log::error!("job {job_id}: cannot finalise {}: {err}", outcome::OUTCOME_FILE);
+        }
+        let killed = self.stop.is_requested(StopKind::KillNow);
+        let drained = !killed && self.server.drain(job_id, OUTPUT_DRAIN_LIMIT);
+        if !drained {
+            let pending = self.server.detach(job_id);
+            if let Err(err) = save_pending(rundir, &pending) {
+                log::error!("job {job_id}: cannot record unsent output: {err}");
+            }
+        }
+        if killed {
+            self.spool(job_id, rundir);
+            return;
+        }
+        match deliver(&self.server, rundir) {
+            Ok(()) => log::info!("job {job_id}: reported"),
+            Err(err) => {
+                log::warn!("job {job_id}: report not delivered, spooling it: {err}");
+                self.spool(job_id, rundir);
+            }
+        }
+    }
+
+    fn spool(&self, job_id: &str, rundir: &Path) {
+        let target = self.config.results_basedir.join(job_id);
+        let target = unique_path(target);
+        match fs::rename(rundir, &target) {
+            Ok(()) => log::info!("job {job_id}: spooled to {}", target.display()),
+            Err(err) => log::error!(
+                "job {job_id}: cannot move {} to the spool {}: {err}; it stays where it is",
+                rundir.display(),
+                target.display()
+            ),
+        }
+    }
+
+    /// Retries every spooled report, oldest first; keeps what still fails.
+    fn retry_spool(&self) {
+        let Ok(entries) = fs::read_dir(&self.config.results_basedir) else {
+            return;
+        };
+        let mut dirs: Vec<(SystemTime, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| {
+                let modified = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+                (modified, e.path())
+            })
+            .collect();
+        dirs.sort();
+        for (_, dir) in dirs {
+            if self.stopping() {
+                return;
+            }
+            match deliver(&self.server, &dir) {
+                Ok(()) => log::info!("spooled report {} delivered", dir.display()),
+                Err(DeliverError::Server(err)) => {
+                    log::info!("spooled report {} kept for later: {err}", dir.display());
+                    if err.is_retryable() {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    let aside = unique_path(dir.with_file_name(format!(
+                        ".undeliverable-{}",
+                        dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                    )));
+                    log::error!(
+                        "spooled report {} cannot be delivered ({err}); moved to {}",
+                        dir.display(),
+                        aside.display()
+                    );
+                    let _ = fs::rename(&dir, &aside);
+                }
+            }
+        }
+    }
+}
+
+/// Why a report could not be delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("{0}")]
+    Local(String),
+}
+
+/// Delivers the report of one finished job from its run directory: unsent live output,
+/// the artifacts, then the outcome; deletes each piece once the server took it, and the
+/// directory at the end. A failure leaves what is not delivered in place for a retry.
+pub fn deliver(server: &HttpServer, rundir: &Path) -> Result<(), DeliverError> {
+    let job_file = rundir.join(outcome::JOB_FILE);
+    let raw = fs::read(&job_file)
+        .map_err(|err| DeliverError::Local(format!("cannot read {}: {err}", job_file.display())))?;
+    let job_id = loose_job_id(&raw).ok_or_else(|| {
+        DeliverError::Local(format!("{} has no usable job_id", job_file.display()))
+    })?;
+    let pending_path = rundir.join(PENDING_OUTPUT_FILE);
+    if pending_path.exists() {
+        let pending: PendingOutput = fs::read(&pending_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or_else(|| DeliverError::Local(format!("{} is unreadable", pending_path.display())))?;
+        server.send_pending(&job_id, rundir, &pending)?;
+        remove_file(&pending_path)?;
+    }
+    let archive = rundir.join(".artifacts.tar.gz");
+    let packed = artifacts::pack(rundir, &archive).map_err(|err| DeliverError::Local(err.to_string()))?;
+    if packed {
+        server.upload_artifacts(&job_id, &archive)?;
+        remove_file(&archive)?;
+        fs::remove_dir_all(rundir.join(artifacts::ARTIFACTS_DIR)).map_err(|err| {
+            DeliverError::Local(format!("cannot remove uploaded artifacts: {err}"))
+        })?;
+    }
+    let outcome_path = rundir.join(outcome::OUTCOME_FILE);
+    if outcome_path.exists() {
+        let body: Value = fs::read(&outcome_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_else(|| json!({"job_state": "complete"}));
+        server.post_result(&job_id, &body)?;
+        remove_file(&outcome_path)?;
+    }
+    fs::remove_dir_all(rundir)
+        .map_err(|err| DeliverError::Local(format!("cannot remove {}: {err}", rundir.display())))
+}
+
+fn remove_file(path: &Path) -> Result<(), DeliverError> {
+    fs::remove_file(path)
+        .map_err(|err| DeliverError::Local(format!("cannot remove {}: {err}", path.display())))
+}
+
+fn save_pending(rundir: &Path, pending: &PendingOutput) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(pending).map_err(std::io::Error::other)?;
+    outcome::write_atomic(&rundir.join(PENDING_OUTPUT_FILE), &bytes)
+}
+
+/// The `job_id` of a job document, if it has a usable one, without validating the rest.
+fn loose_job_id(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let id = value.get("job_id")?.as_str()?;
+    crate::job::check_job_id(id).ok()?;
+    Some(id.to_owned())
+}
+
+fn unique_path(path: PathBuf) -> PathBuf {
+    if !path.exists() {
+        return path;
+    }
+    (1..)
+        .map(|n| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".{n}"));
+            PathBuf::from(name)
+        })
+        .find(|p| !p.exists())
+        .expect("some numbered name is free")
+}
+
+fn ensure_writable_dir(dir: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    fs::write(&probe, b"")?;
+    fs::remove_file(&probe)
+}

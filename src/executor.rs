@@ -1,0 +1,547 @@
+//! The real [`PhaseRunner`]: for each phase it posts the job and agent state, prints the
+//! banner, runs the command through [`crate::process`], writes `<phase>.log`, streams the
+//! output to the [`Server`], watches for cancellation, records the exit status in
+//! `testflinger-outcome.json` and emits the job's events (PROTOCOL §6).
+
+use crate::config::Config;
+use crate::job::JobSpec;
+use crate::lifecycle::{
+    AbortReason, JobOutcome, PhaseEnd, PhaseRecord, PhaseResult, PhaseRunner, PhaseStatus,
+    StopCause, RECOVERY_FAILED_EXIT_CODE,
+};
+use crate::mask::Masker;
+use crate::outcome::{self, OutcomeFile};
+use crate::phase::{Phase, SkipReason};
+use crate::process::{self, CommandSpec, OutputSink, StopKind, StopSignal, Termination};
+use crate::server::Server;
+use serde_json::{json, Value};
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+/// Where the exit-46 offline marker goes (the archived agent's convention, PROTOCOL §9.5).
+pub const MARKER_DIR: &str = "/tmp";
+
+/// Runs the phases of one job in its run directory.
+pub struct PhaseExecutor<'a> {
+    config: &'a Config,
+    spec: &'a JobSpec,
+    rundir: PathBuf,
+    server: &'a dyn Server,
+    stop: StopSignal,
+    outcome: OutcomeFile,
+    events: Events,
+    marker_dir: PathBuf,
+    /// Comment posted with each phase's agent state (a deferred offline/restart reason).
+    pub agent_comment: String,
+    /// Set when the agent cannot run the job: no phase but cleanup runs.
+    refused: Option<String>,
+}
+
+impl std::fmt::Debug for PhaseExecutor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhaseExecutor")
+            .field("job_id", &self.spec.job_id())
+            .field("rundir", &self.rundir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> PhaseExecutor<'a> {
+    /// An executor for `spec` in `rundir`, whose `testflinger-outcome.json` is `outcome`.
+    pub fn new(
+        config: &'a Config,
+        spec: &'a JobSpec,
+        rundir: PathBuf,
+        outcome: OutcomeFile,
+        server: &'a dyn Server,
+        stop: StopSignal,
+    ) -> PhaseExecutor<'a> {
+        let events = Events::for_job(config, spec);
+        PhaseExecutor {
+            config,
+            spec,
+            rundir,
+            server,
+            stop,
+            outcome,
+            events,
+            marker_dir: PathBuf::from(MARKER_DIR),
+            agent_comment: String::new(),
+            refused: None,
+        }
+    }
+
+    /// The agent cannot run this job (e.g. its attachments were refused): the job goes
+    /// straight to cleanup, and `reason` is written to `setup.log` and the live output.
+    pub fn refuse_job(&mut self, reason: String) {
+        self.refused = Some(reason);
+    }
+
+    /// Puts the exit-46 offline marker in `dir` instead of `/tmp` (for tests).
+    pub fn with_marker_dir(mut self, dir: PathBuf) -> Self {
+        self.marker_dir = dir;
+        self
+    }
+
+    /// The first event of a job (`job_start`).
+    pub fn job_started(&mut self) {
+        let detail = format!(
+            "{}/jobs/{}",
+            self.config.server_address.trim_end_matches('/'),
+            self.spec.job_id()
+        );
+        self.emit("job_start", &detail);
+    }
+
+    /// The last event of a job (`job_end`, with `normal_exit` or the event that ended it).
+    pub fn job_finished(&mut self, outcome: &JobOutcome) {
+        self.emit("job_end", &outcome.end_detail());
+    }
+
+    fn emit(&mut self, name: &str, detail: &str) {
+        if let Some(body) = self.events.push(name, detail) {
+            if let Err(err) = self.server.post_events(self.spec.job_id(), &body) {
+                log::warn!("job {}: event {name} not delivered: {err}", self.spec.job_id());
+            }
+        }
+    }
+
+    fn post_result(&self, body: &Value, what: &str) {
+        if let Err(err) = self.server.post_result(self.spec.job_id(), body) {
+            log::warn!("job {}: posting {what} failed: {err}", self.spec.job_id());
+        }
+    }
+
+    fn command_spec(&self, phase: Phase, command: &str) -> CommandSpec {
+        let mut env: Vec<(OsString, OsString)> = self
+            .config
+            .command_env()
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        env.extend(
+            self.spec
+                .secrets(phase)
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into())),
+        );
+        CommandSpec {
+            command: command.to_owned(),
+            cwd: self.rundir.clone(),
+            env,
+            global_timeout: phase
+                .has_global_timeout()
+                .then(|| self.spec.global_timeout(self.config)),
+            output_timeout: phase
+                .has_output_timeout()
+                .then(|| self.spec.output_timeout(self.config)),
+            grace_period: self.config.grace_period(),
+            straggler_wait: self.config.straggler_wait(),
+            honour_cancel: phase.interrupted_by_cancel(),
+            honour_shutdown: phase != Phase::Cleanup,
+        }
+    }
+
+    /// Runs the command with a cancellation watcher beside it when the phase can be
+    /// cancelled: it asks the server at most once per `cancel_check_interval`.
+    fn run_command(
+        &self,
+        spec: &CommandSpec,
+        sink: &mut PhaseSink<'_>,
+    ) -> Result<process::CommandOutcome, process::ProcessError> {
+        let interval = self.config.cancel_check_period();
+        if !spec.honour_cancel || interval.is_zero() {
+            return process::run_command(spec, sink, &self.stop);
+        }
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            let server = self.server;
+            let job_id = self.spec.job_id();
+            let stop = &self.stop;
+            scope.spawn(move || {
+                // Wakes every `interval`, or at once when the command is done.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(interval) {
+                    if let Ok(Some(state)) = server.job_state(job_id) {
+                        if state == "cancelled" {
+                            stop.request(StopKind::Cancel);
+                            break;
+                        }
+                    }
+                }
+            });
+            let result = process::run_command(spec, sink, stop);
+            drop(done_tx);
+            result
+        })
+    }
+
+    fn finish_phase(&mut self, phase: Phase, result: &PhaseResult) {
+        let job_id = self.spec.job_id();
+        let serial = self.rundir.join(format!("{phase}-serial.log"));
+        if serial.is_file() {
+            if let Err(err) = self.server.post_serial_log(job_id, phase, &serial) {
+                log::warn!("job {job_id}: serial log of {phase} not delivered: {err}");
+            }
+        }
+        if let Err(err) = self.outcome.set_status(phase, result.exit_code) {
+            log::error!(
+                "job {job_id}: cannot write {} in {}: {err}",
+                outcome::OUTCOME_FILE,
+                self.rundir.display()
+            );
+        }
+        self.post_result(&self.outcome.body(), "phase status");
+        if result.exit_code == RECOVERY_FAILED_EXIT_CODE {
+            self.recovery_failed(phase);
+        }
+        if phase == Phase::Provision {
+            let detail = if result.exit_code == 0 {
+                "provision_success"
+            } else if result.exit_code == RECOVERY_FAILED_EXIT_CODE {
+                "recovery_fail"
+            } else {
+                "provision_fail"
+            };
+            if let Err(err) = self
+                .server
+                .post_provision_log(job_id, result.exit_code, detail)
+            {
+                log::warn!("job {job_id}: provision log not delivered: {err}");
+            }
+        }
+    }
+
+    /// Exit 46: the device could not be recovered. Mark it offline locally (the marker
+    /// file) and on the server.
+    fn recovery_failed(&mut self, phase: Phase) {
+        let job_id = self.spec.job_id();
+        let comment =
+            format!("Set to offline by agent. Recovery failed during job '{job_id}' execution.");
+        let marker = self.marker_dir.join(format!(
+            "TESTFLINGER-DEVICE-OFFLINE-{}",
+            self.config.agent_id
+        ));
+        log::error!(
+            "job {job_id}: {phase} exited {RECOVERY_FAILED_EXIT_CODE} (device recovery failed); marking the device offline ({})",
+            marker.display()
+        );
+        if let Err(err) = std::fs::write(&marker, format!("{comment}\n")) {
+            log::error!("cannot create offline marker {}: {err}", marker.display());
+        }
+        if let Err(err) = self.server.post_agent_state("offline", &comment) {
+            log::warn!("job {job_id}: posting the offline state failed: {err}");
+        }
+        self.agent_comment = comment;
+    }
+}
+
+impl PhaseRunner for PhaseExecutor<'_> {
+    fn stop_requested(&mut self, next: Phase) -> Option<StopCause> {
+        if self.refused.is_some() {
+            return Some(StopCause::Unrunnable);
+        }
+        if self.stop.is_requested(StopKind::Shutdown) || self.stop.is_requested(StopKind::KillNow)
+        {
+            return Some(StopCause::Shutdown);
+        }
+        if self.stop.is_requested(StopKind::Cancel) {
+            return Some(StopCause::Cancelled);
+        }
+        match self.server.job_state(self.spec.job_id()) {
+            Ok(Some(state)) if state == "cancelled" => {
+                log::info!(
+                    "job {}: cancelled on the server before {next}",
+                    self.spec.job_id()
+                );
+                self.stop.request(StopKind::Cancel);
+                Some(StopCause::Cancelled)
+            }
+            Ok(_) => None,
+            Err(err) => {
+                log::warn!(
+                    "job {}: cannot read the job state before {next} (carrying on): {err}",
+                    self.spec.job_id()
+                );
+                None
+            }
+        }
+    }
+
+    fn phase_starting(&mut self, phase: Phase, skip: Option<SkipReason>) {
+        if phase != Phase::Cleanup {
+            self.post_result(&json!({ "job_state": phase.name() }), "job state");
+            if let Err(err) = self
+                .server
+                .post_agent_state(phase.name(), &self.agent_comment)
+            {
+                log::warn!("job {}: posting agent state failed: {err}", self.spec.job_id());
+            }
+        }
+        match skip {
+            Some(reason) => log::info!(
+                "job {}: {phase} skipped: {}",
+                self.spec.job_id(),
+                reason.describe(phase)
+            ),
+            None => log::info!("job {}: {phase} starting", self.spec.job_id()),
+        }
+        self.emit(&format!("{phase}_start"), "");
+    }
+
+    fn run_phase(&mut self, phase: Phase) -> PhaseResult {
+        let started = Instant::now();
+        let job_id = self.spec.job_id().to_owned();
+        let log_path = self.rundir.join(format!("{phase}.log"));
+        let file = match OpenOptions::new().create(true).append(true).open(&log_path) {
+            Ok(file) => file,
+            Err(err) => {
+                log::error!("job {job_id}: cannot open {}: {err}", log_path.display());
+                return agent_failure(started);
+            }
+        };
+        let masker = Masker::new(self.spec.secrets(phase).into_iter().map(|(_, v)| v));
+        let mut sink = PhaseSink {
+            file,
+            len: 0,
+            path: &log_path,
+            server: self.server,
+            job_id: &job_id,
+            phase,
+            masker,
+            write_failed: false,
+        };
+        for line in banner(phase, &self.config.agent_id) {
+            sink.output(line.as_bytes());
+        }
+        if let Some(info) = outcome::read_device_info(&self.rundir) {
+            self.post_result(&info, "device info");
+        }
+        let Some(command) = self.config.command(phase) else {
+            // The plan only runs phases that have a command.
+            sink.finish();
+            return agent_failure(started);
+        };
+        let spec = self.command_spec(phase, command);
+        let result = match self.run_command(&spec, &mut sink) {
+            Ok(done) => {
+                let (end, stop_event) = match done.termination {
+                    Termination::Exited(_) => (PhaseEnd::Exited, None),
+                    Termination::Signaled(_) => (PhaseEnd::Signaled, None),
+                    Termination::GlobalTimeout => (PhaseEnd::GlobalTimeout, Some("global_timeout")),
+                    Termination::OutputTimeout => (PhaseEnd::OutputTimeout, Some("output_timeout")),
+                    Termination::Cancelled => (PhaseEnd::Cancelled, Some("cancelled")),
+                    Termination::Shutdown => (PhaseEnd::Shutdown, None),
+                };
+                if done.stragglers_killed > 0 {
+                    log::warn!(
+                        "job {job_id}: {phase} left {} background process(es) running; killed",
+                        done.stragglers_killed
+                    );
+                }
+                sink.finish();
+                if let Some(event) = stop_event {
+                    let detail = match end {
+                        PhaseEnd::GlobalTimeout => format!(
+                            "ERROR: Global timeout reached! ({}s)",
+                            spec.global_timeout.unwrap_or_default().as_secs()
+                        ),
+                        PhaseEnd::OutputTimeout => format!(
+                            "ERROR: Output timeout reached! ({}s)",
+                            spec.output_timeout.unwrap_or_default().as_secs()
+                        ),
+                        _ => "Job cancellation was requested, exiting.".to_owned(),
+                    };
+                    self.emit(event, &detail);
+                }
+                PhaseResult {
+                    exit_code: done.termination.exit_code(),
+                    end,
+                    duration: started.elapsed(),
+                }
+            }
+            Err(err) => {
+                log::error!("job {job_id}: {phase}: {err}");
+                sink.output(format!("\nERROR: the agent could not run the {phase} command: {err}\n").as_bytes());
+                sink.finish();
+                agent_failure(started)
+            }
+        };
+        self.finish_phase(phase, &result);
+        result
+    }
+
+    fn phase_finished(&mut self, record: &PhaseRecord, _abort: Option<&AbortReason>) {
+        let phase = record.phase;
+        let failed_code = match record.status {
+            PhaseStatus::Ran(result) if result.exit_code != 0 => Some(result.exit_code),
+            PhaseStatus::Ran(_) | PhaseStatus::Skipped(_) => None,
+        };
+        match failed_code {
+            None => self.emit(&format!("{phase}_success"), ""),
+            Some(code) => {
+                let detail = outcome::connector_error_detail(&self.rundir, phase);
+                let event = if code == RECOVERY_FAILED_EXIT_CODE {
+                    "recovery_fail".to_owned()
+                } else {
+                    format!("{phase}_fail")
+                };
+                self.emit(&event, &detail);
+            }
+        }
+    }
+
+    fn stopped_before(&mut self, reason: &AbortReason) {
+        if let AbortReason::Cancelled { .. } = reason {
+            self.emit("cancelled", "");
+        }
+        if let (AbortReason::Unrunnable { phase }, Some(message)) = (reason, &self.refused) {
+            record_refusal(
+                self.server,
+                self.spec.job_id(),
+                &self.rundir,
+                &mut self.outcome,
+                *phase,
+                message,
+            );
+        }
+        log::info!(
+            "job {}: stopping before {} ({})",
+            self.spec.job_id(),
+            reason.phase(),
+            reason.event_name()
+        );
+    }
+}
+
+/// Records that the agent could not run a job: `message` goes into `<phase>.log` and the
+/// live output, and `phase` gets exit code 100 in the outcome, which is posted.
+pub fn record_refusal(
+    server: &dyn Server,
+    job_id: &str,
+    rundir: &Path,
+    outcome: &mut OutcomeFile,
+    phase: Phase,
+    message: &str,
+) {
+    let log_path = rundir.join(format!("{phase}.log"));
+    let text = format!("ERROR: {message}\n");
+    match std::fs::write(&log_path, &text) {
+        Ok(()) => {
+            server.output(job_id, phase, text.as_bytes(), &log_path, text.len() as u64);
+            server.finish_output(job_id, phase);
+        }
+        Err(err) => log::error!("job {job_id}: cannot write {}: {err}", log_path.display()),
+    }
+    if let Err(err) = outcome.set_status(phase, process::AGENT_FAILURE_EXIT_CODE) {
+        log::error!("job {job_id}: cannot write the outcome: {err}");
+    }
+    if let Err(err) = server.post_result(job_id, &outcome.body()) {
+        log::warn!("job {job_id}: posting phase status failed: {err}");
+    }
+}
+
+fn agent_failure(started: Instant) -> PhaseResult {
+    PhaseResult {
+        exit_code: process::AGENT_FAILURE_EXIT_CODE,
+        end: PhaseEnd::AgentError,
+        duration: started.elapsed(),
+    }
+}
+
+/// The three banner lines printed before a phase's command.
+pub fn banner(phase: Phase, agent_id: &str) -> [String; 3] {
+    let text = format!("Starting testflinger {phase} phase on {agent_id}");
+    let row = "*".repeat(text.chars().count() + 4);
+    [format!("{row}\n"), format!("* {text} *\n"), format!("{row}\n")]
+}
+
+/// Where a phase's output goes: masked, appended to `<phase>.log`, handed to the server.
+struct PhaseSink<'a> {
+    file: File,
+    len: u64,
+    path: &'a Path,
+    server: &'a dyn Server,
+    job_id: &'a str,
+    phase: Phase,
+    masker: Masker,
+    write_failed: bool,
+}
+
+impl PhaseSink<'_> {
+    fn emit(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        match self.file.write_all(data) {
+            Ok(()) => self.len += data.len() as u64,
+            Err(err) if !self.write_failed => {
+                self.write_failed = true;
+                log::error!(
+                    "job {}: writing {} failed, output from now on only goes to the server: {err}",
+                    self.job_id,
+                    self.path.display()
+                );
+            }
+            Err(_) => {}
+        }
+        self.server
+            .output(self.job_id, self.phase, data, self.path, self.len);
+    }
+
+    /// Flushes what the masker held back and tells the server the phase's output is done.
+    fn finish(&mut self) {
+        let rest = self.masker.finish();
+        self.emit(&rest);
+        self.server.finish_output(self.job_id, self.phase);
+    }
+}
+
+impl OutputSink for PhaseSink<'_> {
+    fn output(&mut self, chunk: &[u8]) {
+        if self.masker.is_empty() {
+            self.emit(chunk);
+        } else {
+            let masked = self.masker.mask(chunk);
+            self.emit(&masked);
+        }
+    }
+}
+
+/// The job's cumulative event list (PROTOCOL §3.15); inert when the job has no webhook.
+#[derive(Debug)]
+struct Events {
+    header: Option<Value>,
+    list: Vec<Value>,
+}
+
+impl Events {
+    fn for_job(config: &Config, spec: &JobSpec) -> Events {
+        let header = spec.job_status_webhook().map(|hook| {
+            json!({
+                "agent_id": config.agent_id,
+                "job_queue": spec.job_queue().unwrap_or(""),
+                "job_status_webhook": hook,
+            })
+        });
+        Events {
+            header,
+            list: Vec::new(),
+        }
+    }
+
+    /// Appends an event; returns the body to post, `None` without a webhook.
+    fn push(&mut self, name: &str, detail: &str) -> Option<Value> {
+        let mut body = self.header.clone()?;
+        self.list.push(json!({
+            "event_name": name,
+            "timestamp": crate::time::now_iso(),
+            "detail": detail,
+        }));
+        body["events"] = Value::Array(self.list.clone());
+        Some(body)
+    }
+}

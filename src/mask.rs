@@ -1,0 +1,430 @@
+//! Secret masking of phase output (PROTOCOL §10.2), streaming and literal.
+//!
+//! Each occurrence of a secret value is replaced by `**` + the first 6 hex digits of the
+//! SHA-256 of the value + `**`. Unlike the Python agent, values are matched literally (not
+//! as regular expressions), empty values are skipped instead of refusing to build, and a
+//! secret split across reads is still masked: [`Masker::mask`] holds back only the bytes
+//! that could still begin a secret (never more than the longest secret less one byte) and
+//! [`Masker::finish`] releases them. Where several secrets match at one place the longest
+//! wins; scanning is left to right, so the output of any split of the input equals the
+//! output of masking the whole input at once. Works on bytes; output need not be UTF-8.
+
+/// Masks secrets in a byte stream.
+#[derive(Clone, Debug, Default)]
+pub struct Masker {
+    /// Distinct non-empty secrets, longest first, each with its replacement.
+    secrets: Vec<(Vec<u8>, Vec<u8>)>,
+    /// `first_byte[b]`: some secret starts with byte `b`.
+    first_byte: Vec<bool>,
+    /// Bytes received but not yet decided: they may begin a secret.
+    pending: Vec<u8>,
+}
+
+impl Masker {
+    /// A masker for these secret values; empty values are ignored, duplicates merged.
+    pub fn new<I, S>(secrets: I) -> Masker
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<[u8]>,
+    {
+        let mut values: Vec<Vec<u8>> = secrets
+            .into_iter()
+            .map(|s| s.as_ref().to_vec())
+            .filter(|s| !s.is_empty())
+            .collect();
+        values.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        values.dedup();
+        let mut first_byte = vec![false; 256];
+        for value in &values {
+            first_byte[usize::from(value[0])] = true;
+        }
+        let secrets = values
+            .into_iter()
+            .map(|value| {
+                let replacement = replacement(&value).into_bytes();
+                (value, replacement)
+            })
+            .collect();
+        Masker {
+            secrets,
+            first_byte,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Whether there is nothing to mask (every value was empty, or none was given).
+    pub fn is_empty(&self) -> bool {
+        self.secrets.is_empty()
+    }
+
+    /// The length of the longest secret; at most this many bytes less one are held back.
+    pub fn max_len(&self) -> usize {
+        self.secrets.first().map_or(0, |(s, _)| s.len())
+    }
+
+    /// Masks the next chunk of the stream and returns the bytes that are now decided.
+    pub fn mask(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(chunk.len() + self.pending.len());
+        self.mask_into(chunk, &mut out);
+        out
+    }
+
+    /// Like [`Masker::mask`], appending to `out`.
+    pub fn mask_into(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        if self.secrets.is_empty() {
+            out.extend_from_slice(chunk);
+            return;
+        }
+        self.pending.extend_from_slice(chunk);
+        let consumed = self.scan(out, false);
+        self.pending.drain(..consumed);
+    }
+
+    /// Ends the stream: masks and returns every byte still held back.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.pending.len());
+        self.finish_into(&mut out);
+        out
+    }
+
+    /// Like [`Masker::finish`], appending to `out`.
+    pub fn finish_into(&mut self, out: &mut Vec<u8>) {
+        let consumed = self.scan(out, true);
+        debug_assert_eq!(consumed, self.pending.len());
+        self.pending.clear();
+    }
+
+    /// Masks a whole input at once (a fresh masker's `mask` then `finish`).
+    pub fn mask_all(&self, data: &[u8]) -> Vec<u8> {
+        let mut masker = Masker {
+            pending: Vec::new(),
+            ..self.clone()
+        };
+        let mut out = masker.mask(data);
+        out.extend(masker.finish());
+        out
+    }
+
+    /// Scans `pending` left to right, writing decided output; returns how many bytes of
+    /// `pending` were decided. At the end of the stream (`last`) everything is decided.
+    fn scan(&self, out: &mut Vec<u8>, last: bool) -> usize {
+        let data = &self.pending;
+        let mut at = 0;
+        let mut copied = 0; // data[copied..at] is plain text not yet written
+        while at < data.len() {
+            if !self.first_byte[usize::from(data[at])] {
+                at += 1;
+                continue;
+            }
+            let rest = &data[at..];
+            let mut undecided = false;
+            let mut found = None;
+            for (secret, replacement) in &self.secrets {
+                if secret.len() <= rest.len() {
+                    if rest.starts_with(secret) {
+                        // Longest first: the first full match is the longest one, unless a
+                        // longer secret is still undecided.
+                        found = Some((secret.len(), replacement));
+                        break;
+                    }
+                } else if !last && secret.starts_with(rest) {
+                    // A longer secret may still match here once more bytes arrive.
+                    undecided = true;
+                    break;
+                }
+            }
+            if undecided {
+                break;
+            }
+            match found {
+                Some((len, replacement)) => {
+                    out.extend_from_slice(&data[copied..at]);
+                    out.extend_from_slice(replacement);
+                    at += len;
+                    copied = at;
+                }
+                None => at += 1,
+            }
+        }
+        out.extend_from_slice(&data[copied..at]);
+        at
+    }
+}
+
+/// The text that replaces `secret`: `**` + first 6 hex digits of its SHA-256 + `**`.
+pub fn replacement(secret: &[u8]) -> String {
+    let digest = sha256::digest(secret);
+    format!("**{:02x}{:02x}{:02x}**", digest[0], digest[1], digest[2])
+}
+
+/// SHA-256 (FIPS 180-4), small and unhurried: secrets are short and hashed once each.
+mod sha256 {
+    const K: [u32; 64] = [
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
+    ];
+
+    const H0: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
+
+    /// The SHA-256 digest of `data`.
+    pub fn digest(data: &[u8]) -> [u8; 32] {
+        let mut state = H0;
+        // Message, then 0x80, zeros to 56 mod 64, then the bit length, big-endian.
+        let bit_len = (data.len() as u64).wrapping_mul(8);
+        let mut tail = Vec::with_capacity(128);
+        let full = data.len() - data.len() % 64;
+        tail.extend_from_slice(&data[full..]);
+        tail.push(0x80);
+        while tail.len() % 64 != 56 {
+            tail.push(0);
+        }
+        tail.extend_from_slice(&bit_len.to_be_bytes());
+        for block in data[..full].chunks_exact(64).chain(tail.chunks_exact(64)) {
+            compress(&mut state, block);
+        }
+        let mut out = [0u8; 32];
+        for (word, bytes) in state.iter().zip(out.chunks_exact_mut(4)) {
+            bytes.copy_from_slice(&word.to_be_bytes());
+        }
+        out
+    }
+
+    fn compress(state: &mut [u32; 8], block: &[u8]) {
+        let mut w = [0u32; 64];
+        for (i, word) in block.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
+        for i in 0..64 {
+            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
+            let ch = (e & f) ^ (!e & g);
+            let t1 = h
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(K[i])
+                .wrapping_add(w[i]);
+            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
+            let maj = (a & b) ^ (a & c) ^ (b & c);
+            let t2 = s0.wrapping_add(maj);
+            h = g;
+            g = f;
+            f = e;
+            e = d.wrapping_add(t1);
+            d = c;
+            c = b;
+            b = a;
+            a = t1.wrapping_add(t2);
+        }
+        for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
+            *s = s.wrapping_add(v);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::digest;
+
+        fn hex(bytes: &[u8]) -> String {
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+
+        /// FIPS 180-2 appendix B and the NIST example vectors.
+        #[test]
+        fn standard_vectors() {
+            for (input, expected) in [
+                (&b""[..], "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+                (b"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+                (
+                    b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+                    "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1",
+                ),
+                (
+                    b"abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmnoijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrstu",
+                    "cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1",
+                ),
+            ] {
+                assert_eq!(hex(&digest(input)), expected, "{:?}", String::from_utf8_lossy(input));
+            }
+            assert_eq!(
+                hex(&digest(&vec![b'a'; 1_000_000])),
+                "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
+            );
+        }
+
+        /// Lengths around the padding boundaries (55, 56, 63, 64 bytes) against a value
+        /// computed by coreutils' sha256sum.
+        #[test]
+        fn padding_boundaries_differ() {
+            let digests: Vec<[u8; 32]> = (50..70).map(|n| digest(&vec![b'x'; n])).collect();
+            for (i, a) in digests.iter().enumerate() {
+                for b in &digests[i + 1..] {
+                    assert_ne!(a, b);
+                }
+            }
+            assert_eq!(
+                hex(&digest(&[b'x'; 64])),
+                "7ce100971f64e7001e8fe5a51973ecdfe1ced42befe7ee8d5fd6219506b5393c"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mask_in_pieces(masker: &Masker, data: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut m = Masker {
+            pending: Vec::new(),
+            ..masker.clone()
+        };
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for cut in cuts {
+            out.extend(m.mask(&data[from..cut]));
+            from = cut;
+        }
+        out.extend(m.mask(&data[from..]));
+        out.extend(m.finish());
+        out
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn replacement_is_sha256_prefix() {
+        // SHA-256("abc") = ba7816bf…
+        assert_eq!(replacement(b"abc"), "**ba7816**");
+        let m = Masker::new(["abc"]);
+        assert_eq!(
+            m.mask_all(b"x abc y abcabc"),
+            b"x **ba7816** y **ba7816****ba7816**"
+        );
+    }
+
+    #[test]
+    fn literal_not_regex() {
+        let m = Masker::new(["a.c", "(x|y)*"]);
+        assert_eq!(
+            m.mask_all(b"abc a.c"),
+            format!("abc {}", replacement(b"a.c")).as_bytes()
+        );
+        assert_eq!(
+            m.mask_all(b"xy (x|y)*"),
+            format!("xy {}", replacement(b"(x|y)*")).as_bytes()
+        );
+    }
+
+    #[test]
+    fn empty_values_are_skipped_and_pass_through() {
+        let mut m = Masker::new(["", ""]);
+        assert!(m.is_empty());
+        assert_eq!(m.mask(b"anything"), b"anything");
+        assert_eq!(m.finish(), b"");
+        let m = Masker::new(Vec::<String>::new());
+        assert_eq!(m.mask_all(b"\xff\x00"), b"\xff\x00");
+    }
+
+    #[test]
+    fn longest_secret_wins() {
+        let m = Masker::new(["pass", "password"]);
+        assert_eq!(m.mask_all(b"password"), replacement(b"password").as_bytes());
+        assert_eq!(
+            m.mask_all(b"passw"),
+            format!("{}w", replacement(b"pass")).as_bytes()
+        );
+    }
+
+    #[test]
+    fn split_secret_is_masked_and_little_is_held_back() {
+        let mut m = Masker::new(["hunter2"]);
+        assert_eq!(m.mask(b"log: hun"), b"log: ");
+        assert_eq!(m.mask(b"ter"), b"");
+        assert_eq!(
+            m.mask(b"2 done"),
+            format!("{} done", replacement(b"hunter2")).as_bytes()
+        );
+        assert_eq!(m.mask(b"hunt"), b"");
+        assert_eq!(m.mask(b"ing"), b"hunting");
+        assert_eq!(m.mask(b"hu"), b"");
+        assert_eq!(m.finish(), b"hu");
+        assert_eq!(m.max_len(), 7);
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8() {
+        let m = Masker::new([&b"\xff\xfe"[..]]);
+        assert_eq!(
+            m.mask_all(b"\x00\xff\xfe\x01"),
+            [&b"\x00"[..], replacement(b"\xff\xfe").as_bytes(), b"\x01"].concat()
+        );
+    }
+
+    proptest! {
+        /// For random secrets and random split points, masking in pieces equals masking at
+        /// once, and the output holds no secret. Secrets use letters that never occur in a
+        /// replacement (`*` and hex digits), so a secret cannot appear by accident.
+        #[test]
+        fn pieces_equal_whole_and_no_secret_survives(
+            secrets in proptest::collection::vec("[g-k]{1,6}", 1..4),
+            parts in proptest::collection::vec(("[g-k ]{0,8}", 0usize..4), 0..12),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let mut data = Vec::new();
+            for (filler, pick) in &parts {
+                data.extend_from_slice(filler.as_bytes());
+                if let Some(secret) = secrets.get(*pick) {
+                    data.extend_from_slice(secret.as_bytes());
+                }
+            }
+            let masker = Masker::new(&secrets);
+            let whole = masker.mask_all(&data);
+            let pieces = mask_in_pieces(&masker, &data, &cuts);
+            prop_assert_eq!(&pieces, &whole);
+            for secret in &secrets {
+                prop_assert!(!contains(&whole, secret.as_bytes()), "{:?} in {:?}", secret, String::from_utf8_lossy(&whole));
+            }
+        }
+
+        /// Any bytes, any secrets: streaming never differs from masking at once, and the
+        /// held-back tail never reaches the longest secret's length.
+        #[test]
+        fn arbitrary_bytes_stream_like_whole(
+            secrets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..5), 0..4),
+            data in proptest::collection::vec(any::<u8>(), 0..64),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let masker = Masker::new(&secrets);
+            prop_assert_eq!(mask_in_pieces(&masker, &data, &cuts), masker.mask_all(&data));
+            let mut m = masker.clone();
+            for byte in &data {
+                m.mask(&[*byte]);
+                prop_assert!(m.pending.len() < m.max_len().max(1));
+            }
+        }
+    }
+}

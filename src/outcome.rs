@@ -1,0 +1,164 @@
+//! The result files of a run directory: `testflinger-outcome.json` (the cumulative phase
+//! statuses), `device-connector-error.json` and `device-info.json` (PROTOCOL §6.5).
+
+use crate::phase::Phase;
+use serde_json::{json, Map, Value};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub const JOB_FILE: &str = "testflinger.json";
+pub const OUTCOME_FILE: &str = "testflinger-outcome.json";
+pub const CONNECTOR_ERROR_FILE: &str = "device-connector-error.json";
+pub const DEVICE_INFO_FILE: &str = "device-info.json";
+
+/// `testflinger-outcome.json`: `{"status": {"<phase>": <exit code>, ...}}`, rewritten
+/// atomically after each phase that ran.
+#[derive(Debug)]
+pub struct OutcomeFile {
+    path: PathBuf,
+    status: Map<String, Value>,
+}
+
+impl OutcomeFile {
+    /// Creates the file as `{}` in `rundir` (job start).
+    pub fn create(rundir: &Path) -> io::Result<OutcomeFile> {
+        let path = rundir.join(OUTCOME_FILE);
+        write_atomic(&path, b"{}")?;
+        Ok(OutcomeFile {
+            path,
+            status: Map::new(),
+        })
+    }
+
+    /// Records `phase`'s exit code and rewrites the file.
+    pub fn set_status(&mut self, phase: Phase, exit_code: i32) -> io::Result<()> {
+        self.status.insert(phase.name().to_owned(), json!(exit_code));
+        let body = serde_json::to_vec(&self.body()).map_err(io::Error::other)?;
+        write_atomic(&self.path, &body)
+    }
+
+    /// Adds the final `job_state` to the file in `rundir`, making it the body of the final
+    /// report: `{"status": {...}, "job_state": "complete"}`.
+    pub fn finalize(rundir: &Path, job_state: &str) -> io::Result<()> {
+        let path = rundir.join(OUTCOME_FILE);
+        let mut body: Map<String, Value> = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Map::new(),
+            Err(err) => return Err(err),
+        };
+        body.insert("job_state".to_owned(), json!(job_state));
+        let bytes = serde_json::to_vec(&body).map_err(io::Error::other)?;
+        write_atomic(&path, &bytes)
+    }
+
+    /// The body posted to the server: `{"status": {...}}`.
+    pub fn body(&self) -> Value {
+        json!({ "status": self.status })
+    }
+}
+
+/// Writes `data` to `path` through a temporary file and a rename, so a reader (or a crash)
+/// never sees half a file.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, data)?;
+    fs::rename(&tmp, path)
+}
+
+/// Empties `device-connector-error.json` at job start.
+pub fn reset_connector_error(rundir: &Path) -> io::Result<()> {
+    fs::write(rundir.join(CONNECTOR_ERROR_FILE), b"")
+}
+
+/// The failure detail for `phase` from `device-connector-error.json`: `name: message` or
+/// `name: message caused by cause`, `""` when there is none.
+///
+/// Connectors append one JSON object per failure, so the file may hold several objects
+/// back to back; the last one that describes `phase` wins. Anything unparsable is ignored.
+pub fn connector_error_detail(rundir: &Path, phase: Phase) -> String {
+    let Ok(text) = fs::read(rundir.join(CONNECTOR_ERROR_FILE)) else {
+        return String::new();
+    };
+    let key = format!("{phase}_exception_info");
+    let mut detail = String::new();
+    for value in serde_json::Deserializer::from_slice(&text).into_iter::<Value>() {
+        let Ok(value) = value else { break };
+        let Some(info) = value.get(&key) else { continue };
+        let field = |name: &str| info.get(name).and_then(Value::as_str).unwrap_or("");
+        detail = format!("{}: {}", field("exception_name"), field("exception_message"));
+        let cause = field("exception_cause");
+        if !cause.is_empty() {
+            detail.push_str(" caused by ");
+            detail.push_str(cause);
+        }
+    }
+    detail
+}
+
+/// The content of `device-info.json` when the connector wrote a JSON object there.
+pub fn read_device_info(rundir: &Path) -> Option<Value> {
+    let text = fs::read(rundir.join(DEVICE_INFO_FILE)).ok()?;
+    match serde_json::from_slice::<Value>(&text) {
+        Ok(value @ Value::Object(_)) => Some(value),
+        Ok(_) | Err(_) => {
+            log::warn!(
+                "{} in {} is not a JSON object; not posted",
+                DEVICE_INFO_FILE,
+                rundir.display()
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "tf-outcome-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("temp dir is writable");
+        dir
+    }
+
+    #[test]
+    fn status_is_cumulative_and_in_phase_order() {
+        let dir = tempdir("status");
+        let mut outcome = OutcomeFile::create(&dir).expect("create");
+        assert_eq!(fs::read_to_string(dir.join(OUTCOME_FILE)).expect("read"), "{}");
+        outcome.set_status(Phase::Setup, 0).expect("write");
+        outcome.set_status(Phase::Test, 1).expect("write");
+        let text = fs::read_to_string(dir.join(OUTCOME_FILE)).expect("read");
+        assert_eq!(text, r#"{"status":{"setup":0,"test":1}}"#);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn connector_errors_concatenated_and_garbage() {
+        let dir = tempdir("conn");
+        let path = dir.join(CONNECTOR_ERROR_FILE);
+        fs::write(&path, "").expect("write");
+        assert_eq!(connector_error_detail(&dir, Phase::Provision), "");
+        fs::write(
+            &path,
+            r#"{"provision_exception_info": {"exception_name": "ProvisioningError", "exception_message": "no boot", "exception_cause": "timeout"}}{"test_exception_info": {"exception_name": "E", "exception_message": "m"}}"#,
+        )
+        .expect("write");
+        assert_eq!(
+            connector_error_detail(&dir, Phase::Provision),
+            "ProvisioningError: no boot caused by timeout"
+        );
+        assert_eq!(connector_error_detail(&dir, Phase::Test), "E: m");
+        fs::write(&path, b"\xff{not json").expect("write");
+        assert_eq!(connector_error_detail(&dir, Phase::Test), "");
+        let _ = fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,273 @@
+//! The access token (PROTOCOL §1.3): read the refresh-token file, exchange it for an access
+//! token, cache it, renew it after a 401, and back off after failed refreshes without ever
+//! giving up for good.
+//!
+//! The HTTP exchange itself is passed in as a closure so that this state machine can be
+//! tested without a network; [`super::http`] supplies the real `POST /v1/oauth2/refresh`.
+
+use super::backoff::Backoff;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Why a refresh did not produce a token; the text is logged, never the tokens.
+pub(crate) type RefreshError = String;
+
+/// Exchanges a refresh token for an access token.
+pub(crate) type Exchange<'a> = &'a dyn Fn(&str) -> Result<String, RefreshError>;
+
+/// The refresh-token file written by the deployment tooling.
+#[derive(Deserialize)]
+struct TokenFile {
+    refresh_token: String,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The cached access token.
+    token: Option<String>,
+    /// Consecutive failed refreshes.
+    failures: u32,
+    /// No refresh is attempted before this instant.
+    retry_at: Option<Instant>,
+}
+
+/// Holds the access token and decides when to refresh it.
+#[derive(Debug)]
+pub(crate) struct TokenSource {
+    file: Option<PathBuf>,
+    backoff: Backoff,
+    state: Mutex<State>,
+    /// Serialises refreshes, so that concurrent 401s cause one refresh, not several.
+    refreshing: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl TokenSource {
+    /// `file` is the refresh-token file; `None` means requests go out without a token.
+    pub(crate) fn new(file: Option<PathBuf>, backoff: Backoff) -> TokenSource {
+        TokenSource {
+            file,
+            backoff,
+            state: Mutex::new(State::default()),
+            refreshing: Mutex::new(()),
+        }
+    }
+
+    /// Whether a refresh-token file is configured at all.
+    pub(crate) fn configured(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// The token to send with the next request: the cached one, or a fresh one when none is
+    /// cached and the back-off after the last failed refresh has run out.
+    pub(crate) fn token(&self, exchange: Exchange<'_>) -> Option<String> {
+        self.file.as_ref()?;
+        {
+            let state = lock(&self.state);
+            if state.token.is_some() {
+                return state.token.clone();
+            }
+            if state.retry_at.is_some_and(|at| Instant::now() < at) {
+                return None;
+            }
+        }
+        self.refresh(None, exchange)
+    }
+
+    /// The server refused `rejected` (401, or 403 without a token): drop it and try to get
+    /// a new one. Returns the token to replay the request with, if there is a new one.
+    pub(crate) fn renew(&self, rejected: Option<&str>, exchange: Exchange<'_>) -> Option<String> {
+        self.file.as_ref()?;
+        self.refresh(Some(rejected), exchange)
+    }
+
+    /// Refreshes unless another thread did meanwhile or a back-off is running.
+    /// `rejected` is `Some(token sent)` when called after a refusal.
+    fn refresh(&self, rejected: Option<Option<&str>>, exchange: Exchange<'_>) -> Option<String> {
+        let path = self.file.as_ref()?;
+        let _one_at_a_time = lock(&self.refreshing);
+        {
+            let mut state = lock(&self.state);
+            match (&state.token, rejected) {
+                // Someone refreshed while we waited for the lock, or the cache is valid.
+                (Some(current), Some(Some(sent))) if current != sent => return state.token.clone(),
+                (Some(current), None) => return Some(current.clone()),
+                (Some(_), Some(None)) => return state.token.clone(),
+                _ => {}
+            }
+            state.token = None;
+            if state.retry_at.is_some_and(|at| Instant::now() < at) {
+                return None;
+            }
+        }
+        let outcome = read_refresh_token(path).and_then(|refresh| exchange(&refresh));
+        let mut state = lock(&self.state);
+        match outcome {
+            Ok(token) => {
+                if state.failures > 0 {
+                    log::info!(
+                        "obtained an access token after {} failed attempt(s)",
+                        state.failures
+                    );
+                } else {
+                    log::debug!("obtained an access token");
+                }
+                state.token = Some(token);
+                state.failures = 0;
+                state.retry_at = None;
+                state.token.clone()
+            }
+            Err(why) => {
+                state.failures = state.failures.saturating_add(1);
+                let wait = self.backoff.delay(state.failures);
+                state.retry_at = Some(Instant::now() + wait);
+                log::warn!(
+                    "could not obtain an access token ({why}); requests go out without one; \
+                     next attempt in {} (failure {})",
+                    human(wait),
+                    state.failures
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Reads the refresh token afresh (the deployment tooling rewrites the file).
+fn read_refresh_token(path: &Path) -> Result<String, RefreshError> {
+    let text = std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot read the refresh-token file {} (option --token-file): {e}",
+            path.display()
+        )
+    })?;
+    let parsed: TokenFile = serde_json::from_slice(&text).map_err(|e| {
+        format!(
+            "the refresh-token file {} is not a JSON object with a string \"refresh_token\": {e}",
+            path.display()
+        )
+    })?;
+    if parsed.refresh_token.trim().is_empty() {
+        return Err(format!(
+            "the refresh-token file {} has an empty \"refresh_token\"",
+            path.display()
+        ));
+    }
+    Ok(parsed.refresh_token)
+}
+
+/// A short rendering of a wait, e.g. `1.5 s` or `250 ms`.
+pub(crate) fn human(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.1} s", d.as_secs_f64())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn token_file(dir: &Path, content: &str) -> PathBuf {
+        let path = dir.join("refresh_token");
+        std::fs::write(&path, content).expect("write the token file");
+        path
+    }
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "tf-auth-{name}-{}-{}",
+            std::process::id(),
+            super::super::backoff::random_u64()
+        ));
+        std::fs::create_dir_all(&dir).expect("create a temp dir");
+        dir
+    }
+
+    const FAST: Backoff = Backoff {
+        base: Duration::from_millis(20),
+        cap: Duration::from_millis(40),
+    };
+
+    #[test]
+    fn no_file_means_no_token_and_no_exchange() {
+        let source = TokenSource::new(None, FAST);
+        let calls = AtomicU32::new(0);
+        let exchange = |_: &str| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok("t".to_string())
+        };
+        assert_eq!(source.token(&exchange), None);
+        assert_eq!(source.renew(None, &exchange), None);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn token_is_fetched_lazily_cached_and_renewed_after_a_refusal() {
+        let dir = tempdir("cache");
+        let path = token_file(&dir, r#"{"refresh_token": "r1", "obtained_at": "x"}"#);
+        let source = TokenSource::new(Some(path), FAST);
+        let seen = RefCell::new(Vec::new());
+        let exchange = |r: &str| {
+            seen.borrow_mut().push(r.to_string());
+            Ok(format!("access{}", seen.borrow().len()))
+        };
+        assert_eq!(source.token(&exchange).as_deref(), Some("access1"));
+        assert_eq!(source.token(&exchange).as_deref(), Some("access1"));
+        assert_eq!(seen.borrow().len(), 1);
+        // A refusal of an older token than the cached one does not refresh again.
+        assert_eq!(source.renew(Some("stale"), &exchange).as_deref(), Some("access1"));
+        assert_eq!(source.renew(Some("access1"), &exchange).as_deref(), Some("access2"));
+        assert_eq!(seen.borrow().as_slice(), ["r1", "r1"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn failure_backs_off_and_is_retried_later_with_the_rewritten_file() {
+        let dir = tempdir("retry");
+        let path = token_file(&dir, "not json");
+        let source = TokenSource::new(Some(path.clone()), FAST);
+        let calls = AtomicU32::new(0);
+        let exchange = |r: &str| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if r == "good" {
+                Ok("access".to_string())
+            } else {
+                Err("400 unknown refresh token".to_string())
+            }
+        };
+        assert_eq!(source.token(&exchange), None);
+        // Inside the back-off nothing is tried.
+        assert_eq!(source.token(&exchange), None);
+        assert_eq!(source.renew(None, &exchange), None);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        std::fs::write(&path, r#"{"refresh_token": "bad"}"#).expect("rewrite");
+        std::thread::sleep(FAST.cap + Duration::from_millis(5));
+        assert_eq!(source.token(&exchange), None);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        std::fs::write(&path, r#"{"refresh_token": "good"}"#).expect("rewrite");
+        std::thread::sleep(FAST.cap + Duration::from_millis(5));
+        assert_eq!(source.token(&exchange).as_deref(), Some("access"));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn empty_or_missing_token_is_an_error() {
+        let dir = tempdir("empty");
+        let path = token_file(&dir, r#"{"refresh_token": "  "}"#);
+        assert!(read_refresh_token(&path).is_err());
+        assert!(read_refresh_token(&dir.join("absent")).is_err());
+        let path = token_file(&dir, r#"{"refresh_token": 5}"#);
+        assert!(read_refresh_token(&path).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
