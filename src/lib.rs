@@ -8,6 +8,7 @@
 pub mod artifacts;
 pub mod attachments;
 pub mod config;
+pub mod daemon;
 pub mod fuzz_api;
 pub mod executor;
 pub mod job;

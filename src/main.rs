@@ -112,6 +112,9 @@ fn run_job(config_path: &Path, job_path: &Path) -> ExitCode {
         );
         return ExitCode::from(EXIT_BAD_INPUT);
     }
+    for warning in &config.warnings {
+        log::warn!("{warning}");
+    }
     let stop = match StopSignal::new() {
         Ok(stop) => stop,
         Err(err) => {

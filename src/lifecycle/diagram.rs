@@ -109,9 +109,56 @@ fn dot(m: &Machine) -> String {
     out
 }
 
-/// Every state machine the project draws, by name.
+/// A machine from a `(from, event, to)` table, states in order of first appearance.
+pub fn table_machine(
+    name: &'static str,
+    title: &'static str,
+    initial: &'static str,
+    terminal: &'static str,
+    table: &[(&'static str, &'static str, &'static str)],
+) -> Machine {
+    let mut states: Vec<&'static str> = Vec::new();
+    for (from, _, to) in table {
+        for state in [*from, *to] {
+            if !states.contains(&state) {
+                states.push(state);
+            }
+        }
+    }
+    Machine {
+        name,
+        title,
+        initial,
+        terminal,
+        states,
+        edges: table
+            .iter()
+            .map(|(from, event, to)| (*from, (*event).to_owned(), *to, false))
+            .collect(),
+    }
+}
+
+/// Every state machine the project draws, by name: the job lifecycle, one phase command
+/// ([`crate::process::COMMAND_TRANSITIONS`]) and the daemon
+/// ([`crate::daemon::DAEMON_TRANSITIONS`]).
 pub fn machines() -> Vec<Machine> {
-    vec![job_machine()]
+    vec![
+        job_machine(),
+        table_machine(
+            "command",
+            "One phase command (process group)",
+            "running",
+            "exited",
+            crate::process::COMMAND_TRANSITIONS,
+        ),
+        table_machine(
+            "daemon",
+            "The agent daemon",
+            "starting",
+            "stopped",
+            crate::daemon::DAEMON_TRANSITIONS,
+        ),
+    ]
 }
 
 /// Writes every machine in every format into `dir`; returns the paths written.
@@ -150,6 +197,23 @@ mod tests {
             stale.is_empty(),
             "state diagrams differ from the code: {}\nregenerate with: cargo run -- diagram --write state-diagrams",
             stale.join(", ")
+        );
+    }
+
+    /// The README embeds the job lifecycle diagram as the code renders it.
+    #[test]
+    fn readme_embeds_the_current_diagram() {
+        let readme = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"),
+        )
+        .unwrap_or_default();
+        let expected = format!(
+            "<!-- diagram:job-lifecycle:start -->\n```mermaid\n{}```\n<!-- diagram:job-lifecycle:end -->",
+            render(&job_machine(), Format::Mermaid)
+        );
+        assert!(
+            readme.contains(&expected),
+            "README.md does not embed the current job diagram; paste the output of\n  cargo run -- diagram --format mermaid\nbetween the diagram:job-lifecycle markers"
         );
     }
 

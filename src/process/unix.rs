@@ -541,7 +541,9 @@ pub fn run_command(
     };
 
     // End of the command: kill and reap whatever is left.
+    let t0 = Instant::now();
     let killed = guard.sweep();
+    eprintln!("SWEEP {:?} since start {:?}", t0.elapsed(), start.elapsed());
     if let LoopEnd::Done = end {
         let event = match (state, killed > 0) {
             (CommandState::Running, false) => EV_EXIT,
@@ -562,7 +564,9 @@ pub fn run_command(
     if pipe_open {
         drain_output(&out_read, &mut buf, sink)?;
     }
+    let t1 = Instant::now();
     let status = guard.reap_leader()?;
+    eprintln!("REAP {:?}", t1.elapsed());
     let duration = start.elapsed();
     if state == CommandState::Killed {
         state.step(EV_REAPED, CommandState::Exited);

@@ -1,7 +1,11 @@
 //! What the lifecycle and the daemon need from a Testflinger server, as a trait, with a
 //! local implementation for `run-job` ([`local`]) and the HTTP one for the daemon.
 
+mod auth;
+pub mod backoff;
+pub mod http;
 pub mod local;
+pub mod stream;
 
 use crate::phase::Phase;
 use serde_json::Value;

@@ -6,3 +6,5 @@ mod support;
 
 mod inputs;
 mod process_tree;
+mod run_job;
+mod fake_server_selftest;

@@ -553,16 +553,12 @@ impl FakeServer {
 
     /// Accepts one more refresh token.
     pub fn add_refresh_token(&self, token: &str) {
-        self.state()
-            .refresh_tokens
-            .insert(token.to_string(), false);
+        self.state().refresh_tokens.insert(token.to_string(), false);
     }
 
     /// Revokes a refresh token: refreshing with it then gets 400 `Refresh token revoked.`.
     pub fn revoke_refresh_token(&self, token: &str) {
-        self.state()
-            .refresh_tokens
-            .insert(token.to_string(), true);
+        self.state().refresh_tokens.insert(token.to_string(), true);
     }
 
     /// Issues a valid access token without HTTP (e.g. for admin-style posts in tests).
@@ -609,7 +605,11 @@ impl FakeServer {
 
     /// Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it
     /// held.
-    pub fn wait_until(&self, timeout: Duration, mut condition: impl FnMut(&FakeServer) -> bool) -> bool {
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        mut condition: impl FnMut(&FakeServer) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             if condition(self) {
@@ -680,9 +680,11 @@ impl FakeServer {
 
 impl Drop for FakeServer {
     fn drop(&mut self) {
+        // Close the wire first, so that a handler woken from its delay answers nobody.
+        self.wire.close();
         *lock(&self.shared.stopping) = true;
         self.shared.wake.notify_all();
-        // `wire` is dropped next: it closes every connection and joins every thread.
+        // `wire` is dropped next and joins every thread.
     }
 }
 
@@ -764,7 +766,12 @@ fn schema_error(message: String) -> WireResponse {
 /// anything else is ignored and read as `{}`.
 fn json_body(req: &WireRequest) -> Result<Value, WireResponse> {
     let is_json = req.header("Content-Type").is_some_and(|ct| {
-        let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         mime == "application/json" || mime.ends_with("+json")
     });
     if !is_json {
@@ -773,7 +780,10 @@ fn json_body(req: &WireRequest) -> Result<Value, WireResponse> {
     serde_json::from_slice(&req.body).map_err(|_| error(400, "Invalid JSON body."))
 }
 
-fn validated(req: &WireRequest, fields: &[schema::Field]) -> Result<(Value, Map<String, Value>), WireResponse> {
+fn validated(
+    req: &WireRequest,
+    fields: &[schema::Field],
+) -> Result<(Value, Map<String, Value>), WireResponse> {
     let body = json_body(req)?;
     let data = validate(&body, fields).map_err(validation_error)?;
     Ok((body, data))
@@ -869,12 +879,13 @@ fn route_request(method: &str, raw_path: &str) -> Routing {
             log_type: String::new(),
         })
     };
-    let by_method = |get: Option<Route>, post: Option<Route>, param: &str, allow: &'static str| {
-        match (method, get, post) {
+    let by_method =
+        |get: Option<Route>, post: Option<Route>, param: &str, allow: &'static str| match (
+            method, get, post,
+        ) {
             ("GET", Some(r), _) | ("POST", _, Some(r)) => found(r, param),
             _ => Routing::MethodNotAllowed(allow),
-        }
-    };
+        };
     match segs.as_slice() {
         ["v1"] => by_method(Some(Route::Health), None, "", "GET"),
         ["v1", "oauth2", "refresh"] => by_method(None, Some(Route::Refresh), "", "POST"),
@@ -889,7 +900,12 @@ fn route_request(method: &str, raw_path: &str) -> Routing {
         ["v1", "agents", "provision_logs", agent] => {
             by_method(None, Some(Route::ProvisionLogs), agent, "POST")
         }
-        ["v1", "job"] => by_method(Some(Route::JobPoll), Some(Route::JobSubmit), "", "GET, POST"),
+        ["v1", "job"] => by_method(
+            Some(Route::JobPoll),
+            Some(Route::JobSubmit),
+            "",
+            "GET, POST",
+        ),
         ["v1", "job", id] => by_method(Some(Route::JobGet), None, id, "GET"),
         ["v1", "job", id, "attachments"] => by_method(
             Some(Route::AttachmentsGet),
@@ -1057,7 +1073,12 @@ impl Shared {
 
     // ----- auth -----------------------------------------------------------------------------
 
-    fn authorize(&self, st: &mut State, req: &WireRequest, access: Access) -> Result<(), WireResponse> {
+    fn authorize(
+        &self,
+        st: &mut State,
+        req: &WireRequest,
+        access: Access,
+    ) -> Result<(), WireResponse> {
         if !self.config.require_auth {
             return Ok(());
         }
@@ -1222,7 +1243,9 @@ impl Shared {
                 return Err(schema_error("Queue names must be non-empty strings".into()));
             }
             let Some(images) = images.as_object() else {
-                return Err(schema_error(format!("Images for queue '{queue}' must be a dict")));
+                return Err(schema_error(format!(
+                    "Images for queue '{queue}' must be a dict"
+                )));
             };
             for (image, provision_data) in images {
                 if image.is_empty()
@@ -1347,7 +1370,12 @@ impl Shared {
 
     /// `POST /v1/job` semantics; `check_agents`: refuse `exclude_agents` that leave no
     /// known agent on the queue (the HTTP endpoint does, the in-process helper does not).
-    fn create_job(&self, st: &mut State, body: &Value, check_agents: bool) -> Result<String, WireResponse> {
+    fn create_job(
+        &self,
+        st: &mut State,
+        body: &Value,
+        check_agents: bool,
+    ) -> Result<String, WireResponse> {
         let mut data = validate(body, schema::JOB).map_err(validation_error)?;
         if !data.contains_key("exclude_agents") {
             data.insert("exclude_agents".into(), json!([]));
@@ -1360,7 +1388,11 @@ impl Shared {
         let excluded: Vec<String> = data
             .get("exclude_agents")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         if check_agents && !excluded.is_empty() {
             let can_run = st.agents.values().any(|agent| {
@@ -1369,7 +1401,11 @@ impl Shared {
                     .get("queues")
                     .and_then(Value::as_array)
                     .is_some_and(|q| q.iter().any(|x| x.as_str() == Some(queue.as_str())));
-                let name = agent.record.get("name").and_then(Value::as_str).unwrap_or("");
+                let name = agent
+                    .record
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
                 on_queue && !excluded.iter().any(|e| e == name)
             });
             if !can_run {
@@ -1383,7 +1419,11 @@ impl Shared {
             .get("test_data")
             .and_then(|t| t.get("secrets"))
             .and_then(Value::as_object)
-            .map(|s| s.values().filter_map(|p| p.as_str().map(str::to_string)).collect());
+            .map(|s| {
+                s.values()
+                    .filter_map(|p| p.as_str().map(str::to_string))
+                    .collect()
+            });
         if let Some(paths) = secret_paths {
             let mut missing: Vec<String> = paths
                 .into_iter()
@@ -1416,7 +1456,10 @@ impl Shared {
         if has_attachments {
             data.insert("attachments_status".into(), json!("waiting"));
         }
-        let priority = data.get("job_priority").and_then(Value::as_i64).unwrap_or(0);
+        let priority = data
+            .get("job_priority")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
         let mut result = Map::new();
         result.insert("job_state".into(), json!("waiting"));
         st.jobs.retain(|j| j.id != id);
@@ -1554,12 +1597,18 @@ impl Shared {
 
     fn result_post(&self, st: &mut State, req: &WireRequest, id: &str) -> Answer {
         self.authorize(st, req, Access::Agent("agent"))?;
+        // The server validates the body first; checking the size first gives the same
+        // answers for any well-formed body without parsing 16 MiB of JSON.
+        if req.body.len() >= RESULT_SIZE_LIMIT {
+            return Err(if is_valid_uuid(id) {
+                error(413, "Payload too large")
+            } else {
+                bad_id_json()
+            });
+        }
         let (_, data) = validated(req, schema::RESULT_POST)?;
         if !is_valid_uuid(id) {
             return Err(bad_id_json());
-        }
-        if req.body.len() >= RESULT_SIZE_LIMIT {
-            return Err(error(413, "Payload too large"));
         }
         if let Some(job) = st.jobs.iter_mut().find(|j| j.id == id) {
             for (key, value) in data {
@@ -1730,7 +1779,10 @@ impl Shared {
             return Err(bad_id_text());
         }
         let archive = uploaded_file(req)?;
-        st.artifacts.entry(id.to_string()).or_default().push(archive);
+        st.artifacts
+            .entry(id.to_string())
+            .or_default()
+            .push(archive);
         Ok(ok_text())
     }
 

@@ -211,20 +211,26 @@ impl WireServer {
 fn stop_epoch(port: u16, epoch: Epoch) {
     epoch.stop.store(true, Ordering::SeqCst);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-        Ok(waker) => {
-            drop(waker);
-            let _ = epoch.thread.join();
-        }
-        // Cannot wake it: leave the thread detached rather than hang.
-        Err(_) => {}
+    // If it cannot be woken, leave the thread detached rather than hang.
+    if let Ok(waker) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        drop(waker);
+        let _ = epoch.thread.join();
+    }
+}
+
+impl WireServer {
+    /// Stops for good: nothing more is written to any connection (answers still being
+    /// computed are discarded), the listener and every connection are closed. Threads are
+    /// joined when the server is dropped.
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+        self.go_down();
     }
 }
 
 impl Drop for WireServer {
     fn drop(&mut self) {
-        self.inner.closing.store(true, Ordering::SeqCst);
-        self.go_down();
+        self.close();
         let threads = std::mem::take(&mut lock(&self.inner.conns).threads);
         for t in threads {
             let _ = t.join();
@@ -338,7 +344,9 @@ fn wants_keep_alive(req: &WireRequest) -> bool {
 type ReadResult = Result<Option<WireRequest>, Result<Malformed, io::Error>>;
 
 /// Reads one line (without CR LF); `None` at a clean EOF before any byte.
-fn read_line(reader: &mut BufReader<TcpStream>) -> Result<Option<String>, Result<Malformed, io::Error>> {
+fn read_line(
+    reader: &mut BufReader<TcpStream>,
+) -> Result<Option<String>, Result<Malformed, io::Error>> {
     let mut buf = Vec::new();
     let n = reader
         .by_ref()
@@ -390,7 +398,10 @@ fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> Re
         return Err(Ok(malformed(505, "HTTP Version Not Supported")));
     }
     if !target.starts_with('/') {
-        return Err(Ok(malformed(400, "Bad Request: request target must be a path")));
+        return Err(Ok(malformed(
+            400,
+            "Bad Request: request target must be a path",
+        )));
     }
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p.to_string(), q.to_string()),
@@ -438,17 +449,25 @@ fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> Re
             None => None,
             Some(first) => {
                 if lengths.any(|other| other != first) {
-                    return Err(Ok(malformed(400, "Bad Request: conflicting Content-Length")));
+                    return Err(Ok(malformed(
+                        400,
+                        "Bad Request: conflicting Content-Length",
+                    )));
                 }
                 match first.parse::<usize>() {
                     Ok(n) => Some(n),
-                    Err(_) => return Err(Ok(malformed(400, "Bad Request: invalid Content-Length"))),
+                    Err(_) => {
+                        return Err(Ok(malformed(400, "Bad Request: invalid Content-Length")))
+                    }
                 }
             }
         }
     };
     if chunked && length.is_some() {
-        return Err(Ok(malformed(400, "Bad Request: both chunked and Content-Length")));
+        return Err(Ok(malformed(
+            400,
+            "Bad Request: both chunked and Content-Length",
+        )));
     }
     if length.is_some_and(|n| n > MAX_BODY) {
         return Err(Ok(malformed(413, "Payload Too Large")));
@@ -473,7 +492,9 @@ fn read_request(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream) -> Re
     Ok(Some(request))
 }
 
-fn read_chunked(reader: &mut BufReader<TcpStream>) -> Result<Vec<u8>, Result<Malformed, io::Error>> {
+fn read_chunked(
+    reader: &mut BufReader<TcpStream>,
+) -> Result<Vec<u8>, Result<Malformed, io::Error>> {
     let mut body = Vec::new();
     loop {
         let Some(size_line) = read_line(reader)? else {
@@ -542,7 +563,12 @@ pub fn reason_phrase(status: u16) -> &'static str {
 fn write_response(writer: &mut TcpStream, resp: &WireResponse, keep_alive: bool) -> io::Result<()> {
     let mut out = Vec::with_capacity(256 + resp.body.len());
     out.extend_from_slice(
-        format!("HTTP/1.1 {} {}\r\n", resp.status, reason_phrase(resp.status)).as_bytes(),
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            resp.status,
+            reason_phrase(resp.status)
+        )
+        .as_bytes(),
     );
     for (name, value) in &resp.headers {
         out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());

@@ -88,8 +88,9 @@ fn digits(s: &[u8], range: std::ops::Range<usize>) -> Option<i64> {
     if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    part.iter()
-        .try_fold(0i64, |acc, b| acc.checked_mul(10)?.checked_add(i64::from(b - b'0')))
+    part.iter().try_fold(0i64, |acc, b| {
+        acc.checked_mul(10)?.checked_add(i64::from(b - b'0'))
+    })
 }
 
 /// Parses an ISO 8601 date-time as the server's schema accepts it:
@@ -165,4 +166,3 @@ pub fn parse_iso_datetime(text: &str) -> Option<i64> {
     let secs = days * SECONDS_PER_DAY + hour * 3600 + minute * 60 + second - offset_seconds;
     Some(secs * MICROS_PER_SECOND + micros)
 }
-

@@ -5,3 +5,4 @@ pub mod http_wire;
 pub mod iso_time;
 pub mod multipart;
 pub mod schema;
+pub mod scratch;

@@ -336,7 +336,10 @@ fn check(ty: Ty, value: &Value) -> Result<Value, Value> {
     }
 }
 
-fn check_list(value: &Value, each: impl Fn(&Value) -> Result<Value, Value>) -> Result<Value, Value> {
+fn check_list(
+    value: &Value,
+    each: impl Fn(&Value) -> Result<Value, Value>,
+) -> Result<Value, Value> {
     let Some(items) = value.as_array() else {
         return Err(msg("Not a valid list."));
     };
@@ -369,8 +372,7 @@ fn is_env_name(s: &str) -> bool {
 /// `^[a-zA-Z0-9_/-]+$`
 fn is_secret_path(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '/' || c == '-')
 }
 
@@ -438,13 +440,17 @@ pub fn parse_duration(value: &Value) -> Option<i64> {
     let mut total: i64 = 0;
     let mut rest = compact.as_str();
     while !rest.is_empty() {
-        let digits_end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits_end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits_end == 0 {
             return None;
         }
         let number: i64 = rest[..digits_end].parse().ok()?;
         rest = &rest[digits_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let multiplier = match &rest[..unit_end] {
             "s" | "sec" | "secs" => 1,
             "m" | "min" | "mins" => 60,

@@ -1,4 +1,4 @@
-//! The daemon: start-up, the polling loop of PROTOCOL §9.1 (one agent-record read per
+//! The daemon loop: start-up, the polling loop of PROTOCOL §9.1 (one agent-record read per
 //! cycle), running a job from the server, the final report, and the spool of reports the
 //! server has not accepted yet (retried every cycle, oldest first, across restarts).
 
@@ -19,22 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// The daemon's own states, for the diagram: (from, event, to).
-pub const DAEMON_TRANSITIONS: &[(&str, &str, &str)] = &[
-    ("starting", "agent data posted", "waiting"),
-    ("waiting", "job received", "busy"),
-    ("waiting", "server state offline/maintenance, or offline marker", "offline"),
-    ("waiting", "server state restart, or SIGUSR1", "restarting"),
-    ("waiting", "SIGTERM/SIGINT", "stopped"),
-    ("busy", "job reported or spooled", "waiting"),
-    ("busy", "exit 46 (recovery failed)", "offline"),
-    ("busy", "SIGTERM/SIGINT", "draining"),
-    ("draining", "cleanup ran, outcome reported or spooled", "stopped"),
-    ("draining", "second SIGTERM/SIGINT: every group killed", "stopped"),
-    ("offline", "server state waiting", "waiting"),
-    ("offline", "SIGTERM/SIGINT", "stopped"),
-    ("restarting", "offline posted, exit non-zero", "stopped"),
-];
 
 /// The name of the file, inside a run directory, that says what live output is left to send.
 const PENDING_OUTPUT_FILE: &str = ".agent-pending-output.json";

@@ -1,0 +1,306 @@
+//! The daemon through the real binary against the fake Testflinger server on loopback:
+//! jobs end to end, live output delivered exactly once, cancellation, outages, token
+//! expiry, signals and the spool of unsent reports.
+
+use crate::support::fake_server::{FakeServer, Route, DEFAULT_REFRESH_TOKEN};
+use crate::support::scratch::{KillByMarker, Scratch};
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_testflinger-agent");
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A running agent daemon; killed (with its command trees, by marker) on drop.
+struct Agent {
+    child: Child,
+    name: String,
+}
+
+impl Agent {
+    /// Starts the daemon with `commands` (YAML lines) against `server`.
+    fn start(server: &FakeServer, scratch: &Scratch, name: &str, commands: &str) -> Agent {
+        let token_file = scratch.write(
+            "refresh_token",
+            &json!({"refresh_token": DEFAULT_REFRESH_TOKEN, "obtained_at": "2026-11-27T00:00:00"}).to_string(),
+        );
+        let config = scratch.config(&format!(
+            "agent_id: {name}\nserver_address: {url}\njob_queues: [{name}-queue]\npolling_interval: 1\ncancel_check_interval: 1\noutput_post_interval: 0\ntermination_grace_period: 2\nadvertised_queues: {{{name}-queue: a test queue}}\nlogging_level: DEBUG\n{commands}",
+            url = server.url()
+        ));
+        let log = std::fs::File::create(scratch.path(&format!("{name}-{}.stderr", std::process::id())))
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("-c")
+            .arg(&config)
+            .arg("--token-file")
+            .arg(&token_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the daemon starts");
+        Agent {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the daemon");
+    }
+
+    /// SIGTERM, then the exit status (bounded wait).
+    fn stop(&mut self) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit()
+    }
+
+    fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(server: &FakeServer, what: &str, mut condition: impl FnMut(&FakeServer) -> bool) {
+    assert!(server.wait_until(WAIT, |s| condition(s)), "timed out waiting for {what}");
+}
+
+fn finished(server: &FakeServer, id: &str) -> bool {
+    matches!(server.job_state(id).as_deref(), Some("complete" | "cancelled"))
+        && server.result_data(id).get("status").is_some()
+}
+
+/// The output fragments of a job: numbers 0..n each exactly once (no duplicate, no gap).
+fn assert_gap_free(server: &FakeServer, id: &str, log_type: &str) {
+    let mut numbers: Vec<i64> = server.fragments(id, log_type).iter().map(|f| f.fragment_number).collect();
+    numbers.sort_unstable();
+    let expected: Vec<i64> = (0..numbers.len() as i64).collect();
+    assert_eq!(numbers, expected, "{log_type} fragments of {id}");
+}
+
+fn queue(name: &str) -> String {
+    format!("{name}-queue")
+}
+
+const COUNTING_TEST: &str = r#"test_command: |
+  mkdir -p artifacts
+  echo "artifact body" > artifacts/report.txt
+  i=0
+  while [ $i -lt 3000 ]; do echo "line $i of the test output"; i=$((i+1)); done
+  printf 'tail without newline'
+"#;
+
+fn expected_test_output() -> String {
+    let mut text = String::new();
+    for i in 0..3000 {
+        text.push_str(&format!("line {i} of the test output\n"));
+    }
+    text.push_str("tail without newline");
+    text
+}
+
+#[test]
+fn a_full_job_arrives_whole_with_serial_log_and_artifacts() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-full");
+    let name = format!("full-{}", std::process::id());
+    let commands = format!(
+        "setup_command: echo setting up\nprovision_command: |\n  echo provisioning\n  echo '{{\"device_info\": {{\"device_ip\": \"10.0.0.5\"}}}}' > device-info.json\n  head -c 2500000 /dev/zero | tr '\\\\0' s > provision-serial.log\n{COUNTING_TEST}cleanup_command: echo cleaned up\n"
+    );
+    let mut agent = Agent::start(&server, &s, &name, &commands);
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "provision_data": {"url": "http://example.com/img"},
+        "test_data": {"test_cmds": "x"},
+    }));
+    wait_for(&server, "the job to complete", |srv| finished(srv, &id));
+    assert_eq!(server.job_state(&id).as_deref(), Some("complete"));
+    let output = server.log_text(&id, "output");
+    assert_eq!(output.matches(&expected_test_output()).count(), 1, "test output exactly once");
+    for text in ["setting up", "provisioning", "cleaned up", "* Starting testflinger test phase on"] {
+        assert_eq!(output.matches(text).count(), 1, "{text:?} exactly once");
+    }
+    assert_gap_free(&server, &id, "output");
+    let serial = server.log_text(&id, "serial");
+    assert_eq!(serial.len(), 2_500_000);
+    assert!(serial.bytes().all(|b| b == b's'));
+    assert!(server.fragments(&id, "serial").len() >= 3, "1 MiB serial fragments");
+    assert_gap_free(&server, &id, "serial");
+    let result = server.result_data(&id);
+    assert_eq!(result["status"], json!({"setup": 0, "provision": 0, "test": 0, "cleanup": 0}));
+    assert_eq!(result["device_info"], json!({"device_ip": "10.0.0.5"}));
+    let artifact = server.artifact(&id).expect("artifacts uploaded");
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&artifact[..]));
+    let names: Vec<String> = tar
+        .entries()
+        .expect("tarball")
+        .map(|e| e.expect("entry").path().expect("path").display().to_string())
+        .collect();
+    assert_eq!(names, ["artifacts", "artifacts/report.txt"]);
+    let states: Vec<Value> = server
+        .agent_posts(&name)
+        .iter()
+        .filter_map(|p| p.get("state").cloned())
+        .collect();
+    for phase in ["setup", "provision", "test", "waiting"] {
+        assert!(states.contains(&json!(phase)), "agent state {phase} posted: {states:?}");
+    }
+    assert_eq!(server.provision_logs(&name).len(), 1);
+    assert_eq!(agent.stop(), Some(0));
+    assert_eq!(
+        server.agent_record(&name).and_then(|r| r.get("state").cloned()),
+        Some(json!("offline"))
+    );
+    // The run directory is gone once the server took everything; nothing was spooled.
+    assert_eq!(std::fs::read_dir(s.path("run")).map(|d| d.count()).unwrap_or(0), 0);
+    assert_eq!(std::fs::read_dir(s.path("results")).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+#[test]
+fn cancelling_during_test_kills_the_tree_runs_cleanup_and_stays_cancelled() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-cancel");
+    let name = format!("cancel-{}", std::process::id());
+    let marker = s.marker();
+    let guard = KillByMarker::new(&marker);
+    let commands = format!(
+        "test_command: |\n  sleep 1000.{marker}1 &\n  setsid sleep 1000.{marker}2 &\n  echo started\n  sleep 1000.{marker}3\ncleanup_command: echo cleanup ran\n"
+    );
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the test to start", |srv| srv.log_text(&id, "output").contains("started"));
+    assert!(server.cancel_job(&id));
+    wait_for(&server, "the job to end", |srv| srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id));
+    assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
+    let output = server.log_text(&id, "output");
+    assert!(output.contains("Job cancellation was requested, exiting."), "{output}");
+    assert_eq!(server.result_data(&id)["status"]["test"], 247);
+    assert_eq!(guard.living(), Vec::<i32>::new(), "the test's processes survived");
+}
+
+#[test]
+fn cancelling_during_provision_does_not_interrupt_it() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-cancel-prov");
+    let name = format!("cancelprov-{}", std::process::id());
+    let commands = "provision_command: |\n  echo flashing\n  sleep 3\n  echo provision finished\ntest_command: echo test ran\ncleanup_command: echo cleanup ran\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "provision_data": {"url": "x"},
+        "test_data": {"test_cmds": "x"},
+    }));
+    wait_for(&server, "provision to start", |srv| srv.log_text(&id, "output").contains("flashing"));
+    assert!(server.cancel_job(&id));
+    wait_for(&server, "the job to end", |srv| srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id));
+    let output = server.log_text(&id, "output");
+    assert!(output.contains("provision finished"), "provision ran to its end: {output}");
+    assert!(!output.contains("test ran"), "no phase after the cancel");
+    assert_eq!(server.result_data(&id)["status"]["provision"], 0);
+    assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
+}
+
+#[test]
+fn outages_and_5xx_storms_lose_nothing() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-outage");
+    let name = format!("outage-{}", std::process::id());
+    let commands = "test_command: |\n  i=0\n  while [ $i -lt 40 ]; do echo \"slow line $i\"; i=$((i+1)); sleep 0.05; done\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    server.fail_next(Route::LogPost, 15, 503);
+    server.fail_next(Route::ResultPost, 3, 500);
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "output to flow", |srv| srv.log_text(&id, "output").contains("slow line 5"));
+    server.go_down();
+    std::thread::sleep(Duration::from_secs(4));
+    server.come_back();
+    wait_for(&server, "the job to complete", |srv| finished(srv, &id));
+    let output = server.log_text(&id, "output");
+    for i in 0..40 {
+        assert_eq!(output.matches(&format!("slow line {i}\n")).count(), 1, "line {i} once:\n{output}");
+    }
+    assert_gap_free(&server, &id, "output");
+    assert_eq!(server.result_data(&id)["status"]["test"], 0);
+}
+
+#[test]
+fn an_expired_token_is_refreshed_mid_job() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-token");
+    let name = format!("token-{}", std::process::id());
+    let commands = "test_command: |\n  echo before\n  sleep 1.5\n  echo after\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the test to start", |srv| srv.log_text(&id, "output").contains("before"));
+    server.expire_all_tokens();
+    wait_for(&server, "the job to complete", |srv| finished(srv, &id));
+    assert!(server.log_text(&id, "output").contains("after"));
+    assert!(server.request_count(&Route::Refresh) >= 2, "the token was refreshed");
+}
+
+#[test]
+fn sigterm_mid_phase_kills_the_tree_runs_cleanup_reports_and_exits_0() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-sigterm");
+    let name = format!("sigterm-{}", std::process::id());
+    let marker = s.marker();
+    let guard = KillByMarker::new(&marker);
+    let commands = format!(
+        "test_command: |\n  ( ( sleep 1000.{marker}1 & ) & )\n  echo started\n  sleep 1000.{marker}2\nallocate_command: echo allocate ran\ncleanup_command: echo cleanup ran\n"
+    );
+    let mut agent = Agent::start(&server, &s, &name, &commands);
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "test_data": {"test_cmds": "x"},
+        "allocate_data": {"allocate": true},
+    }));
+    wait_for(&server, "the test to start", |srv| srv.log_text(&id, "output").contains("started"));
+    assert_eq!(agent.stop(), Some(0));
+    assert_eq!(guard.living(), Vec::<i32>::new(), "the test's processes survived");
+    let output = server.log_text(&id, "output");
+    assert!(output.contains("cleanup ran"), "{output}");
+    assert!(!output.contains("allocate ran"), "no phase after the shutdown");
+    assert_eq!(server.result_data(&id)["status"]["test"], 247);
+    assert_eq!(server.job_state(&id).as_deref(), Some("complete"));
+}
+
+#[test]
+fn a_spooled_report_is_delivered_after_a_restart() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-spool");
+    let name = format!("spool-{}", std::process::id());
+    let commands = "test_command: |\n  mkdir -p artifacts\n  echo kept > artifacts/kept.txt\n  echo tested\n";
+    // Every artifact upload fails: the report cannot be delivered and is spooled.
+    server.fail_next(Route::ArtifactPost, 1_000, 500);
+    let mut agent = Agent::start(&server, &s, &name, commands);
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the report to be spooled", |_| {
+        std::fs::read_dir(s.path("results")).map(|d| d.count()).unwrap_or(0) == 1
+    });
+    assert_eq!(agent.stop(), Some(0));
+    assert!(server.artifact(&id).is_none());
+    assert_ne!(server.job_state(&id).as_deref(), Some("complete"));
+    server.clear_faults();
+    let mut restarted = Agent::start(&server, &s, &name, commands);
+    wait_for(&server, "the spooled report", |srv| finished(srv, &id));
+    assert!(server.artifact(&id).is_some());
+    assert_eq!(server.result_data(&id)["status"]["test"], 0);
+    assert!(server.log_text(&id, "output").contains("tested"));
+    assert_eq!(restarted.stop(), Some(0));
+    assert_eq!(std::fs::read_dir(s.path("results")).map(|d| d.count()).unwrap_or(0), 0);
+}

@@ -1,0 +1,138 @@
+//! Scratch directories for the agent's folders and process markers for tests that start
+//! command trees: both clean up on drop, even when the test fails.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A scratch directory holding the agent's directories; removed on drop.
+pub struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tf-it-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir is writable");
+        Scratch { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Writes `agent.yaml`: `body` plus this scratch's directories.
+    pub fn config(&self, body: &str) -> PathBuf {
+        let text = format!(
+            "{body}\nexecution_basedir: {d}/run\nlogging_basedir: {d}/logs\nresults_basedir: {d}/results\n",
+            d = self.dir.display()
+        );
+        self.write("agent.yaml", &text)
+    }
+
+    /// A shipped example config, pointed at this scratch's directories.
+    pub fn example_config(&self, example: &str) -> PathBuf {
+        let text = std::fs::read_to_string(Path::new(ROOT).join(example)).expect("example exists");
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                !(l.starts_with("execution_basedir:")
+                    || l.starts_with("logging_basedir:")
+                    || l.starts_with("results_basedir:"))
+            })
+            .collect();
+        self.config(&kept.join("\n"))
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).expect("write scratch file");
+        path
+    }
+
+    /// The one run directory left under `run/`.
+    pub fn rundir(&self) -> PathBuf {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.path("run"))
+            .expect("run dir exists")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(dirs.len(), 1, "exactly one run directory: {dirs:?}");
+        dirs.remove(0)
+    }
+
+    /// A unique string of digits, so `sleep 1000.<marker>N` is a valid sleep that carries it.
+    pub fn marker(&self) -> String {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        format!(
+            "{}{:03}{nanos:09}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed) % 1000
+        )
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Finds, and on drop SIGKILLs, every process whose command line carries
+/// `1000.<marker>` (the sleeps a test started): killed by the marker the test made, never
+/// by name.
+pub struct KillByMarker {
+    needle: String,
+}
+
+impl KillByMarker {
+    pub fn new(marker: &str) -> KillByMarker {
+        KillByMarker {
+            needle: format!("1000.{marker}"),
+        }
+    }
+
+    /// Living (non-zombie) processes carrying the marker.
+    pub fn living(&self) -> Vec<i32> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+            if !zombie && String::from_utf8_lossy(&cmdline).contains(&self.needle) {
+                found.push(pid);
+            }
+        }
+        found
+    }
+}
+
+impl Drop for KillByMarker {
+    fn drop(&mut self) {
+        for pid in self.living() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
