@@ -131,9 +131,18 @@ mod tests {
         let names: Vec<_> = got.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["artifacts", "artifacts/a.txt", "artifacts/leak", "artifacts/sub", "artifacts/sub/b.bin"]
+            [
+                "artifacts",
+                "artifacts/a.txt",
+                "artifacts/leak",
+                "artifacts/sub",
+                "artifacts/sub/b.bin"
+            ]
         );
-        let leak = got.iter().find(|(n, _)| n == "artifacts/leak").expect("link member");
+        let leak = got
+            .iter()
+            .find(|(n, _)| n == "artifacts/leak")
+            .expect("link member");
         assert_eq!(leak.1, tar::EntryType::Symlink, "the link is not followed");
         let _ = fs::remove_dir_all(dir);
     }

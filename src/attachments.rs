@@ -5,8 +5,8 @@
 //! created last, so no file is ever written through one.
 
 use flate2::read::GzDecoder;
-use std::fs::{self, File};
 use std::collections::HashSet;
+use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
@@ -81,7 +81,8 @@ pub fn unpack(archive: &Path, root: &Path) -> Result<(), AttachmentError> {
         match step {
             Planned::Dir(rel) => {
                 let path = root.join(rel);
-                fs::create_dir_all(&path).map_err(|source| AttachmentError::Write { path, source })?;
+                fs::create_dir_all(&path)
+                    .map_err(|source| AttachmentError::Write { path, source })?;
             }
             Planned::File { path: rel, mode } => {
                 let path = root.join(rel);
@@ -126,8 +127,7 @@ fn check_member<R: Read>(entry: &tar::Entry<'_, R>) -> Result<Planned, Attachmen
         member: member.clone(),
         reason: reason.to_owned(),
     };
-    let path = safe_relative(Path::new(&*String::from_utf8_lossy(&raw)))
-        .map_err(|reason| refuse(reason))?;
+    let path = safe_relative(Path::new(&*String::from_utf8_lossy(&raw))).map_err(&refuse)?;
     let header = entry.header();
     match header.entry_type() {
         tar::EntryType::Directory => Ok(Planned::Dir(path)),
@@ -319,11 +319,7 @@ mod tests {
             h.set_cksum();
             builder.append(&h, data).expect("append");
         }
-        builder
-            .into_inner()
-            .expect("tar")
-            .finish()
-            .expect("gzip");
+        builder.into_inner().expect("tar").finish().expect("gzip");
         path
     }
 
@@ -341,10 +337,19 @@ mod tests {
         );
         let root = dir.join("attachments");
         unpack(&a, &root).expect("accepted");
-        let mode = |p: &str| fs::metadata(root.join(p)).expect("exists").permissions().mode() & 0o7777;
+        let mode = |p: &str| {
+            fs::metadata(root.join(p))
+                .expect("exists")
+                .permissions()
+                .mode()
+                & 0o7777
+        };
         assert_eq!(mode("test/sub/run.sh"), 0o755);
         assert_eq!(mode("provision/config.json"), 0o644);
-        assert_eq!(fs::read(root.join("test/cfg")).expect("link resolves"), b"{}");
+        assert_eq!(
+            fs::read(root.join("test/cfg")).expect("link resolves"),
+            b"{}"
+        );
         let _ = fs::remove_dir_all(dir);
     }
 
@@ -368,7 +373,10 @@ mod tests {
             let a = archive(&dir, &all);
             let root = dir.join("attachments");
             let err = unpack(&a, &root).expect_err(label);
-            assert!(matches!(err, AttachmentError::Refused { .. }), "{label}: {err}");
+            assert!(
+                matches!(err, AttachmentError::Refused { .. }),
+                "{label}: {err}"
+            );
             assert!(!root.exists(), "{label}: nothing written before the check");
             let _ = fs::remove_dir_all(dir);
         }
@@ -386,7 +394,17 @@ mod tests {
     }
 
     fn arb_component() -> impl Strategy<Value = &'static str> {
-        prop::sample::select(vec!["test", "provision", "firmware_update", "a", "b", "..", ".", "/", ""])
+        prop::sample::select(vec![
+            "test",
+            "provision",
+            "firmware_update",
+            "a",
+            "b",
+            "..",
+            ".",
+            "/",
+            "",
+        ])
     }
 
     proptest! {

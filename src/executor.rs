@@ -105,7 +105,10 @@ impl<'a> PhaseExecutor<'a> {
     fn emit(&mut self, name: &str, detail: &str) {
         if let Some(body) = self.events.push(name, detail) {
             if let Err(err) = self.server.post_events(self.spec.job_id(), &body) {
-                log::warn!("job {}: event {name} not delivered: {err}", self.spec.job_id());
+                log::warn!(
+                    "job {}: event {name} not delivered: {err}",
+                    self.spec.job_id()
+                );
             }
         }
     }
@@ -244,8 +247,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
         if self.refused.is_some() {
             return Some(StopCause::Unrunnable);
         }
-        if self.stop.is_requested(StopKind::Shutdown) || self.stop.is_requested(StopKind::KillNow)
-        {
+        if self.stop.is_requested(StopKind::Shutdown) || self.stop.is_requested(StopKind::KillNow) {
             return Some(StopCause::Shutdown);
         }
         if self.stop.is_requested(StopKind::Cancel) {
@@ -278,7 +280,10 @@ impl PhaseRunner for PhaseExecutor<'_> {
                 .server
                 .post_agent_state(phase.name(), &self.agent_comment)
             {
-                log::warn!("job {}: posting agent state failed: {err}", self.spec.job_id());
+                log::warn!(
+                    "job {}: posting agent state failed: {err}",
+                    self.spec.job_id()
+                );
             }
         }
         match skip {
@@ -365,7 +370,10 @@ impl PhaseRunner for PhaseExecutor<'_> {
             }
             Err(err) => {
                 log::error!("job {job_id}: {phase}: {err}");
-                sink.output(format!("\nERROR: the agent could not run the {phase} command: {err}\n").as_bytes());
+                sink.output(
+                    format!("\nERROR: the agent could not run the {phase} command: {err}\n")
+                        .as_bytes(),
+                );
                 sink.finish();
                 agent_failure(started)
             }
@@ -456,7 +464,11 @@ fn agent_failure(started: Instant) -> PhaseResult {
 pub fn banner(phase: Phase, agent_id: &str) -> [String; 3] {
     let text = format!("Starting testflinger {phase} phase on {agent_id}");
     let row = "*".repeat(text.chars().count() + 4);
-    [format!("{row}\n"), format!("* {text} *\n"), format!("{row}\n")]
+    [
+        format!("{row}\n"),
+        format!("* {text} *\n"),
+        format!("{row}\n"),
+    ]
 }
 
 /// Where a phase's output goes: masked, appended to `<phase>.log`, handed to the server.

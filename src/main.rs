@@ -12,13 +12,20 @@ use testflinger_agent::{logging, run_job, signals};
 
 /// A hardened, drop-in replacement for the Testflinger agent.
 #[derive(Debug, Parser)]
-#[command(name = "testflinger-agent", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "testflinger-agent",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     /// The agent config file (YAML).
     #[arg(short = 'c', long = "config", default_value = "testflinger-agent.conf")]
     config: PathBuf,
     /// The refresh-token file written by the deployment tooling.
-    #[arg(long = "token-file", default_value = "/var/lib/testflinger-agent/refresh_token")]
+    #[arg(
+        long = "token-file",
+        default_value = "/var/lib/testflinger-agent/refresh_token"
+    )]
     token_file: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -37,7 +44,11 @@ enum Command {
     /// Validate a config file and print the effective config (defaults filled in).
     CheckConfig {
         /// The agent config file (YAML).
-        #[arg(short = 'c', long = "config", required_unless_present = "reference_table")]
+        #[arg(
+            short = 'c',
+            long = "config",
+            required_unless_present = "reference_table"
+        )]
         config: Option<PathBuf>,
         /// Print the Markdown reference table of every config key instead.
         #[arg(long)]
@@ -172,7 +183,10 @@ fn diagram(format: DiagramFormat, machine: &str, write: Option<&Path>) -> ExitCo
                 ExitCode::SUCCESS
             }
             Err(err) => {
-                eprintln!("testflinger-agent: cannot write diagrams to {}: {err}", dir.display());
+                eprintln!(
+                    "testflinger-agent: cannot write diagrams to {}: {err}",
+                    dir.display()
+                );
                 ExitCode::FAILURE
             }
         };

@@ -33,7 +33,8 @@ impl OutcomeFile {
 
     /// Records `phase`'s exit code and rewrites the file.
     pub fn set_status(&mut self, phase: Phase, exit_code: i32) -> io::Result<()> {
-        self.status.insert(phase.name().to_owned(), json!(exit_code));
+        self.status
+            .insert(phase.name().to_owned(), json!(exit_code));
         let body = serde_json::to_vec(&self.body()).map_err(io::Error::other)?;
         write_atomic(&self.path, &body)
     }
@@ -86,9 +87,15 @@ pub fn connector_error_detail(rundir: &Path, phase: Phase) -> String {
     let mut detail = String::new();
     for value in serde_json::Deserializer::from_slice(&text).into_iter::<Value>() {
         let Ok(value) = value else { break };
-        let Some(info) = value.get(&key) else { continue };
+        let Some(info) = value.get(&key) else {
+            continue;
+        };
         let field = |name: &str| info.get(name).and_then(Value::as_str).unwrap_or("");
-        detail = format!("{}: {}", field("exception_name"), field("exception_message"));
+        detail = format!(
+            "{}: {}",
+            field("exception_name"),
+            field("exception_message")
+        );
         let cause = field("exception_cause");
         if !cause.is_empty() {
             detail.push_str(" caused by ");
@@ -133,7 +140,10 @@ mod tests {
     fn status_is_cumulative_and_in_phase_order() {
         let dir = tempdir("status");
         let mut outcome = OutcomeFile::create(&dir).expect("create");
-        assert_eq!(fs::read_to_string(dir.join(OUTCOME_FILE)).expect("read"), "{}");
+        assert_eq!(
+            fs::read_to_string(dir.join(OUTCOME_FILE)).expect("read"),
+            "{}"
+        );
         outcome.set_status(Phase::Setup, 0).expect("write");
         outcome.set_status(Phase::Test, 1).expect("write");
         let text = fs::read_to_string(dir.join(OUTCOME_FILE)).expect("read");

@@ -118,17 +118,20 @@ impl SkipReason {
                 "job has no {}",
                 phase.data_key().unwrap_or("data for this phase")
             ),
-            SkipReason::SkipRequested => format!(
-                "job set skip in {}",
-                phase.data_key().unwrap_or("its data")
-            ),
+            SkipReason::SkipRequested => {
+                format!("job set skip in {}", phase.data_key().unwrap_or("its data"))
+            }
         }
     }
 }
 
 /// Decides whether `phase` is skipped, given its configured command and the job's data
 /// for it. Setup and cleanup need only their command.
-pub fn skip_reason(phase: Phase, command: Option<&str>, data: Option<&Value>) -> Option<SkipReason> {
+pub fn skip_reason(
+    phase: Phase,
+    command: Option<&str>,
+    data: Option<&Value>,
+) -> Option<SkipReason> {
     if command.is_none_or(|c| c.trim().is_empty()) {
         return Some(SkipReason::NoCommand);
     }

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 /// Why a job could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum RunJobError {
-    #[error("cannot create the execution directory {path} (config key execution_basedir): {source}")]
+    #[error(
+        "cannot create the execution directory {path} (config key execution_basedir): {source}"
+    )]
     Basedir {
         path: PathBuf,
         #[source]
@@ -60,11 +62,19 @@ pub fn prepare_rundir(
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
             return Err(RunJobError::RundirExists { path: rundir })
         }
-        Err(source) => return Err(RunJobError::Rundir { path: rundir, source }),
+        Err(source) => {
+            return Err(RunJobError::Rundir {
+                path: rundir,
+                source,
+            })
+        }
     }
     match write_job_files(&rundir, document) {
         Ok(outcome) => Ok((rundir, outcome)),
-        Err(source) => Err(RunJobError::Rundir { path: rundir, source }),
+        Err(source) => Err(RunJobError::Rundir {
+            path: rundir,
+            source,
+        }),
     }
 }
 
@@ -82,7 +92,11 @@ fn write_job_files(rundir: &Path, document: &[u8]) -> io::Result<OutcomeFile> {
 }
 
 /// Runs `spec` locally: output to standard output, files in the run directory.
-pub fn run_local(config: &Config, spec: &JobSpec, stop: StopSignal) -> Result<LocalRun, RunJobError> {
+pub fn run_local(
+    config: &Config,
+    spec: &JobSpec,
+    stop: StopSignal,
+) -> Result<LocalRun, RunJobError> {
     crate::process::become_subreaper()?;
     let (rundir, outcome_file) = prepare_rundir(config, spec.job_id(), &spec.document_json())?;
     log::info!("job {}: running in {}", spec.job_id(), rundir.display());

@@ -154,7 +154,10 @@ fn every_state_is_reachable_from_polled() {
 #[test]
 fn every_state_reaches_cleaned() {
     for state in STATES {
-        assert!(reachable(state).contains("Cleaned"), "{state} cannot reach Cleaned");
+        assert!(
+            reachable(state).contains("Cleaned"),
+            "{state} cannot reach Cleaned"
+        );
     }
 }
 
@@ -216,7 +219,8 @@ fn arb_result() -> impl Strategy<Value = PhaseResult> {
         1 => Just(PhaseEnd::Shutdown),
         1 => Just(PhaseEnd::AgentError),
     ];
-    let code = prop_oneof![4 => Just(0), 1 => Just(1), 1 => Just(46), 1 => Just(247), 1 => 0..256i32];
+    let code =
+        prop_oneof![4 => Just(0), 1 => Just(1), 1 => Just(46), 1 => Just(247), 1 => 0..256i32];
     (end, code).prop_map(|(end, exit_code)| {
         let exit_code = match end {
             PhaseEnd::Exited | PhaseEnd::Signaled => exit_code,

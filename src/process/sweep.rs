@@ -65,7 +65,17 @@ pub(crate) fn environ_has(environ: &[u8], entry: &[u8]) -> bool {
 
 /// Reads one process's stat; `None` when it is gone or unreadable.
 pub(crate) fn read_stat(pid: i32, buf: &mut Vec<u8>) -> Option<ProcStat> {
-    read_into(&format!("/proc/{pid}/stat"), buf)?;
+    // One read() is enough for the whole line (the name is at most 64 bytes) and is what
+    // makes a scan of /proc cheap; a longer line falls back to reading to the end.
+    let mut file = File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut line = [0u8; 1024];
+    let n = file.read(&mut line).ok()?;
+    if n < line.len() {
+        return parse_stat(&line[..n]);
+    }
+    buf.clear();
+    buf.extend_from_slice(&line);
+    file.read_to_end(buf).ok()?;
     parse_stat(buf)
 }
 

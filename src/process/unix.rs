@@ -350,6 +350,7 @@ pub fn run_command(
     sink: &mut dyn OutputSink,
     stop: &StopSignal,
 ) -> Result<CommandOutcome, ProcessError> {
+    let t_enter = Instant::now();
     let token = new_token();
     let spawn_error = |source| ProcessError::Spawn {
         cwd: spec.cwd.clone(),
@@ -387,6 +388,7 @@ pub fn run_command(
     let start = Instant::now();
     let leader = Pid::from_raw(i32::try_from(leader_pid).expect("a Linux pid fits in i32"));
     let mut guard = ProcessGroupGuard::new(leader, &token);
+    eprintln!("SPAWN {:?} GUARD {:?}", start - t_enter, start.elapsed());
     log::debug!("command started: pgid {leader}, cwd {}", spec.cwd.display());
 
     let wake = stop.wake_pipe();
@@ -526,6 +528,7 @@ pub fn run_command(
         }
         if leader_ready {
             leader_exit_at = Some(Instant::now());
+            eprintln!("EXIT {:?}", start.elapsed());
         }
         if out_ready {
             match read(&out_read, &mut buf) {

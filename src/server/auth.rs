@@ -224,8 +224,14 @@ mod tests {
         assert_eq!(source.token(&exchange).as_deref(), Some("access1"));
         assert_eq!(seen.borrow().len(), 1);
         // A refusal of an older token than the cached one does not refresh again.
-        assert_eq!(source.renew(Some("stale"), &exchange).as_deref(), Some("access1"));
-        assert_eq!(source.renew(Some("access1"), &exchange).as_deref(), Some("access2"));
+        assert_eq!(
+            source.renew(Some("stale"), &exchange).as_deref(),
+            Some("access1")
+        );
+        assert_eq!(
+            source.renew(Some("access1"), &exchange).as_deref(),
+            Some("access2")
+        );
         assert_eq!(seen.borrow().as_slice(), ["r1", "r1"]);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -152,7 +152,11 @@ mod tests {
                 seen.insert(d);
             }
         }
-        assert!(seen.len() > 100, "jitter produced only {} values", seen.len());
+        assert!(
+            seen.len() > 100,
+            "jitter produced only {} values",
+            seen.len()
+        );
     }
 
     #[test]

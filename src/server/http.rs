@@ -163,8 +163,8 @@ impl HttpServer {
             .without_auth();
         match self.core.call(&req) {
             Ok(reply) => reply.status < 500,
-            Err(failure) => {
-                log::debug!("health probe: {}", failure.error);
+            Err(e) => {
+                log::debug!("health probe: {e}");
                 false
             }
         }
@@ -174,7 +174,8 @@ impl HttpServer {
     /// the protocol ignores the status. Errors only when the server cannot be reached.
     pub fn post_agent_data(&self, data: &Value) -> Result<(), ServerError> {
         let path = format!("/v1/agents/data/{}", seg(&self.core.settings.agent_id));
-        self.core.post_status_ignored(path, data, Repeat::Idempotent)
+        self.core
+            .post_status_ignored(path, data, Repeat::Idempotent)
     }
 
     /// `GET /v1/agents/data/<agent>` (PROTOCOL §3.4). Any failure gives the empty record
@@ -183,7 +184,11 @@ impl HttpServer {
         let path = format!("/v1/agents/data/{}", seg(&self.core.settings.agent_id));
         let req = Req::get(path);
         let what = req.what();
-        let bytes = match self.core.expect_success(&req).and_then(|r| r.read_all(&what)) {
+        let bytes = match self
+            .core
+            .expect_success(&req)
+            .and_then(|r| r.read_all(&what))
+        {
             Ok(bytes) => bytes,
             Err(e) => {
                 log::warn!("could not read the agent record, treating its state as unknown: {e}");
@@ -341,21 +346,23 @@ impl Server for HttpServer {
     }
 
     fn post_serial_log(&self, job_id: &str, phase: Phase, path: &Path) -> Result<(), ServerError> {
-        let file = match File::open(path) {
-            Ok(file) => file,
+        match std::fs::metadata(path) {
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                log::debug!("no serial log for {phase} of job {job_id} at {}", path.display());
+                log::debug!(
+                    "no serial log for {phase} of job {job_id} at {}",
+                    path.display()
+                );
                 return Ok(());
             }
             Err(e) => {
                 return Err(ServerError::new(
                     ServerErrorKind::Local,
                     format!("reading the serial log of {phase}"),
-                    format!("cannot open {}: {e}", path.display()),
+                    format!("cannot read {}: {e}", path.display()),
                 ))
             }
-        };
-        drop(file);
+        }
         let mut number = lock(&self.serial).get(job_id).copied().unwrap_or(0);
         let mut offset = 0;
         let result = stream::send_file(
@@ -399,13 +406,15 @@ impl Server for HttpServer {
             backoff::random_u64(),
             backoff::random_u64()
         );
-        let mut req = Req::get(format!("/v1/result/{}/artifact", seg(job_id)))
-            .timeout(self.core.settings.timeouts.transfer);
-        req.method = Method::Post;
-        req.payload = Payload::Multipart {
-            path: tarball.to_path_buf(),
-            boundary,
-        };
+        let req = Req {
+            method: Method::Post,
+            payload: Payload::Multipart {
+                path: tarball.to_path_buf(),
+                boundary,
+            },
+            ..Req::get(format!("/v1/result/{}/artifact", seg(job_id)))
+        }
+        .timeout(self.core.settings.timeouts.transfer);
         self.core.expect_success(&req).map(drop)
     }
 }
@@ -655,13 +664,6 @@ enum Sent {
     Never,
 }
 
-/// A request that ended without a usable answer.
-pub(super) struct Failure {
-    pub(super) error: ServerError,
-    /// Whether the server may have acted on it anyway.
-    pub(super) ambiguous: bool,
-}
-
 /// The shared client: one ureq agent, the token and the settings.
 pub(super) struct Core {
     agent: ureq::Agent,
@@ -724,7 +726,7 @@ impl Core {
 
     /// Sends `req` and maps anything but a 2xx answer to an error.
     pub(super) fn expect_success(&self, req: &Req) -> Result<Reply, ServerError> {
-        let reply = self.call(req).map_err(|f| f.error)?;
+        let reply = self.call(req)?;
         if (200..300).contains(&reply.status) {
             Ok(reply)
         } else {
@@ -781,8 +783,8 @@ impl Core {
     /// Sends `req`, refreshing the token and replaying once after a 401 (or a 403 without
     /// a token), and repeating after failures as `req.repeat` allows. Returns the answer
     /// for any status below 500; a 5xx or transport failure that is not (or no longer)
-    /// repeated is a [`Failure`].
-    pub(super) fn call(&self, req: &Req) -> Result<Reply, Failure> {
+    /// repeated is an [`ServerErrorKind::Unavailable`] error.
+    pub(super) fn call(&self, req: &Req) -> Result<Reply, ServerError> {
         let what = req.what();
         let attempts = req
             .attempts
@@ -800,10 +802,7 @@ impl Core {
             };
             let (why, ambiguous, retryable) = match self.once(req, token.as_deref()) {
                 Err(AttemptError::Local(text)) => {
-                    return Err(Failure {
-                        error: ServerError::new(ServerErrorKind::Local, what, text),
-                        ambiguous: false,
-                    })
+                    return Err(ServerError::new(ServerErrorKind::Local, what, text))
                 }
                 Err(AttemptError::Transport { text, sent }) => {
                     let retryable = match sent {
@@ -846,17 +845,17 @@ impl Core {
                 );
             }
             if !retryable || failures >= attempts {
-                return Err(Failure {
-                    error: ServerError::new(
-                        ServerErrorKind::Unavailable,
-                        what,
-                        format!("{why} (after {failures} attempt(s))"),
-                    ),
-                    ambiguous,
-                });
+                return Err(ServerError::new(
+                    ServerErrorKind::Unavailable,
+                    what,
+                    format!("{why} (after {failures} attempt(s))"),
+                ));
             }
             let wait = backoff.delay(failures);
-            log::debug!("{what}: {why}; attempt {failures} of {attempts}, next in {}", human(wait));
+            log::debug!(
+                "{what}: {why}; attempt {failures} of {attempts}, next in {}",
+                human(wait)
+            );
             std::thread::sleep(wait);
         }
     }
@@ -873,8 +872,9 @@ impl Core {
         match self.once(&req, None) {
             Ok(reply) if reply.status == 200 => {
                 let bytes = reply.read_all(&what).map_err(|e| e.to_string())?;
-                let parsed: Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("{what} answered 200 with a body that is not JSON: {e}"))?;
+                let parsed: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    format!("{what} answered 200 with a body that is not JSON: {e}")
+                })?;
                 match parsed.get("access_token") {
                     Some(Value::String(t)) if !t.is_empty() => Ok(t.clone()),
                     _ => Err(format!("{what} answered 200 without an access_token")),
@@ -1216,7 +1216,9 @@ mod tests {
                 "restricted_to": {"q1": ["alice"], "q2": ["bob"]}, "name": "a"}"#,
         )
         .expect("valid json");
-        let Value::Object(map) = v else { panic!("object") };
+        let Value::Object(map) = v else {
+            panic!("object")
+        };
         let r = parse_agent_record(&map);
         assert_eq!(r.state.as_deref(), Some("offline"));
         assert_eq!(r.comment, "why");
@@ -1237,7 +1239,9 @@ mod tests {
         reader.read_to_end(&mut all).expect("read");
         assert_eq!(all.len() as u64, length);
         let text = String::from_utf8_lossy(&all);
-        assert!(text.starts_with("--XYZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"file\"\r\n"));
+        assert!(text.starts_with(
+            "--XYZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"file\"\r\n"
+        ));
         assert!(text.ends_with("\r\n--XYZ--\r\n"));
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -41,11 +41,21 @@ impl Server for LocalServer {
         let _ = std::io::stdout().lock().flush();
     }
 
-    fn post_serial_log(&self, _job_id: &str, _phase: Phase, _path: &Path) -> Result<(), ServerError> {
+    fn post_serial_log(
+        &self,
+        _job_id: &str,
+        _phase: Phase,
+        _path: &Path,
+    ) -> Result<(), ServerError> {
         Ok(())
     }
 
-    fn post_provision_log(&self, _job_id: &str, _code: i32, _detail: &str) -> Result<(), ServerError> {
+    fn post_provision_log(
+        &self,
+        _job_id: &str,
+        _code: i32,
+        _detail: &str,
+    ) -> Result<(), ServerError> {
         Ok(())
     }
 

@@ -89,8 +89,12 @@ pub trait Server: Send + Sync {
     fn post_serial_log(&self, job_id: &str, phase: Phase, path: &Path) -> Result<(), ServerError>;
 
     /// `POST /v1/agents/provision_logs/<agent>` after a provision phase.
-    fn post_provision_log(&self, job_id: &str, exit_code: i32, detail: &str)
-        -> Result<(), ServerError>;
+    fn post_provision_log(
+        &self,
+        job_id: &str,
+        exit_code: i32,
+        detail: &str,
+    ) -> Result<(), ServerError>;
 
     /// `POST /v1/job/<id>/events` with the cumulative event list (only for jobs that
     /// have a `job_status_webhook`).

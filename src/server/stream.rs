@@ -216,6 +216,9 @@ impl Streamer {
         {
             Some(p) => {
                 if len > p.known {
+                    // A phase that was all sent may be due a post before the streamer's
+                    // current wait ends.
+                    wake |= !p.pending();
                     p.known = len;
                     p.held_at = None;
                 }
@@ -405,7 +408,10 @@ fn run(shared: &Shared, core: &Core) {
                     }
                     Next::Idle => {
                         state.idle = true;
-                        state = shared.wake.wait(state).unwrap_or_else(PoisonError::into_inner);
+                        state = shared
+                            .wake
+                            .wait(state)
+                            .unwrap_or_else(PoisonError::into_inner);
                         state.idle = false;
                     }
                 }
@@ -415,7 +421,12 @@ fn run(shared: &Shared, core: &Core) {
         let mut state = lock(&shared.state);
         if let Some(job) = state.jobs.get_mut(&work.job_id) {
             job.in_flight = false;
-            apply(job, &work, outcome, backoff.delay(job.failures.saturating_add(1)));
+            apply(
+                job,
+                &work,
+                outcome,
+                backoff.delay(job.failures.saturating_add(1)),
+            );
         }
         drop(state);
         shared.progress.notify_all();
@@ -481,7 +492,13 @@ fn deliver(core: &Core, work: &Work, max: usize) -> Outcome {
         }
     };
     let req = core
-        .fragment_request(&work.job_id, LogType::Output, work.number, work.phase, &text)
+        .fragment_request(
+            &work.job_id,
+            LogType::Output,
+            work.number,
+            work.phase,
+            &text,
+        )
         .attempts(1);
     match post(core, &req) {
         Posted::Accepted => Outcome::Sent(consumed),
@@ -563,13 +580,16 @@ fn post(core: &Core, req: &Req) -> Posted {
             Posted::Failed(core.answer_error(req, &reply).detail)
         }
         Ok(reply) => Posted::Refused(core.answer_error(req, &reply).detail),
-        Err(failure) => Posted::Failed(failure.error.detail),
+        Err(e) => Posted::Failed(e.detail),
     }
 }
 
 /// A fragment read from a log file.
 enum Piece {
-    Text { text: String, consumed: u64 },
+    Text {
+        text: String,
+        consumed: u64,
+    },
     /// Only the start of a character so far.
     Incomplete,
     /// The file cannot be read (or is shorter than recorded).
@@ -640,7 +660,10 @@ pub(super) fn send_file(
     offset: &mut u64,
     number: &mut u64,
 ) -> Result<(), ServerError> {
-    let what = format!("sending the {} log of {phase} of job {job_id}", log_type.name());
+    let what = format!(
+        "sending the {} log of {phase} of job {job_id}",
+        log_type.name()
+    );
     let len = std::fs::metadata(path)
         .map_err(|e| {
             ServerError::new(
@@ -681,7 +704,7 @@ pub(super) fn send_file(
                 *offset += consumed;
                 refused = Some(error);
             }
-            Err(failure) => return Err(failure.error),
+            Err(e) => return Err(e),
         }
     }
     refused.map_or(Ok(()), Err)
@@ -774,7 +797,11 @@ mod tests {
                     let last = known == input.len();
                     while sent < known {
                         let piece = &input[sent..known];
-                        let keep = if last { piece.len() } else { complete_prefix(piece) };
+                        let keep = if last {
+                            piece.len()
+                        } else {
+                            complete_prefix(piece)
+                        };
                         if keep == 0 {
                             break;
                         }
@@ -801,7 +828,10 @@ mod tests {
             Piece::Text { text, consumed } => assert_eq!((text.as_str(), consumed), ("ab", 2)),
             _ => panic!("expected text"),
         }
-        assert!(matches!(read_piece(&path, 2, 4, 100, false), Piece::Incomplete));
+        assert!(matches!(
+            read_piece(&path, 2, 4, 100, false),
+            Piece::Incomplete
+        ));
         match read_piece(&path, 2, 4, 100, true) {
             Piece::Text { text, consumed } => {
                 assert_eq!((text.as_str(), consumed), ("\u{fffd}", 2))

@@ -4,7 +4,8 @@
 #[allow(dead_code)]
 mod support;
 
+mod fake_server_selftest;
+mod http_client;
 mod inputs;
 mod process_tree;
 mod run_job;
-mod fake_server_selftest;

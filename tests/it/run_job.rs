@@ -40,9 +40,17 @@ fn outcome(rundir: &Path) -> serde_json::Value {
 #[test]
 fn shipped_example_runs_every_phase_and_leaves_the_python_agents_files() {
     let s = Scratch::new("example");
-    let out = run_job(&s.example_config("examples/agent.yaml"), &Path::new(ROOT).join("examples/job.yaml"));
+    let out = run_job(
+        &s.example_config("examples/agent.yaml"),
+        &Path::new(ROOT).join("examples/job.yaml"),
+    );
     let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        text(&out.stderr)
+    );
     assert!(stdout.contains("* Starting testflinger test phase on example-agent *"));
     assert!(stdout.contains("2 tests passed"));
     assert!(stdout.contains("job succeeded"));
@@ -61,7 +69,10 @@ fn shipped_example_runs_every_phase_and_leaves_the_python_agents_files() {
             "testflinger.json"
         ]
     );
-    assert_eq!(files_in(&rundir.join("artifacts")), ["finished-at.txt", "uname.txt"]);
+    assert_eq!(
+        files_in(&rundir.join("artifacts")),
+        ["finished-at.txt", "uname.txt"]
+    );
     assert_eq!(
         outcome(&rundir),
         serde_json::json!({"status": {"setup": 0, "provision": 0, "firmware_update": 0, "test": 0, "cleanup": 0}})
@@ -70,16 +81,25 @@ fn shipped_example_runs_every_phase_and_leaves_the_python_agents_files() {
         serde_json::from_slice(&std::fs::read(rundir.join("testflinger.json")).expect("job file"))
             .expect("job file is JSON");
     assert_eq!(job["job_queue"], "example");
-    assert_eq!(job["job_id"].as_str(), rundir.file_name().and_then(|n| n.to_str()));
+    assert_eq!(
+        job["job_id"].as_str(),
+        rundir.file_name().and_then(|n| n.to_str())
+    );
     let test_log = std::fs::read_to_string(rundir.join("test.log")).expect("test log");
     assert!(test_log.starts_with("****"), "banner first: {test_log}");
     assert!(test_log.contains("2 tests passed"));
     // The summary names every phase with how it ended.
-    for line in ["setup            ran          0", "allocate         skipped", "job has no reserve_data"] {
+    for line in [
+        "setup            ran          0",
+        "allocate         skipped",
+        "job has no reserve_data",
+    ] {
         assert!(stdout.contains(line), "summary lacks {line:?}:\n{stdout}");
     }
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(rundir.join("testflinger.json")).expect("meta").permissions(),
+        &std::fs::metadata(rundir.join("testflinger.json"))
+            .expect("meta")
+            .permissions(),
     );
     assert_eq!(mode & 0o077, 0, "testflinger.json is owner-only");
 }
@@ -95,7 +115,10 @@ fn failing_provision_example_stops_before_test_but_cleans_up() {
     let rundir = s.rundir();
     assert!(!rundir.join("test.log").exists(), "test must not run");
     assert!(rundir.join("cleanup.log").exists(), "cleanup runs");
-    assert_eq!(outcome(&rundir)["status"], serde_json::json!({"setup": 0, "provision": 1, "cleanup": 0}));
+    assert_eq!(
+        outcome(&rundir)["status"],
+        serde_json::json!({"setup": 0, "provision": 1, "cleanup": 0})
+    );
     assert!(text(&out.stdout).contains("job failed: provision_fail in provision"));
 }
 
@@ -109,9 +132,16 @@ fn hanging_test_example_hits_the_output_timeout_and_kills_the_tree() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
     let rundir = s.rundir();
     let log = std::fs::read_to_string(rundir.join("test.log")).expect("test log");
-    assert!(log.contains("\nERROR: Output timeout reached! (3s)\n"), "{log}");
+    assert!(
+        log.contains("\nERROR: Output timeout reached! (3s)\n"),
+        "{log}"
+    );
     assert_eq!(outcome(&rundir)["status"]["test"], 247);
-    assert_eq!(outcome(&rundir)["status"]["cleanup"], 0, "a failed test does not stop cleanup");
+    assert_eq!(
+        outcome(&rundir)["status"]["cleanup"],
+        0,
+        "a failed test does not stop cleanup"
+    );
     assert!(text(&out.stdout).contains("output timeout"));
 }
 
@@ -134,9 +164,19 @@ cleanup_command: echo cleaned\n",
     let rundir = s.rundir();
     let log = std::fs::read_to_string(rundir.join("setup.log")).expect("setup log");
     assert!(log.contains("started"));
-    assert!(log.contains("\nERROR: Global timeout reached! (1s)\n"), "{log}");
-    assert_eq!(outcome(&rundir)["status"], serde_json::json!({"setup": 247, "cleanup": 0}));
-    assert_eq!(guard.living(), Vec::<i32>::new(), "processes of the phase survived");
+    assert!(
+        log.contains("\nERROR: Global timeout reached! (1s)\n"),
+        "{log}"
+    );
+    assert_eq!(
+        outcome(&rundir)["status"],
+        serde_json::json!({"setup": 247, "cleanup": 0})
+    );
+    assert_eq!(
+        guard.living(),
+        Vec::<i32>::new(),
+        "processes of the phase survived"
+    );
 }
 
 #[test]
@@ -156,7 +196,10 @@ fn exit_46_aborts_and_marks_the_device_offline() {
     assert!(created, "offline marker {} created", marker.display());
     let rundir = s.rundir();
     assert!(!rundir.join("test.log").exists());
-    assert_eq!(outcome(&rundir)["status"], serde_json::json!({"setup": 46, "cleanup": 0}));
+    assert_eq!(
+        outcome(&rundir)["status"],
+        serde_json::json!({"setup": 46, "cleanup": 0})
+    );
     assert!(text(&out.stdout).contains("recovery_fail"));
 }
 
@@ -177,9 +220,18 @@ test_command: |\n  echo \"agent=$agent_id type=$provision_type gt=${global_timeo
     assert!(rundir.ends_with("00000000-0000-4000-8000-000000000046"));
     let log = std::fs::read(rundir.join("test.log")).expect("test log");
     let log_text = text(&log);
-    assert!(log_text.contains("agent=it-env type=noprovision gt=unset secret=**"), "{log_text}");
-    assert!(!log_text.contains("hunter2"), "the secret is masked in the log");
-    assert!(!text(&out.stdout).contains("hunter2"), "and on the terminal");
+    assert!(
+        log_text.contains("agent=it-env type=noprovision gt=unset secret=**"),
+        "{log_text}"
+    );
+    assert!(
+        !log_text.contains("hunter2"),
+        "the secret is masked in the log"
+    );
+    assert!(
+        !text(&out.stdout).contains("hunter2"),
+        "and on the terminal"
+    );
     assert!(log.ends_with(b"no newline \xff\xfe"), "bytes kept exactly");
     // The job file keeps the secret (the connector needs it) and is owner-only.
     let job_file = std::fs::read_to_string(rundir.join("testflinger.json")).expect("job file");
@@ -199,21 +251,48 @@ fn bad_input_exits_2_with_a_clear_message_and_no_panic() {
         renamed
     };
     let cases: Vec<(PathBuf, PathBuf, &str)> = vec![
-        (config(&format!("{base}polling_intervall: 5\n")), good_job.clone(), "polling_intervall"),
-        (config(&format!("{base}polling_interval: ten\n")), good_job.clone(), "polling_interval"),
-        (config("server_address: http://x\njob_queues: [q]\n"), good_job.clone(), "agent_id"),
+        (
+            config(&format!("{base}polling_intervall: 5\n")),
+            good_job.clone(),
+            "polling_intervall",
+        ),
+        (
+            config(&format!("{base}polling_interval: ten\n")),
+            good_job.clone(),
+            "polling_interval",
+        ),
+        (
+            config("server_address: http://x\njob_queues: [q]\n"),
+            good_job.clone(),
+            "agent_id",
+        ),
         (s.write("empty.yaml", ""), good_job.clone(), "empty"),
-        (config(base), s.write("bad.json", "{\"job_id\": \"x\", "), "job"),
-        (config(base), s.write("bad.yaml", "job_queue: [unclosed\n"), "job"),
+        (
+            config(base),
+            s.write("bad.json", "{\"job_id\": \"x\", "),
+            "job",
+        ),
+        (
+            config(base),
+            s.write("bad.yaml", "job_queue: [unclosed\n"),
+            "job",
+        ),
         (config(base), s.write("empty-job.yaml", ""), "empty"),
-        (config(base), s.write("evil.json", "{\"job_id\": \"../../etc\"}"), "job_id"),
+        (
+            config(base),
+            s.write("evil.json", "{\"job_id\": \"../../etc\"}"),
+            "job_id",
+        ),
         (config(base), s.path("missing.yaml"), "missing.yaml"),
     ];
     for (config, job, needle) in cases {
         let out = run_job(&config, &job);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{needle}: {stderr}");
-        assert!(stderr.contains(needle), "message names {needle:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "message names {needle:?}: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     assert!(!s.path("run").join("..").join("etc").exists());
@@ -223,13 +302,21 @@ fn bad_input_exits_2_with_a_clear_message_and_no_panic() {
 fn check_config_prints_the_effective_config_or_the_error() {
     let s = Scratch::new("check");
     let config = s.config("agent_id: a\nserver_address: http://127.0.0.1:9\njob_queues: [q]\n");
-    let out = Command::new(BIN).args(["check-config", "-c"]).arg(&config).output().expect("runs");
+    let out = Command::new(BIN)
+        .args(["check-config", "-c"])
+        .arg(&config)
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(0));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("polling_interval: 10"), "{stdout}");
     assert!(stdout.contains("logging_level: INFO"), "{stdout}");
     let bad = s.write("bad.yaml", "agent_id: [not, a, string]\n");
-    let out = Command::new(BIN).args(["check-config", "-c"]).arg(&bad).output().expect("runs");
+    let out = Command::new(BIN)
+        .args(["check-config", "-c"])
+        .arg(&bad)
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("agent_id"));
 }

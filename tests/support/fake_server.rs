@@ -13,8 +13,11 @@
 //! state `running`; `started_at` is rendered `…+00:00Z`; `POST /v1/result/<id>` shallow-sets
 //! each top-level key (`status` replaces the whole map); result, log and artifact posts do
 //! not check that the job exists; a 204 means "nothing"; request bodies are validated
-//! strictly (unknown fields and wrong types → 422); a body sent without a JSON content type
-//! is read as `{}` (webargs ignores it); `GET /v1/job` needs the `agent_name` cookie.
+//! strictly (unknown fields and wrong types → 422); a body sent without a JSON content type,
+//! or an empty one, is read as `{}` (as webargs does); `GET /v1/job` needs the `agent_name`
+//! cookie. A job id that is not a UUID gets 400 with the body of that endpoint: plain
+//! `Invalid job id\n` (attachments, artifacts, action) or JSON `Invalid job_id specified`
+//! (results, log posts, events).
 //!
 //! Deliberate differences: integers must be JSON integers and booleans JSON booleans
 //! (marshmallow would also take `"17"` or `"yes"`); provision data is only checked to be an
@@ -276,6 +279,8 @@ struct State {
     faults: Vec<Fault>,
     delays: Vec<(Route, Duration)>,
     server_errors: Vec<String>,
+    /// Raw bodies handed out by the next polls of their queue (see `serve_raw_job`).
+    raw_jobs: Vec<(String, String)>,
 }
 
 struct Shared {
@@ -372,6 +377,14 @@ impl FakeServer {
 
     /// Cancels like `POST /v1/job/<id>/action {"action": "cancel"}`; false if the job is
     /// unknown or already complete/completed/cancelled.
+    /// The next `GET /v1/job` polling `queue` answers 200 with exactly `body`, whatever it
+    /// is (for testing how the agent copes with a malformed job document).
+    pub fn serve_raw_job(&self, queue: &str, body: &str) {
+        lock(&self.shared.state)
+            .raw_jobs
+            .push((queue.to_string(), body.to_string()));
+    }
+
     pub fn cancel_job(&self, id: &str) -> bool {
         cancel(&mut self.state(), id)
     }
@@ -762,8 +775,8 @@ fn schema_error(message: String) -> WireResponse {
     validation_error(errors)
 }
 
-/// The body as the API framework reads it: a JSON content type is parsed (bad JSON → 400),
-/// anything else is ignored and read as `{}`.
+/// The body as the API framework (webargs) reads it: without a JSON content type, or when
+/// empty, it is `{}`; otherwise it must parse (bad JSON → 400).
 fn json_body(req: &WireRequest) -> Result<Value, WireResponse> {
     let is_json = req.header("Content-Type").is_some_and(|ct| {
         let mime = ct
@@ -772,12 +785,17 @@ fn json_body(req: &WireRequest) -> Result<Value, WireResponse> {
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        mime == "application/json" || mime.ends_with("+json")
+        mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
     });
-    if !is_json {
+    if !is_json || req.body.is_empty() {
         return Ok(Value::Object(Map::new()));
     }
-    serde_json::from_slice(&req.body).map_err(|_| error(400, "Invalid JSON body."))
+    serde_json::from_slice(&req.body).map_err(|_| {
+        json_response(
+            400,
+            &json!({"message": "Bad Request", "detail": {"json": ["Invalid JSON body."]}}),
+        )
+    })
 }
 
 fn validated(
@@ -1155,7 +1173,11 @@ impl Shared {
                 let expires_in = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
                 Ok(json_response(
                     200,
-                    &json!({"access_token": access, "token_type": "Bearer", "expires_in": expires_in}),
+                    &json!({
+                        "access_token": access,
+                        "token_type": "Bearer",
+                        "expires_in": expires_in,
+                    }),
                 ))
             }
         }
@@ -1325,6 +1347,14 @@ impl Shared {
         let Some(agent) = agent else {
             return Err(error(401, "Agent not identified"));
         };
+        if let Some(at) = st.raw_jobs.iter().position(|(q, _)| queues.contains(q)) {
+            let (_, body) = st.raw_jobs.remove(at);
+            return Ok(WireResponse::new(
+                200,
+                "application/json",
+                body.into_bytes(),
+            ));
+        }
         let pick = st
             .jobs
             .iter()
