@@ -188,6 +188,9 @@ pub enum StopKind {
 /// A job-wide, sticky stop request that wakes a command blocked in `poll()`.
 ///
 /// Cloning shares the same request. Requests accumulate: once made, a kind stays requested.
+/// Many commands may use one signal one after the other; commands running at the same time
+/// should each have their own (the runner drains the wake pipe, so a second concurrent
+/// waiter could miss the wake-up until its next event).
 #[derive(Clone, Debug)]
 pub struct StopSignal {
     inner: Arc<StopInner>,

@@ -329,6 +329,12 @@ fn poll_timeout(now: Instant, deadline: Option<Instant>) -> PollTimeout {
     }
 }
 
+/// `at + wait`, saturating at a year from `at` for absurd durations (no overflow panic).
+fn later(at: Instant, wait: Duration) -> Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    at.checked_add(wait.min(YEAR)).unwrap_or(at)
+}
+
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -344,13 +350,30 @@ enum LoopEnd {
     Kill,
 }
 
-/// Runs one phase command to its end. See the module docs.
+/// Runs one phase command to its end and reports how it ended.
+///
+/// `/bin/sh -c spec.command` runs in `spec.cwd`, in a new process group, with stdin from
+/// `/dev/null`, stdout and stderr on one pipe whose bytes go to `sink` as they arrive
+/// (byte-exact, in chunks of at most 256 KiB), and the agent's environment plus `spec.env`
+/// plus `TESTFLINGER_PHASE_TOKEN=<random hex>`, which marks the phase's processes.
+///
+/// A global or output timeout, or a stop request the spec honours, writes its line to the
+/// sink, sends SIGTERM to the group and, after `spec.grace_period`, SIGKILL.
+/// [`StopKind::KillNow`] kills at once. When the shell exits but background processes keep
+/// the output open, they get `spec.straggler_wait` before they are killed. In every case
+/// the end is a sweep: the group and every process carrying the token are killed and the
+/// phase's processes reaped, so none outlives the call (escapees from the group are only
+/// re-parented to the agent, and so reaped, after [`become_subreaper`]).
+///
+/// # Errors
+/// [`ProcessError::Spawn`] when the shell cannot be started (missing `cwd`, bad `env`);
+/// [`ProcessError::Sys`] when the pipe cannot be created or read. The process tree is
+/// killed and reaped before any error is returned.
 pub fn run_command(
     spec: &CommandSpec,
     sink: &mut dyn OutputSink,
     stop: &StopSignal,
 ) -> Result<CommandOutcome, ProcessError> {
-    let t_enter = Instant::now();
     let token = new_token();
     let spawn_error = |source| ProcessError::Spawn {
         cwd: spec.cwd.clone(),
@@ -388,7 +411,6 @@ pub fn run_command(
     let start = Instant::now();
     let leader = Pid::from_raw(i32::try_from(leader_pid).expect("a Linux pid fits in i32"));
     let mut guard = ProcessGroupGuard::new(leader, &token);
-    eprintln!("SPAWN {:?} GUARD {:?}", start - t_enter, start.elapsed());
     log::debug!("command started: pgid {leader}, cwd {}", spec.cwd.display());
 
     let wake = stop.wake_pipe();
@@ -401,7 +423,7 @@ pub fn run_command(
     let mut needed_sigkill = false;
     let mut held_output_for: Option<Duration> = None;
     let mut group_rescan = GROUP_RESCAN_FIRST;
-    let global_deadline = spec.global_timeout.map(|t| start + t);
+    let global_deadline = spec.global_timeout.and_then(|t| start.checked_add(t));
     let mut last_output = start;
 
     let end = loop {
@@ -423,7 +445,7 @@ pub fn run_command(
                 break LoopEnd::Kill;
             }
             if state == CommandState::Running {
-                let output_deadline = spec.output_timeout.map(|t| last_output + t);
+                let output_deadline = spec.output_timeout.and_then(|t| last_output.checked_add(t));
                 let stop_for = if spec.honour_cancel && stop.is_requested(StopKind::Cancel) {
                     Some((Termination::Cancelled, EV_CANCEL))
                 } else if spec.honour_shutdown && stop.is_requested(StopKind::Shutdown) {
@@ -441,7 +463,7 @@ pub fn run_command(
                     }
                     reason = Some(termination);
                     guard.signal_group(Signal::SIGTERM);
-                    kill_at = now + spec.grace_period;
+                    kill_at = later(now, spec.grace_period);
                     state.step(event, CommandState::Terminating);
                     log::debug!("pgid {leader}: {event}, SIGTERM sent");
                     continue;
@@ -468,7 +490,7 @@ pub fn run_command(
         // The shell exited but background processes hold the output: wait a bounded time.
         let mut straggler_deadline = None;
         if let (CommandState::Running, Some(exit_at)) = (state, leader_exit_at) {
-            let deadline = earliest(Some(exit_at + spec.straggler_wait), global_deadline);
+            let deadline = earliest(exit_at.checked_add(spec.straggler_wait), global_deadline);
             let stop_requested = stop.is_requested(StopKind::KillNow)
                 || (spec.honour_cancel && stop.is_requested(StopKind::Cancel))
                 || (spec.honour_shutdown && stop.is_requested(StopKind::Shutdown));
@@ -485,7 +507,7 @@ pub fn run_command(
             CommandState::Running if leader_exit_at.is_some() => straggler_deadline,
             CommandState::Running => earliest(
                 global_deadline,
-                spec.output_timeout.map(|t| last_output + t),
+                spec.output_timeout.and_then(|t| last_output.checked_add(t)),
             ),
             CommandState::Terminating if leader_exit_at.is_some() && !pipe_open => {
                 let next = now + group_rescan;
@@ -528,7 +550,6 @@ pub fn run_command(
         }
         if leader_ready {
             leader_exit_at = Some(Instant::now());
-            eprintln!("EXIT {:?}", start.elapsed());
         }
         if out_ready {
             match read(&out_read, &mut buf) {
@@ -544,9 +565,7 @@ pub fn run_command(
     };
 
     // End of the command: kill and reap whatever is left.
-    let t0 = Instant::now();
     let killed = guard.sweep();
-    eprintln!("SWEEP {:?} since start {:?}", t0.elapsed(), start.elapsed());
     if let LoopEnd::Done = end {
         let event = match (state, killed > 0) {
             (CommandState::Running, false) => EV_EXIT,
@@ -567,9 +586,7 @@ pub fn run_command(
     if pipe_open {
         drain_output(&out_read, &mut buf, sink)?;
     }
-    let t1 = Instant::now();
     let status = guard.reap_leader()?;
-    eprintln!("REAP {:?}", t1.elapsed());
     let duration = start.elapsed();
     if state == CommandState::Killed {
         state.step(EV_REAPED, CommandState::Exited);

@@ -9,8 +9,10 @@
 
 use super::auth::{human, TokenSource};
 use super::backoff::{self, Backoff, RetryPolicy};
-use super::stream::{self, PendingOutput, Streamer};
+use super::stream::{self, Streamer};
+pub use super::stream::{PendingOutput, PendingPhase};
 use super::{LogType, Server, ServerError, ServerErrorKind};
+use crate::config::Config;
 use crate::phase::Phase;
 use crate::time::now_iso;
 use serde_json::{json, Value};
@@ -100,6 +102,15 @@ impl HttpSettings {
             fragment_size: FRAGMENT_SIZE,
         }
     }
+
+    /// The defaults, with `server_address`, `agent_id`, `token_file` and
+    /// `output_post_interval` from the agent's config.
+    pub fn from_config(config: &Config) -> HttpSettings {
+        let mut settings = HttpSettings::new(&config.server_address, &config.agent_id);
+        settings.token_file = config.token_file.as_ref().map(PathBuf::from);
+        settings.output_post_interval = config.output_post_period();
+        settings
+    }
 }
 
 /// What the agent reads back from its own record (PROTOCOL §3.4).
@@ -122,7 +133,13 @@ pub struct HttpServer {
     streamer: Streamer,
     /// Next `serial` fragment number per job.
     serial: Mutex<HashMap<String, u64>>,
+    /// For [`HttpServer::send_pending`]: a record as given, and how far a failed call got
+    /// with it, per job.
+    resume: Mutex<HashMap<String, (PendingOutput, PendingOutput)>>,
 }
+
+/// How many partly sent pending records [`HttpServer::send_pending`] remembers.
+const REMEMBERED_RESUMES: usize = 256;
 
 impl std::fmt::Debug for HttpServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -146,6 +163,7 @@ impl HttpServer {
             core,
             streamer,
             serial: Mutex::new(HashMap::new()),
+            resume: Mutex::new(HashMap::new()),
         }
     }
 
@@ -303,10 +321,42 @@ impl HttpServer {
         self.streamer.drain(job_id, timeout)
     }
 
-    /// Sends what [`Self::detach`] left, from the log files in `rundir`, continuing the
-    /// numbering. `pending` is updated as fragments are accepted, so on an error the caller
-    /// stores it again and a later call resumes without duplicates.
+    /// Sends what [`Self::detach`] left, from the log files in `rundir` (the run directory,
+    /// wherever it has been moved), continuing the numbering. Each fragment is retried as
+    /// the retry policy allows; a fragment the server refuses for good is logged and
+    /// skipped.
+    ///
+    /// When a call fails part-way, this server remembers how far it got, so calling again
+    /// with the same record resumes without sending accepted fragments twice. That memory
+    /// does not survive a restart: a caller that stores the record should prefer
+    /// [`Self::send_pending_resumable`] and store the updated record after an error.
     pub fn send_pending(
+        &self,
+        job_id: &str,
+        rundir: &Path,
+        pending: &PendingOutput,
+    ) -> Result<(), ServerError> {
+        let mut work = match lock(&self.resume).get(job_id) {
+            Some((given, progressed)) if given == pending => progressed.clone(),
+            _ => pending.clone(),
+        };
+        let result = self.send_pending_resumable(job_id, rundir, &mut work);
+        let mut resume = lock(&self.resume);
+        if result.is_ok() {
+            resume.remove(job_id);
+        } else {
+            if resume.len() >= REMEMBERED_RESUMES && !resume.contains_key(job_id) {
+                resume.clear();
+            }
+            resume.insert(job_id.to_string(), (pending.clone(), work));
+        }
+        result
+    }
+
+    /// [`Self::send_pending`] that updates `pending` as the server accepts fragments: after
+    /// an error the caller stores it again, and a later call (even after a restart) resumes
+    /// without duplicates.
+    pub fn send_pending_resumable(
         &self,
         job_id: &str,
         rundir: &Path,
@@ -839,8 +889,8 @@ impl Core {
             failures += 1;
             if ambiguous && req.repeat == Repeat::Fragment {
                 log::warn!(
-                    "{what}: {why}; the server may have stored {} already, so sending it again \
-                     may duplicate it in the job's log",
+                    "{what}: {why}; the server may have stored {} although it did not \
+                     answer, so the job's log may show it twice once it is sent again",
                     req.label.as_deref().unwrap_or("this fragment")
                 );
             }

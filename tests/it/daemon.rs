@@ -25,7 +25,7 @@ impl Agent {
             &json!({"refresh_token": DEFAULT_REFRESH_TOKEN, "obtained_at": "2026-11-27T00:00:00"}).to_string(),
         );
         let config = scratch.config(&format!(
-            "agent_id: {name}\nserver_address: {url}\njob_queues: [{name}-queue]\npolling_interval: 1\ncancel_check_interval: 1\noutput_post_interval: 0\ntermination_grace_period: 2\nadvertised_queues: {{{name}-queue: a test queue}}\nlogging_level: DEBUG\n{commands}",
+            "agent_id: {name}\nserver_address: {url}\njob_queues: [{name}-queue]\npolling_interval: 1\ncancel_check_interval: 1\noutput_post_interval: 1\ntermination_grace_period: 2\nadvertised_queues: {{{name}-queue: a test queue}}\nlogging_level: DEBUG\n{commands}",
             url = server.url()
         ));
         let log = std::fs::File::create(scratch.path(&format!("{name}-{}.stderr", std::process::id())))

@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use testflinger_agent::phase::Phase;
 use testflinger_agent::server::backoff::{Backoff, RetryPolicy};
-use testflinger_agent::server::http::{HttpServer, HttpSettings, Timeouts};
-use testflinger_agent::server::stream::PendingOutput;
+use testflinger_agent::server::http::{HttpServer, HttpSettings, PendingOutput, Timeouts};
 use testflinger_agent::server::{Server, ServerErrorKind};
 
 const AGENT: &str = "agent-under-test";
@@ -850,7 +849,7 @@ fn detach_then_send_pending_continues_the_numbering() {
     let mut pending: PendingOutput = serde_json::from_str(&stored).expect("parse");
     server.fail_next(Route::LogPost, 2, 503);
     client
-        .send_pending(&job, &spooled, &mut pending)
+        .send_pending_resumable(&job, &spooled, &mut pending)
         .expect("send the rest");
     assert!(pending.is_empty(), "{pending:?}");
 
@@ -862,39 +861,64 @@ fn detach_then_send_pending_continues_the_numbering() {
     );
     // Sending again has nothing left to send.
     client
-        .send_pending(&job, &spooled, &mut pending)
+        .send_pending(&job, &spooled, &pending)
         .expect("nothing to send");
     assert_eq!(server.fragments(&job, "output").len(), frags.len());
     assert_no_server_panics(&server);
 }
 
-#[test]
-fn send_pending_keeps_its_place_when_the_server_fails() {
-    let server = FakeServer::start();
-    let scratch = Scratch::new("http-pending-fail");
-    let mut s = settings(&server.url(), &scratch);
-    s.fragment_size = 64;
-    let client = HttpServer::new(s);
-    let job = new_job(&server);
-    let rundir = scratch.path("run");
-    std::fs::create_dir_all(&rundir).expect("run dir");
-    let text: String = (0..2000).map(|i| format!("line {i}\n")).collect();
-    std::fs::write(rundir.join("test.log"), &text).expect("log");
-    let mut pending: PendingOutput = serde_json::from_value(json!({
-        "next_fragment": 4,
-        "phases": [{"phase": "test", "log_file": "test.log", "sent": 0}],
-    }))
-    .expect("record");
-
-    // Once a few fragments went through, every further post fails.
-    let first = std::thread::scope(|scope| {
+/// Runs `send` against a server that starts failing every log post once three went
+/// through; returns what `send` returned.
+fn fail_after_three<T>(server: &FakeServer, send: impl FnOnce() -> T) -> T {
+    std::thread::scope(|scope| {
         scope.spawn(|| {
             server.wait_until(Duration::from_secs(10), |s| {
                 s.request_count(&Route::LogPost) >= 3
             });
             server.fail_next(Route::LogPost, 100_000, 503);
         });
-        client.send_pending(&job, &rundir, &mut pending)
+        send()
+    })
+}
+
+fn pending_fixture(
+    server: &FakeServer,
+    scratch: &Scratch,
+) -> (HttpServer, String, PathBuf, String, PendingOutput) {
+    let mut s = settings(&server.url(), scratch);
+    s.fragment_size = 64;
+    let client = HttpServer::new(s);
+    let job = new_job(server);
+    let rundir = scratch.path("run");
+    std::fs::create_dir_all(&rundir).expect("run dir");
+    let text: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+    std::fs::write(rundir.join("test.log"), &text).expect("log");
+    let pending: PendingOutput = serde_json::from_value(json!({
+        "next_fragment": 4,
+        "phases": [{"phase": "test", "log_file": "test.log", "sent": 0}],
+    }))
+    .expect("record");
+    (client, job, rundir, text, pending)
+}
+
+/// The server holds `text` once, numbered gap-free from 4.
+fn assert_delivered_once_from_4(server: &FakeServer, job: &str, text: &str) {
+    let frags = server.fragments(job, "output");
+    let mut numbers: Vec<i64> = frags.iter().map(|f| f.fragment_number).collect();
+    numbers.sort_unstable();
+    let expected: Vec<i64> = (4..4 + numbers.len() as i64).collect();
+    assert_eq!(numbers, expected);
+    assert_eq!(server.log_text(job, "output"), text);
+}
+
+#[test]
+fn send_pending_resumable_keeps_its_place_when_the_server_fails() {
+    let server = FakeServer::start();
+    let scratch = Scratch::new("http-pending-fail");
+    let (client, job, rundir, text, mut pending) = pending_fixture(&server, &scratch);
+
+    let first = fail_after_three(&server, || {
+        client.send_pending_resumable(&job, &rundir, &mut pending)
     });
     let e = first.expect_err("the server failed mid-way");
     assert_eq!(e.kind, ServerErrorKind::Unavailable, "{e}");
@@ -907,16 +931,35 @@ fn send_pending_keeps_its_place_when_the_server_fails() {
     );
     assert!(pending.phases[0].sent > 0);
 
+    // As after a restart: a new client with the stored record.
     server.clear_faults();
+    let stored_record = serde_json::to_string(&pending).expect("serialise");
+    drop(client);
+    let client = HttpServer::new(settings(&server.url(), &scratch));
+    let mut pending: PendingOutput = serde_json::from_str(&stored_record).expect("parse");
     client
-        .send_pending(&job, &rundir, &mut pending)
+        .send_pending_resumable(&job, &rundir, &mut pending)
         .expect("resume");
     assert!(pending.is_empty());
-    let frags = server.fragments(&job, "output");
-    let mut numbers: Vec<i64> = frags.iter().map(|f| f.fragment_number).collect();
-    numbers.sort_unstable();
-    let expected: Vec<i64> = (4..4 + numbers.len() as i64).collect();
-    assert_eq!(numbers, expected);
-    assert_eq!(server.log_text(&job, "output"), text);
+    assert_delivered_once_from_4(&server, &job, &text);
+    assert_no_server_panics(&server);
+}
+
+#[test]
+fn send_pending_by_reference_resumes_where_a_failed_call_stopped() {
+    let server = FakeServer::start();
+    let scratch = Scratch::new("http-pending-ref");
+    let (client, job, rundir, text, pending) = pending_fixture(&server, &scratch);
+
+    let first = fail_after_three(&server, || client.send_pending(&job, &rundir, &pending));
+    let e = first.expect_err("the server failed mid-way");
+    assert_eq!(e.kind, ServerErrorKind::Unavailable, "{e}");
+    assert!(server.fragments(&job, "output").len() >= 3);
+
+    server.clear_faults();
+    client
+        .send_pending(&job, &rundir, &pending)
+        .expect("resume with the same record");
+    assert_delivered_once_from_4(&server, &job, &text);
     assert_no_server_panics(&server);
 }

@@ -638,3 +638,15 @@ fn concurrent_commands_do_not_disturb_each_other() {
     }
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn absurd_durations_do_not_overflow() {
+    let mut spec = spec("echo ok");
+    spec.global_timeout = Some(Duration::MAX);
+    spec.output_timeout = Some(Duration::MAX);
+    spec.grace_period = Duration::MAX;
+    spec.straggler_wait = Duration::MAX;
+    let (outcome, out) = run(&spec);
+    assert_eq!(outcome.termination, Termination::Exited(0));
+    assert_eq!(text(&out), "ok\n");
+}
