@@ -3,6 +3,7 @@
 
 mod auth;
 pub mod backoff;
+mod client;
 pub mod http;
 pub mod local;
 pub mod stream;

@@ -1,9 +1,9 @@
 //! Live output (PROTOCOL §3.11, §6.4): each phase's `<phase>.log` file is the buffer, and
 //! one streamer thread sends what the server has not accepted yet.
 //!
-//! [`Streamer::note`] only records, under a short lock, that a log file has grown, so the
-//! phase loop never waits for the network and memory stays bounded however much a command
-//! prints or however long the server is away. The streamer thread reads the unsent range of
+//! [`Server::output`](super::Server::output) only records, under a short lock, that a log
+//! file has grown, so the phase loop never waits for the network and memory stays bounded
+//! however much a command prints or however long the server is away. The streamer thread reads the unsent range of
 //! the file and posts it as one fragment, at most once per `output_post_interval` while a
 //! phase runs (immediately when a phase has ended or a full fragment is waiting).
 //!
@@ -14,7 +14,7 @@
 //! ended, so a character split across reads never turns into U+FFFD on the server.
 
 use super::auth::human;
-use super::http::{Core, Req};
+use super::client::{Core, Req};
 use super::{LogType, ServerError, ServerErrorKind};
 use crate::phase::Phase;
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,809 @@
+//! The request machinery under [`super::http::HttpServer`]: one ureq agent, the identity
+//! cookie and bearer token on every request, the 401 refresh-and-replay, retries with
+//! jittered back-off for what is safe to repeat, and the mapping of every answer and
+//! transport failure to a [`ServerError`]. No ureq type leaves this file.
+//!
+//! Nothing a server sends (a status, a body, a dropped connection) can panic here; it
+//! becomes a [`ServerError`] whose kind says whether trying again later may help.
+
+use super::auth::{human, TokenSource};
+use super::http::HttpSettings;
+use super::{LogType, ServerError, ServerErrorKind};
+use crate::phase::Phase;
+use crate::time::now_iso;
+use serde_json::{json, Value};
+use std::fs::File;
+use std::io::{self, Cursor, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Largest answer read into memory (a job document, an agent record, an error body).
+const MAX_ANSWER: u64 = 64 * 1024 * 1024;
+/// How much of an error answer is kept for messages.
+const MAX_DETAIL: u64 = 8 * 1024;
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Method {
+    Get,
+    Post,
+}
+
+/// Which failures a request may be repeated after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Repeat {
+    /// Repeating has no further effect: after any transport error and any 5xx.
+    Idempotent,
+    /// Repeating may duplicate: only when the server surely did not act (no connection,
+    /// or it answered 5xx).
+    Unsafe,
+    /// Only when no connection was made.
+    Once,
+    /// A log fragment: like `Unsafe`, and also after an ambiguous failure, with a warning,
+    /// because a lost fragment is worse than a rare duplicate (PROTOCOL §3.11).
+    Fragment,
+}
+
+pub(super) enum Payload {
+    None,
+    Json(Vec<u8>),
+    /// A `multipart/form-data` body with one part `file`, streamed from `path`.
+    Multipart {
+        path: PathBuf,
+        boundary: String,
+    },
+}
+
+/// One request, replayable.
+pub(super) struct Req {
+    pub(super) method: Method,
+    /// `/v1/...`, segments already escaped.
+    pub(super) path: String,
+    pub(super) query: Vec<(&'static str, String)>,
+    pub(super) payload: Payload,
+    pub(super) timeout: Option<Duration>,
+    pub(super) repeat: Repeat,
+    /// Attempts in total; `None` uses the retry policy.
+    pub(super) attempts: Option<u32>,
+    pub(super) auth: bool,
+    /// What the request carries, for warnings about possible duplicates.
+    pub(super) label: Option<String>,
+}
+
+impl Req {
+    pub(super) fn get(path: String) -> Req {
+        Req {
+            method: Method::Get,
+            path,
+            query: Vec::new(),
+            payload: Payload::None,
+            timeout: None,
+            repeat: Repeat::Idempotent,
+            attempts: None,
+            auth: true,
+            label: None,
+        }
+    }
+
+    pub(super) fn post_json(path: String, body: &Value) -> Req {
+        // Serialising a `Value` cannot fail (its map keys are strings).
+        let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+        Req {
+            method: Method::Post,
+            payload: Payload::Json(bytes),
+            ..Req::get(path)
+        }
+    }
+
+    pub(super) fn timeout(mut self, timeout: Duration) -> Req {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    pub(super) fn repeat(mut self, repeat: Repeat) -> Req {
+        self.repeat = repeat;
+        self
+    }
+
+    pub(super) fn attempts(mut self, attempts: u32) -> Req {
+        self.attempts = Some(attempts);
+        self
+    }
+
+    pub(super) fn without_auth(mut self) -> Req {
+        self.auth = false;
+        self
+    }
+
+    /// `POST /v1/result/<id>`, for messages (never with the host or credentials).
+    pub(super) fn what(&self) -> String {
+        let method = match self.method {
+            Method::Get => "GET",
+            Method::Post => "POST",
+        };
+        if self.query.is_empty() {
+            format!("{method} {}", self.path)
+        } else {
+            let query: Vec<String> = self.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{method} {}?{}", self.path, query.join("&"))
+        }
+    }
+}
+
+/// An answer; error answers have their body already read into `detail`.
+pub(super) struct Reply {
+    pub(super) status: u16,
+    /// Whether the request that got this answer carried a token.
+    pub(super) with_token: bool,
+    body: ReplyBody,
+}
+
+enum ReplyBody {
+    Stream(Box<ureq::Body>),
+    Detail(String),
+}
+
+pub(super) enum SaveError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Reply {
+    /// The server's explanation for an error answer (`""` for a success).
+    pub(super) fn detail(&self) -> &str {
+        match &self.body {
+            ReplyBody::Detail(d) => d,
+            ReplyBody::Stream(_) => "",
+        }
+    }
+
+    pub(super) fn read_all(self, what: &str) -> Result<Vec<u8>, ServerError> {
+        match self.body {
+            ReplyBody::Detail(d) => Ok(d.into_bytes()),
+            ReplyBody::Stream(mut body) => body
+                .with_config()
+                .limit(MAX_ANSWER)
+                .read_to_vec()
+                .map_err(|e| {
+                    let kind = if matches!(e, ureq::Error::BodyExceedsLimit(_)) {
+                        ServerErrorKind::Malformed
+                    } else {
+                        ServerErrorKind::Unavailable
+                    };
+                    ServerError::new(kind, what, format!("reading the answer failed: {e}"))
+                }),
+        }
+    }
+
+    pub(super) fn save_to(self, dest: &Path) -> Result<u64, SaveError> {
+        let ReplyBody::Stream(body) = self.body else {
+            return Err(SaveError::Read(io::Error::other("no body")));
+        };
+        let mut reader = body.into_reader();
+        let mut file = File::create(dest).map_err(SaveError::Write)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(SaveError::Read(e)),
+            };
+            file.write_all(&buf[..n]).map_err(SaveError::Write)?;
+            total += n as u64;
+        }
+        file.sync_all().map_err(SaveError::Write)?;
+        Ok(total)
+    }
+
+    /// The `job_state` of a `GET /v1/result/<id>` answer, parsed as a stream: the answer
+    /// carries the job's whole output, which need not fit in memory.
+    pub(super) fn job_state(self, what: &str) -> Result<Option<String>, ServerError> {
+        #[derive(serde::Deserialize)]
+        struct Result_ {
+            job_state: Option<Value>,
+        }
+        let ReplyBody::Stream(body) = self.body else {
+            return Ok(None);
+        };
+        let mut counted = Counted {
+            inner: body.into_reader(),
+            seen_non_space: false,
+        };
+        match serde_json::from_reader::<_, Result_>(&mut counted) {
+            Ok(r) => Ok(match r.job_state {
+                Some(Value::String(s)) => Some(s),
+                _ => None,
+            }),
+            Err(e) if !counted.seen_non_space && e.is_eof() => Ok(None),
+            Err(e) if e.is_io() => Err(ServerError::new(
+                ServerErrorKind::Unavailable,
+                what,
+                format!("reading the answer failed: {e}"),
+            )),
+            Err(e) => Err(ServerError::new(
+                ServerErrorKind::Malformed,
+                what,
+                format!("the answer is not a JSON object with a job_state: {e}"),
+            )),
+        }
+    }
+}
+
+/// Remembers whether anything but whitespace went through, to tell an empty answer from a
+/// truncated one.
+struct Counted<R> {
+    inner: R,
+    seen_non_space: bool,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if !self.seen_non_space && buf[..n].iter().any(|b| !b.is_ascii_whitespace()) {
+            self.seen_non_space = true;
+        }
+        Ok(n)
+    }
+}
+
+/// Why one attempt produced no answer.
+enum AttemptError {
+    Transport { text: String, sent: Sent },
+    Local(String),
+}
+
+/// Whether the server may have received a request that got no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    /// No connection was made (refused, unresolvable, connect timeout).
+    No,
+    /// The connection broke or timed out after (part of) the request went out.
+    Maybe,
+    /// The request could not even be built (bad URL): repeating cannot help.
+    Never,
+}
+
+/// The shared client: one ureq agent, the token and the settings.
+pub(super) struct Core {
+    agent: ureq::Agent,
+    /// The normalised base URL, without a trailing `/`.
+    pub(super) base: String,
+    cookie: String,
+    auth: TokenSource,
+    pub(super) settings: HttpSettings,
+}
+
+impl Core {
+    pub(super) fn new(mut settings: HttpSettings) -> Core {
+        settings.fragment_size = settings.fragment_size.max(16);
+        let base = normalize_base(&settings.base_url);
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .user_agent(concat!("testflinger-agent-rs/", env!("CARGO_PKG_VERSION")))
+            .timeout_connect(Some(settings.timeouts.connect))
+            .timeout_global(Some(settings.timeouts.default))
+            .build();
+        Core {
+            agent: ureq::Agent::new_with_config(config),
+            cookie: format!("agent_name={}", settings.agent_id),
+            auth: TokenSource::new(settings.token_file.clone(), settings.refresh_backoff),
+            base,
+            settings,
+        }
+    }
+
+    /// The base URL without any `user:password@`, for messages.
+    pub(super) fn base_for_messages(&self) -> String {
+        match self.base.split_once("://") {
+            Some((scheme, rest)) => {
+                let host_and_path = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+                format!("{scheme}://{host_and_path}")
+            }
+            None => self.base.clone(),
+        }
+    }
+
+    /// `POST` where the protocol ignores the status: a refusal is logged, not returned.
+    pub(super) fn post_status_ignored(
+        &self,
+        path: String,
+        body: &Value,
+        repeat: Repeat,
+    ) -> Result<(), ServerError> {
+        let req = Req::post_json(path, body).repeat(repeat);
+        match self.expect_success(&req) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == ServerErrorKind::Unavailable => Err(e),
+            Err(e) => {
+                log::warn!("{e}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends `req` and maps anything but a 2xx answer to an error.
+    pub(super) fn expect_success(&self, req: &Req) -> Result<Reply, ServerError> {
+        let reply = self.call(req)?;
+        if (200..300).contains(&reply.status) {
+            Ok(reply)
+        } else {
+            Err(self.answer_error(req, &reply))
+        }
+    }
+
+    /// The error for a non-2xx answer that was not retried.
+    pub(super) fn answer_error(&self, req: &Req, reply: &Reply) -> ServerError {
+        let status = reply.status;
+        let detail = reply.detail();
+        let what = req.what();
+        let tokenless = if !reply.with_token && req.auth {
+            if self.auth.configured() {
+                " (sent without a token: obtaining one failed, see the earlier warning)"
+            } else {
+                " (sent without a token: no refresh-token file configured, option --token-file)"
+            }
+        } else {
+            ""
+        };
+        match status {
+            401 => ServerError::new(
+                ServerErrorKind::Unavailable,
+                what,
+                format!("answered 401, not authenticated{tokenless}: {detail}"),
+            ),
+            403 if !reply.with_token && self.auth.configured() => ServerError::new(
+                ServerErrorKind::Unavailable,
+                what,
+                format!("answered 403, not authorized{tokenless}: {detail}"),
+            ),
+            300..=399 => ServerError::new(
+                ServerErrorKind::Rejected,
+                what,
+                format!(
+                    "answered {status}, a redirect ({detail}); set server_address to the \
+                     address the server redirects to"
+                ),
+            ),
+            400..=499 => ServerError::new(
+                ServerErrorKind::Rejected,
+                what,
+                format!("answered {status}{tokenless}: {detail}"),
+            ),
+            _ => ServerError::new(
+                ServerErrorKind::Malformed,
+                what,
+                format!("answered the unexpected status {status}: {detail}"),
+            ),
+        }
+    }
+
+    /// Sends `req`, refreshing the token and replaying once after a 401 (or a 403 without
+    /// a token), and repeating after failures as `req.repeat` allows. Returns the answer
+    /// for any status below 500; a 5xx or transport failure that is not (or no longer)
+    /// repeated is an [`ServerErrorKind::Unavailable`] error.
+    pub(super) fn call(&self, req: &Req) -> Result<Reply, ServerError> {
+        let what = req.what();
+        let attempts = req
+            .attempts
+            .unwrap_or(self.settings.retry.max_attempts)
+            .max(1);
+        let backoff = self.settings.retry.backoff();
+        let exchange = |refresh: &str| self.refresh_exchange(refresh);
+        let mut failures = 0u32;
+        let mut replayed = false;
+        loop {
+            let token = if req.auth {
+                self.auth.token(&exchange)
+            } else {
+                None
+            };
+            let (why, ambiguous, retryable) = match self.once(req, token.as_deref()) {
+                Err(AttemptError::Local(text)) => {
+                    return Err(ServerError::new(ServerErrorKind::Local, what, text))
+                }
+                Err(AttemptError::Transport { text, sent }) => {
+                    let retryable = match sent {
+                        Sent::No => true,
+                        Sent::Maybe => matches!(req.repeat, Repeat::Idempotent | Repeat::Fragment),
+                        Sent::Never => false,
+                    };
+                    (text, sent == Sent::Maybe, retryable)
+                }
+                Ok(reply) => {
+                    let status = reply.status;
+                    let refused = status == 401 || (status == 403 && token.is_none());
+                    if req.auth && refused && !replayed && self.auth.configured() {
+                        replayed = true;
+                        if self.auth.renew(token.as_deref(), &exchange).is_some() {
+                            log::debug!("{what}: answered {status}; replaying with a new token");
+                            continue;
+                        }
+                        return Ok(reply);
+                    }
+                    if status < 500 {
+                        if status == 422 {
+                            log::error!(
+                                "{what}: the server refused the request body as invalid (422): {}",
+                                reply.detail()
+                            );
+                        }
+                        return Ok(reply);
+                    }
+                    let why = format!("answered {status}: {}", reply.detail());
+                    (why, false, req.repeat != Repeat::Once)
+                }
+            };
+            failures += 1;
+            if ambiguous && req.repeat == Repeat::Fragment {
+                log::warn!(
+                    "{what}: {why}; the server may have stored {} although it did not \
+                     answer, so the job's log may show it twice once it is sent again",
+                    req.label.as_deref().unwrap_or("this fragment")
+                );
+            }
+            if !retryable || failures >= attempts {
+                return Err(ServerError::new(
+                    ServerErrorKind::Unavailable,
+                    what,
+                    format!("{why} (after {failures} attempt(s))"),
+                ));
+            }
+            let wait = backoff.delay(failures);
+            log::debug!(
+                "{what}: {why}; attempt {failures} of {attempts}, next in {}",
+                human(wait)
+            );
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// `POST /v1/oauth2/refresh` once (PROTOCOL §3.2), no token, no retries.
+    fn refresh_exchange(&self, refresh_token: &str) -> Result<String, String> {
+        let req = Req::post_json(
+            "/v1/oauth2/refresh".to_string(),
+            &json!({"refresh_token": refresh_token}),
+        )
+        .timeout(self.settings.timeouts.refresh)
+        .without_auth();
+        let what = req.what();
+        match self.once(&req, None) {
+            Ok(reply) if reply.status == 200 => {
+                let bytes = reply.read_all(&what).map_err(|e| e.to_string())?;
+                let parsed: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    format!("{what} answered 200 with a body that is not JSON: {e}")
+                })?;
+                match parsed.get("access_token") {
+                    Some(Value::String(t)) if !t.is_empty() => Ok(t.clone()),
+                    _ => Err(format!("{what} answered 200 without an access_token")),
+                }
+            }
+            Ok(reply) => Err(format!(
+                "{what} answered {}: {}",
+                reply.status,
+                reply.detail()
+            )),
+            Err(AttemptError::Transport { text, .. }) | Err(AttemptError::Local(text)) => {
+                Err(format!("{what}: {text}"))
+            }
+        }
+    }
+
+    /// One exchange: builds the request with the cookie and token, sends it, and reads the
+    /// body of an error answer.
+    fn once(&self, req: &Req, token: Option<&str>) -> Result<Reply, AttemptError> {
+        let url = format!("{}{}", self.base, req.path);
+        let timeout = req.timeout.unwrap_or(self.settings.timeouts.default);
+        let connect = self.settings.timeouts.connect.min(timeout);
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let result = match req.method {
+            Method::Get => {
+                let mut b = self.agent.get(&url).header("Cookie", &self.cookie);
+                for (key, value) in &req.query {
+                    b = b.query(*key, value);
+                }
+                if let Some(bearer) = &bearer {
+                    b = b.header("Authorization", bearer);
+                }
+                b.config()
+                    .timeout_global(Some(timeout))
+                    .timeout_connect(Some(connect))
+                    .build()
+                    .call()
+            }
+            Method::Post => {
+                let mut b = self.agent.post(&url).header("Cookie", &self.cookie);
+                for (key, value) in &req.query {
+                    b = b.query(*key, value);
+                }
+                if let Some(bearer) = &bearer {
+                    b = b.header("Authorization", bearer);
+                }
+                let b = b
+                    .config()
+                    .timeout_global(Some(timeout))
+                    .timeout_connect(Some(connect))
+                    .build();
+                match &req.payload {
+                    Payload::None => b.send_empty(),
+                    Payload::Json(bytes) => b
+                        .header("Content-Type", "application/json")
+                        .send(&bytes[..]),
+                    Payload::Multipart { path, boundary } => {
+                        let (reader, length) =
+                            multipart_body(path, boundary).map_err(AttemptError::Local)?;
+                        b.header(
+                            "Content-Type",
+                            format!("multipart/form-data; boundary={boundary}"),
+                        )
+                        .header("Content-Length", length.to_string())
+                        .send(ureq::SendBody::from_owned_reader(reader))
+                    }
+                }
+            }
+        };
+        let response = result.map_err(classify)?;
+        let status = response.status().as_u16();
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = response.into_body();
+        let body = if (200..300).contains(&status) {
+            ReplyBody::Stream(Box::new(body))
+        } else {
+            let mut text = Vec::new();
+            // The explanation is best effort: a broken error body still is the error.
+            let _ = body.into_reader().take(MAX_DETAIL).read_to_end(&mut text);
+            let mut detail = detail_of(&text);
+            if let Some(location) = location {
+                detail = format!("Location: {location}; {detail}");
+            }
+            ReplyBody::Detail(detail)
+        };
+        Ok(Reply {
+            status,
+            with_token: token.is_some(),
+            body,
+        })
+    }
+
+    /// `POST /v1/result/<id>/log/<type>` with one fragment, as `req` says how often.
+    pub(super) fn fragment_request(
+        &self,
+        job_id: &str,
+        log_type: LogType,
+        number: u64,
+        phase: Phase,
+        text: &str,
+    ) -> Req {
+        let body = json!({
+            "fragment_number": number,
+            "timestamp": now_iso(),
+            "phase": phase.name(),
+            "log_data": text,
+        });
+        let mut req = Req::post_json(
+            format!("/v1/result/{}/log/{}", seg(job_id), log_type.name()),
+            &body,
+        )
+        .timeout(self.settings.timeouts.log)
+        .repeat(Repeat::Fragment);
+        req.label = Some(format!(
+            "{} fragment {number} of job {job_id}",
+            log_type.name()
+        ));
+        req
+    }
+
+    /// Whether an answer to a fragment means "not stored, but may be later": an
+    /// authentication failure.
+    pub(super) fn is_auth_refusal(&self, reply: &Reply) -> bool {
+        reply.status == 401 || (reply.status == 403 && !reply.with_token && self.auth.configured())
+    }
+}
+
+/// The streamed multipart body and its exact length.
+fn multipart_body(path: &Path, boundary: &str) -> Result<(impl Read + 'static, u64), String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let size = file
+        .metadata()
+        .map_err(|e| format!("cannot read the size of {}: {e}", path.display()))?
+        .len();
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"file\"\r\n\
+         Content-Type: application/x-gzip\r\n\r\n"
+    )
+    .into_bytes();
+    let tail = format!("\r\n--{boundary}--\r\n").into_bytes();
+    let length = head.len() as u64 + size + tail.len() as u64;
+    let reader = Cursor::new(head)
+        .chain(Exact {
+            inner: file.take(size),
+            left: size,
+        })
+        .chain(Cursor::new(tail));
+    Ok((reader, length))
+}
+
+/// Yields exactly `left` bytes: an error if the file shrank, so the request fails instead
+/// of leaving the server waiting for the promised length.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file shrank while it was being uploaded",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Sorts a ureq failure by whether the server may have seen the request.
+fn classify(e: ureq::Error) -> AttemptError {
+    let sent = match &e {
+        ureq::Error::Timeout(ureq::Timeout::Resolve | ureq::Timeout::Connect)
+        | ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::ConnectProxyFailed(_) => Sent::No,
+        ureq::Error::Io(io) => match io.kind() {
+            io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::NetworkDown
+            | io::ErrorKind::AddrNotAvailable
+            | io::ErrorKind::NotFound => Sent::No,
+            _ => Sent::Maybe,
+        },
+        ureq::Error::BadUri(_)
+        | ureq::Error::Http(_)
+        | ureq::Error::InvalidProxyUrl
+        | ureq::Error::RequireHttpsOnly(_) => Sent::Never,
+        _ => Sent::Maybe,
+    };
+    let text = match &e {
+        ureq::Error::BadUri(_) | ureq::Error::Http(_) => {
+            format!("cannot build the request ({e}); check server_address and agent_id")
+        }
+        _ => e.to_string(),
+    };
+    AttemptError::Transport { text, sent }
+}
+
+/// `server_address` as a base URL: `http://` prepended unless it starts with `http` (any
+/// case), trailing `/` removed, any path prefix kept.
+pub fn normalize_base(server_address: &str) -> String {
+    let address = server_address.trim();
+    let has_scheme = address
+        .get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case("http"));
+    let url = if has_scheme {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    url.trim_end_matches('/').to_string()
+}
+
+/// Percent-encodes one path segment (job ids and agent names are meant to need nothing).
+pub(super) fn seg(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// A short rendering of an error body: `message` and `detail` of a JSON error, else the
+/// text, truncated.
+pub(super) fn detail_of(body: &[u8]) -> String {
+    const MAX: usize = 500;
+    if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
+        let message = map.get("message").and_then(Value::as_str);
+        let detail = map.get("detail").filter(|d| match d {
+            Value::Null => false,
+            Value::Object(o) => !o.is_empty(),
+            Value::String(s) => !s.is_empty(),
+            _ => true,
+        });
+        let text = match (message, detail) {
+            (Some(m), Some(Value::String(d))) => format!("{m}: {d}"),
+            (Some(m), Some(d)) => format!("{m}: {d}"),
+            (Some(m), None) => m.to_string(),
+            (None, Some(Value::String(d))) => d.clone(),
+            (None, Some(d)) => d.to_string(),
+            (None, None) => Value::Object(map).to_string(),
+        };
+        return truncate(text, MAX);
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        "(empty body)".to_string()
+    } else {
+        truncate(text.to_string(), MAX)
+    }
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_keeps_prefix_and_adds_scheme() {
+        assert_eq!(normalize_base("tf.example.com"), "http://tf.example.com");
+        assert_eq!(normalize_base("HTTPS://tf/"), "HTTPS://tf");
+        assert_eq!(
+            normalize_base(" http://host:8000/prefix/ "),
+            "http://host:8000/prefix"
+        );
+        assert_eq!(normalize_base("é"), "http://é");
+    }
+
+    #[test]
+    fn segments_are_escaped() {
+        assert_eq!(seg("2bac1457-7d5e"), "2bac1457-7d5e");
+        assert_eq!(seg("a/b?c d"), "a%2Fb%3Fc%20d");
+    }
+
+    #[test]
+    fn details_are_short_and_readable() {
+        assert_eq!(
+            detail_of(br#"{"message": "Validation error", "detail": {"json": {"x": ["Unknown field."]}}}"#),
+            r#"Validation error: {"json":{"x":["Unknown field."]}}"#
+        );
+        assert_eq!(detail_of(br#"{"message": "Nope", "detail": {}}"#), "Nope");
+        assert_eq!(detail_of(b"Invalid job id\n"), "Invalid job id");
+        assert_eq!(detail_of(b""), "(empty body)");
+        let long = "é".repeat(600);
+        let d = detail_of(long.as_bytes());
+        assert!(d.len() <= 504 && d.ends_with('…'));
+    }
+
+    #[test]
+    fn multipart_body_has_the_promised_length() {
+        let dir = std::env::temp_dir().join(format!("tf-mp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("a.tar.gz");
+        std::fs::write(&path, b"\x1f\x8b binary \r\n-- data").expect("write");
+        let (mut reader, length) = multipart_body(&path, "XYZ").expect("body");
+        let mut all = Vec::new();
+        reader.read_to_end(&mut all).expect("read");
+        assert_eq!(all.len() as u64, length);
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.starts_with(
+            "--XYZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"file\"\r\n"
+        ));
+        assert!(text.ends_with("\r\n--XYZ--\r\n"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
