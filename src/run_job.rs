@@ -108,6 +108,7 @@ pub fn run_local(
     let done = run_to_completion(Job::new(spec.job_id(), plan, executor));
     let (outcome, mut executor) = done.finish();
     executor.job_finished(&outcome);
+    crate::process::reap_orphans();
     Ok(LocalRun { rundir, outcome })
 }
 

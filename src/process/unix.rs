@@ -87,6 +87,24 @@ pub fn become_subreaper() -> Result<(), ProcessError> {
     nix::sys::prctl::set_child_subreaper(true).map_err(sys("prctl(PR_SET_CHILD_SUBREAPER)"))
 }
 
+/// Reaps every exited child of the agent without waiting, and returns how many.
+///
+/// As child subreaper the agent adopts orphaned descendants of its commands; one that left
+/// the group and exited on its own before its phase ended stays a zombie child. Call this
+/// only when no command is running and the process has no other children (the daemon
+/// between jobs, `run-job` at its end): it reaps any child.
+pub fn reap_orphans() -> usize {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let mut reaped = 0;
+    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+        reaped += 1;
+    }
+    reaped
+}
+
 /// A fresh 128-bit hex token, unique per command.
 fn new_token() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -199,7 +199,7 @@ impl Reply {
     /// carries the job's whole output, which need not fit in memory.
     pub(super) fn job_state(self, what: &str) -> Result<Option<String>, ServerError> {
         #[derive(serde::Deserialize)]
-        struct Result_ {
+        struct ResultDoc {
             job_state: Option<Value>,
         }
         let ReplyBody::Stream(body) = self.body else {
@@ -209,7 +209,7 @@ impl Reply {
             inner: body.into_reader(),
             seen_non_space: false,
         };
-        match serde_json::from_reader::<_, Result_>(&mut counted) {
+        match serde_json::from_reader::<_, ResultDoc>(&mut counted) {
             Ok(r) => Ok(match r.job_state {
                 Some(Value::String(s)) => Some(s),
                 _ => None,
