@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use testflinger_agent::config::Config;
+use testflinger_agent::daemon::{Daemon, DaemonExit};
 use testflinger_agent::job::JobSpec;
 use testflinger_agent::lifecycle::diagram::{self, Format};
 use testflinger_agent::process::StopSignal;
@@ -112,19 +113,8 @@ fn run_job(config_path: &Path, job_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
-    if let Err(err) = logging::init(
-        config.logging_level,
-        config.logging_quiet,
-        &config.logging_basedir,
-    ) {
-        eprintln!(
-            "testflinger-agent: cannot open the agent log in {} (config key logging_basedir): {err}",
-            config.logging_basedir.display()
-        );
-        return ExitCode::from(EXIT_BAD_INPUT);
-    }
-    for warning in &config.warnings {
-        log::warn!("{warning}");
+    if let Err(code) = start_logging(&config) {
+        return code;
     }
     let stop = match StopSignal::new() {
         Ok(stop) => stop,
@@ -213,6 +203,50 @@ fn daemon(config_path: &Path, token_file: &Path) -> ExitCode {
         Err(code) => return code,
     };
     config.set_token_file(token_file);
-    eprintln!("testflinger-agent: the daemon is not implemented yet; use run-job");
-    ExitCode::FAILURE
+    if let Err(code) = start_logging(&config) {
+        return code;
+    }
+    let stop = match StopSignal::new() {
+        Ok(stop) => stop,
+        Err(err) => {
+            eprintln!("testflinger-agent: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(err) = signals::spawn(stop.clone()) {
+        log::error!("cannot install signal handlers: {err}");
+        return ExitCode::FAILURE;
+    }
+    let daemon = match Daemon::new(config, stop) {
+        Ok(daemon) => daemon,
+        Err(err) => {
+            log::error!("{err}");
+            eprintln!("testflinger-agent: {err}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    match daemon.run() {
+        DaemonExit::Stopped => ExitCode::SUCCESS,
+        DaemonExit::Restart => ExitCode::FAILURE,
+    }
+}
+
+/// Opens the agent log (config keys logging_basedir, logging_level, logging_quiet) and
+/// logs the config's warnings.
+fn start_logging(config: &Config) -> Result<(), ExitCode> {
+    if let Err(err) = logging::init(
+        config.logging_level,
+        config.logging_quiet,
+        &config.logging_basedir,
+    ) {
+        eprintln!(
+            "testflinger-agent: cannot open the agent log in {} (config key logging_basedir): {err}",
+            config.logging_basedir.display()
+        );
+        return Err(ExitCode::from(EXIT_BAD_INPUT));
+    }
+    for warning in &config.warnings {
+        log::warn!("{warning}");
+    }
+    Ok(())
 }

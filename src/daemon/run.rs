@@ -19,12 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-
 /// The name of the file, inside a run directory, that says what live output is left to send.
 const PENDING_OUTPUT_FILE: &str = ".agent-pending-output.json";
 /// How long the end of a job waits for the live output to reach the server before the run
 /// directory goes to the spool with the rest.
-const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(30);
+const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// How often advertised queues are re-posted to refresh their 7-day expiry.
 const QUEUE_REFRESH: Duration = Duration::from_secs(3600);
 /// The longest wait between cycles while the server cannot be reached.
@@ -143,7 +142,10 @@ impl Daemon {
     }
 
     fn refresh_queues(&mut self) {
-        if self.queues_posted.is_some_and(|at| at.elapsed() < QUEUE_REFRESH) {
+        if self
+            .queues_posted
+            .is_some_and(|at| at.elapsed() < QUEUE_REFRESH)
+        {
             return;
         }
         if let Some(queues) = self.config.get("advertised_queues") {
@@ -158,7 +160,10 @@ impl Daemon {
         let id = &self.config.agent_id;
         [id.clone(), id.replace('-', "")]
             .into_iter()
-            .map(|name| self.marker_dir.join(format!("TESTFLINGER-DEVICE-OFFLINE-{name}")))
+            .map(|name| {
+                self.marker_dir
+                    .join(format!("TESTFLINGER-DEVICE-OFFLINE-{name}"))
+            })
             .find(|path| path.exists())
     }
 
@@ -191,17 +196,19 @@ impl Daemon {
         self.retry_spool();
         let record = self.server.agent_record();
         self.heartbeat(&record);
-        if self.restart_signal.load(Ordering::SeqCst) || record.state.as_deref() == Some("restart")
-        {
-            if record.state.as_deref() != Some("offline") {
-                let comment = if record.state.as_deref() == Some("restart") {
-                    record.comment.clone()
-                } else {
-                    "Restart signal detected from supervisor process".to_owned()
-                };
-                self.post_agent(json!({"state": "offline", "comment": comment}));
-                return Some(DaemonExit::Restart);
-            }
+        // A restart (server state or SIGUSR1) is carried out between jobs, unless the
+        // server holds the agent offline (PROTOCOL §9.2).
+        let server_state = record.state.as_deref();
+        let restart_asked =
+            self.restart_signal.load(Ordering::SeqCst) || server_state == Some("restart");
+        if restart_asked && server_state != Some("offline") {
+            let comment = if server_state == Some("restart") {
+                record.comment.clone()
+            } else {
+                "Restart signal detected from supervisor process".to_owned()
+            };
+            self.post_agent(json!({"state": "offline", "comment": comment}));
+            return Some(DaemonExit::Restart);
         }
         if matches!(record.state.as_deref(), Some("offline" | "maintenance")) {
             log::info!(
@@ -213,7 +220,10 @@ impl Daemon {
             return None;
         }
         if let Some(marker) = self.offline_marker() {
-            log::info!("offline marker {} exists; not taking jobs", marker.display());
+            log::info!(
+                "offline marker {} exists; not taking jobs",
+                marker.display()
+            );
             self.pause(self.config.polling_period());
             return None;
         }
@@ -261,10 +271,11 @@ impl Daemon {
     }
 
     /// The wait after the server could not be reached: the polling interval, doubling with
-    /// each failure in a row, at most [`UNREACHABLE_BACKOFF_CAP`].
+    /// each failure in a row, at most eight polling intervals and never more than
+    /// [`UNREACHABLE_BACKOFF_CAP`].
     fn unreachable_backoff(&self) -> Duration {
         let base = self.config.polling_period().max(Duration::from_secs(1));
-        let factor = 1u32 << self.unreachable_streak.min(8);
+        let factor = 1u32 << self.unreachable_streak.min(3);
         base.saturating_mul(factor).min(UNREACHABLE_BACKOFF_CAP)
     }
 
@@ -385,7 +396,13 @@ impl Daemon {
 
     /// A job the agent cannot run at all: the reason goes into `setup.log` and the live
     /// output, setup is recorded as failed (100), and the report follows the normal path.
-    fn close_unrunnable(&mut self, job_id: &str, rundir: &Path, mut outcome: OutcomeFile, message: &str) {
+    fn close_unrunnable(
+        &mut self,
+        job_id: &str,
+        rundir: &Path,
+        mut outcome: OutcomeFile,
+        message: &str,
+    ) {
         crate::executor::record_refusal(
             &self.server,
             job_id,
@@ -402,12 +419,21 @@ impl Daemon {
     fn finish_job(&mut self, job_id: &str, rundir: &Path, cancelled: bool) {
         let final_state = if cancelled { "cancelled" } else { "complete" };
         if let Err(err) = OutcomeFile::finalize(rundir, final_state) {
-            log::error!("job {job_id}: cannot finalise {}: {err}", outcome::OUTCOME_FILE);
+            log::error!(
+                "job {job_id}: cannot finalise {}: {err}",
+                outcome::OUTCOME_FILE
+            );
         }
         let killed = self.stop.is_requested(StopKind::KillNow);
-        let drained = !killed && self.server.drain(job_id, OUTPUT_DRAIN_LIMIT);
-        if !drained {
-            let pending = self.server.detach(job_id);
+        if !killed && !self.server.drain(job_id, OUTPUT_DRAIN_LIMIT) {
+            log::warn!(
+                "job {job_id}: live output not fully delivered yet; it goes with the report"
+            );
+        }
+        // Always detach: the streamer forgets the job, and what is left (if anything) is
+        // recorded in the run directory, which may now move to the spool.
+        let pending = self.server.detach(job_id);
+        if !pending.is_empty() {
             if let Err(err) = save_pending(rundir, &pending) {
                 log::error!("job {job_id}: cannot record unsent output: {err}");
             }
@@ -448,7 +474,10 @@ impl Daemon {
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
             .map(|e| {
-                let modified = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+                let modified = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
                 (modified, e.path())
             })
             .collect();
@@ -467,9 +496,11 @@ impl Daemon {
                 }
                 Err(err) => {
                     let aside = unique_path(dir.with_file_name(format!(
-                        ".undeliverable-{}",
-                        dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-                    )));
+                            ".undeliverable-{}",
+                            dir.file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default()
+                        )));
                     log::error!(
                         "spooled report {} cannot be delivered ({err}); moved to {}",
                         dir.display(),
@@ -503,15 +534,24 @@ pub fn deliver(server: &HttpServer, rundir: &Path) -> Result<(), DeliverError> {
     })?;
     let pending_path = rundir.join(PENDING_OUTPUT_FILE);
     if pending_path.exists() {
-        let pending: PendingOutput = fs::read(&pending_path)
+        let mut pending: PendingOutput = fs::read(&pending_path)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .ok_or_else(|| DeliverError::Local(format!("{} is unreadable", pending_path.display())))?;
-        server.send_pending(&job_id, rundir, &pending)?;
+            .ok_or_else(|| {
+                DeliverError::Local(format!("{} is unreadable", pending_path.display()))
+            })?;
+        if let Err(err) = server.send_pending_resumable(&job_id, rundir, &mut pending) {
+            // Keep what was accepted, so a retry (even after a restart) resends nothing twice.
+            if let Err(save) = save_pending(rundir, &pending) {
+                log::error!("job {job_id}: cannot record output progress: {save}");
+            }
+            return Err(err.into());
+        }
         remove_file(&pending_path)?;
     }
     let archive = rundir.join(".artifacts.tar.gz");
-    let packed = artifacts::pack(rundir, &archive).map_err(|err| DeliverError::Local(err.to_string()))?;
+    let packed =
+        artifacts::pack(rundir, &archive).map_err(|err| DeliverError::Local(err.to_string()))?;
     if packed {
         server.upload_artifacts(&job_id, &archive)?;
         remove_file(&archive)?;

@@ -22,14 +22,16 @@ impl Agent {
     fn start(server: &FakeServer, scratch: &Scratch, name: &str, commands: &str) -> Agent {
         let token_file = scratch.write(
             "refresh_token",
-            &json!({"refresh_token": DEFAULT_REFRESH_TOKEN, "obtained_at": "2026-11-27T00:00:00"}).to_string(),
+            &json!({"refresh_token": DEFAULT_REFRESH_TOKEN, "obtained_at": "2026-11-27T00:00:00"})
+                .to_string(),
         );
         let config = scratch.config(&format!(
             "agent_id: {name}\nserver_address: {url}\njob_queues: [{name}-queue]\npolling_interval: 1\ncancel_check_interval: 1\noutput_post_interval: 1\ntermination_grace_period: 2\nadvertised_queues: {{{name}-queue: a test queue}}\nlogging_level: DEBUG\n{commands}",
             url = server.url()
         ));
-        let log = std::fs::File::create(scratch.path(&format!("{name}-{}.stderr", std::process::id())))
-            .expect("log file");
+        let log =
+            std::fs::File::create(scratch.path(&format!("{name}-{}.stderr", std::process::id())))
+                .expect("log file");
         let child = Command::new(BIN)
             .arg("-c")
             .arg(&config)
@@ -77,17 +79,26 @@ impl Drop for Agent {
 }
 
 fn wait_for(server: &FakeServer, what: &str, mut condition: impl FnMut(&FakeServer) -> bool) {
-    assert!(server.wait_until(WAIT, |s| condition(s)), "timed out waiting for {what}");
+    assert!(
+        server.wait_until(WAIT, |s| condition(s)),
+        "timed out waiting for {what}"
+    );
 }
 
 fn finished(server: &FakeServer, id: &str) -> bool {
-    matches!(server.job_state(id).as_deref(), Some("complete" | "cancelled"))
-        && server.result_data(id).get("status").is_some()
+    matches!(
+        server.job_state(id).as_deref(),
+        Some("complete" | "cancelled")
+    ) && server.result_data(id).get("status").is_some()
 }
 
 /// The output fragments of a job: numbers 0..n each exactly once (no duplicate, no gap).
 fn assert_gap_free(server: &FakeServer, id: &str, log_type: &str) {
-    let mut numbers: Vec<i64> = server.fragments(id, log_type).iter().map(|f| f.fragment_number).collect();
+    let mut numbers: Vec<i64> = server
+        .fragments(id, log_type)
+        .iter()
+        .map(|f| f.fragment_number)
+        .collect();
     numbers.sort_unstable();
     let expected: Vec<i64> = (0..numbers.len() as i64).collect();
     assert_eq!(numbers, expected, "{log_type} fragments of {id}");
@@ -120,7 +131,7 @@ fn a_full_job_arrives_whole_with_serial_log_and_artifacts() {
     let s = Scratch::new("daemon-full");
     let name = format!("full-{}", std::process::id());
     let commands = format!(
-        "setup_command: echo setting up\nprovision_command: |\n  echo provisioning\n  echo '{{\"device_info\": {{\"device_ip\": \"10.0.0.5\"}}}}' > device-info.json\n  head -c 2500000 /dev/zero | tr '\\\\0' s > provision-serial.log\n{COUNTING_TEST}cleanup_command: echo cleaned up\n"
+        "setup_command: echo setting up\nprovision_command: |\n  echo provisioning\n  echo '{{\"device_info\": {{\"device_ip\": \"10.0.0.5\"}}}}' > device-info.json\n  head -c 2500000 /dev/zero | tr '\\0' s > provision-serial.log\n{COUNTING_TEST}cleanup_command: echo cleaned up\n"
     );
     let mut agent = Agent::start(&server, &s, &name, &commands);
     let id = server.submit_job(json!({
@@ -131,25 +142,46 @@ fn a_full_job_arrives_whole_with_serial_log_and_artifacts() {
     wait_for(&server, "the job to complete", |srv| finished(srv, &id));
     assert_eq!(server.job_state(&id).as_deref(), Some("complete"));
     let output = server.log_text(&id, "output");
-    assert_eq!(output.matches(&expected_test_output()).count(), 1, "test output exactly once");
-    for text in ["setting up", "provisioning", "cleaned up", "* Starting testflinger test phase on"] {
+    assert_eq!(
+        output.matches(&expected_test_output()).count(),
+        1,
+        "test output exactly once"
+    );
+    for text in [
+        "setting up",
+        "provisioning",
+        "cleaned up",
+        "* Starting testflinger test phase on",
+    ] {
         assert_eq!(output.matches(text).count(), 1, "{text:?} exactly once");
     }
     assert_gap_free(&server, &id, "output");
     let serial = server.log_text(&id, "serial");
     assert_eq!(serial.len(), 2_500_000);
     assert!(serial.bytes().all(|b| b == b's'));
-    assert!(server.fragments(&id, "serial").len() >= 3, "1 MiB serial fragments");
+    assert!(
+        server.fragments(&id, "serial").len() >= 3,
+        "1 MiB serial fragments"
+    );
     assert_gap_free(&server, &id, "serial");
     let result = server.result_data(&id);
-    assert_eq!(result["status"], json!({"setup": 0, "provision": 0, "test": 0, "cleanup": 0}));
+    assert_eq!(
+        result["status"],
+        json!({"setup": 0, "provision": 0, "test": 0, "cleanup": 0})
+    );
     assert_eq!(result["device_info"], json!({"device_ip": "10.0.0.5"}));
     let artifact = server.artifact(&id).expect("artifacts uploaded");
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&artifact[..]));
     let names: Vec<String> = tar
         .entries()
         .expect("tarball")
-        .map(|e| e.expect("entry").path().expect("path").display().to_string())
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .display()
+                .to_string()
+        })
         .collect();
     assert_eq!(names, ["artifacts", "artifacts/report.txt"]);
     let states: Vec<Value> = server
@@ -158,17 +190,32 @@ fn a_full_job_arrives_whole_with_serial_log_and_artifacts() {
         .filter_map(|p| p.get("state").cloned())
         .collect();
     for phase in ["setup", "provision", "test", "waiting"] {
-        assert!(states.contains(&json!(phase)), "agent state {phase} posted: {states:?}");
+        assert!(
+            states.contains(&json!(phase)),
+            "agent state {phase} posted: {states:?}"
+        );
     }
     assert_eq!(server.provision_logs(&name).len(), 1);
     assert_eq!(agent.stop(), Some(0));
     assert_eq!(
-        server.agent_record(&name).and_then(|r| r.get("state").cloned()),
+        server
+            .agent_record(&name)
+            .and_then(|r| r.get("state").cloned()),
         Some(json!("offline"))
     );
     // The run directory is gone once the server took everything; nothing was spooled.
-    assert_eq!(std::fs::read_dir(s.path("run")).map(|d| d.count()).unwrap_or(0), 0);
-    assert_eq!(std::fs::read_dir(s.path("results")).map(|d| d.count()).unwrap_or(0), 0);
+    assert_eq!(
+        std::fs::read_dir(s.path("run"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(s.path("results"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
 }
 
 #[test]
@@ -183,14 +230,25 @@ fn cancelling_during_test_kills_the_tree_runs_cleanup_and_stays_cancelled() {
     );
     let _agent = Agent::start(&server, &s, &name, &commands);
     let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
-    wait_for(&server, "the test to start", |srv| srv.log_text(&id, "output").contains("started"));
+    wait_for(&server, "the test to start", |srv| {
+        srv.log_text(&id, "output").contains("started")
+    });
     assert!(server.cancel_job(&id));
-    wait_for(&server, "the job to end", |srv| srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id));
+    wait_for(&server, "the job to end", |srv| {
+        srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id)
+    });
     assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
     let output = server.log_text(&id, "output");
-    assert!(output.contains("Job cancellation was requested, exiting."), "{output}");
+    assert!(
+        output.contains("Job cancellation was requested, exiting."),
+        "{output}"
+    );
     assert_eq!(server.result_data(&id)["status"]["test"], 247);
-    assert_eq!(guard.living(), Vec::<i32>::new(), "the test's processes survived");
+    assert_eq!(
+        guard.living(),
+        Vec::<i32>::new(),
+        "the test's processes survived"
+    );
 }
 
 #[test]
@@ -205,11 +263,18 @@ fn cancelling_during_provision_does_not_interrupt_it() {
         "provision_data": {"url": "x"},
         "test_data": {"test_cmds": "x"},
     }));
-    wait_for(&server, "provision to start", |srv| srv.log_text(&id, "output").contains("flashing"));
+    wait_for(&server, "provision to start", |srv| {
+        srv.log_text(&id, "output").contains("flashing")
+    });
     assert!(server.cancel_job(&id));
-    wait_for(&server, "the job to end", |srv| srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id));
+    wait_for(&server, "the job to end", |srv| {
+        srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id)
+    });
     let output = server.log_text(&id, "output");
-    assert!(output.contains("provision finished"), "provision ran to its end: {output}");
+    assert!(
+        output.contains("provision finished"),
+        "provision ran to its end: {output}"
+    );
     assert!(!output.contains("test ran"), "no phase after the cancel");
     assert_eq!(server.result_data(&id)["status"]["provision"], 0);
     assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
@@ -222,17 +287,23 @@ fn outages_and_5xx_storms_lose_nothing() {
     let name = format!("outage-{}", std::process::id());
     let commands = "test_command: |\n  i=0\n  while [ $i -lt 40 ]; do echo \"slow line $i\"; i=$((i+1)); sleep 0.05; done\n";
     let _agent = Agent::start(&server, &s, &name, commands);
-    server.fail_next(Route::LogPost, 15, 503);
+    server.fail_next(Route::LogPost, 6, 503);
     server.fail_next(Route::ResultPost, 3, 500);
     let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
-    wait_for(&server, "output to flow", |srv| srv.log_text(&id, "output").contains("slow line 5"));
+    wait_for(&server, "output to flow", |srv| {
+        srv.log_text(&id, "output").contains("slow line 5")
+    });
     server.go_down();
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(3));
     server.come_back();
     wait_for(&server, "the job to complete", |srv| finished(srv, &id));
     let output = server.log_text(&id, "output");
     for i in 0..40 {
-        assert_eq!(output.matches(&format!("slow line {i}\n")).count(), 1, "line {i} once:\n{output}");
+        assert_eq!(
+            output.matches(&format!("slow line {i}\n")).count(),
+            1,
+            "line {i} once:\n{output}"
+        );
     }
     assert_gap_free(&server, &id, "output");
     assert_eq!(server.result_data(&id)["status"]["test"], 0);
@@ -246,11 +317,16 @@ fn an_expired_token_is_refreshed_mid_job() {
     let commands = "test_command: |\n  echo before\n  sleep 1.5\n  echo after\n";
     let _agent = Agent::start(&server, &s, &name, commands);
     let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
-    wait_for(&server, "the test to start", |srv| srv.log_text(&id, "output").contains("before"));
+    wait_for(&server, "the test to start", |srv| {
+        srv.log_text(&id, "output").contains("before")
+    });
     server.expire_all_tokens();
     wait_for(&server, "the job to complete", |srv| finished(srv, &id));
     assert!(server.log_text(&id, "output").contains("after"));
-    assert!(server.request_count(&Route::Refresh) >= 2, "the token was refreshed");
+    assert!(
+        server.request_count(&Route::Refresh) >= 2,
+        "the token was refreshed"
+    );
 }
 
 #[test]
@@ -269,12 +345,21 @@ fn sigterm_mid_phase_kills_the_tree_runs_cleanup_reports_and_exits_0() {
         "test_data": {"test_cmds": "x"},
         "allocate_data": {"allocate": true},
     }));
-    wait_for(&server, "the test to start", |srv| srv.log_text(&id, "output").contains("started"));
+    wait_for(&server, "the test to start", |srv| {
+        srv.log_text(&id, "output").contains("started")
+    });
     assert_eq!(agent.stop(), Some(0));
-    assert_eq!(guard.living(), Vec::<i32>::new(), "the test's processes survived");
+    assert_eq!(
+        guard.living(),
+        Vec::<i32>::new(),
+        "the test's processes survived"
+    );
     let output = server.log_text(&id, "output");
     assert!(output.contains("cleanup ran"), "{output}");
-    assert!(!output.contains("allocate ran"), "no phase after the shutdown");
+    assert!(
+        !output.contains("allocate ran"),
+        "no phase after the shutdown"
+    );
     assert_eq!(server.result_data(&id)["status"]["test"], 247);
     assert_eq!(server.job_state(&id).as_deref(), Some("complete"));
 }
@@ -284,13 +369,17 @@ fn a_spooled_report_is_delivered_after_a_restart() {
     let server = FakeServer::start();
     let s = Scratch::new("daemon-spool");
     let name = format!("spool-{}", std::process::id());
-    let commands = "test_command: |\n  mkdir -p artifacts\n  echo kept > artifacts/kept.txt\n  echo tested\n";
+    let commands =
+        "test_command: |\n  mkdir -p artifacts\n  echo kept > artifacts/kept.txt\n  echo tested\n";
     // Every artifact upload fails: the report cannot be delivered and is spooled.
     server.fail_next(Route::ArtifactPost, 1_000, 500);
     let mut agent = Agent::start(&server, &s, &name, commands);
     let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
     wait_for(&server, "the report to be spooled", |_| {
-        std::fs::read_dir(s.path("results")).map(|d| d.count()).unwrap_or(0) == 1
+        std::fs::read_dir(s.path("results"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 1
     });
     assert_eq!(agent.stop(), Some(0));
     assert!(server.artifact(&id).is_none());
@@ -302,5 +391,78 @@ fn a_spooled_report_is_delivered_after_a_restart() {
     assert_eq!(server.result_data(&id)["status"]["test"], 0);
     assert!(server.log_text(&id, "output").contains("tested"));
     assert_eq!(restarted.stop(), Some(0));
-    assert_eq!(std::fs::read_dir(s.path("results")).map(|d| d.count()).unwrap_or(0), 0);
+    assert_eq!(
+        std::fs::read_dir(s.path("results"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
+}
+
+#[test]
+fn a_malformed_job_is_reported_failed_and_the_agent_carries_on() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-malformed");
+    let name = format!("malformed-{}", std::process::id());
+    let commands = "test_command: echo good job ran\ncleanup_command: echo cleanup ran\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    // A job that exists on the server (on a queue nobody polls), handed to the agent with a
+    // body that is valid JSON but not a valid job; then a body that is not JSON at all.
+    let broken = server.submit_job(json!({"job_queue": "nobody-polls-this"}));
+    server.serve_raw_job(
+        &queue(&name),
+        &json!({"job_id": broken, "job_queue": queue(&name), "test_data": "not an object"})
+            .to_string(),
+    );
+    server.serve_raw_job(&queue(&name), "this is not JSON {");
+    wait_for(&server, "the broken job to be closed", |srv| {
+        srv.result_data(&broken).get("job_state") == Some(&json!("complete"))
+    });
+    assert_eq!(server.result_data(&broken)["status"], json!({"setup": 100}));
+    let output = server.log_text(&broken, "output");
+    assert!(
+        output.contains("test_data"),
+        "the error names the field: {output}"
+    );
+    // The agent carries on with the next job.
+    let good =
+        server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the next job", |srv| finished(srv, &good));
+    assert!(server.log_text(&good, "output").contains("good job ran"));
+    assert_eq!(server.result_data(&good)["status"]["test"], 0);
+}
+
+#[test]
+fn an_idle_cycle_costs_two_requests() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-idle");
+    let name = format!("idle-{}", std::process::id());
+    let mut agent = Agent::start(&server, &s, &name, "test_command: echo x\n");
+    wait_for(&server, "a few idle cycles", |srv| {
+        srv.request_count(&Route::JobPoll) >= 4
+    });
+    let requests = server.requests();
+    let first_poll = requests
+        .iter()
+        .position(|r| r.route == Some(Route::JobPoll))
+        .expect("a poll happened");
+    let last_poll = requests
+        .iter()
+        .rposition(|r| r.route == Some(Route::JobPoll))
+        .expect("a poll happened");
+    let polls = requests[first_poll..=last_poll]
+        .iter()
+        .filter(|r| r.route == Some(Route::JobPoll))
+        .count();
+    let in_cycles = last_poll - first_poll + 1;
+    // From the first poll to the last: each cycle is one agent-record read and one poll.
+    assert!(
+        in_cycles <= 2 * polls,
+        "{in_cycles} requests for {polls} idle cycles: {:?}",
+        requests[first_poll..=last_poll]
+            .iter()
+            .map(|r| (&r.method, &r.path))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(agent.stop(), Some(0));
 }

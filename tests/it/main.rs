@@ -4,6 +4,7 @@
 #[allow(dead_code)]
 mod support;
 
+mod daemon;
 mod fake_server_selftest;
 mod http_client;
 mod inputs;

@@ -82,8 +82,12 @@ impl Scratch {
 }
 
 impl Drop for Scratch {
+    /// Removes the directory, unless `TF_KEEP_SCRATCH` is set (to read an agent's log
+    /// after a failure).
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("TF_KEEP_SCRATCH").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
