@@ -14,7 +14,6 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A running agent daemon; killed (with its command trees, by marker) on drop.
 struct Agent {
     child: Child,
-    name: String,
 }
 
 impl Agent {
@@ -42,10 +41,7 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("the daemon starts");
-        Agent {
-            child,
-            name: name.to_owned(),
-        }
+        Agent { child }
     }
 
     fn signal(&self, signal: nix::sys::signal::Signal) {
