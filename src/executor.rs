@@ -378,7 +378,16 @@ impl PhaseRunner for PhaseExecutor<'_> {
                 agent_failure(started)
             }
         };
+        let allocating = phase == Phase::Allocate && self.server.releases_allocations();
+        let result = if allocating {
+            self.require_device_info(result)
+        } else {
+            result
+        };
         self.finish_phase(phase, &result);
+        if allocating && result.exit_code == 0 {
+            self.hold_allocation();
+        }
         result
     }
 
@@ -422,6 +431,87 @@ impl PhaseRunner for PhaseExecutor<'_> {
             reason.phase(),
             reason.event_name()
         );
+    }
+}
+
+impl PhaseExecutor<'_> {
+    /// An allocated device is useless to its parent job without `device-info.json`
+    /// (PROTOCOL §5.7): a successful allocate that did not write it counts as failed.
+    fn require_device_info(&self, result: PhaseResult) -> PhaseResult {
+        if result.exit_code != 0 || outcome::read_device_info(&self.rundir).is_some() {
+            return result;
+        }
+        let message = format!(
+            "\nERROR: allocate finished without writing {}; the parent job cannot use this device.\n",
+            outcome::DEVICE_INFO_FILE
+        );
+        log::error!("job {}: {}", self.spec.job_id(), message.trim());
+        let log_path = self.rundir.join("allocate.log");
+        if let Ok(mut log) = OpenOptions::new().append(true).open(&log_path) {
+            let _ = log.write_all(message.as_bytes());
+            let len = log.metadata().map_or(0, |m| m.len());
+            self.server.output(
+                self.spec.job_id(),
+                Phase::Allocate,
+                message.as_bytes(),
+                &log_path,
+                len,
+            );
+            self.server
+                .finish_output(self.spec.job_id(), Phase::Allocate);
+        }
+        PhaseResult {
+            exit_code: process::AGENT_FAILURE_EXIT_CODE,
+            end: PhaseEnd::AgentError,
+            duration: result.duration,
+        }
+    }
+
+    /// After a successful allocate (PROTOCOL §5.7): post the device info until the server
+    /// takes it, post `allocated`, then hold the device until this job or its parent is
+    /// complete or cancelled (the parent releases its sub-jobs by cancelling them), or the
+    /// agent shuts down. Own state is read every `cancel_check_interval`, the parent's every
+    /// sixth time.
+    fn hold_allocation(&mut self) {
+        let job_id = self.spec.job_id().to_owned();
+        let period = self
+            .config
+            .cancel_check_period()
+            .max(std::time::Duration::from_secs(1));
+        while let Some(info) = outcome::read_device_info(&self.rundir) {
+            match self.server.post_result(&job_id, &info) {
+                Ok(()) => break,
+                Err(err) => {
+                    log::warn!("job {job_id}: posting device info failed, retrying: {err}");
+                    if !self.stop.sleep_unless_shutdown(period) {
+                        return;
+                    }
+                }
+            }
+        }
+        self.post_result(&json!({"job_state": "allocated"}), "allocated state");
+        log::info!("job {job_id}: allocated; waiting for this job or its parent to finish");
+        let released = |state: Option<String>| {
+            matches!(
+                state.as_deref(),
+                Some("complete" | "completed" | "cancelled")
+            )
+        };
+        let parent = self.spec.parent_job_id().map(str::to_owned);
+        for tick in 0u64.. {
+            if !self.stop.sleep_unless_shutdown(period) {
+                return;
+            }
+            if released(self.server.job_state(&job_id).ok().flatten()) {
+                break;
+            }
+            if let Some(parent) = parent.as_deref().filter(|_| tick % 6 == 5) {
+                if released(self.server.job_state(parent).ok().flatten()) {
+                    break;
+                }
+            }
+        }
+        log::info!("job {job_id}: allocation released");
     }
 }
 

@@ -99,19 +99,12 @@ impl Daemon {
     }
 
     fn stopping(&self) -> bool {
-        self.stop.is_requested(StopKind::Shutdown) || self.stop.is_requested(StopKind::KillNow)
+        self.stop.is_shutting_down()
     }
 
     /// Sleeps up to `period`, waking early when a stop is requested.
     fn pause(&self, period: Duration) {
-        let deadline = Instant::now() + period;
-        while !self.stopping() {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
-        }
+        self.stop.sleep_unless_shutdown(period);
     }
 
     fn post_agent(&self, body: Value) {

@@ -224,6 +224,28 @@ impl StopSignal {
         self.inner.kinds.load(Ordering::SeqCst) & kind as u8 != 0
     }
 
+    /// Whether the agent is shutting down ([`StopKind::Shutdown`] or [`StopKind::KillNow`]).
+    pub fn is_shutting_down(&self) -> bool {
+        self.is_requested(StopKind::Shutdown) || self.is_requested(StopKind::KillNow)
+    }
+
+    /// Sleeps `period`, waking within 100 ms of a shutdown request; `false` when the agent
+    /// is shutting down. For waits between commands (polling, allocation); a command's own
+    /// waits use the wake pipe.
+    pub fn sleep_unless_shutdown(&self, period: Duration) -> bool {
+        let deadline = std::time::Instant::now() + period;
+        loop {
+            if self.is_shutting_down() {
+                return false;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+        }
+    }
+
     pub(crate) fn wake_pipe(&self) -> &unix::WakePipe {
         &self.inner.wake
     }

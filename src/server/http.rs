@@ -457,6 +457,10 @@ impl Server for HttpServer {
         .timeout(self.core.settings.timeouts.transfer);
         self.core.expect_success(&req).map(drop)
     }
+
+    fn releases_allocations(&self) -> bool {
+        true
+    }
 }
 
 fn parse_agent_record(map: &serde_json::Map<String, Value>) -> AgentRecord {

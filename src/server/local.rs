@@ -66,4 +66,8 @@ impl Server for LocalServer {
     fn upload_artifacts(&self, _job_id: &str, _tarball: &Path) -> Result<(), ServerError> {
         Ok(())
     }
+
+    fn releases_allocations(&self) -> bool {
+        false
+    }
 }

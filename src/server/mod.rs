@@ -103,4 +103,8 @@ pub trait Server: Send + Sync {
 
     /// `POST /v1/result/<id>/artifact` with a gzip tarball.
     fn upload_artifacts(&self, job_id: &str, tarball: &Path) -> Result<(), ServerError>;
+
+    /// Whether another job (a multi-device parent) can use and then release this job after
+    /// its allocate phase (PROTOCOL §5.7). `false` for `run-job`, where nothing could.
+    fn releases_allocations(&self) -> bool;
 }

@@ -462,3 +462,52 @@ fn an_idle_cycle_costs_two_requests() {
     );
     assert_eq!(agent.stop(), Some(0));
 }
+
+#[test]
+fn allocate_posts_device_info_and_holds_the_device_until_released() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-allocate");
+    let name = format!("allocate-{}", std::process::id());
+    let commands = "allocate_command: |\n  echo allocating\n  echo '{\"device_info\": {\"device_ip\": \"10.1.2.3\"}}' > device-info.json\nreserve_command: echo reserve ran\ncleanup_command: echo cleanup ran\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "allocate_data": {"allocate": true},
+        "reserve_data": {"ssh_keys": ["lp:someone"]},
+    }));
+    wait_for(&server, "the allocated state", |srv| {
+        srv.job_state(&id).as_deref() == Some("allocated")
+    });
+    assert_eq!(
+        server.result_data(&id)["device_info"],
+        json!({"device_ip": "10.1.2.3"})
+    );
+    assert!(
+        !server.log_text(&id, "output").contains("cleanup ran"),
+        "the device is held"
+    );
+    // The parent job releases its sub-jobs by cancelling them.
+    assert!(server.cancel_job(&id));
+    wait_for(&server, "cleanup", |srv| {
+        srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id)
+    });
+    assert!(!server.log_text(&id, "output").contains("reserve ran"));
+    assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
+}
+
+#[test]
+fn allocate_without_device_info_fails_the_job() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-allocate-noinfo");
+    let name = format!("noinfo-{}", std::process::id());
+    let commands = "allocate_command: echo allocating\nreserve_command: echo reserve ran\ncleanup_command: echo cleanup ran\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    let id =
+        server.submit_job(json!({"job_queue": queue(&name), "allocate_data": {"allocate": true}}));
+    wait_for(&server, "the job to end", |srv| finished(srv, &id));
+    let output = server.log_text(&id, "output");
+    assert!(output.contains("device-info.json"), "{output}");
+    assert_eq!(server.result_data(&id)["status"]["allocate"], 100);
+    assert!(!output.contains("reserve ran"));
+    assert!(output.contains("cleanup ran"));
+}
