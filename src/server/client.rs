@@ -196,12 +196,11 @@ impl Reply {
     }
 
     /// The `job_state` of a `GET /v1/result/<id>` answer, parsed as a stream: the answer
-    /// carries the job's whole output, which need not fit in memory.
+    /// carries the job's whole output, which need not fit in memory. Reading stops as soon
+    /// as `job_state` has been seen (the real server sorts the keys, so it comes before the
+    /// `provision_`, `setup_` and `test_` logs); the rest of the answer is dropped with the
+    /// connection.
     pub(super) fn job_state(self, what: &str) -> Result<Option<String>, ServerError> {
-        #[derive(serde::Deserialize)]
-        struct ResultDoc {
-            job_state: Option<Value>,
-        }
         let ReplyBody::Stream(body) = self.body else {
             return Ok(None);
         };
@@ -209,11 +208,16 @@ impl Reply {
             inner: body.into_reader(),
             seen_non_space: false,
         };
-        match serde_json::from_reader::<_, ResultDoc>(&mut counted) {
-            Ok(r) => Ok(match r.job_state {
-                Some(Value::String(s)) => Some(s),
-                _ => None,
-            }),
+        let found = std::cell::RefCell::new(None);
+        // serde_json reads byte by byte: give it large blocks.
+        let buffered = io::BufReader::with_capacity(64 * 1024, &mut counted);
+        let mut de = serde_json::Deserializer::from_reader(buffered);
+        let parsed = serde::Deserializer::deserialize_map(&mut de, JobStateOnly { found: &found });
+        if let Some(state) = found.into_inner() {
+            return Ok(state);
+        }
+        match parsed {
+            Ok(()) => Ok(None),
             Err(e) if !counted.seen_non_space && e.is_eof() => Ok(None),
             Err(e) if e.is_io() => Err(ServerError::new(
                 ServerErrorKind::Unavailable,
@@ -226,6 +230,37 @@ impl Reply {
                 format!("the answer is not a JSON object with a job_state: {e}"),
             )),
         }
+    }
+}
+
+/// Walks a JSON object until its `job_state`, stores it in `found` and stops the parse
+/// there (by an error the caller ignores once `found` is set).
+struct JobStateOnly<'a> {
+    found: &'a std::cell::RefCell<Option<Option<String>>>,
+}
+
+impl<'de> serde::de::Visitor<'de> for JobStateOnly<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "job_state" {
+                let state = match map.next_value::<Value>()? {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                };
+                *self.found.borrow_mut() = Some(state);
+                return Err(serde::de::Error::custom(
+                    "job_state found; the rest is not read",
+                ));
+            }
+            map.next_value::<serde::de::IgnoredAny>()?;
+        }
+        Ok(())
     }
 }
 

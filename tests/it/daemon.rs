@@ -24,10 +24,17 @@ impl Agent {
             &json!({"refresh_token": DEFAULT_REFRESH_TOKEN, "obtained_at": "2026-11-27T00:00:00"})
                 .to_string(),
         );
-        let config = scratch.config(&format!(
-            "agent_id: {name}\nserver_address: {url}\njob_queues: [{name}-queue]\npolling_interval: 1\ncancel_check_interval: 1\noutput_post_interval: 1\ntermination_grace_period: 2\nadvertised_queues: {{{name}-queue: a test queue}}\nlogging_level: DEBUG\n{commands}",
+        let defaults = format!(
+            "agent_id: {name}\nserver_address: {url}\njob_queues: [{name}-queue]\npolling_interval: 1\ncancel_check_interval: 1\noutput_post_interval: 1\ntermination_grace_period: 2\nadvertised_queues: {{{name}-queue: a test queue}}\nlogging_level: DEBUG\n",
             url = server.url()
-        ));
+        );
+        // `commands` may override a default key.
+        let overridden = |line: &&str| {
+            let key = line.split(':').next().unwrap_or_default();
+            commands.lines().any(|c| c.starts_with(&format!("{key}:")))
+        };
+        let kept: Vec<&str> = defaults.lines().filter(|l| !overridden(l)).collect();
+        let config = scratch.config(&format!("{}\n{commands}", kept.join("\n")));
         let log =
             std::fs::File::create(scratch.path(&format!("{name}-{}.stderr", std::process::id())))
                 .expect("log file");
@@ -510,4 +517,110 @@ fn allocate_without_device_info_fails_the_job() {
     assert_eq!(server.result_data(&id)["status"]["allocate"], 100);
     assert!(!output.contains("reserve ran"));
     assert!(output.contains("cleanup ran"));
+}
+
+/// A gzip tarball of regular files, with member names written raw (so hostile ones can be).
+fn tarball(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    for (path, data) in members {
+        let mut header = tar::Header::new_gnu();
+        header.as_gnu_mut().expect("gnu header").name[..path.len()]
+            .copy_from_slice(path.as_bytes());
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder.append(&header, *data).expect("append");
+    }
+    builder.into_inner().expect("tar").finish().expect("gzip")
+}
+
+#[test]
+fn attachments_are_unpacked_and_a_hostile_archive_fails_the_job_safely() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-attach");
+    let name = format!("attach-{}", std::process::id());
+    let commands =
+        "test_command: cat attachments/test/data/config.txt\ncleanup_command: echo cleanup ran\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    let job = json!({
+        "job_queue": queue(&name),
+        "test_data": {"test_cmds": "x", "attachments": [{"agent": "data/config.txt"}]},
+    });
+    let good = server.submit_job(job.clone());
+    assert!(server.set_attachments(
+        &good,
+        tarball(&[("test/data/config.txt", b"attached content\n")])
+    ));
+    wait_for(&server, "the job with attachments", |srv| {
+        finished(srv, &good)
+    });
+    assert!(server
+        .log_text(&good, "output")
+        .contains("attached content"));
+    assert_eq!(server.result_data(&good)["status"]["test"], 0);
+
+    let evil = server.submit_job(job);
+    assert!(server.set_attachments(&evil, tarball(&[("test/../../escaped.txt", b"x")])));
+    wait_for(&server, "the hostile job", |srv| finished(srv, &evil));
+    let output = server.log_text(&evil, "output");
+    assert!(output.contains("attachments"), "{output}");
+    assert!(output.contains("cleanup ran"), "cleanup still runs");
+    assert_eq!(server.result_data(&evil)["status"]["setup"], 100);
+    assert!(!s.path("run").join("escaped.txt").exists());
+    assert!(!s.path("escaped.txt").exists());
+}
+
+#[test]
+fn a_second_sigterm_kills_everything_at_once_and_spools_the_job() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-sigterm2");
+    let name = format!("sigterm2-{}", std::process::id());
+    let marker = s.marker();
+    let guard = KillByMarker::new(&marker);
+    // Both the test and cleanup ignore SIGTERM and hang: only the second signal ends them.
+    let commands = format!(
+        "termination_grace_period: 600\ntest_command: |\n  trap '' TERM\n  echo started\n  sleep 1000.{marker}1\ncleanup_command: |\n  trap '' TERM\n  echo cleanup started\n  sleep 1000.{marker}2\n"
+    );
+    let mut agent = Agent::start(&server, &s, &name, &commands);
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the test to start", |srv| {
+        srv.log_text(&id, "output").contains("started")
+    });
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    // The first signal only starts the grace period of a command that ignores it.
+    std::thread::sleep(Duration::from_millis(300));
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(agent.wait_exit(), Some(0));
+    assert_eq!(
+        guard.living(),
+        Vec::<i32>::new(),
+        "every command tree is dead"
+    );
+    let spooled: Vec<_> = std::fs::read_dir(s.path("results"))
+        .expect("spool exists")
+        .collect();
+    assert_eq!(spooled.len(), 1, "the job's run directory is spooled");
+}
+
+#[test]
+fn sighup_reopens_the_log_file() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-hup");
+    let name = format!("hup-{}", std::process::id());
+    let mut agent = Agent::start(&server, &s, &name, "test_command: echo x\n");
+    let log = s.path("logs").join("testflinger-agent.log");
+    wait_for(&server, "the agent to poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+    std::fs::rename(&log, s.path("logs").join("rotated.log")).expect("rotate");
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the job", |srv| finished(srv, &id));
+    assert_eq!(agent.stop(), Some(0));
+    let reopened = std::fs::read_to_string(&log).expect("a new log file after SIGHUP");
+    assert!(reopened.contains(&id), "the new file gets the new lines");
 }

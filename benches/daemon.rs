@@ -1,0 +1,125 @@
+//! Daemon figures against the fake Testflinger server on loopback: end-to-end live-output
+//! throughput (a test phase printing SIZE bytes), the agent's peak RSS, and the requests the
+//! agent makes while a phase prints nothing and while it is idle.
+//!
+//! Run with `cargo bench --bench daemon [-- SIZE_MB]` (default 200). Prints numbers,
+//! asserts nothing.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::fake_server::{FakeServer, Route, DEFAULT_REFRESH_TOKEN};
+use support::scratch::Scratch;
+
+const BIN: &str = env!("CARGO_BIN_EXE_testflinger-agent");
+
+fn start_agent(server: &FakeServer, scratch: &Scratch, commands: &str) -> Child {
+    let token = scratch.write(
+        "token.json",
+        &json!({"refresh_token": DEFAULT_REFRESH_TOKEN}).to_string(),
+    );
+    let config = scratch.config(&format!(
+        "agent_id: bench-agent\nserver_address: {}\njob_queues: [bench]\nlogging_quiet: true\n{commands}",
+        server.url()
+    ));
+    Command::new(BIN)
+        .arg("-c")
+        .arg(config)
+        .arg("--token-file")
+        .arg(token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the agent starts")
+}
+
+/// Peak resident set of a process, in KiB (VmHWM).
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn stop(mut child: Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+}
+
+fn main() {
+    let size_mb: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(200);
+    let size = size_mb * 1_000_000;
+
+    // 1. Throughput: all of the test phase's output on the server.
+    let server = FakeServer::start();
+    let scratch = Scratch::new("bench-daemon");
+    let line = "x".repeat(99);
+    let agent = start_agent(
+        &server,
+        &scratch,
+        &format!("test_command: yes {line} | head -c {size}\n"),
+    );
+    let started = Instant::now();
+    let id = server.submit_job(json!({"job_queue": "bench", "test_data": {"test_cmds": "x"}}));
+    let done = server.wait_until(Duration::from_secs(600), |s| {
+        s.result_data(&id).get("job_state") == Some(&json!("complete"))
+    });
+    let elapsed = started.elapsed();
+    let rss = peak_rss_kib(agent.id());
+    let text = server.log_text(&id, "output");
+    let body = text.matches(line.as_str()).count() as u64 * 100;
+    let fragments = server.fragments(&id, "output").len();
+    println!(
+        "throughput: {size_mb} MB test output, job done={done} in {:.2} s: {:.1} MB/s end to end; \
+{body} bytes of lines on the server in {fragments} fragments; agent peak RSS {rss} KiB",
+        elapsed.as_secs_f64(),
+        size as f64 / 1e6 / elapsed.as_secs_f64()
+    );
+    stop(agent);
+    drop(scratch);
+
+    // 2. Requests while a phase prints nothing, and while idle.
+    let server = FakeServer::start();
+    let scratch = Scratch::new("bench-daemon-quiet");
+    let agent = start_agent(&server, &scratch, "test_command: echo start; sleep 30\n");
+    let id = server.submit_job(json!({"job_queue": "bench", "test_data": {"test_cmds": "x"}}));
+    server.wait_until(Duration::from_secs(30), |s| {
+        s.log_text(&id, "output").contains("start")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let before = server.requests().len();
+    let window = Duration::from_secs(25);
+    std::thread::sleep(window);
+    let during = server.requests().len() - before;
+    println!(
+        "silent phase: {during} requests in {} s = {:.3} requests/s",
+        window.as_secs(),
+        during as f64 / window.as_secs_f64()
+    );
+    server.wait_until(Duration::from_secs(30), |s| {
+        s.result_data(&id).get("job_state") == Some(&json!("complete"))
+    });
+    let before = server.requests().len();
+    let polls_before = server.request_count(&Route::JobPoll);
+    std::thread::sleep(Duration::from_secs(35));
+    let idle = server.requests().len() - before;
+    let cycles = server.request_count(&Route::JobPoll) - polls_before;
+    println!(
+        "idle: {idle} requests in {cycles} polling cycles = {:.2} requests per cycle",
+        idle as f64 / cycles.max(1) as f64
+    );
+    stop(agent);
+}
