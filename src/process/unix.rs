@@ -307,11 +307,25 @@ impl ProcessGroupGuard {
         match reap(self.leader, false) {
             Ok(Some(status)) => {
                 self.leader_status = Some(status);
+                self.reap_adopted_zombies();
                 Ok(status)
             }
             // waitpid without WNOHANG does not return 0; treat it like an error.
             Ok(None) => self.give_up_leader(Errno::ECHILD),
             Err(source) => self.give_up_leader(source),
+        }
+    }
+
+    /// A member killed while the shell was still exiting died as the shell's child; the
+    /// shell's exit then handed its zombie to the agent (the subreaper). Once the shell is
+    /// reaped, every such zombie is ours: reap those of the phase.
+    fn reap_adopted_zombies(&mut self) {
+        for stat in sweep::scan(&self.marks(false)) {
+            if !stat.is_alive() && stat.ppid == self.own_pid && stat.pid != self.leader.as_raw() {
+                if let Ok(Some(_)) | Err(_) = reap(Pid::from_raw(stat.pid), true) {
+                    self.known.retain(|&(pid, _)| pid != stat.pid);
+                }
+            }
         }
     }
 

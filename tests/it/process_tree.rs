@@ -149,11 +149,26 @@ fn run_until_ready(
     let mut sink = |chunk: &[u8]| {
         out.extend_from_slice(chunk);
         if seen.is_empty() && contains(&out, b"ready\n") {
-            seen = marker.living();
+            seen = sample_living(marker);
         }
     };
     let outcome = run_command(spec, &mut sink, &stop).expect("command runs");
     (outcome, out, seen)
+}
+
+/// The marked processes alive now, sampled a few times over ~50 ms: a process between
+/// fork and exec can briefly show an empty command line.
+fn sample_living(marker: &Marker) -> Vec<(i32, u64)> {
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        for p in marker.living() {
+            if !seen.contains(&p) {
+                seen.push(p);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    seen
 }
 
 /// The tree was seen alive before the end, nothing of it is alive after, and every
@@ -261,7 +276,7 @@ fn a_panicking_sink_leaks_no_tree() {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut sink = |chunk: &[u8]| {
             if contains(chunk, b"ready") {
-                seen = m.living();
+                seen = sample_living(&m);
                 panic!("sink failed on purpose");
             }
         };
