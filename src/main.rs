@@ -113,19 +113,10 @@ fn run_job(config_path: &Path, job_path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
-    if let Err(code) = start_logging(&config) {
-        return code;
-    }
-    let stop = match StopSignal::new() {
+    let stop = match start(&config) {
         Ok(stop) => stop,
-        Err(err) => {
-            eprintln!("testflinger-agent: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    if let Err(err) = signals::spawn(stop.clone()) {
-        log::warn!("cannot install signal handlers: {err}");
-    }
     match run_job::run_local(&config, &spec, stop) {
         Ok(run) => {
             print!("{}", run_job::summary(&run));
@@ -203,20 +194,10 @@ fn daemon(config_path: &Path, token_file: &Path) -> ExitCode {
         Err(code) => return code,
     };
     config.set_token_file(token_file);
-    if let Err(code) = start_logging(&config) {
-        return code;
-    }
-    let stop = match StopSignal::new() {
+    let stop = match start(&config) {
         Ok(stop) => stop,
-        Err(err) => {
-            eprintln!("testflinger-agent: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    if let Err(err) = signals::spawn(stop.clone()) {
-        log::error!("cannot install signal handlers: {err}");
-        return ExitCode::FAILURE;
-    }
     let daemon = match Daemon::new(config, stop) {
         Ok(daemon) => daemon,
         Err(err) => {
@@ -231,9 +212,10 @@ fn daemon(config_path: &Path, token_file: &Path) -> ExitCode {
     }
 }
 
-/// Opens the agent log (config keys logging_basedir, logging_level, logging_quiet) and
-/// logs the config's warnings.
-fn start_logging(config: &Config) -> Result<(), ExitCode> {
+/// What `run-job` and the daemon share: the agent log (config keys logging_basedir,
+/// logging_level, logging_quiet), the config's warnings, and the signal thread that turns
+/// SIGTERM/SIGINT into stop requests.
+fn start(config: &Config) -> Result<StopSignal, ExitCode> {
     if let Err(err) = logging::init(
         config.logging_level,
         config.logging_quiet,
@@ -248,5 +230,13 @@ fn start_logging(config: &Config) -> Result<(), ExitCode> {
     for warning in &config.warnings {
         log::warn!("{warning}");
     }
-    Ok(())
+    let stop = StopSignal::new().map_err(|err| {
+        eprintln!("testflinger-agent: {err}");
+        ExitCode::FAILURE
+    })?;
+    signals::spawn(stop.clone()).map_err(|err| {
+        log::error!("cannot install signal handlers: {err}");
+        ExitCode::FAILURE
+    })?;
+    Ok(stop)
 }
