@@ -27,8 +27,8 @@ printf 'job_queue: bench\ntest_data: {test_cmds: x}\n' > "$work/job.yaml"
 
 seconds() { /usr/bin/time -f '%e %M' "$@" 2>&1 >/dev/null | tail -1; }
 
-echo "== throughput: $size bytes ($cmd), 3 alternating rounds"
-for round in 1 2 3; do
+echo "== throughput: $size bytes ($cmd), 5 alternating rounds"
+for round in 1 2 3 4 5; do
   read -r base_s base_kb < <(seconds sh -c "$cmd > $work/baseline.out")
   rm -f "$work/baseline.out"
   read -r agent_s agent_kb < <(seconds "$bin" run-job -c "$work/agent.yaml" "$work/job.yaml")
