@@ -34,9 +34,13 @@ pub struct PhaseExecutor<'a> {
     stop: StopSignal,
     outcome: OutcomeFile,
     events: Events,
-    marker_dir: PathBuf,
-    /// Comment posted with each phase's agent state (a deferred offline/restart reason).
-    pub agent_comment: String,
+    /// Where exit 46 leaves the offline marker file (`run-job`); `None`: the server-side
+    /// `offline` state alone marks the device (the daemon).
+    marker_dir: Option<PathBuf>,
+    /// An administrator's request (or the agent's own, after exit 46) to take the agent
+    /// offline, into maintenance or to restart, seen during the job: carried out after it
+    /// (PROTOCOL §9.2). Its comment is posted with each phase's agent state meanwhile.
+    pub deferred: Option<AgentRequest>,
     /// Set when the agent cannot run the job: no phase but cleanup runs.
     refused: Option<String>,
 }
@@ -69,8 +73,8 @@ impl<'a> PhaseExecutor<'a> {
             stop,
             outcome,
             events,
-            marker_dir: PathBuf::from(MARKER_DIR),
-            agent_comment: String::new(),
+            marker_dir: None,
+            deferred: None,
             refused: None,
         }
     }
@@ -81,9 +85,10 @@ impl<'a> PhaseExecutor<'a> {
         self.refused = Some(reason);
     }
 
-    /// Puts the exit-46 offline marker in `dir` instead of `/tmp` (for tests).
-    pub fn with_marker_dir(mut self, dir: PathBuf) -> Self {
-        self.marker_dir = dir;
+    /// Exit 46 also leaves the offline marker file of the archived agent in `dir` (for
+    /// `run-job`, which has no server to hold the state).
+    pub fn with_offline_marker(mut self, dir: PathBuf) -> Self {
+        self.marker_dir = Some(dir);
         self
     }
 
@@ -218,27 +223,32 @@ impl<'a> PhaseExecutor<'a> {
         }
     }
 
-    /// Exit 46: the device could not be recovered. Mark it offline locally (the marker
-    /// file) and on the server.
+    /// Exit 46: the device could not be recovered. Mark it offline on the server (and with
+    /// the marker file, when there is one): no job is taken until an administrator says so.
     fn recovery_failed(&mut self, phase: Phase) {
         let job_id = self.spec.job_id();
         let comment =
             format!("Set to offline by agent. Recovery failed during job '{job_id}' execution.");
-        let marker = self.marker_dir.join(format!(
-            "TESTFLINGER-DEVICE-OFFLINE-{}",
-            self.config.agent_id
-        ));
         log::error!(
-            "job {job_id}: {phase} exited {RECOVERY_FAILED_EXIT_CODE} (device recovery failed); marking the device offline ({})",
-            marker.display()
+            "job {job_id}: {phase} exited {RECOVERY_FAILED_EXIT_CODE} (device recovery failed); marking the device offline"
         );
-        if let Err(err) = std::fs::write(&marker, format!("{comment}\n")) {
-            log::error!("cannot create offline marker {}: {err}", marker.display());
+        if let Some(dir) = &self.marker_dir {
+            let marker = dir.join(format!(
+                "TESTFLINGER-DEVICE-OFFLINE-{}",
+                self.config.agent_id
+            ));
+            match std::fs::write(&marker, format!("{comment}\n")) {
+                Ok(()) => log::info!("offline marker {} created", marker.display()),
+                Err(err) => log::error!("cannot create offline marker {}: {err}", marker.display()),
+            }
         }
         if let Err(err) = self.server.post_agent_state("offline", &comment) {
             log::warn!("job {job_id}: posting the offline state failed: {err}");
         }
-        self.agent_comment = comment;
+        self.deferred = Some(AgentRequest {
+            state: "offline".to_owned(),
+            comment,
+        });
     }
 }
 
@@ -276,10 +286,21 @@ impl PhaseRunner for PhaseExecutor<'_> {
     fn phase_starting(&mut self, phase: Phase, skip: Option<SkipReason>) {
         if phase != Phase::Cleanup {
             self.post_result(&json!({ "job_state": phase.name() }), "job state");
-            if let Err(err) = self
-                .server
-                .post_agent_state(phase.name(), &self.agent_comment)
-            {
+            if self.deferred.is_none() {
+                // One read of the agent record per phase: a request made now would
+                // otherwise be overwritten by the phase state posted next.
+                self.deferred = self.server.agent_state().and_then(AgentRequest::from_state);
+                if let Some(request) = &self.deferred {
+                    log::info!(
+                        "job {}: the agent is asked to go {} ({}); after this job",
+                        self.spec.job_id(),
+                        request.state,
+                        request.comment
+                    );
+                }
+            }
+            let comment = self.deferred.as_ref().map_or("", |r| r.comment.as_str());
+            if let Err(err) = self.server.post_agent_state(phase.name(), comment) {
                 log::warn!(
                     "job {}: posting agent state failed: {err}",
                     self.spec.job_id()
@@ -547,6 +568,22 @@ fn agent_failure(started: Instant) -> PhaseResult {
         exit_code: process::AGENT_FAILURE_EXIT_CODE,
         end: PhaseEnd::AgentError,
         duration: started.elapsed(),
+    }
+}
+
+/// A request to change the agent's state, deferred until the running job is over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRequest {
+    /// `offline`, `maintenance` or `restart`.
+    pub state: String,
+    pub comment: String,
+}
+
+impl AgentRequest {
+    /// The request behind a server-side agent state, if the state is one.
+    pub fn from_state((state, comment): (String, String)) -> Option<AgentRequest> {
+        matches!(state.as_str(), "offline" | "maintenance" | "restart")
+            .then_some(AgentRequest { state, comment })
     }
 }
 

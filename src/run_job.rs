@@ -1,7 +1,7 @@
 //! `testflinger-agent run-job`: one job, run locally with no server, end to end.
 
 use crate::config::Config;
-use crate::executor::PhaseExecutor;
+use crate::executor::{PhaseExecutor, MARKER_DIR};
 use crate::job::JobSpec;
 use crate::lifecycle::{run_to_completion, Job, JobOutcome, PhaseStatus, Plan};
 use crate::outcome::{self, OutcomeFile};
@@ -102,7 +102,8 @@ pub fn run_local(
     log::info!("job {}: running in {}", spec.job_id(), rundir.display());
     let server = LocalServer::new();
     let mut executor =
-        PhaseExecutor::new(config, spec, rundir.clone(), outcome_file, &server, stop);
+        PhaseExecutor::new(config, spec, rundir.clone(), outcome_file, &server, stop)
+            .with_offline_marker(PathBuf::from(MARKER_DIR));
     executor.job_started();
     let plan = Plan::for_job(config, spec);
     let done = run_to_completion(Job::new(spec.job_id(), plan, executor));

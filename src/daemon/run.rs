@@ -4,7 +4,7 @@
 
 use crate::artifacts;
 use crate::config::Config;
-use crate::executor::PhaseExecutor;
+use crate::executor::{AgentRequest, PhaseExecutor};
 use crate::job::JobSpec;
 use crate::lifecycle::{run_to_completion, AbortReason, Job, Plan};
 use crate::outcome::{self, OutcomeFile};
@@ -63,6 +63,8 @@ pub struct Daemon {
     marker_dir: PathBuf,
     queues_posted: Option<Instant>,
     unreachable_streak: usize,
+    /// A restart was asked for during the last job: carried out before the next poll.
+    restart_after_job: bool,
 }
 
 impl Daemon {
@@ -95,6 +97,7 @@ impl Daemon {
             marker_dir: PathBuf::from(crate::executor::MARKER_DIR),
             queues_posted: None,
             unreachable_streak: 0,
+            restart_after_job: false,
         })
     }
 
@@ -186,6 +189,9 @@ impl Daemon {
 
     /// One polling cycle: spool, one agent-record read, one job poll, jobs back to back.
     fn cycle(&mut self) -> Option<DaemonExit> {
+        if self.restart_after_job {
+            return Some(DaemonExit::Restart);
+        }
         self.retry_spool();
         let record = self.server.agent_record();
         self.heartbeat(&record);
@@ -226,41 +232,30 @@ impl Daemon {
         } else {
             record.restricted_to.clone()
         };
-        loop {
-            if self.stopping() {
-                return None;
+        match self.server.poll_job(&queues) {
+            Ok(Some(body)) => {
+                self.unreachable_streak = 0;
+                self.run_server_job(&body);
+                // The next cycle starts at once (jobs back to back, PROTOCOL §6.1 step 11),
+                // with a fresh read of the agent record: a request to go offline or restart
+                // made during the job is seen before the next job is taken.
             }
-            match self.server.poll_job(&queues) {
-                Ok(Some(body)) => {
-                    self.unreachable_streak = 0;
-                    self.run_server_job(&body);
-                    if self.stopping() {
-                        return None;
-                    }
-                    if self.offline_marker().is_some() {
-                        return None;
-                    }
-                    // Back to back: poll again at once (PROTOCOL §6.1 step 11).
-                }
-                Ok(None) => {
-                    self.unreachable_streak = 0;
-                    self.pause(self.config.polling_period());
-                    return None;
-                }
-                Err(err) if err.is_retryable() => {
-                    let wait = self.unreachable_backoff();
-                    self.unreachable_streak += 1;
-                    log::warn!("polling for a job failed (next try in {wait:?}): {err}");
-                    self.pause(wait);
-                    return None;
-                }
-                Err(err) => {
-                    log::warn!("polling for a job was refused: {err}");
-                    self.pause(self.config.polling_period());
-                    return None;
-                }
+            Ok(None) => {
+                self.unreachable_streak = 0;
+                self.pause(self.config.polling_period());
+            }
+            Err(err) if err.is_retryable() => {
+                let wait = self.unreachable_backoff();
+                self.unreachable_streak += 1;
+                log::warn!("polling for a job failed (next try in {wait:?}): {err}");
+                self.pause(wait);
+            }
+            Err(err) => {
+                log::warn!("polling for a job was refused: {err}");
+                self.pause(self.config.polling_period());
             }
         }
+        None
     }
 
     /// The wait after the server could not be reached: the polling interval, doubling with
@@ -312,7 +307,7 @@ impl Daemon {
                 if let Err(err) = self.server.post_result(&job_id, &body) {
                     log::warn!("job {job_id}: could not close the job: {err}");
                 }
-                self.back_to_waiting("");
+                self.back_to_waiting(None);
                 return;
             }
         };
@@ -322,7 +317,7 @@ impl Daemon {
                 let message = format!("the agent cannot run this job: {err}");
                 log::error!("job {job_id}: {message}");
                 self.close_unrunnable(&job_id, &rundir, outcome_file, &message);
-                self.back_to_waiting("");
+                self.back_to_waiting(None);
                 return;
             }
         };
@@ -358,21 +353,30 @@ impl Daemon {
         let done = run_to_completion(Job::new(job_id.as_str(), plan, executor));
         let (outcome, mut executor) = done.finish();
         executor.job_finished(&outcome);
-        let offline_comment = executor.agent_comment.clone();
+        let deferred = executor.deferred.clone();
         drop(executor);
         let cancelled = matches!(outcome.abort, Some(AbortReason::Cancelled { .. }));
         log::info!("job {job_id}: finished ({})", outcome.end_detail());
         self.finish_job(&job_id, &rundir, cancelled);
-        self.back_to_waiting(&offline_comment);
+        self.back_to_waiting(deferred.as_ref());
     }
 
-    /// After a job: clear the job id, then `waiting` (or `offline` with the reason).
-    fn back_to_waiting(&self, offline_comment: &str) {
+    /// After a job: clear the job id, then carry out a request deferred during the job
+    /// (offline, maintenance, restart), or go back to `waiting`.
+    fn back_to_waiting(&mut self, deferred: Option<&AgentRequest>) {
         self.post_agent(json!({"job_id": ""}));
-        if !offline_comment.is_empty() {
-            self.post_agent(json!({"state": "offline", "comment": offline_comment}));
-        } else if !self.stopping() {
-            self.post_agent(json!({"state": "waiting", "comment": ""}));
+        match deferred {
+            Some(request) if request.state == "restart" => {
+                self.post_agent(json!({"state": "offline", "comment": request.comment}));
+                self.restart_after_job = true;
+            }
+            Some(request) => {
+                self.post_agent(json!({"state": request.state, "comment": request.comment}));
+            }
+            None if !self.stopping() => {
+                self.post_agent(json!({"state": "waiting", "comment": ""}));
+            }
+            None => {}
         }
     }
 

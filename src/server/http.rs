@@ -458,6 +458,11 @@ impl Server for HttpServer {
         self.core.expect_success(&req).map(drop)
     }
 
+    fn agent_state(&self) -> Option<(String, String)> {
+        let record = self.agent_record();
+        Some((record.state?, record.comment))
+    }
+
     fn releases_allocations(&self) -> bool {
         true
     }

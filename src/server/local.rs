@@ -67,6 +67,10 @@ impl Server for LocalServer {
         Ok(())
     }
 
+    fn agent_state(&self) -> Option<(String, String)> {
+        None
+    }
+
     fn releases_allocations(&self) -> bool {
         false
     }

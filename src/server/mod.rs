@@ -104,6 +104,10 @@ pub trait Server: Send + Sync {
     /// `POST /v1/result/<id>/artifact` with a gzip tarball.
     fn upload_artifacts(&self, job_id: &str, tarball: &Path) -> Result<(), ServerError>;
 
+    /// The agent's own state and comment on the server (an administrator may have set
+    /// `offline`, `maintenance` or `restart`), `None` when it cannot be read.
+    fn agent_state(&self) -> Option<(String, String)>;
+
     /// Whether another job (a multi-device parent) can use and then release this job after
     /// its allocate phase (PROTOCOL §5.7). `false` for `run-job`, where nothing could.
     fn releases_allocations(&self) -> bool;

@@ -624,3 +624,161 @@ fn sighup_reopens_the_log_file() {
     let reopened = std::fs::read_to_string(&log).expect("a new log file after SIGHUP");
     assert!(reopened.contains(&id), "the new file gets the new lines");
 }
+
+#[test]
+fn going_offline_during_a_job_is_deferred_until_it_ends() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-offline");
+    let name = format!("offline-{}", std::process::id());
+    let commands = "test_command: |\n  echo started\n  sleep 2\n  echo test finished\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    let first =
+        server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the test to start", |srv| {
+        srv.log_text(&first, "output").contains("started")
+    });
+    server.set_agent_state(&name, "offline", "maintenance window");
+    wait_for(&server, "the first job", |srv| finished(srv, &first));
+    assert!(
+        server.log_text(&first, "output").contains("test finished"),
+        "not interrupted"
+    );
+    wait_for(&server, "the agent to go offline after the job", |srv| {
+        srv.agent_record(&name)
+            .is_some_and(|r| r["state"] == "offline" && r["comment"] == "maintenance window")
+    });
+    // No job is taken while offline; the next one runs once the agent is set back.
+    let second =
+        server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    let polls = server.request_count(&Route::JobPoll);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        server.request_count(&Route::JobPoll),
+        polls,
+        "no poll while offline"
+    );
+    assert_eq!(server.job_state(&second).as_deref(), Some("waiting"));
+    server.set_agent_state(&name, "waiting", "");
+    wait_for(&server, "the second job", |srv| finished(srv, &second));
+}
+
+#[test]
+fn exit_46_takes_the_agent_offline_on_the_server() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-46");
+    let name = format!("recovery-{}", std::process::id());
+    let _agent = Agent::start(
+        &server,
+        &s,
+        &name,
+        "provision_command: exit 46\ntest_command: echo never\ncleanup_command: echo cleanup ran\n",
+    );
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "provision_data": {"url": "x"},
+        "test_data": {"test_cmds": "x"},
+    }));
+    wait_for(&server, "the job", |srv| finished(srv, &id));
+    assert_eq!(
+        server.result_data(&id)["status"],
+        json!({"provision": 46, "cleanup": 0})
+    );
+    let record = server.agent_record(&name).expect("agent record");
+    assert_eq!(record["state"], "offline");
+    assert!(
+        record["comment"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Recovery failed"),
+        "{record}"
+    );
+    let logs = server.provision_logs(&name);
+    assert_eq!(
+        logs.last().map(|l| l["detail"].clone()),
+        Some(json!("recovery_fail"))
+    );
+    assert!(!std::path::Path::new(&format!("/tmp/TESTFLINGER-DEVICE-OFFLINE-{name}")).exists());
+}
+
+#[test]
+fn restart_requests_exit_non_zero_after_posting_offline() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-restart");
+    let name = format!("restart-{}", std::process::id());
+    let mut agent = Agent::start(&server, &s, &name, "test_command: echo x\n");
+    wait_for(&server, "the agent to poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+    agent.signal(nix::sys::signal::Signal::SIGUSR1);
+    assert_eq!(
+        agent.wait_exit(),
+        Some(1),
+        "exit for the supervisor to restart it"
+    );
+    let record = server.agent_record(&name).expect("agent record");
+    assert_eq!(record["state"], "offline");
+    assert_eq!(
+        record["comment"],
+        "Restart signal detected from supervisor process"
+    );
+
+    // Asked by the server: the same, with the administrator's comment.
+    let mut agent = Agent::start(&server, &s, &name, "test_command: echo x\n");
+    wait_for(&server, "the agent to be back", |srv| {
+        srv.agent_record(&name)
+            .is_some_and(|r| r["state"] == "waiting")
+    });
+    server.set_agent_state(&name, "restart", "new agent version");
+    assert_eq!(agent.wait_exit(), Some(1));
+    assert_eq!(
+        server.agent_record(&name).expect("record")["comment"],
+        "new agent version"
+    );
+}
+
+#[test]
+fn restricted_queues_narrow_polling() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-restricted");
+    let name = format!("restricted-{}", std::process::id());
+    let private = format!("{name}-private");
+    let commands = format!("job_queues: [{name}-queue, {private}]\ntest_command: echo ran\n");
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    wait_for(&server, "the agent to poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+    server.set_restricted_queue(&private, &["owner"]);
+    let open =
+        server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    let owned = server.submit_job(json!({"job_queue": private, "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the restricted queue's job", |srv| {
+        finished(srv, &owned)
+    });
+    let polls = server.request_count(&Route::JobPoll);
+    wait_for(&server, "two more polls", |srv| {
+        srv.request_count(&Route::JobPoll) >= polls + 2
+    });
+    assert_eq!(
+        server.job_state(&open).as_deref(),
+        Some("waiting"),
+        "only restricted queues are polled"
+    );
+}
+
+#[test]
+fn a_stale_agent_record_gets_a_heartbeat() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-heartbeat");
+    let name = format!("heartbeat-{}", std::process::id());
+    let _agent = Agent::start(&server, &s, &name, "test_command: echo x\n");
+    wait_for(&server, "the agent to poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+    let posts = server.agent_posts(&name).len();
+    server.set_agent_field(&name, "updated_at", json!("2020-01-01T00:00:00Z"));
+    wait_for(&server, "a heartbeat", |srv| {
+        srv.agent_posts(&name).len() > posts
+    });
+    let last = server.agent_posts(&name).last().cloned().expect("a post");
+    assert_eq!(last, json!({"state": "waiting", "comment": ""}));
+}
