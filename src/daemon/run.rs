@@ -322,6 +322,8 @@ impl Daemon {
             }
         };
         log::info!("job {job_id}: starting in {}", rundir.display());
+        // A cancellation seen during the previous job was that job's.
+        self.stop.clear(StopKind::Cancel);
         let unrunnable = if spec.attachments_complete() {
             match self.fetch_attachments(&job_id, &rundir) {
                 Ok(()) => {

@@ -224,6 +224,12 @@ impl StopSignal {
         self.inner.kinds.load(Ordering::SeqCst) & kind as u8 != 0
     }
 
+    /// Withdraws a request of `kind`: the daemon clears [`StopKind::Cancel`] before each
+    /// job, as a cancellation belongs to the job it was made for.
+    pub fn clear(&self, kind: StopKind) {
+        self.inner.kinds.fetch_and(!(kind as u8), Ordering::SeqCst);
+    }
+
     /// Whether the agent is shutting down ([`StopKind::Shutdown`] or [`StopKind::KillNow`]).
     pub fn is_shutting_down(&self) -> bool {
         self.is_requested(StopKind::Shutdown) || self.is_requested(StopKind::KillNow)

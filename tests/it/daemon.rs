@@ -228,8 +228,11 @@ fn cancelling_during_test_kills_the_tree_runs_cleanup_and_stays_cancelled() {
     let name = format!("cancel-{}", std::process::id());
     let marker = s.marker();
     let guard = KillByMarker::new(&marker);
+    // The second job of this test must not hang: it finds the file `no-hang`.
+    let no_hang = s.path("no-hang");
     let commands = format!(
-        "test_command: |\n  sleep 1000.{marker}1 &\n  setsid sleep 1000.{marker}2 &\n  echo started\n  sleep 1000.{marker}3\ncleanup_command: echo cleanup ran\n"
+        "test_command: |\n  [ -e {} ] && exit 0\n  sleep 1000.{marker}1 &\n  setsid sleep 1000.{marker}2 &\n  echo started\n  sleep 1000.{marker}3\ncleanup_command: echo cleanup ran\n",
+        no_hang.display()
     );
     let _agent = Agent::start(&server, &s, &name, &commands);
     let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
@@ -252,6 +255,13 @@ fn cancelling_during_test_kills_the_tree_runs_cleanup_and_stays_cancelled() {
         Vec::<i32>::new(),
         "the test's processes survived"
     );
+    // The cancellation belonged to that job: the next one runs normally.
+    std::fs::write(&no_hang, "").expect("write no-hang");
+    let next =
+        server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the next job", |srv| finished(srv, &next));
+    assert_eq!(server.job_state(&next).as_deref(), Some("complete"));
+    assert_eq!(server.result_data(&next)["status"]["test"], 0);
 }
 
 #[test]
