@@ -79,6 +79,9 @@ impl KeyType {
     }
 }
 
+/// The longest duration a key may give, in seconds (a year).
+pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
+
 /// The value a key takes when the file does not set it (or sets it to `null`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DefaultValue {
@@ -594,14 +597,18 @@ fn check_value(
         }
         Seconds | Milliseconds | Count | Port => {
             let n = whole_number(value).ok_or_else(|| wrong(value))?;
-            let limit = if spec.kind == Port {
-                65_535
-            } else {
-                i128::from(u64::MAX)
+            // Durations are capped at a year: beyond that a value is a typo, and adding it
+            // to a clock would overflow.
+            let limit = match spec.kind {
+                Port => 65_535,
+                Seconds => i128::from(MAX_SECONDS),
+                Milliseconds => i128::from(MAX_SECONDS) * 1000,
+                _ => i128::from(u64::MAX),
             };
             if n < i128::from(spec.min) || n > limit {
                 let range = match (spec.min, spec.kind) {
                     (_, Port) => "from 0 to 65535".to_owned(),
+                    (min, Seconds | Milliseconds) => format!("from {min} to {limit}"),
                     (0, _) => "0 or more".to_owned(),
                     (min, _) => format!("{min} or more"),
                 };
@@ -1063,23 +1070,23 @@ output_bytes: 10485760
         for (line, message) in [
             (
                 "polling_interval: -1",
-                "config key polling_interval: must be 0 or more, found -1",
+                "config key polling_interval: must be from 0 to 31536000, found -1",
             ),
             (
                 "global_timeout: 0",
-                "config key global_timeout: must be 1 or more, found 0",
+                "config key global_timeout: must be from 1 to 31536000, found 0",
             ),
             (
                 "output_timeout: -5",
-                "config key output_timeout: must be 1 or more, found -5",
+                "config key output_timeout: must be from 1 to 31536000, found -5",
             ),
             (
                 "cancel_check_interval: 0",
-                "config key cancel_check_interval: must be 1 or more, found 0",
+                "config key cancel_check_interval: must be from 1 to 31536000, found 0",
             ),
             (
                 "output_post_interval: 0",
-                "config key output_post_interval: must be 1 or more, found 0",
+                "config key output_post_interval: must be from 1 to 31536000, found 0",
             ),
             (
                 "metrics_endpoint_port: 70000",
@@ -1088,6 +1095,14 @@ output_bytes: 10485760
             (
                 "output_bytes: -1",
                 "config key output_bytes: must be 0 or more, found -1",
+            ),
+            (
+                "polling_interval: 31536001",
+                "config key polling_interval: must be from 0 to 31536000, found 31536001",
+            ),
+            (
+                "straggler_wait_ms: 31536000001",
+                "config key straggler_wait_ms: must be from 0 to 31536000000, found 31536000001",
             ),
         ] {
             assert_eq!(error(&format!("{MINIMAL}{line}\n")), message, "{line}");

@@ -326,7 +326,9 @@ impl PhaseRunner for PhaseExecutor<'_> {
             Ok(file) => file,
             Err(err) => {
                 log::error!("job {job_id}: cannot open {}: {err}", log_path.display());
-                return agent_failure(started);
+                let result = agent_failure(started);
+                self.finish_phase(phase, &result);
+                return result;
             }
         };
         let masker = Masker::new(self.spec.secrets(phase).into_iter().map(|(_, v)| v));
@@ -401,7 +403,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
         };
         let allocating = phase == Phase::Allocate && self.server.releases_allocations();
         let result = if allocating {
-            self.require_device_info(result)
+            self.publish_device_info(result)
         } else {
             result
         };
@@ -456,30 +458,49 @@ impl PhaseRunner for PhaseExecutor<'_> {
 }
 
 impl PhaseExecutor<'_> {
-    /// An allocated device is useless to its parent job without `device-info.json`
-    /// (PROTOCOL §5.7): a successful allocate that did not write it counts as failed.
-    fn require_device_info(&self, result: PhaseResult) -> PhaseResult {
-        if result.exit_code != 0 || outcome::read_device_info(&self.rundir).is_some() {
+    /// An allocated device is useless to its parent job without its device info
+    /// (PROTOCOL §5.7): after a successful allocate, `device-info.json` must exist and the
+    /// server must take it, else the phase counts as failed. The post is retried while the
+    /// server is unreachable, until it succeeds, the job is cancelled or the agent stops.
+    fn publish_device_info(&self, result: PhaseResult) -> PhaseResult {
+        if result.exit_code != 0 {
             return result;
         }
-        let message = format!(
-            "\nERROR: allocate finished without writing {}; the parent job cannot use this device.\n",
-            outcome::DEVICE_INFO_FILE
-        );
-        log::error!("job {}: {}", self.spec.job_id(), message.trim());
+        let job_id = self.spec.job_id();
+        let period = self.config.cancel_check_period();
+        let problem = loop {
+            let Some(info) = outcome::read_device_info(&self.rundir) else {
+                break format!(
+                    "allocate finished without writing {} (a JSON object)",
+                    outcome::DEVICE_INFO_FILE
+                );
+            };
+            match self.server.post_result(job_id, &info) {
+                Ok(()) => return result,
+                Err(err) if !err.is_retryable() => {
+                    break format!("the server refused the device info: {err}")
+                }
+                Err(err) => {
+                    log::warn!("job {job_id}: posting device info failed, retrying: {err}");
+                    let cancelled = matches!(
+                        self.server.job_state(job_id),
+                        Ok(Some(state)) if state == "cancelled"
+                    );
+                    if cancelled || !self.stop.sleep_unless_shutdown(period) {
+                        return result;
+                    }
+                }
+            }
+        };
+        let message = format!("\nERROR: {problem}; the parent job cannot use this device.\n");
+        log::error!("job {job_id}: {}", message.trim());
         let log_path = self.rundir.join("allocate.log");
         if let Ok(mut log) = OpenOptions::new().append(true).open(&log_path) {
             let _ = log.write_all(message.as_bytes());
             let len = log.metadata().map_or(0, |m| m.len());
-            self.server.output(
-                self.spec.job_id(),
-                Phase::Allocate,
-                message.as_bytes(),
-                &log_path,
-                len,
-            );
             self.server
-                .finish_output(self.spec.job_id(), Phase::Allocate);
+                .output(job_id, Phase::Allocate, message.as_bytes(), &log_path, len);
+            self.server.finish_output(job_id, Phase::Allocate);
         }
         PhaseResult {
             exit_code: process::AGENT_FAILURE_EXIT_CODE,
@@ -488,28 +509,13 @@ impl PhaseExecutor<'_> {
         }
     }
 
-    /// After a successful allocate (PROTOCOL §5.7): post the device info until the server
-    /// takes it, post `allocated`, then hold the device until this job or its parent is
-    /// complete or cancelled (the parent releases its sub-jobs by cancelling them), or the
-    /// agent shuts down. Own state is read every `cancel_check_interval`, the parent's every
-    /// sixth time.
+    /// After a successful allocate whose device info the server took: post `allocated`,
+    /// then hold the device until this job or its parent is complete or cancelled (the
+    /// parent releases its sub-jobs by cancelling them), or the agent shuts down. Own state
+    /// is read every `cancel_check_interval`, the parent's every sixth time.
     fn hold_allocation(&mut self) {
         let job_id = self.spec.job_id().to_owned();
-        let period = self
-            .config
-            .cancel_check_period()
-            .max(std::time::Duration::from_secs(1));
-        while let Some(info) = outcome::read_device_info(&self.rundir) {
-            match self.server.post_result(&job_id, &info) {
-                Ok(()) => break,
-                Err(err) => {
-                    log::warn!("job {job_id}: posting device info failed, retrying: {err}");
-                    if !self.stop.sleep_unless_shutdown(period) {
-                        return;
-                    }
-                }
-            }
-        }
+        let period = self.config.cancel_check_period();
         self.post_result(&json!({"job_state": "allocated"}), "allocated state");
         log::info!("job {job_id}: allocated; waiting for this job or its parent to finish");
         let released = |state: Option<String>| {

@@ -1,6 +1,7 @@
 //! The daemon: takes jobs from a Testflinger server and runs them, one at a time.
 
 mod run;
+mod spool;
 mod states;
 
 pub use run::{deliver, Daemon, DaemonError, DaemonExit, DeliverError};

@@ -2,6 +2,7 @@
 //! cycle), running a job from the server, the final report, and the spool of reports the
 //! server has not accepted yet (retried every cycle, oldest first, across restarts).
 
+use super::spool;
 use crate::artifacts;
 use crate::config::Config;
 use crate::executor::{AgentRequest, PhaseExecutor};
@@ -12,12 +13,12 @@ use crate::process::{StopKind, StopSignal};
 use crate::run_job::prepare_rundir;
 use crate::server::http::{AgentRecord, HttpServer, PendingOutput};
 use crate::server::{Server, ServerError};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// The name of the file, inside a run directory, that says what live output is left to send.
 const PENDING_OUTPUT_FILE: &str = ".agent-pending-output.json";
@@ -171,6 +172,7 @@ impl Daemon {
             self.config.server_address,
             self.config.job_queues
         );
+        spool::recover_interrupted(&self.config.execution_basedir, &self.config.results_basedir);
         self.announce();
         let exit = loop {
             if self.stopping() {
@@ -295,6 +297,7 @@ impl Daemon {
             return;
         };
         self.post_agent(json!({"job_id": job_id}));
+        self.server.attach(&job_id);
         // testflinger.json first, exactly as received, before anything else.
         let (rundir, outcome_file) = match prepare_rundir(&self.config, &job_id, body) {
             Ok(prepared) => prepared,
@@ -366,6 +369,8 @@ impl Daemon {
     /// After a job: clear the job id, then carry out a request deferred during the job
     /// (offline, maintenance, restart), or go back to `waiting`.
     fn back_to_waiting(&mut self, deferred: Option<&AgentRequest>) {
+        // No command runs now: reap what the job's escaped processes left as zombies.
+        crate::process::reap_orphans();
         self.post_agent(json!({"job_id": ""}));
         match deferred {
             Some(request) if request.state == "restart" => {
@@ -437,51 +442,43 @@ impl Daemon {
                 log::error!("job {job_id}: cannot record unsent output: {err}");
             }
         }
+        // Into the spool first, then report from there: whatever happens from now on (a
+        // second signal, a crash, the server refusing), the results wait in the spool.
+        let Some(spooled) = self.spool(job_id, rundir) else {
+            return;
+        };
         if killed {
-            self.spool(job_id, rundir);
             return;
         }
-        match deliver(&self.server, rundir) {
+        match deliver(&self.server, &spooled) {
             Ok(()) => log::info!("job {job_id}: reported"),
-            Err(err) => {
-                log::warn!("job {job_id}: report not delivered, spooling it: {err}");
-                self.spool(job_id, rundir);
-            }
+            Err(err) => log::warn!(
+                "job {job_id}: report not delivered yet, kept in {} for the next cycle: {err}",
+                spooled.display()
+            ),
         }
     }
 
-    fn spool(&self, job_id: &str, rundir: &Path) {
-        let target = self.config.results_basedir.join(job_id);
-        let target = unique_path(target);
-        match fs::rename(rundir, &target) {
-            Ok(()) => log::info!("job {job_id}: spooled to {}", target.display()),
-            Err(err) => log::error!(
-                "job {job_id}: cannot move {} to the spool {}: {err}; it stays where it is",
-                rundir.display(),
-                target.display()
-            ),
+    /// Moves a finished job's run directory into the spool; `None` when it cannot (it then
+    /// stays in `execution_basedir`, and is spooled when the agent next starts).
+    fn spool(&self, job_id: &str, rundir: &Path) -> Option<PathBuf> {
+        let target = spool::unique_path(self.config.results_basedir.join(job_id));
+        match spool::move_dir(rundir, &target) {
+            Ok(()) => Some(target),
+            Err(err) => {
+                log::error!(
+                    "job {job_id}: cannot move {} to the spool {}: {err}; it stays where it is until the agent restarts",
+                    rundir.display(),
+                    target.display()
+                );
+                None
+            }
         }
     }
 
     /// Retries every spooled report, oldest first; keeps what still fails.
     fn retry_spool(&self) {
-        let Ok(entries) = fs::read_dir(&self.config.results_basedir) else {
-            return;
-        };
-        let mut dirs: Vec<(SystemTime, PathBuf)> = entries
-            .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| {
-                let modified = e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
-                (modified, e.path())
-            })
-            .collect();
-        dirs.sort();
-        for (_, dir) in dirs {
+        for dir in spool::job_dirs(&self.config.results_basedir) {
             if self.stopping() {
                 return;
             }
@@ -489,17 +486,18 @@ impl Daemon {
                 Ok(()) => log::info!("spooled report {} delivered", dir.display()),
                 Err(DeliverError::Server(err)) => {
                     log::info!("spooled report {} kept for later: {err}", dir.display());
+                    // The server is unreachable: the others would fail the same way.
                     if err.is_retryable() {
                         return;
                     }
                 }
                 Err(err) => {
-                    let aside = unique_path(dir.with_file_name(format!(
-                            ".undeliverable-{}",
-                            dir.file_name()
-                                .map(|n| n.to_string_lossy().into_owned())
-                                .unwrap_or_default()
-                        )));
+                    let name = dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let aside =
+                        spool::unique_path(dir.with_file_name(format!(".undeliverable-{name}")));
                     log::error!(
                         "spooled report {} cannot be delivered ({err}); moved to {}",
                         dir.display(),
@@ -548,27 +546,51 @@ pub fn deliver(server: &HttpServer, rundir: &Path) -> Result<(), DeliverError> {
         }
         remove_file(&pending_path)?;
     }
-    let archive = rundir.join(".artifacts.tar.gz");
-    let packed =
-        artifacts::pack(rundir, &archive).map_err(|err| DeliverError::Local(err.to_string()))?;
-    if packed {
-        server.upload_artifacts(&job_id, &archive)?;
-        remove_file(&archive)?;
-        fs::remove_dir_all(rundir.join(artifacts::ARTIFACTS_DIR)).map_err(|err| {
-            DeliverError::Local(format!("cannot remove uploaded artifacts: {err}"))
-        })?;
-    }
+    deliver_artifacts(server, &job_id, rundir)?;
     let outcome_path = rundir.join(outcome::OUTCOME_FILE);
     if outcome_path.exists() {
-        let body: Value = fs::read(&outcome_path)
+        let mut body: Map<String, Value> = fs::read(&outcome_path)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_else(|| json!({"job_state": "complete"}));
-        server.post_result(&job_id, &body)?;
+            .unwrap_or_default();
+        // A report spooled before its final state was written (or by the Python agent,
+        // whose outcome may still carry the legacy output and serial keys).
+        body.entry("job_state").or_insert_with(|| json!("complete"));
+        body.remove("output");
+        body.remove("serial");
+        server.post_result(&job_id, &Value::Object(body))?;
         remove_file(&outcome_path)?;
     }
     fs::remove_dir_all(rundir)
         .map_err(|err| DeliverError::Local(format!("cannot remove {}: {err}", rundir.display())))
+}
+
+/// Uploads `artifacts/` when it holds anything. Only an unreachable server stops the
+/// report (to retry later): an archive the agent cannot build or the server refuses for
+/// good is logged and left out, so the outcome still goes.
+fn deliver_artifacts(server: &HttpServer, job_id: &str, rundir: &Path) -> Result<(), DeliverError> {
+    let archive = rundir.join(".artifacts.tar.gz");
+    let packed = match artifacts::pack(rundir, &archive) {
+        Ok(packed) => packed,
+        Err(err) => {
+            log::error!("job {job_id}: artifacts left out of the report: {err}");
+            let _ = fs::remove_file(&archive);
+            return Ok(());
+        }
+    };
+    if !packed {
+        return Ok(());
+    }
+    match server.upload_artifacts(job_id, &archive) {
+        Ok(()) => {}
+        Err(err) if err.is_retryable() => return Err(err.into()),
+        Err(err) => log::error!("job {job_id}: the server refused the artifacts, left out: {err}"),
+    }
+    let _ = fs::remove_file(&archive);
+    if let Err(err) = fs::remove_dir_all(rundir.join(artifacts::ARTIFACTS_DIR)) {
+        log::warn!("job {job_id}: cannot remove the uploaded artifacts: {err}");
+    }
+    Ok(())
 }
 
 fn remove_file(path: &Path) -> Result<(), DeliverError> {
@@ -587,20 +609,6 @@ fn loose_job_id(body: &[u8]) -> Option<String> {
     let id = value.get("job_id")?.as_str()?;
     crate::job::check_job_id(id).ok()?;
     Some(id.to_owned())
-}
-
-fn unique_path(path: PathBuf) -> PathBuf {
-    if !path.exists() {
-        return path;
-    }
-    (1..)
-        .map(|n| {
-            let mut name = path.as_os_str().to_owned();
-            name.push(format!(".{n}"));
-            PathBuf::from(name)
-        })
-        .find(|p| !p.exists())
-        .expect("some numbered name is free")
 }
 
 fn ensure_writable_dir(dir: &Path) -> std::io::Result<()> {

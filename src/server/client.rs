@@ -448,7 +448,9 @@ impl Core {
                 }
                 Ok(reply) => {
                     let status = reply.status;
-                    let refused = status == 401 || (status == 403 && token.is_none());
+                    // 401: expired or missing token. 403: no token yet, or one the server
+                    // no longer accepts (e.g. its signing key changed): renew and replay once.
+                    let refused = status == 401 || status == 403;
                     if req.auth && refused && !replayed && self.auth.configured() {
                         replayed = true;
                         if self.auth.renew(token.as_deref(), &exchange).is_some() {
@@ -636,7 +638,7 @@ impl Core {
     /// Whether an answer to a fragment means "not stored, but may be later": an
     /// authentication failure.
     pub(super) fn is_auth_refusal(&self, reply: &Reply) -> bool {
-        reply.status == 401 || (reply.status == 403 && !reply.with_token && self.auth.configured())
+        reply.status == 401 || (reply.status == 403 && self.auth.configured())
     }
 }
 

@@ -296,6 +296,12 @@ impl HttpServer {
         }
     }
 
+    /// A job starts: its live output is streamed from now on, even if a job with the same
+    /// id ran (and was detached) before.
+    pub fn attach(&self, job_id: &str) {
+        self.streamer.attach(job_id);
+    }
+
     /// Stops streaming `job_id` and returns what is left to send of its live output: the
     /// daemon stores it with the run directory and later hands it to [`Self::send_pending`].
     /// Waits for a fragment being sent at this moment (bounded by the log timeout).
@@ -363,7 +369,9 @@ impl Server for HttpServer {
     }
 
     fn job_state(&self, job_id: &str) -> Result<Option<String>, ServerError> {
-        let req = Req::get(format!("/v1/result/{}", seg(job_id)));
+        // One attempt: callers read the state again soon anyway (the next phase, the next
+        // cancellation check), and retries would hold up the end of a phase.
+        let req = Req::get(format!("/v1/result/{}", seg(job_id))).attempts(1);
         let what = req.what();
         let reply = self.core.expect_success(&req)?;
         if reply.status == 204 {

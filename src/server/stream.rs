@@ -193,6 +193,12 @@ impl Streamer {
         Streamer { shared, thread }
     }
 
+    /// A job starts (again): output for `job_id` is streamed even if a job of that id was
+    /// detached before (a job handed out a second time).
+    pub(super) fn attach(&self, job_id: &str) {
+        lock(&self.shared.state).detached.retain(|d| d != job_id);
+    }
+
     /// `path` (the log of `phase`) now holds `len` bytes. Never blocks on the network.
     pub(super) fn note(&self, job_id: &str, phase: Phase, path: &Path, len: u64) {
         let mut guard = lock(&self.shared.state);

@@ -262,6 +262,13 @@ fn bad_input_exits_2_with_a_clear_message_and_no_panic() {
             "polling_interval",
         ),
         (
+            config(&format!(
+                "{base}cancel_check_interval: 18446744073709551615\n"
+            )),
+            good_job.clone(),
+            "cancel_check_interval",
+        ),
+        (
             config("server_address: http://x\njob_queues: [q]\n"),
             good_job.clone(),
             "agent_id",
