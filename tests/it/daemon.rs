@@ -792,3 +792,68 @@ fn a_stale_agent_record_gets_a_heartbeat() {
     let last = server.agent_posts(&name).last().cloned().expect("a post");
     assert_eq!(last, json!({"state": "waiting", "comment": ""}));
 }
+
+#[test]
+fn refused_artifacts_do_not_hold_back_the_outcome() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-413");
+    let name = format!("art413-{}", std::process::id());
+    let commands =
+        "test_command: |\n  mkdir -p artifacts\n  echo big > artifacts/big.txt\n  echo tested\n";
+    server.fail_next(Route::ArtifactPost, 1_000, 413);
+    let _agent = Agent::start(&server, &s, &name, commands);
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the outcome", |srv| finished(srv, &id));
+    assert!(server.artifact(&id).is_none());
+    assert_eq!(server.result_data(&id)["status"]["test"], 0);
+    wait_for(&server, "the spool to empty", |_| {
+        std::fs::read_dir(s.path("results"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0
+    });
+}
+
+#[test]
+fn a_job_left_by_a_dead_agent_is_reported_at_start_up() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-recover");
+    let name = format!("recover-{}", std::process::id());
+    let id = server.submit_job(json!({"job_queue": "nobody-polls-this"}));
+    // What an agent killed during the test phase leaves behind.
+    let rundir = s.path("run").join(&id);
+    std::fs::create_dir_all(&rundir).expect("mkdir");
+    std::fs::write(
+        rundir.join("testflinger.json"),
+        json!({"job_id": id, "job_queue": "q"}).to_string(),
+    )
+    .expect("write");
+    std::fs::write(
+        rundir.join("testflinger-outcome.json"),
+        r#"{"status":{"setup":0}}"#,
+    )
+    .expect("write");
+    let _agent = Agent::start(&server, &s, &name, "test_command: echo x\n");
+    wait_for(&server, "the interrupted job's outcome", |srv| {
+        srv.result_data(&id).get("status") == Some(&json!({"setup": 0}))
+    });
+    assert_eq!(server.job_state(&id).as_deref(), Some("complete"));
+    assert!(!rundir.exists());
+}
+
+#[test]
+fn the_same_job_id_a_second_time_streams_its_output_again() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-again");
+    let name = format!("again-{}", std::process::id());
+    let _agent = Agent::start(&server, &s, &name, "test_command: cat testflinger.json\n");
+    let job = |run: &str| json!({"job_queue": queue(&name), "name": run, "test_data": {"test_cmds": "x"}});
+    let id = server.submit_job(job("first run"));
+    wait_for(&server, "the first run", |srv| finished(srv, &id));
+    let mut second = job("second run");
+    second["job_id"] = json!(id);
+    assert_eq!(server.submit_job(second), id);
+    wait_for(&server, "the second run's output", |srv| {
+        srv.log_text(&id, "output").contains("second run") && finished(srv, &id)
+    });
+}
