@@ -98,6 +98,7 @@ pub fn run_local(
     stop: StopSignal,
 ) -> Result<LocalRun, RunJobError> {
     crate::process::become_subreaper()?;
+    crate::process::claim_orphans();
     let (rundir, outcome_file) = prepare_rundir(config, spec.job_id(), &spec.document_json())?;
     log::info!("job {}: running in {}", spec.job_id(), rundir.display());
     let server = LocalServer::new();

@@ -4,6 +4,28 @@
 use crate::process::{StopKind, StopSignal};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use std::time::Duration;
+
+/// How long the agent may take, after a second stop signal, to spool the job and exit on
+/// its own (a report under way may be waiting on the server).
+const KILL_NOW_EXIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// After a second stop signal: the running command dies at once and the run directory goes
+/// to the spool (or stays where the next start-up finds it), so a report that is still
+/// waiting on the server need not be waited for. Exit if the agent has not by then.
+fn exit_soon() {
+    let spawned = std::thread::Builder::new()
+        .name("exit-soon".into())
+        .spawn(|| {
+            std::thread::sleep(KILL_NOW_EXIT_LIMIT);
+            log::warn!("exiting now; unsent reports wait in results_basedir");
+            log::logger().flush();
+            std::process::exit(0);
+        });
+    if let Err(err) = spawned {
+        log::error!("cannot start the exit timer: {err}");
+    }
+}
 
 /// Starts the signal thread. The first SIGTERM/SIGINT requests [`StopKind::Shutdown`] (end
 /// the current phase, run cleanup, report); the second requests [`StopKind::KillNow`].
@@ -19,6 +41,7 @@ pub fn spawn(stop: StopSignal) -> std::io::Result<()> {
                     _ if stop.is_requested(StopKind::Shutdown) => {
                         log::warn!("second stop signal: killing every command now");
                         stop.request(StopKind::KillNow);
+                        exit_soon();
                     }
                     _ => {
                         log::warn!(

@@ -83,6 +83,7 @@ impl Daemon {
             })?;
         }
         crate::process::become_subreaper()?;
+        crate::process::claim_orphans();
         let server = HttpServer::new(crate::server::http::HttpSettings::from_config(&config));
         let restart_signal = Arc::new(AtomicBool::new(false));
         if let Err(err) =

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use sweep::claim_orphans;
 pub use unix::{become_subreaper, reap_orphans, run_command};
 
 /// Exit code recorded when the agent killed the command (Python reports -9, modulo 256).

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The environment variable that marks every process a phase starts.
 pub(crate) const TOKEN_VAR: &str = "TESTFLINGER_PHASE_TOKEN";
@@ -85,6 +86,18 @@ fn read_into(path: &str, buf: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
+/// Set by [`claim_orphans`].
+static ORPHANS_ARE_THE_PHASES: AtomicBool = AtomicBool::new(false);
+
+/// Declares that this process runs one command at a time and starts no other child: every
+/// orphan it adopts as subreaper belongs to the running phase, so the sweep kills those
+/// too, even when they dropped the phase token from their environment (`env -i`, `sudo`)
+/// and left the group. For the daemon and `run-job`; never for a process that runs
+/// commands concurrently (such as the test harness).
+pub fn claim_orphans() {
+    ORPHANS_ARE_THE_PHASES.store(true, Ordering::Relaxed);
+}
+
 /// What the sweep looks for.
 #[derive(Clone, Debug)]
 pub(crate) struct PhaseMarks<'a> {
@@ -129,9 +142,12 @@ pub(crate) fn scan(marks: &PhaseMarks<'_>) -> Vec<ProcStat> {
         if marks.group_only || !stat.is_alive() || stat.starttime < marks.min_starttime {
             continue;
         }
-        if read_into(&format!("/proc/{pid}/environ"), &mut buf).is_some()
-            && environ_has(&buf, marks.token_entry)
-        {
+        let tagged = read_into(&format!("/proc/{pid}/environ"), &mut buf).is_some()
+            && environ_has(&buf, marks.token_entry);
+        // An orphan the agent adopted (as subreaper) after the phase started, when the
+        // agent runs nothing else: found even if it cleared its environment.
+        let adopted = stat.ppid == marks.own_pid && ORPHANS_ARE_THE_PHASES.load(Ordering::Relaxed);
+        if tagged || adopted {
             found.push(stat);
         }
     }

@@ -153,7 +153,7 @@ fn global_timeout_aborts_and_no_process_of_the_phase_survives() {
     // carrying the marker in their command line, plus a shell that ignores SIGTERM.
     let config = s.config(&format!(
         "agent_id: it-global\nserver_address: http://127.0.0.1:9\njob_queues: [q]\ntermination_grace_period: 1\n\
-setup_command: |\n  trap '' TERM\n  sleep 1000.{m}1 &\n  sh -c 'sleep 1000.{m}2' &\n  setsid sleep 1000.{m}3 &\n  ( ( sleep 1000.{m}4 & ) & )\n  echo started\n  wait\n\
+setup_command: |\n  trap '' TERM\n  sleep 1000.{m}1 &\n  sh -c 'sleep 1000.{m}2' &\n  setsid sleep 1000.{m}3 &\n  ( ( sleep 1000.{m}4 & ) & )\n  ( env -i setsid sleep 1000.{m}5 & )\n  echo started\n  wait\n\
 cleanup_command: echo cleaned\n",
         m = marker
     ));
