@@ -103,6 +103,14 @@ impl HttpSettings {
     }
 }
 
+/// A job's serial logs: the next fragment number, and the logs (with the bytes already
+/// accepted) that could not be delivered yet, in order; they go with the report.
+#[derive(Clone, Debug, Default)]
+struct SerialState {
+    next: u64,
+    pending: Vec<PendingPhase>,
+}
+
 /// What the agent reads back from its own record (PROTOCOL §3.4).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AgentRecord {
@@ -121,8 +129,8 @@ pub struct AgentRecord {
 pub struct HttpServer {
     core: Arc<Core>,
     streamer: Streamer,
-    /// Next `serial` fragment number per job.
-    serial: Mutex<HashMap<String, u64>>,
+    /// Per job: the next `serial` fragment number and the serial logs not delivered yet.
+    serial: Mutex<HashMap<String, SerialState>>,
     /// For [`HttpServer::send_pending`]: a record as given, and how far a failed call got
     /// with it, per job.
     resume: Mutex<HashMap<String, (PendingOutput, PendingOutput)>>,
@@ -306,8 +314,11 @@ impl HttpServer {
     /// daemon stores it with the run directory and later hands it to [`Self::send_pending`].
     /// Waits for a fragment being sent at this moment (bounded by the log timeout).
     pub fn detach(&self, job_id: &str) -> PendingOutput {
-        lock(&self.serial).remove(job_id);
-        self.streamer.detach(job_id)
+        let serial = lock(&self.serial).remove(job_id).unwrap_or_default();
+        let mut pending = self.streamer.detach(job_id);
+        pending.next_serial_fragment = serial.next;
+        pending.serial = serial.pending;
+        pending
     }
 
     /// Waits up to `timeout` until all known output of `job_id` is delivered; the job is
@@ -411,7 +422,26 @@ impl Server for HttpServer {
                 ))
             }
         }
-        let mut number = lock(&self.serial).get(job_id).copied().unwrap_or(0);
+        let log_file = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut state = lock(&self.serial).get(job_id).cloned().unwrap_or_default();
+        if !state.pending.is_empty() {
+            // An earlier serial log is still undelivered: keep the order, send this one
+            // after it, with the report.
+            state.pending.push(PendingPhase {
+                phase: phase.name().to_owned(),
+                log_file,
+                sent: 0,
+            });
+            lock(&self.serial).insert(job_id.to_string(), state);
+            return Err(ServerError::new(
+                ServerErrorKind::Unavailable,
+                format!("sending the serial log of {phase} of job {job_id}"),
+                "queued behind an earlier serial log; it goes with the report",
+            ));
+        }
         let mut offset = 0;
         let result = stream::send_file(
             &self.core,
@@ -420,9 +450,16 @@ impl Server for HttpServer {
             phase,
             path,
             &mut offset,
-            &mut number,
+            &mut state.next,
         );
-        lock(&self.serial).insert(job_id.to_string(), number);
+        if matches!(&result, Err(e) if e.is_retryable()) {
+            state.pending.push(PendingPhase {
+                phase: phase.name().to_owned(),
+                log_file,
+                sent: offset,
+            });
+        }
+        lock(&self.serial).insert(job_id.to_string(), state);
         result
     }
 

@@ -39,6 +39,12 @@ pub struct PendingOutput {
     pub next_fragment: u64,
     /// The phases with undelivered output, in running order.
     pub phases: Vec<PendingPhase>,
+    /// The job's next `serial` fragment number.
+    #[serde(default)]
+    pub next_serial_fragment: u64,
+    /// The serial logs (`<phase>-serial.log`) not delivered yet, in running order.
+    #[serde(default)]
+    pub serial: Vec<PendingPhase>,
 }
 
 /// One phase's undelivered output: the bytes of `log_file` from `sent` to its end.
@@ -55,7 +61,7 @@ pub struct PendingPhase {
 impl PendingOutput {
     /// Whether nothing is left to send.
     pub fn is_empty(&self) -> bool {
-        self.phases.is_empty()
+        self.phases.is_empty() && self.serial.is_empty()
     }
 }
 
@@ -373,6 +379,7 @@ impl Streamer {
         PendingOutput {
             next_fragment: job.next_fragment,
             phases,
+            ..PendingOutput::default()
         }
     }
 }
@@ -724,43 +731,65 @@ pub(super) fn send_pending(
     rundir: &Path,
     pending: &mut PendingOutput,
 ) -> Result<(), ServerError> {
-    while let Some(first) = pending.phases.first_mut() {
+    send_queue(
+        core,
+        job_id,
+        rundir,
+        LogType::Output,
+        &mut pending.phases,
+        &mut pending.next_fragment,
+    )?;
+    send_queue(
+        core,
+        job_id,
+        rundir,
+        LogType::Serial,
+        &mut pending.serial,
+        &mut pending.next_serial_fragment,
+    )
+}
+
+/// Sends the rest of each file of `queue` as `log_type` fragments numbered from `number`,
+/// updating the queue and the number as the server accepts them.
+fn send_queue(
+    core: &Core,
+    job_id: &str,
+    rundir: &Path,
+    log_type: LogType,
+    queue: &mut Vec<PendingPhase>,
+    number: &mut u64,
+) -> Result<(), ServerError> {
+    while let Some(first) = queue.first_mut() {
         let plain_name = !first.log_file.is_empty()
             && Path::new(&first.log_file).file_name() == Some(first.log_file.as_ref());
         let phase = Phase::from_name(&first.phase);
         let (Some(phase), true) = (phase, plain_name) else {
             log::error!(
-                "pending output of job {job_id} names phase {:?} and file {:?}, which is not a \
+                "pending {} log of job {job_id} names phase {:?} and file {:?}, which is not a \
                  phase and a file name; it is dropped",
+                log_type.name(),
                 first.phase,
                 first.log_file
             );
-            pending.phases.remove(0);
+            queue.remove(0);
             continue;
         };
         let path = rundir.join(&first.log_file);
         let mut offset = first.sent;
-        let mut number = pending.next_fragment;
-        let result = send_file(
-            core,
-            job_id,
-            LogType::Output,
-            phase,
-            &path,
-            &mut offset,
-            &mut number,
-        );
+        let result = send_file(core, job_id, log_type, phase, &path, &mut offset, number);
         first.sent = offset;
-        pending.next_fragment = number;
         match result {
             Ok(()) => {}
             Err(e) if e.kind == ServerErrorKind::Rejected => {}
             Err(e) if e.kind == ServerErrorKind::Local => {
-                log::error!("pending output of job {job_id} cannot be sent and is dropped: {e}");
+                log::error!(
+                    "pending {} log of job {job_id} cannot be sent and is dropped: {e}",
+                    log_type.name()
+                );
             }
             Err(e) => return Err(e),
         }
-        pending.phases.remove(0);
+        queue.remove(0);
     }
     Ok(())
 }
@@ -867,6 +896,12 @@ mod tests {
                 phase: "test".into(),
                 log_file: "test.log".into(),
                 sent: 42,
+            }],
+            next_serial_fragment: 3,
+            serial: vec![PendingPhase {
+                phase: "provision".into(),
+                log_file: "provision-serial.log".into(),
+                sent: 1_048_576,
             }],
         };
         let text = serde_json::to_string(&p).expect("serialise");

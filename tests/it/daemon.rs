@@ -857,3 +857,40 @@ fn the_same_job_id_a_second_time_streams_its_output_again() {
         srv.log_text(&id, "output").contains("second run") && finished(srv, &id)
     });
 }
+
+#[test]
+fn serial_logs_the_server_missed_go_with_the_report() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-serial");
+    let name = format!("serial-{}", std::process::id());
+    let commands = "provision_command: |\n  head -c 2500000 /dev/zero | tr '\\0' p > provision-serial.log\n  echo provisioned\ntest_command: |\n  echo tested\n  printf 'test serial' > test-serial.log\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "provision_data": {"url": "x"},
+        "test_data": {"test_cmds": "x"},
+    }));
+    // Every serial post fails until the job is over: both serial logs wait in the spool.
+    server.fail_next(
+        Route::prefix("POST", &format!("/v1/result/{id}/log/serial")),
+        1_000,
+        503,
+    );
+    wait_for(&server, "the report to wait in the spool", |srv| {
+        srv.log_text(&id, "output").contains("tested")
+            && std::fs::read_dir(s.path("results"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+                == 1
+    });
+    assert_eq!(server.log_text(&id, "serial"), "");
+    server.clear_faults();
+    wait_for(&server, "the spooled report", |srv| finished(srv, &id));
+    let serial = server.log_text(&id, "serial");
+    assert_eq!(serial.len(), 2_500_000 + "test serial".len());
+    assert!(
+        serial.starts_with("ppp") && serial.ends_with("ptest serial"),
+        "in phase order"
+    );
+    assert_gap_free(&server, &id, "serial");
+}
