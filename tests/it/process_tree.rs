@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::support::scratch::{living_carrying, stat_of};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use testflinger_agent::process::{
@@ -48,35 +49,7 @@ impl Marker {
     /// Living (non-zombie) processes whose command line carries the marker, with their
     /// start times (to tell a reaped pid from a reused one).
     fn living(&self) -> Vec<(i32, u64)> {
-        let own = std::process::id() as i32;
-        let mut found = Vec::new();
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return found;
-        };
-        for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            if pid == own {
-                continue;
-            }
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            if !contains(&cmdline, self.digits.as_bytes()) {
-                continue;
-            }
-            if let Some((state, start)) = stat_of(pid) {
-                if state != 'Z' && state != 'X' {
-                    found.push((pid, start));
-                }
-            }
-        }
-        found
+        living_carrying(self.digits.as_bytes())
     }
 }
 
@@ -93,15 +66,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// `(state, starttime)` from `/proc/PID/stat`.
-fn stat_of(pid: i32) -> Option<(char, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first()?.chars().next()?;
-    let start = fields.get(22 - 3)?.parse().ok()?;
-    Some((state, start))
-}
-
 /// Whether `(pid, starttime)` still exists in any form, zombie included.
 fn still_exists(pid: i32, start: u64) -> bool {
     stat_of(pid).is_some_and(|(_, s)| s == start)

@@ -107,27 +107,50 @@ impl KillByMarker {
 
     /// Living (non-zombie) processes carrying the marker.
     pub fn living(&self) -> Vec<i32> {
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'));
-            if !zombie && String::from_utf8_lossy(&cmdline).contains(&self.needle) {
-                found.push(pid);
+        living_carrying(self.needle.as_bytes())
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+}
+
+/// Living (non-zombie) processes other than this one whose command line contains
+/// `needle`, with their start times (to tell a reaped pid from a reused one).
+pub fn living_carrying(needle: &[u8]) -> Vec<(i32, u64)> {
+    let own = std::process::id() as i32;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == own {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !cmdline.windows(needle.len()).any(|w| w == needle) {
+            continue;
+        }
+        if let Some((state, start)) = stat_of(pid) {
+            if state != 'Z' && state != 'X' {
+                found.push((pid, start));
             }
         }
-        found
     }
+    found
+}
+
+/// A process's state letter and start time (in clock ticks since boot), zombies included.
+pub fn stat_of(pid: i32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(22 - 3)?.parse().ok()?;
+    Some((state, start))
 }
 
 impl Drop for KillByMarker {
