@@ -494,14 +494,7 @@ impl PhaseExecutor<'_> {
         };
         let message = format!("\nERROR: {problem}; the parent job cannot use this device.\n");
         log::error!("job {job_id}: {}", message.trim());
-        let log_path = self.rundir.join("allocate.log");
-        if let Ok(mut log) = OpenOptions::new().append(true).open(&log_path) {
-            let _ = log.write_all(message.as_bytes());
-            let len = log.metadata().map_or(0, |m| m.len());
-            self.server
-                .output(job_id, Phase::Allocate, message.as_bytes(), &log_path, len);
-            self.server.finish_output(job_id, Phase::Allocate);
-        }
+        append_agent_line(self.server, job_id, &self.rundir, Phase::Allocate, &message);
         PhaseResult {
             exit_code: process::AGENT_FAILURE_EXIT_CODE,
             end: PhaseEnd::AgentError,
@@ -552,20 +545,39 @@ pub fn record_refusal(
     phase: Phase,
     message: &str,
 ) {
-    let log_path = rundir.join(format!("{phase}.log"));
-    let text = format!("ERROR: {message}\n");
-    match std::fs::write(&log_path, &text) {
-        Ok(()) => {
-            server.output(job_id, phase, text.as_bytes(), &log_path, text.len() as u64);
-            server.finish_output(job_id, phase);
-        }
-        Err(err) => log::error!("job {job_id}: cannot write {}: {err}", log_path.display()),
-    }
+    append_agent_line(
+        server,
+        job_id,
+        rundir,
+        phase,
+        &format!("ERROR: {message}\n"),
+    );
     if let Err(err) = outcome.set_status(phase, process::AGENT_FAILURE_EXIT_CODE) {
         log::error!("job {job_id}: cannot write the outcome: {err}");
     }
     if let Err(err) = server.post_result(job_id, &outcome.body()) {
         log::warn!("job {job_id}: posting phase status failed: {err}");
+    }
+}
+
+/// Appends a line of the agent's own to `<phase>.log` (created if needed) and sends it with
+/// the phase's live output, as the end of that output.
+fn append_agent_line(server: &dyn Server, job_id: &str, rundir: &Path, phase: Phase, text: &str) {
+    let log_path = rundir.join(format!("{phase}.log"));
+    let appended = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .and_then(|mut log| {
+            log.write_all(text.as_bytes())?;
+            log.metadata()
+        });
+    match appended {
+        Ok(meta) => {
+            server.output(job_id, phase, text.as_bytes(), &log_path, meta.len());
+            server.finish_output(job_id, phase);
+        }
+        Err(err) => log::error!("job {job_id}: cannot write {}: {err}", log_path.display()),
     }
 }
 
