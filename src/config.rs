@@ -36,6 +36,8 @@ pub enum KeyType {
     Bool,
     /// A Python log level name, any case.
     LogLevel,
+    /// One of a fixed set of words.
+    Choice(&'static [&'static str]),
     /// A list of non-empty strings.
     TextList,
     /// A mapping of strings to strings.
@@ -56,6 +58,7 @@ impl KeyType {
             KeyType::Port => "int (port)",
             KeyType::Bool => "bool",
             KeyType::LogLevel => "string (log level)",
+            KeyType::Choice(_) => "string (choice)",
             KeyType::TextList => "list of strings",
             KeyType::TextMap => "map string→string",
             KeyType::ImageMap => "map queue→map image→string",
@@ -72,6 +75,7 @@ impl KeyType {
             KeyType::Port => "a port number (0 to 65535)",
             KeyType::Bool => "true or false",
             KeyType::LogLevel => "a log level name such as INFO",
+            KeyType::Choice(_) => "a string",
             KeyType::TextList => "a list of strings",
             KeyType::TextMap => "a mapping of strings to strings",
             KeyType::ImageMap => "a mapping of queue names to mappings of image names to strings",
@@ -126,8 +130,10 @@ pub enum Origin {
     CurrentPython,
     /// Set from the current Python agent's command line; accepted in the file too.
     PythonCli,
-    /// This agent's own tuning key.
+    /// This agent's own key.
     ThisAgent,
+    /// Named in older Testflinger documents; today's Python agent refuses it.
+    Compat,
 }
 
 impl Origin {
@@ -137,6 +143,7 @@ impl Origin {
             Origin::CurrentPython => "current Python agent",
             Origin::PythonCli => "Python agent's command line",
             Origin::ThisAgent => "this agent",
+            Origin::Compat => "older Testflinger docs",
         }
     }
 }
@@ -230,19 +237,23 @@ pub const KEYS: &[KeySpec] = &[
     key("advertised_images", ImageMap, Absent(""), BothPython,
         "Per queue, image names and their provision data (a string), posted to the server; a list of one-key maps per queue is accepted and turned into a map (the server refuses the list shape)"),
     key("identifier", Text, Absent(""), CurrentPython,
-        "Posted with the agent data; metrics label"),
+        "Posted with the agent data; the `identifier` label of `phase_duration_seconds` (`\"\"` when absent)"),
     key("location", Text, Absent("`\"\"` posted"), CurrentPython,
         "Posted with the agent data"),
     key("output_bytes", Count, Int(10_485_760), CurrentPython,
         "Accepted for compatibility and unused: output is never truncated"),
-    key("links", TextMap, Absent(""), CurrentPython,
-        "Accepted for compatibility and unused"),
-    key("control_host", TextMap, Absent(""), CurrentPython,
-        "Accepted for compatibility and unused"),
+    key("links", TextMap, Absent(""), Compat,
+        "Accepted and unused; the Python agent's schema refuses it"),
+    key("control_host", TextMap, Absent(""), Compat,
+        "Accepted and unused; the Python agent's schema refuses it"),
     key("token_file", Text, Absent(""), PythonCli,
         "Refresh-token file; normally given on the command line, which wins; exported to phase commands"),
-    key("metrics_endpoint_port", Port, Absent(""), PythonCli,
-        "Port of the metrics endpoint; normally given on the command line, which wins"),
+    key("metrics_endpoint_port", Port, Absent("no endpoint"), ThisAgent,
+        "Port of the Prometheus endpoint (`/metrics`, `/health`); the Python agent takes it only as `-p`/`--metrics_port`, and the command line wins"),
+    key("metrics_endpoint_address", Text, Absent("all interfaces"), ThisAgent,
+        "Address the metrics endpoint binds to, such as `127.0.0.1` or `::`"),
+    key("logging_format", Choice(&["agent", "python"]), DText("agent"), ThisAgent,
+        "Layout of the agent's log lines: `agent` (UTC timestamp, level, message) or `python` (the Python agent's `[YY-MM-DD HH:MM:SS]   LEVEL: (file:line)| message`, local time)"),
     key("termination_grace_period", Seconds, Int(10), ThisAgent,
         "Seconds between SIGTERM and SIGKILL when a phase command's process group is stopped"),
     key("straggler_wait_ms", Milliseconds, Int(2000), ThisAgent,
@@ -322,6 +333,10 @@ pub struct Config {
     pub output_bytes: u64,
     pub token_file: Option<String>,
     pub metrics_endpoint_port: Option<u16>,
+    /// Where the metrics endpoint binds; `None` means all interfaces.
+    pub metrics_endpoint_address: Option<String>,
+    /// The Python agent's log line layout instead of ours.
+    pub logging_python_format: bool,
     /// Seconds between SIGTERM and SIGKILL when a command is stopped.
     pub termination_grace_period: u64,
     /// Milliseconds to wait for background processes holding a finished command's output.
@@ -477,6 +492,8 @@ impl Config {
             output_bytes: defaulted_int("output_bytes")?,
             token_file: text("token_file"),
             metrics_endpoint_port: int("metrics_endpoint_port").and_then(|p| u16::try_from(p).ok()),
+            metrics_endpoint_address: text("metrics_endpoint_address"),
+            logging_python_format: text("logging_format").as_deref() == Some("python"),
             termination_grace_period: defaulted_int("termination_grace_period")?,
             straggler_wait_ms: defaulted_int("straggler_wait_ms")?,
             cancel_check_interval: defaulted_int("cancel_check_interval")?,
@@ -583,6 +600,18 @@ fn check_value(
         reason,
     };
     match spec.kind {
+        Choice(words) => {
+            let s = value.as_str().ok_or_else(|| wrong(value))?;
+            let lower = s.to_ascii_lowercase();
+            if words.contains(&lower.as_str()) {
+                Ok(Value::String(lower))
+            } else {
+                Err(invalid(format!(
+                    "must be one of {}, found {s:?}",
+                    words.join(", ")
+                )))
+            }
+        }
         Text | LogLevel => {
             let s = value.as_str().ok_or_else(|| wrong(value))?;
             if spec.name == "server_address" && s.trim().is_empty() {
@@ -1356,6 +1385,7 @@ output_bytes: 10485760
                 }
                 let value = match spec.kind {
                     Text | LogLevel => json!(text),
+                    Choice(words) => json!(words[number as usize % words.len()]),
                     Seconds | Milliseconds | Count => json!(number),
                     Port => json!(number % 65_536),
                     KeyType::Bool => json!(number % 2 == 0),

@@ -28,6 +28,15 @@ struct Cli {
         default_value = "/var/lib/testflinger-agent/refresh_token"
     )]
     token_file: PathBuf,
+    /// Serve Prometheus metrics (`/metrics`) and `/health` on this port; overrides the
+    /// config key metrics_endpoint_port. `--metrics_port` is the Python agent's spelling.
+    #[arg(
+        short = 'p',
+        long = "metrics-port",
+        visible_alias = "metrics_port",
+        value_name = "PORT"
+    )]
+    metrics_port: Option<u16>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -90,7 +99,7 @@ fn main() -> ExitCode {
             machine,
             write,
         }) => diagram(format, &machine, write.as_deref()),
-        None => daemon(&cli.config, &cli.token_file),
+        None => daemon(&cli.config, &cli.token_file, cli.metrics_port),
     }
 }
 
@@ -188,12 +197,15 @@ fn diagram(format: DiagramFormat, machine: &str, write: Option<&Path>) -> ExitCo
     }
 }
 
-fn daemon(config_path: &Path, token_file: &Path) -> ExitCode {
+fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> ExitCode {
     let mut config = match load_config(config_path) {
         Ok(config) => config,
         Err(code) => return code,
     };
     config.set_token_file(token_file);
+    if let Some(port) = metrics_port {
+        config.set_metrics_endpoint_port(port);
+    }
     let stop = match start(&config) {
         Ok(stop) => stop,
         Err(code) => return code,

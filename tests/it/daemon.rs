@@ -2,98 +2,12 @@
 //! jobs end to end, live output delivered exactly once, cancellation, outages, token
 //! expiry, signals and the spool of unsent reports.
 
-use crate::support::fake_server::{FakeServer, Route, DEFAULT_REFRESH_TOKEN};
+use crate::support::agent::{finished, queue, wait_for, Agent};
+use crate::support::fake_server::{FakeServer, Route};
 use crate::support::scratch::{KillByMarker, Scratch};
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_testflinger-agent");
-const WAIT: Duration = Duration::from_secs(60);
-
-/// A running agent daemon; killed (with its command trees, by marker) on drop.
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    /// Starts the daemon with `commands` (YAML lines) against `server`.
-    fn start(server: &FakeServer, scratch: &Scratch, name: &str, commands: &str) -> Agent {
-        let token_file = scratch.write(
-            "refresh_token",
-            &json!({"refresh_token": DEFAULT_REFRESH_TOKEN, "obtained_at": "2026-11-27T00:00:00"})
-                .to_string(),
-        );
-        let defaults = format!(
-            "agent_id: {name}\nserver_address: {url}\njob_queues: [{name}-queue]\npolling_interval: 1\ncancel_check_interval: 1\noutput_post_interval: 1\ntermination_grace_period: 2\nadvertised_queues: {{{name}-queue: a test queue}}\nlogging_level: DEBUG\n",
-            url = server.url()
-        );
-        // `commands` may override a default key.
-        let overridden = |line: &&str| {
-            let key = line.split(':').next().unwrap_or_default();
-            commands.lines().any(|c| c.starts_with(&format!("{key}:")))
-        };
-        let kept: Vec<&str> = defaults.lines().filter(|l| !overridden(l)).collect();
-        let config = scratch.config(&format!("{}\n{commands}", kept.join("\n")));
-        let log =
-            std::fs::File::create(scratch.path(&format!("{name}-{}.stderr", std::process::id())))
-                .expect("log file");
-        let child = Command::new(BIN)
-            .arg("-c")
-            .arg(&config)
-            .arg("--token-file")
-            .arg(&token_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("the daemon starts");
-        Agent { child }
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, signal).expect("signal the daemon");
-    }
-
-    /// SIGTERM, then the exit status (bounded wait).
-    fn stop(&mut self) -> Option<i32> {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        self.wait_exit()
-    }
-
-    fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(server: &FakeServer, what: &str, mut condition: impl FnMut(&FakeServer) -> bool) {
-    assert!(
-        server.wait_until(WAIT, |s| condition(s)),
-        "timed out waiting for {what}"
-    );
-}
-
-fn finished(server: &FakeServer, id: &str) -> bool {
-    matches!(
-        server.job_state(id).as_deref(),
-        Some("complete" | "cancelled")
-    ) && server.result_data(id).get("status").is_some()
-}
+use std::time::Duration;
 
 /// The output fragments of a job: numbers 0..n each exactly once (no duplicate, no gap).
 fn assert_gap_free(server: &FakeServer, id: &str, log_type: &str) {
@@ -105,10 +19,6 @@ fn assert_gap_free(server: &FakeServer, id: &str, log_type: &str) {
     numbers.sort_unstable();
     let expected: Vec<i64> = (0..numbers.len() as i64).collect();
     assert_eq!(numbers, expected, "{log_type} fragments of {id}");
-}
-
-fn queue(name: &str) -> String {
-    format!("{name}-queue")
 }
 
 const COUNTING_TEST: &str = r#"test_command: |

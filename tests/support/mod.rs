@@ -1,5 +1,6 @@
 //! Test fixtures shared by the integration tests.
 
+pub mod agent;
 pub mod fake_server;
 pub mod http_wire;
 pub mod iso_time;
