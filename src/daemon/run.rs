@@ -31,6 +31,27 @@ const QUEUE_REFRESH: Duration = Duration::from_secs(3600);
 const UNREACHABLE_BACKOFF_CAP: Duration = Duration::from_secs(180);
 /// An agent record older than this is re-posted (heartbeat, PROTOCOL §9.4).
 const HEARTBEAT_AGE: Duration = Duration::from_secs(86_400);
+/// The comment of a restart asked for by SIGUSR1 (the Python agent's words).
+const RESTART_SIGNAL_COMMENT: &str = "Restart signal detected from supervisor process";
+/// Comments of `offline` states that an agent posted itself on a stop or a restart, not an
+/// administrator: this agent before it posted `restart` and `waiting` instead, and the
+/// Python agent 1.2.0 on a SIGUSR1 restart. Such a record does not hold the next start.
+const TRANSIENT_OFFLINE_COMMENTS: &[&str] = &["Agent stopped by signal", RESTART_SIGNAL_COMMENT];
+
+/// Whether a record read at start-up holds the agent: `offline` or `maintenance`, unless
+/// the comment shows the agent posted it itself on a stop or restart.
+fn admin_hold(record: &AgentRecord) -> Option<AgentRequest> {
+    let state = record.state.as_deref()?;
+    match state {
+        "maintenance" => {}
+        "offline" if !TRANSIENT_OFFLINE_COMMENTS.contains(&record.comment.as_str()) => {}
+        _ => return None,
+    }
+    Some(AgentRequest {
+        state: state.to_owned(),
+        comment: record.comment.clone(),
+    })
+}
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +87,9 @@ pub struct Daemon {
     unreachable_streak: usize,
     /// A restart was asked for during the last job: carried out before the next poll.
     restart_after_job: bool,
+    /// The `offline` or `maintenance` the server holds the agent in (an administrator's,
+    /// or the agent's own after exit 46), as last seen.
+    held: Option<AgentRequest>,
 }
 
 impl Daemon {
@@ -100,6 +124,7 @@ impl Daemon {
             queues_posted: None,
             unreachable_streak: 0,
             restart_after_job: false,
+            held: None,
         })
     }
 
@@ -118,10 +143,16 @@ impl Daemon {
         }
     }
 
+    /// The start-up posts: the state (`waiting`, or the hold re-posted with its comment),
+    /// the agent's data, advertised images and queues.
     fn announce(&mut self) {
+        let (state, comment) = match &self.held {
+            Some(hold) => (hold.state.clone(), hold.comment.clone()),
+            None => ("waiting".to_owned(), String::new()),
+        };
         let mut body = json!({
-            "state": "waiting",
-            "comment": "",
+            "state": state,
+            "comment": comment,
             "job_id": "",
             "queues": self.config.job_queues,
             "location": self.config.location.clone().unwrap_or_default(),
@@ -174,20 +205,67 @@ impl Daemon {
             self.config.job_queues
         );
         spool::recover_interrupted(&self.config.execution_basedir, &self.config.results_basedir);
-        self.announce();
-        let exit = loop {
-            if self.stopping() {
-                break DaemonExit::Stopped;
-            }
-            if let Some(exit) = self.cycle() {
-                break exit;
-            }
+        let exit = match self.come_up() {
+            Some(exit) => exit,
+            None => loop {
+                if self.stopping() {
+                    break DaemonExit::Stopped;
+                }
+                if let Some(exit) = self.cycle() {
+                    break exit;
+                }
+            },
         };
-        if exit == DaemonExit::Stopped {
-            self.post_agent(json!({"state": "offline", "comment": "Agent stopped by signal"}));
+        if exit == DaemonExit::Stopped && self.held.is_none() {
+            // A stop by the supervisor is a short absence, not an administrator's decision:
+            // the record says `waiting`, so users' jobs still queue for this device (the
+            // CLI refuses a queue whose agents are all `offline`), and the next start is not
+            // held by a state the agent posted itself.
+            self.post_agent(json!({"state": "waiting", "comment": ""}));
         }
         log::info!("agent {} exiting ({exit:?})", self.config.agent_id);
         exit
+    }
+
+    /// Start-up (PROTOCOL §14.3): read the agent record before posting anything, then come
+    /// up `waiting`, or held in an administrator's `offline` or `maintenance` with its
+    /// comment. While the record cannot be read the agent posts nothing and asks again.
+    /// `Some` when a stop arrived first.
+    fn come_up(&mut self) -> Option<DaemonExit> {
+        let record = loop {
+            if self.stopping() {
+                return Some(DaemonExit::Stopped);
+            }
+            match self.server.read_agent_record() {
+                Ok(record) => break record,
+                Err(err) => {
+                    let wait = self.unreachable_backoff();
+                    self.unreachable_streak += 1;
+                    log::warn!(
+                        "cannot read this agent's record before starting (next try in {wait:?}): {err}"
+                    );
+                    self.pause(wait);
+                }
+            }
+        };
+        self.unreachable_streak = 0;
+        self.held = record.as_ref().and_then(admin_hold);
+        match &self.held {
+            Some(hold) => log::warn!(
+                "the server holds this agent {} ({:?}); no job is taken until an administrator changes it",
+                hold.state,
+                hold.comment
+            ),
+            None => {
+                if let Some(record) = &record {
+                    if let Some(state) = record.state.as_deref() {
+                        log::info!("agent record was {state:?} ({:?}); coming up waiting", record.comment);
+                    }
+                }
+            }
+        }
+        self.announce();
+        None
     }
 
     /// One polling cycle: spool, one agent-record read, one job poll, jobs back to back.
@@ -198,28 +276,49 @@ impl Daemon {
         self.retry_spool();
         let record = self.server.agent_record();
         self.heartbeat(&record);
-        // A restart (server state or SIGUSR1) is carried out between jobs, unless the
-        // server holds the agent offline (PROTOCOL §9.2).
+        // An administrator's offline or maintenance holds the agent; a restart request (the
+        // server's `restart` state or SIGUSR1) waits until it is released (PROTOCOL §14.3).
         let server_state = record.state.as_deref();
+        if matches!(server_state, Some("offline" | "maintenance")) {
+            if self.held.is_none() {
+                log::info!(
+                    "agent is {} on the server ({:?}); not taking jobs{}",
+                    server_state.unwrap_or_default(),
+                    record.comment,
+                    if self.restart_signal.load(Ordering::SeqCst) {
+                        "; the restart asked for waits until it is released"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            self.held = Some(AgentRequest {
+                state: server_state.unwrap_or_default().to_owned(),
+                comment: record.comment.clone(),
+            });
+            self.pause(self.config.polling_period());
+            return None;
+        }
+        if let Some(hold) = self.held.take() {
+            if record.state.is_some() {
+                log::info!("released from {} by the server", hold.state);
+            } else {
+                // The record could not be read: stay held rather than guess.
+                self.held = Some(hold);
+                self.pause(self.config.polling_period());
+                return None;
+            }
+        }
         let restart_asked =
             self.restart_signal.load(Ordering::SeqCst) || server_state == Some("restart");
-        if restart_asked && server_state != Some("offline") {
+        if restart_asked {
             let comment = if server_state == Some("restart") {
                 record.comment.clone()
             } else {
-                "Restart signal detected from supervisor process".to_owned()
+                RESTART_SIGNAL_COMMENT.to_owned()
             };
-            self.post_agent(json!({"state": "offline", "comment": comment}));
+            self.post_restart(&comment);
             return Some(DaemonExit::Restart);
-        }
-        if matches!(record.state.as_deref(), Some("offline" | "maintenance")) {
-            log::info!(
-                "agent is {} on the server ({}); not taking jobs",
-                record.state.as_deref().unwrap_or_default(),
-                record.comment
-            );
-            self.pause(self.config.polling_period());
-            return None;
         }
         if let Some(marker) = self.offline_marker() {
             log::info!(
@@ -259,6 +358,13 @@ impl Daemon {
             }
         }
         None
+    }
+
+    /// Before exiting for a restart: `restart`, not `offline`, so that the next start does
+    /// not take it for an administrator's decision (PROTOCOL §14.3).
+    fn post_restart(&self, comment: &str) {
+        log::info!("restarting ({comment})");
+        self.post_agent(json!({"state": "restart", "comment": comment}));
     }
 
     /// The wait after the server could not be reached: the polling interval, doubling with
@@ -375,12 +481,14 @@ impl Daemon {
         self.post_agent(json!({"job_id": ""}));
         match deferred {
             Some(request) if request.state == "restart" => {
-                self.post_agent(json!({"state": "offline", "comment": request.comment}));
+                self.post_restart(&request.comment);
                 self.restart_after_job = true;
             }
             Some(request) => {
                 self.post_agent(json!({"state": request.state, "comment": request.comment}));
+                self.held = Some(request.clone());
             }
+            // When stopping, `run` posts `waiting` on its way out.
             None if !self.stopping() => {
                 self.post_agent(json!({"state": "waiting", "comment": ""}));
             }

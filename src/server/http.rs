@@ -196,6 +196,34 @@ impl HttpServer {
 
     /// `GET /v1/agents/data/<agent>` (PROTOCOL §3.4). Any failure gives the empty record
     /// (state unknown, no restricted queues) and a logged warning.
+    /// The agent record as read at start-up, where "unknown" is not good enough: `Ok(None)`
+    /// when the server has no record of this agent (404), an error when it cannot be read
+    /// (the daemon then waits and asks again before posting anything).
+    pub fn read_agent_record(&self) -> Result<Option<AgentRecord>, ServerError> {
+        let path = format!("/v1/agents/data/{}", seg(&self.core.settings.agent_id));
+        let req = Req::get(path);
+        let what = req.what();
+        let reply = self.core.call(&req)?;
+        if reply.status == 404 {
+            return Ok(None);
+        }
+        if !(200..300).contains(&reply.status) {
+            return Err(self.core.answer_error(&req, &reply));
+        }
+        let bytes = reply.read_all(&what)?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(Some(parse_agent_record(&map))),
+            Ok(_) | Err(_) => Err(ServerError::new(
+                ServerErrorKind::Malformed,
+                what,
+                format!(
+                    "answered something that is not a JSON object ({})",
+                    detail_of(&bytes)
+                ),
+            )),
+        }
+    }
+
     pub fn agent_record(&self) -> AgentRecord {
         let path = format!("/v1/agents/data/{}", seg(&self.core.settings.agent_id));
         let req = Req::get(path);

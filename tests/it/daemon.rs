@@ -110,11 +110,12 @@ fn a_full_job_arrives_whole_with_serial_log_and_artifacts() {
     }
     assert_eq!(server.provision_logs(&name).len(), 1);
     assert_eq!(agent.stop(), Some(0));
+    // A supervisor stop is a short absence: the record stays `waiting`, so jobs still queue.
     assert_eq!(
         server
             .agent_record(&name)
             .and_then(|r| r.get("state").cloned()),
-        Some(json!("offline"))
+        Some(json!("waiting"))
     );
     // The run directory is gone once the server took everything; nothing was spooled.
     assert_eq!(
@@ -621,7 +622,7 @@ fn exit_46_takes_the_agent_offline_on_the_server() {
 }
 
 #[test]
-fn restart_requests_exit_non_zero_after_posting_offline() {
+fn restart_requests_exit_non_zero_after_posting_restart() {
     let server = FakeServer::start();
     let s = Scratch::new("daemon-restart");
     let name = format!("restart-{}", std::process::id());
@@ -636,7 +637,7 @@ fn restart_requests_exit_non_zero_after_posting_offline() {
         "exit for the supervisor to restart it"
     );
     let record = server.agent_record(&name).expect("agent record");
-    assert_eq!(record["state"], "offline");
+    assert_eq!(record["state"], "restart");
     assert_eq!(
         record["comment"],
         "Restart signal detected from supervisor process"
@@ -650,10 +651,9 @@ fn restart_requests_exit_non_zero_after_posting_offline() {
     });
     server.set_agent_state(&name, "restart", "new agent version");
     assert_eq!(agent.wait_exit(), Some(1));
-    assert_eq!(
-        server.agent_record(&name).expect("record")["comment"],
-        "new agent version"
-    );
+    let record = server.agent_record(&name).expect("record");
+    assert_eq!(record["state"], "restart");
+    assert_eq!(record["comment"], "new agent version");
 }
 
 #[test]

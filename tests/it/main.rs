@@ -4,6 +4,7 @@
 #[allow(dead_code)]
 mod support;
 
+mod admin_state;
 mod daemon;
 mod fake_server_selftest;
 mod http_client;
