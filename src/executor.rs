@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Where the exit-46 offline marker goes (the archived agent's convention, PROTOCOL §9.5).
 pub const MARKER_DIR: &str = "/tmp";
@@ -407,10 +407,12 @@ impl PhaseRunner for PhaseExecutor<'_> {
         } else {
             result
         };
+        let result = if allocating && result.exit_code == 0 {
+            self.hold_allocation(result, started, spec.global_timeout)
+        } else {
+            result
+        };
         self.finish_phase(phase, &result);
-        if allocating && result.exit_code == 0 {
-            self.hold_allocation();
-        }
         result
     }
 
@@ -504,9 +506,18 @@ impl PhaseExecutor<'_> {
 
     /// After a successful allocate whose device info the server took: post `allocated`,
     /// then hold the device until this job or its parent is complete or cancelled (the
-    /// parent releases its sub-jobs by cancelling them), or the agent shuts down. Own state
-    /// is read every `cancel_check_interval`, the parent's every sixth time.
-    fn hold_allocation(&mut self) {
+    /// parent releases its sub-jobs by cancelling them), the agent shuts down, or the
+    /// phase's global timeout (from the start of the allocate command) expires: an orphaned
+    /// sub-job must not hold the device for ever (PROTOCOL §14.4). On expiry the phase ends
+    /// as a global timeout: the event, exit code 247, the log line, and cleanup runs. Own
+    /// state is read every `cancel_check_interval`, the parent's every sixth time.
+    fn hold_allocation(
+        &mut self,
+        mut result: PhaseResult,
+        started: Instant,
+        global_timeout: Option<Duration>,
+    ) -> PhaseResult {
+        let deadline = global_timeout.map(|limit| started + limit);
         let job_id = self.spec.job_id().to_owned();
         let period = self.config.cancel_check_period();
         self.post_result(&json!({"job_state": "allocated"}), "allocated state");
@@ -519,8 +530,22 @@ impl PhaseExecutor<'_> {
         };
         let parent = self.spec.parent_job_id().map(str::to_owned);
         for tick in 0u64.. {
-            if !self.stop.sleep_unless_shutdown(period) {
-                return;
+            let wait = match deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        result.duration = started.elapsed();
+                        return self.allocation_timed_out(result);
+                    }
+                    left.min(period)
+                }
+                None => period,
+            };
+            if !self.stop.sleep_unless_shutdown(wait) {
+                return result;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                continue;
             }
             if released(self.server.job_state(&job_id).ok().flatten()) {
                 break;
@@ -532,6 +557,32 @@ impl PhaseExecutor<'_> {
             }
         }
         log::info!("job {job_id}: allocation released");
+        // The phase lasted until the release (the metrics' phase duration says so).
+        result.duration = started.elapsed();
+        result
+    }
+
+    /// The allocate hold outlived the phase's global timeout.
+    fn allocation_timed_out(&mut self, result: PhaseResult) -> PhaseResult {
+        let job_id = self.spec.job_id();
+        let limit = self.spec.global_timeout(self.config).as_secs();
+        let detail = format!("ERROR: Global timeout reached! ({limit}s)");
+        log::warn!(
+            "job {job_id}: allocate: neither this job nor its parent was released within the global timeout ({limit}s); ending the phase"
+        );
+        append_agent_line(
+            self.server,
+            job_id,
+            &self.rundir,
+            Phase::Allocate,
+            &format!("\n{detail} The device was held allocated and nothing released it.\n"),
+        );
+        self.emit("global_timeout", &detail);
+        PhaseResult {
+            exit_code: process::KILLED_EXIT_CODE,
+            end: PhaseEnd::GlobalTimeout,
+            duration: result.duration,
+        }
     }
 }
 

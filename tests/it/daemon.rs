@@ -424,6 +424,45 @@ fn allocate_posts_device_info_and_holds_the_device_until_released() {
 }
 
 #[test]
+fn an_allocation_nobody_releases_ends_at_the_global_timeout() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-allocate-timeout");
+    let name = format!("alloc-timeout-{}", std::process::id());
+    let commands = "allocate_command: |\n  echo allocating\n  echo '{\"device_info\": {\"device_ip\": \"10.1.2.3\"}}' > device-info.json\nreserve_command: echo reserve ran\ncleanup_command: echo cleanup ran\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    // A parent job on a queue nobody serves: it never completes.
+    let parent = server.submit_job(json!({"job_queue": "nobody-serves-this", "test_data": {"test_cmds": "x"}}));
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "parent_job_id": parent,
+        "global_timeout": 4,
+        "job_status_webhook": "http://127.0.0.1:9/hook",
+        "allocate_data": {"allocate": true},
+        "reserve_data": {"ssh_keys": ["lp:someone"]},
+    }));
+    wait_for(&server, "the allocated state", |srv| {
+        srv.job_state(&id).as_deref() == Some("allocated")
+    });
+    wait_for(&server, "the job to end", |srv| finished(srv, &id));
+    assert_eq!(
+        server.result_data(&id)["status"],
+        json!({"allocate": 247, "cleanup": 0})
+    );
+    let output = server.log_text(&id, "output");
+    assert!(output.contains("Global timeout reached! (4s)"), "{output}");
+    assert!(output.contains("cleanup ran"));
+    assert!(!output.contains("reserve ran"));
+    let events = server.events(&id);
+    let names: Vec<&str> = events
+        .iter()
+        .flat_map(|e| e["events"].as_array().into_iter().flatten())
+        .filter_map(|e| e["event_name"].as_str())
+        .collect();
+    assert!(names.contains(&"global_timeout"), "{names:?}");
+    assert_eq!(server.job_state(&parent).as_deref(), Some("waiting"));
+}
+
+#[test]
 fn allocate_without_device_info_fails_the_job() {
     let server = FakeServer::start();
     let s = Scratch::new("daemon-allocate-noinfo");
