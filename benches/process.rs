@@ -18,6 +18,7 @@ fn spec(command: &str) -> CommandSpec {
         straggler_wait: Duration::from_secs(1),
         honour_cancel: true,
         honour_shutdown: true,
+        shutdown_budget: None,
     }
 }
 

@@ -256,6 +256,8 @@ pub const KEYS: &[KeySpec] = &[
         "Layout of the agent's log lines: `agent` (UTC timestamp, level, message) or `python` (the Python agent's `[YY-MM-DD HH:MM:SS]   LEVEL: (file:line)| message`, local time)"),
     key("termination_grace_period", Seconds, Int(10), ThisAgent,
         "Seconds between SIGTERM and SIGKILL when a phase command's process group is stopped"),
+    key("shutdown_cleanup_timeout", Seconds, Int(300), ThisAgent,
+        "When the agent is stopping (SIGTERM/SIGINT), the longest the cleanup phase may still run, counted from the stop or from the start of cleanup, whichever is later; then it is ended like a timeout. A supervisor's stop timeout must exceed `termination_grace_period` + this + 10 s"),
     key("straggler_wait_ms", Milliseconds, Int(2000), ThisAgent,
         "Milliseconds to wait, once a phase command has exited, for background processes still holding its output before they are killed"),
     at_least_one(key("cancel_check_interval", Seconds, Int(10), ThisAgent,
@@ -341,6 +343,8 @@ pub struct Config {
     pub termination_grace_period: u64,
     /// Milliseconds to wait for background processes holding a finished command's output.
     pub straggler_wait_ms: u64,
+    /// Seconds cleanup may still run once the agent is stopping.
+    pub shutdown_cleanup_timeout: u64,
     /// Seconds between cancellation checks while a command runs.
     pub cancel_check_interval: u64,
     /// Seconds between posts of live output.
@@ -496,6 +500,7 @@ impl Config {
             logging_python_format: text("logging_format").as_deref() == Some("python"),
             termination_grace_period: defaulted_int("termination_grace_period")?,
             straggler_wait_ms: defaulted_int("straggler_wait_ms")?,
+            shutdown_cleanup_timeout: defaulted_int("shutdown_cleanup_timeout")?,
             cancel_check_interval: defaulted_int("cancel_check_interval")?,
             output_post_interval: defaulted_int("output_post_interval")?,
             warnings,
@@ -561,6 +566,11 @@ impl Config {
     /// Time between SIGTERM and SIGKILL when a command is stopped.
     pub fn grace_period(&self) -> Duration {
         Duration::from_secs(self.termination_grace_period)
+    }
+
+    /// How long cleanup may still run once the agent is stopping.
+    pub fn shutdown_cleanup_budget(&self) -> Duration {
+        Duration::from_secs(self.shutdown_cleanup_timeout)
     }
 
     /// Time to wait between polls for a job.

@@ -151,6 +151,8 @@ impl<'a> PhaseExecutor<'a> {
             straggler_wait: self.config.straggler_wait(),
             honour_cancel: phase.interrupted_by_cancel(),
             honour_shutdown: phase != Phase::Cleanup,
+            shutdown_budget: (phase == Phase::Cleanup)
+                .then(|| self.config.shutdown_cleanup_budget()),
         }
     }
 

@@ -162,6 +162,11 @@ pub struct CommandSpec {
     pub honour_cancel: bool,
     /// Whether [`StopKind::Shutdown`] ends this command (not for cleanup).
     pub honour_shutdown: bool,
+    /// For a command that does not honour [`StopKind::Shutdown`]: once a shutdown is
+    /// requested (or from the start, when it already was), the command may run this much
+    /// longer; then it is ended like a timeout ([`Termination::Shutdown`]). `None`: no bound
+    /// beyond its own timeouts.
+    pub shutdown_budget: Option<Duration>,
 }
 
 /// Receives the command's output as it arrives, byte-exact, in order.
@@ -346,6 +351,7 @@ mod tests {
             straggler_wait: Duration::ZERO,
             honour_cancel: true,
             honour_shutdown: true,
+            shutdown_budget: None,
         }
     }
 

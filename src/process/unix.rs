@@ -457,6 +457,8 @@ pub fn run_command(
     let mut group_rescan = GROUP_RESCAN_FIRST;
     let global_deadline = spec.global_timeout.and_then(|t| start.checked_add(t));
     let mut last_output = start;
+    // A command that outlives a shutdown (cleanup) only within its budget.
+    let mut shutdown_deadline: Option<Instant> = None;
 
     let end = loop {
         let now = Instant::now();
@@ -476,6 +478,18 @@ pub fn run_command(
                 state.step(EV_KILL_NOW, CommandState::Killed);
                 break LoopEnd::Kill;
             }
+            if let (None, Some(budget), false, true) = (
+                shutdown_deadline,
+                spec.shutdown_budget,
+                spec.honour_shutdown,
+                stop.is_requested(StopKind::Shutdown),
+            ) {
+                shutdown_deadline = now.checked_add(budget);
+                log::info!(
+                    "pgid {leader}: the agent is stopping; this command may run {}s more",
+                    budget.as_secs()
+                );
+            }
             if state == CommandState::Running {
                 let output_deadline = spec.output_timeout.and_then(|t| last_output.checked_add(t));
                 let stop_for = if spec.honour_cancel && stop.is_requested(StopKind::Cancel) {
@@ -486,6 +500,8 @@ pub fn run_command(
                     Some((Termination::GlobalTimeout, EV_GLOBAL_TIMEOUT))
                 } else if output_deadline.is_some_and(|d| now >= d) {
                     Some((Termination::OutputTimeout, EV_OUTPUT_TIMEOUT))
+                } else if shutdown_deadline.is_some_and(|d| now >= d) {
+                    Some((Termination::Shutdown, EV_SHUTDOWN))
                 } else {
                     None
                 };
@@ -538,7 +554,7 @@ pub fn run_command(
         let deadline = match state {
             CommandState::Running if leader_exit_at.is_some() => straggler_deadline,
             CommandState::Running => earliest(
-                global_deadline,
+                earliest(global_deadline, shutdown_deadline),
                 spec.output_timeout.and_then(|t| last_output.checked_add(t)),
             ),
             CommandState::Terminating if leader_exit_at.is_some() && !pipe_open => {

@@ -431,7 +431,8 @@ fn an_allocation_nobody_releases_ends_at_the_global_timeout() {
     let commands = "allocate_command: |\n  echo allocating\n  echo '{\"device_info\": {\"device_ip\": \"10.1.2.3\"}}' > device-info.json\nreserve_command: echo reserve ran\ncleanup_command: echo cleanup ran\n";
     let _agent = Agent::start(&server, &s, &name, commands);
     // A parent job on a queue nobody serves: it never completes.
-    let parent = server.submit_job(json!({"job_queue": "nobody-serves-this", "test_data": {"test_cmds": "x"}}));
+    let parent = server
+        .submit_job(json!({"job_queue": "nobody-serves-this", "test_data": {"test_cmds": "x"}}));
     let id = server.submit_job(json!({
         "job_queue": queue(&name),
         "parent_job_id": parent,

@@ -82,6 +82,7 @@ fn spec(command: &str) -> CommandSpec {
         straggler_wait: Duration::from_millis(300),
         honour_cancel: true,
         honour_shutdown: true,
+        shutdown_budget: None,
     }
 }
 
@@ -457,6 +458,34 @@ fn shutdown_ends_the_command_with_its_line() {
         text(&out)
     );
     assert!(m.living().is_empty());
+}
+
+#[test]
+fn a_command_that_outlives_shutdown_is_ended_after_its_budget() {
+    // Cleanup does not honour a shutdown, but it may not run for ever once the agent is
+    // stopping: after its budget it is ended like a timeout, and its whole tree dies.
+    let m = Marker::new();
+    let mut spec = spec(&format!("echo started; {} & {}", m.sleep(), m.sleep()));
+    spec.honour_cancel = false;
+    spec.honour_shutdown = false;
+    spec.shutdown_budget = Some(Duration::from_millis(300));
+    let stop = StopSignal::new().expect("stop signal");
+    let (outcome, out, _) = run_with_request(&spec, &stop, StopKind::Shutdown);
+    assert_eq!(outcome.termination, Termination::Shutdown);
+    assert!(
+        text(&out).contains("started\n\nThe agent is shutting down: ending this phase.\n"),
+        "{}",
+        text(&out)
+    );
+    assert!(m.living().is_empty());
+
+    // Within its budget it runs to its end.
+    let mut spec = self::spec("echo started; sleep 0.3; echo finished");
+    spec.honour_shutdown = false;
+    spec.shutdown_budget = Some(Duration::from_secs(60));
+    let (outcome, out, _) = run_with_request(&spec, &stop, StopKind::Shutdown);
+    assert_eq!(outcome.termination, Termination::Exited(0));
+    assert!(text(&out).ends_with("finished\n"), "{}", text(&out));
 }
 
 #[test]
