@@ -2,8 +2,10 @@
 //! and `diagram`.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 use testflinger_agent::config::Config;
 use testflinger_agent::daemon::{Daemon, DaemonExit};
 use testflinger_agent::job::JobSpec;
@@ -85,9 +87,29 @@ enum DiagramFormat {
 
 /// Exit status for a config or job file that cannot be used.
 const EXIT_BAD_INPUT: u8 = 2;
+/// How long the daemon waits before exiting with [`EXIT_BAD_INPUT`] when its standard input
+/// is not a terminal (it runs under a supervisor); the environment variable overrides it.
+const STARTUP_FAILURE_DELAY: Duration = Duration::from_secs(10);
+const STARTUP_FAILURE_DELAY_VAR: &str = "TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY";
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let usage_error = err.use_stderr();
+            let _ = err.print();
+            if !usage_error {
+                // --help and --version.
+                return ExitCode::SUCCESS;
+            }
+            let daemon = std::env::args().nth(1).is_none_or(|a| a.starts_with('-'));
+            return if daemon {
+                startup_failure(None)
+            } else {
+                ExitCode::from(EXIT_BAD_INPUT)
+            };
+        }
+    };
     match cli.command {
         Some(Command::RunJob { config, job }) => run_job(&config, &job),
         Some(Command::CheckConfig {
@@ -197,10 +219,39 @@ fn diagram(format: DiagramFormat, machine: &str, write: Option<&Path>) -> ExitCo
     }
 }
 
+/// The daemon cannot start (exit status 2: restarting cannot help). Under a supervisor
+/// that restarts on any exit (the charm's supervisord program: `autorestart=unexpected`,
+/// `startsecs=0`) an immediate exit would be a restart loop as fast as the machine goes;
+/// so when standard input is not a terminal the agent says so and waits
+/// [`STARTUP_FAILURE_DELAY`] first. A stop signal ends the wait at once.
+fn startup_failure(stop: Option<&StopSignal>) -> ExitCode {
+    let delay = std::env::var(STARTUP_FAILURE_DELAY_VAR)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(STARTUP_FAILURE_DELAY, Duration::from_secs);
+    if !std::io::stdin().is_terminal() && !delay.is_zero() {
+        let message = format!(
+            "cannot start; exiting with status {EXIT_BAD_INPUT} in {}s (not on a terminal: \
+             this keeps a supervisor that restarts on every exit from looping; {STARTUP_FAILURE_DELAY_VAR}=0 skips the wait)",
+            delay.as_secs()
+        );
+        log::error!("{message}");
+        eprintln!("testflinger-agent: {message}");
+        match stop {
+            Some(stop) => {
+                stop.sleep_unless_shutdown(delay);
+            }
+            // No handler is installed yet: SIGTERM ends the process at once.
+            None => std::thread::sleep(delay),
+        }
+    }
+    ExitCode::from(EXIT_BAD_INPUT)
+}
+
 fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> ExitCode {
     let mut config = match load_config(config_path) {
         Ok(config) => config,
-        Err(code) => return code,
+        Err(_) => return startup_failure(None),
     };
     config.set_token_file(token_file);
     if let Some(port) = metrics_port {
@@ -208,14 +259,15 @@ fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> E
     }
     let stop = match start(&config) {
         Ok(stop) => stop,
+        Err(code) if code == ExitCode::from(EXIT_BAD_INPUT) => return startup_failure(None),
         Err(code) => return code,
     };
-    let daemon = match Daemon::new(config, stop) {
+    let daemon = match Daemon::new(config, stop.clone()) {
         Ok(daemon) => daemon,
         Err(err) => {
             log::error!("{err}");
             eprintln!("testflinger-agent: {err}");
-            return ExitCode::from(EXIT_BAD_INPUT);
+            return startup_failure(Some(&stop));
         }
     };
     match daemon.run() {

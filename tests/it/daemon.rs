@@ -844,3 +844,77 @@ fn serial_logs_the_server_missed_go_with_the_report() {
     );
     assert_gap_free(&server, &id, "serial");
 }
+
+#[test]
+fn a_daemon_that_cannot_start_exits_2_after_a_delay_off_a_terminal() {
+    let s = Scratch::new("daemon-badconfig");
+    let config = s.write(
+        "bad.yaml",
+        "agent_id: a\nserver_address: http://127.0.0.1:9\njob_queues: [q]\nnot_a_key: 1\n",
+    );
+    // Off a terminal (stdin is /dev/null here) the agent says why and waits before exiting,
+    // so a supervisor that restarts on every exit does not loop as fast as it can.
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(crate::support::agent::BIN)
+        .arg("-c")
+        .arg(&config)
+        .env("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not_a_key"), "{stderr}");
+    assert!(stderr.contains("exiting with status 2 in 1s"), "{stderr}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    // The same for a command-line mistake.
+    let out = std::process::Command::new(crate::support::agent::BIN)
+        .args(["-c", "x.yaml", "--no-such-flag"])
+        .env("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--no-such-flag"), "{stderr}");
+    assert!(stderr.contains("exiting with status 2 in 1s"), "{stderr}");
+
+    // A stop during the wait ends it at once.
+    let mut child = std::process::Command::new(crate::support::agent::BIN)
+        .arg("-c")
+        .arg(&config)
+        .env("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", "600")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    let mut stderr = child.stderr.take().expect("piped");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("exiting with status 2") {
+        use std::io::Read;
+        let n = stderr.read(&mut buf).expect("read stderr");
+        assert!(
+            n > 0,
+            "stderr closed early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.is_some_and(|s| !s.success()), "ended by the signal");
+}
