@@ -308,6 +308,9 @@ pub struct CommandOutcome {
     /// Processes still alive (or holding the pipe) after the leader exited, which the
     /// final sweep killed.
     pub stragglers_killed: usize,
+    /// Of those, the processes that had left the command's process group (`setsid`, a
+    /// double fork into another group).
+    pub escapees_killed: usize,
     /// Wall time from spawn to the last process reaped.
     pub duration: Duration,
 }

@@ -251,9 +251,11 @@ impl ProcessGroupGuard {
     /// until none is left alive (bounded), and reaps those that are our children. Returns
     /// how many processes other than the leader it found alive. Never touches a process
     /// that is not the phase's, never reaps a pid that is not the phase's.
-    fn sweep(&mut self) -> usize {
+    /// Returns how many processes it killed, and how many of those had left the group.
+    fn sweep(&mut self) -> (usize, usize) {
         let leader = self.leader.as_raw();
         let before = self.killed.len();
+        let mut escapees = 0;
         let deadline = Instant::now() + SWEEP_BOUND;
         let mut pause = Duration::from_millis(1);
         loop {
@@ -271,6 +273,9 @@ impl ProcessGroupGuard {
                     }
                     if !self.killed.contains(&id) {
                         self.killed.push(id);
+                        if stat.pgrp != leader {
+                            escapees += 1;
+                        }
                     }
                     let _ = kill(Pid::from_raw(stat.pid), Signal::SIGKILL);
                 } else if stat.ppid == self.own_pid && stat.pid != leader {
@@ -294,7 +299,7 @@ impl ProcessGroupGuard {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(50));
         }
-        self.killed.len() - before
+        (self.killed.len() - before, escapees)
     }
 
     /// Kills what is left of the group and reaps the leader. Returns its raw status.
@@ -613,7 +618,7 @@ pub fn run_command(
     };
 
     // End of the command: kill and reap whatever is left.
-    let killed = guard.sweep();
+    let (killed, escapees_killed) = guard.sweep();
     if let LoopEnd::Done = end {
         let event = match (state, killed > 0) {
             (CommandState::Running, false) => EV_EXIT,
@@ -653,6 +658,7 @@ pub fn run_command(
         termination,
         needed_sigkill,
         stragglers_killed: killed,
+        escapees_killed,
         duration,
     })
 }
