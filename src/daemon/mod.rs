@@ -1,8 +1,10 @@
 //! The daemon: takes jobs from a Testflinger server and runs them, one at a time.
 
+mod lock;
 mod run;
 mod spool;
 mod states;
 
+pub use lock::{AgentLock, LockError};
 pub use run::{deliver, Daemon, DaemonError, DaemonExit, DeliverError};
 pub use states::DAEMON_TRANSITIONS;

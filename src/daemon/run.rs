@@ -65,6 +65,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Process(#[from] crate::process::ProcessError),
+    #[error(transparent)]
+    Lock(#[from] super::lock::LockError),
 }
 
 /// How the daemon ended.
@@ -90,11 +92,24 @@ pub struct Daemon {
     /// The `offline` or `maintenance` the server holds the agent in (an administrator's,
     /// or the agent's own after exit 46), as last seen.
     held: Option<AgentRequest>,
+    /// One agent per `agent_id` on this host, for as long as this one lives.
+    _lock: super::lock::AgentLock,
 }
 
 impl Daemon {
-    /// Checks the directories and prepares the HTTP client. Nothing is sent yet.
+    /// Takes the agent's lock, checks the directories and prepares the HTTP client.
+    /// Nothing is sent yet.
     pub fn new(config: Config, stop: StopSignal) -> Result<Daemon, DaemonError> {
+        ensure_writable_dir(&config.execution_basedir).map_err(|source| {
+            DaemonError::Directory {
+                key: "execution_basedir",
+                path: config.execution_basedir.clone(),
+                source,
+            }
+        })?;
+        // Before anything else: a second copy of this agent must not touch its run
+        // directories, its spool or its record on the server.
+        let lock = super::lock::AgentLock::acquire(&config.execution_basedir, &config.agent_id)?;
         for (key, dir) in [
             ("execution_basedir", &config.execution_basedir),
             ("results_basedir", &config.results_basedir),
@@ -125,6 +140,7 @@ impl Daemon {
             unreachable_streak: 0,
             restart_after_job: false,
             held: None,
+            _lock: lock,
         })
     }
 

@@ -217,3 +217,45 @@ fn a_server_restart_replaces_maintenance_and_is_carried_out() {
     });
     assert_eq!(again.stop(), Some(0));
 }
+
+#[test]
+fn a_second_agent_with_the_same_id_exits_2_naming_the_first() {
+    let server = FakeServer::start();
+    let s = Scratch::new("admin-twice");
+    let name = format!("admin-twice-{}", std::process::id());
+    let mut first = Agent::start(&server, &s, &name, "test_command: echo x\n");
+    wait_for(&server, "the first agent to poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+    // Same config (same agent_id, same directories): refused before it does anything.
+    let posts_before = server.agent_posts(&name).len();
+    let out = std::process::Command::new(crate::support::agent::BIN)
+        .arg("-c")
+        .arg(s.path("agent.yaml"))
+        .arg("--token-file")
+        .arg(s.path("refresh_token"))
+        .env("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("(pid {})", first.child.id())),
+        "names the holder: {stderr}"
+    );
+    assert_eq!(
+        server.agent_posts(&name).len(),
+        posts_before,
+        "the second copy posted nothing"
+    );
+    // The lock dies with its holder: after a SIGKILL a new agent starts at once.
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(first.wait_exit().is_none(), "killed by the signal");
+    let polls = server.request_count(&Route::JobPoll);
+    let mut next = Agent::start(&server, &s, &name, "test_command: echo x\n");
+    wait_for(&server, "the new agent to poll", |srv| {
+        srv.request_count(&Route::JobPoll) > polls
+    });
+    assert_eq!(next.stop(), Some(0));
+}
