@@ -11,3 +11,4 @@ mod http_client;
 mod inputs;
 mod process_tree;
 mod run_job;
+mod supervisord;
