@@ -36,7 +36,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-pub use health::Health;
+pub use health::{Health, DEFAULT_STALL_LIMIT};
 pub use serve::{serve, MetricsServer};
 
 /// Upper bounds of the `phase_duration_seconds` buckets (the Python agent's); `+Inf` follows.
