@@ -15,6 +15,7 @@ pub mod job;
 pub mod lifecycle;
 pub mod logging;
 pub mod mask;
+pub mod metrics;
 pub mod outcome;
 pub mod phase;
 pub mod process;

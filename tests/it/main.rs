@@ -9,6 +9,7 @@ mod daemon;
 mod fake_server_selftest;
 mod http_client;
 mod inputs;
+mod metrics_endpoint;
 mod process_tree;
 mod run_job;
 mod supervisord;
