@@ -5,6 +5,7 @@
 mod support;
 
 mod admin_state;
+mod charm_metrics;
 mod daemon;
 mod fake_server_selftest;
 mod http_client;
