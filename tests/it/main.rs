@@ -10,3 +10,4 @@ mod http_client;
 mod inputs;
 mod process_tree;
 mod run_job;
+mod tls;
