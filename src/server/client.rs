@@ -1,13 +1,15 @@
 //! The request machinery under [`super::http::HttpServer`]: one ureq agent, the identity
 //! cookie and bearer token on every request, the 401 refresh-and-replay, retries with
 //! jittered back-off for what is safe to repeat, and the mapping of every answer and
-//! transport failure to a [`ServerError`]. No ureq type leaves this file.
+//! transport failure to a [`ServerError`]. No ureq type leaves this file (and
+//! [`super::tls`], which chooses the trusted roots and words certificate failures).
 //!
 //! Nothing a server sends (a status, a body, a dropped connection) can panic here; it
 //! becomes a [`ServerError`] whose kind says whether trying again later may help.
 
 use super::auth::{human, TokenSource};
 use super::http::HttpSettings;
+use super::tls;
 use super::{LogType, ServerError, ServerErrorKind};
 use crate::phase::Phase;
 use crate::time::now_iso;
@@ -306,38 +308,58 @@ pub(super) struct Core {
     cookie: String,
     auth: TokenSource,
     pub(super) settings: HttpSettings,
+    /// For TLS failures: the server as named in messages, and what the agent trusts.
+    tls: TlsContext,
+}
+
+/// What a TLS failure message needs to say.
+struct TlsContext {
+    url: String,
+    trusted: String,
 }
 
 impl Core {
     pub(super) fn new(mut settings: HttpSettings) -> Core {
         settings.fragment_size = settings.fragment_size.max(16);
         let base = normalize_base(&settings.base_url);
-        let config = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
             .max_redirects_will_error(false)
             .user_agent(concat!("testflinger-agent-rs/", env!("CARGO_PKG_VERSION")))
             .timeout_connect(Some(settings.timeouts.connect))
-            .timeout_global(Some(settings.timeouts.default))
-            .build();
+            .timeout_global(Some(settings.timeouts.default));
+        let url = without_credentials(&base);
+        // Redirects are not followed, so only an https:// base ever needs trust roots.
+        let trusted = if is_https(&base) {
+            let trust = tls::Trust::load();
+            for warning in trust.warnings() {
+                log::warn!("TLS: {warning}");
+            }
+            let trusted = trust.summary();
+            log::info!("TLS: {url}: trusting {trusted}");
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(trust.root_certs())
+                    .build(),
+            );
+            trusted
+        } else {
+            String::new()
+        };
         Core {
-            agent: ureq::Agent::new_with_config(config),
+            agent: ureq::Agent::new_with_config(config.build()),
             cookie: format!("agent_name={}", settings.agent_id),
             auth: TokenSource::new(settings.token_file.clone(), settings.refresh_backoff),
             base,
             settings,
+            tls: TlsContext { url, trusted },
         }
     }
 
     /// The base URL without any `user:password@`, for messages.
     pub(super) fn base_for_messages(&self) -> String {
-        match self.base.split_once("://") {
-            Some((scheme, rest)) => {
-                let host_and_path = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-                format!("{scheme}://{host_and_path}")
-            }
-            None => self.base.clone(),
-        }
+        without_credentials(&self.base)
     }
 
     /// `POST` where the protocol ignores the status: a refusal is logged, not returned.
@@ -595,7 +617,7 @@ impl Core {
                 }
             }
         };
-        let response = result.map_err(classify)?;
+        let response = result.map_err(|e| classify(e, &self.tls))?;
         let status = response.status().as_u16();
         let location = response
             .headers()
@@ -724,13 +746,24 @@ fn endpoint_class(method: Method, path: &str) -> &'static str {
     }
 }
 
-/// Sorts a ureq failure by whether the server may have seen the request.
-fn classify(e: ureq::Error) -> AttemptError {
+/// Sorts a ureq failure by whether the server may have seen the request, and words it.
+fn classify(e: ureq::Error, context: &TlsContext) -> AttemptError {
+    if let Some(err) = tls::rustls_error(&e) {
+        let sent = if tls::before_request(err) {
+            Sent::No
+        } else {
+            Sent::Maybe
+        };
+        let text = tls::describe(err, &context.url, &context.trusted);
+        return AttemptError::Transport { text, sent };
+    }
     let sent = match &e {
         ureq::Error::Timeout(ureq::Timeout::Resolve | ureq::Timeout::Connect)
         | ureq::Error::HostNotFound
         | ureq::Error::ConnectionFailed
-        | ureq::Error::ConnectProxyFailed(_) => Sent::No,
+        | ureq::Error::ConnectProxyFailed(_)
+        // ureq's own TLS refusals (e.g. a host name TLS cannot carry) come before sending.
+        | ureq::Error::Tls(_) => Sent::No,
         ureq::Error::Io(io) => match io.kind() {
             io::ErrorKind::ConnectionRefused
             | io::ErrorKind::HostUnreachable
@@ -750,9 +783,26 @@ fn classify(e: ureq::Error) -> AttemptError {
         ureq::Error::BadUri(_) | ureq::Error::Http(_) => {
             format!("cannot build the request ({e}); check server_address and agent_id")
         }
+        ureq::Error::Tls(why) => format!("TLS: the connection to {} failed: {why}", context.url),
         _ => e.to_string(),
     };
     AttemptError::Transport { text, sent }
+}
+
+/// A URL without any `user:password@`, for messages.
+fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host_and_path = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            format!("{scheme}://{host_and_path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn is_https(base: &str) -> bool {
+    base.get(..8)
+        .is_some_and(|p| p.eq_ignore_ascii_case("https://"))
 }
 
 /// `server_address` as a base URL: `http://` prepended unless it starts with `http` (any

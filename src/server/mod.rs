@@ -7,6 +7,7 @@ mod client;
 pub mod http;
 pub mod local;
 pub mod stream;
+mod tls;
 
 use crate::phase::Phase;
 use serde_json::Value;

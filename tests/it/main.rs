@@ -14,3 +14,4 @@ mod metrics_endpoint;
 mod process_tree;
 mod run_job;
 mod supervisord;
+mod tls;

@@ -30,11 +30,44 @@ impl Agent {
         commands: &str,
         extra_args: &[&str],
     ) -> Agent {
+        Agent::spawn(server, scratch, name, commands, extra_args, &[])
+    }
+
+    /// Like [`Agent::start`], with environment variables for the daemon alone: `Some` sets
+    /// one, `None` removes it. The test process's own environment is left alone.
+    pub fn start_env(
+        server: &FakeServer,
+        scratch: &Scratch,
+        name: &str,
+        commands: &str,
+        env: &[(&str, Option<&str>)],
+    ) -> Agent {
+        Agent::spawn(server, scratch, name, commands, &[], env)
+    }
+
+    /// Where the daemon started under `name` in `scratch` writes its stderr.
+    pub fn stderr_path(scratch: &Scratch, name: &str) -> std::path::PathBuf {
+        scratch.path(&format!("{name}-{}.stderr", std::process::id()))
+    }
+
+    fn spawn(
+        server: &FakeServer,
+        scratch: &Scratch,
+        name: &str,
+        commands: &str,
+        extra_args: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> Agent {
         let files = write_daemon_files(server, scratch, name, commands);
-        let log =
-            std::fs::File::create(scratch.path(&format!("{name}-{}.stderr", std::process::id())))
-                .expect("log file");
-        let child = Command::new(BIN)
+        let log = std::fs::File::create(Agent::stderr_path(scratch, name)).expect("log file");
+        let mut command = Command::new(BIN);
+        for (key, value) in env {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        let child = command
             .arg("-c")
             .arg(&files.config)
             .arg("--token-file")

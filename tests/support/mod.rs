@@ -7,3 +7,4 @@ pub mod iso_time;
 pub mod multipart;
 pub mod schema;
 pub mod scratch;
+pub mod tls_front;
