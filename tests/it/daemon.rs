@@ -118,9 +118,14 @@ fn a_full_job_arrives_whole_with_serial_log_and_artifacts() {
         Some(json!("waiting"))
     );
     // The run directory is gone once the server took everything; nothing was spooled.
+    // (The agent's lock file, hidden, stays.)
     assert_eq!(
         std::fs::read_dir(s.path("run"))
-            .map(|d| d.count())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
             .unwrap_or(0),
         0
     );
