@@ -7,6 +7,7 @@ use crate::artifacts;
 use crate::config::Config;
 use crate::executor::{AgentRequest, PhaseExecutor};
 use crate::job::JobSpec;
+use crate::journal::Journal;
 use crate::lifecycle::{run_to_completion, AbortReason, Job, Plan};
 use crate::outcome::{self, OutcomeFile};
 use crate::process::{StopKind, StopSignal};
@@ -419,12 +420,13 @@ impl Daemon {
             );
             return;
         };
-        self.post_agent(json!({"job_id": job_id}));
         self.server.attach(&job_id);
-        // testflinger.json first, exactly as received, before anything else.
+        // testflinger.json first, exactly as received, then the journal, before any other
+        // request: an agent that dies from here on leaves a job a restart can finish.
         let (rundir, outcome_file) = match prepare_rundir(&self.config, &job_id, body) {
             Ok(prepared) => prepared,
             Err(err) => {
+                self.post_agent(json!({"job_id": job_id}));
                 log::error!("job {job_id}: {err}");
                 let body = json!({
                     "status": {"setup": crate::process::AGENT_FAILURE_EXIT_CODE},
@@ -437,12 +439,15 @@ impl Daemon {
                 return;
             }
         };
+        let mut journal = Journal::taken(&job_id, crate::time::now_iso());
+        crate::executor::save_journal(&mut journal, &self.server, &rundir);
+        self.post_agent(json!({"job_id": job_id}));
         let mut spec = match JobSpec::from_json(body) {
             Ok(spec) => spec,
             Err(err) => {
                 let message = format!("the agent cannot run this job: {err}");
                 log::error!("job {job_id}: {message}");
-                self.close_unrunnable(&job_id, &rundir, outcome_file, &message);
+                self.close_unrunnable(&job_id, &rundir, outcome_file, &message, journal);
                 self.back_to_waiting(None);
                 return;
             }
@@ -472,7 +477,8 @@ impl Daemon {
             outcome_file,
             server,
             self.stop.clone(),
-        );
+        )
+        .with_journal(journal);
         if let Some(message) = unrunnable {
             executor.refuse_job(message);
         }
@@ -482,10 +488,11 @@ impl Daemon {
         let (outcome, mut executor) = done.finish();
         executor.job_finished(&outcome);
         let deferred = executor.deferred.clone();
+        let journal = executor.take_journal();
         drop(executor);
         let cancelled = matches!(outcome.abort, Some(AbortReason::Cancelled { .. }));
         log::info!("job {job_id}: finished ({})", outcome.end_detail());
-        self.finish_job(&job_id, &rundir, cancelled);
+        self.finish_job(&job_id, &rundir, cancelled, journal);
         self.back_to_waiting(deferred.as_ref());
     }
 
@@ -531,6 +538,7 @@ impl Daemon {
         rundir: &Path,
         mut outcome: OutcomeFile,
         message: &str,
+        journal: Journal,
     ) {
         crate::executor::record_refusal(
             &self.server,
@@ -540,18 +548,31 @@ impl Daemon {
             crate::phase::Phase::Setup,
             message,
         );
-        self.finish_job(job_id, rundir, false);
+        self.finish_job(job_id, rundir, false, Some(journal));
     }
 
     /// The end of a job: the final state goes into the outcome file, live output is given a
     /// bounded time to drain, then the report is delivered or the run directory spooled.
-    fn finish_job(&mut self, job_id: &str, rundir: &Path, cancelled: bool) {
+    fn finish_job(
+        &mut self,
+        job_id: &str,
+        rundir: &Path,
+        cancelled: bool,
+        journal: Option<Journal>,
+    ) {
         let final_state = if cancelled { "cancelled" } else { "complete" };
-        if let Err(err) = OutcomeFile::finalize(rundir, final_state) {
-            log::error!(
+        match OutcomeFile::finalize(rundir, final_state) {
+            Ok(()) => {
+                // The outcome is final: a restart from here on only reports the job.
+                if let Some(mut journal) = journal {
+                    journal.finished = true;
+                    crate::executor::save_journal(&mut journal, &self.server, rundir);
+                }
+            }
+            Err(err) => log::error!(
                 "job {job_id}: cannot finalise {}: {err}",
                 outcome::OUTCOME_FILE
-            );
+            ),
         }
         let killed = self.stop.is_requested(StopKind::KillNow);
         if !killed && !self.server.drain(job_id, OUTPUT_DRAIN_LIMIT) {

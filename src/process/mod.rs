@@ -172,6 +172,10 @@ pub struct CommandSpec {
 /// Receives the command's output as it arrives, byte-exact, in order.
 pub trait OutputSink {
     fn output(&mut self, chunk: &[u8]);
+
+    /// The command has just spawned: its process group and phase token (for the job
+    /// journal, so that an agent restarted after its own death can find the tree).
+    fn spawned(&mut self, _pgid: i32, _token: &str) {}
 }
 
 impl<F: FnMut(&[u8])> OutputSink for F {
