@@ -11,6 +11,7 @@
 //! reaped). [`COMMAND_TRANSITIONS`] lists every edge the runner takes; debug builds assert
 //! each transition against it.
 
+mod leftovers;
 mod sweep;
 mod unix;
 
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use leftovers::{kill_leftovers, Leftovers};
 pub use sweep::claim_orphans;
 pub use unix::{become_subreaper, reap_orphans, run_command};
 
