@@ -221,7 +221,9 @@ impl Daemon {
             self.config.server_address,
             self.config.job_queues
         );
-        spool::recover_interrupted(&self.config.execution_basedir, &self.config.results_basedir);
+        // Before anything is posted or polled: finish the jobs a dead agent left behind
+        // (kill what is left, run their cleanup), locally, whether the server is up or not.
+        super::recovery::recover_interrupted(&self.config, &self.stop);
         let exit = match self.come_up() {
             Some(exit) => exit,
             None => loop {
@@ -744,7 +746,7 @@ fn remove_file(path: &Path) -> Result<(), DeliverError> {
         .map_err(|err| DeliverError::Local(format!("cannot remove {}: {err}", path.display())))
 }
 
-fn save_pending(rundir: &Path, pending: &PendingOutput) -> std::io::Result<()> {
+pub(super) fn save_pending(rundir: &Path, pending: &PendingOutput) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(pending).map_err(std::io::Error::other)?;
     outcome::write_atomic(&rundir.join(PENDING_OUTPUT_FILE), &bytes)
 }
