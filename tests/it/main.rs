@@ -5,6 +5,7 @@
 mod support;
 
 mod admin_state;
+mod crash_recovery;
 mod daemon;
 mod fake_server_selftest;
 mod http_client;
