@@ -5,11 +5,11 @@
 
 use crate::config::Config;
 use crate::job::JobSpec;
+use crate::journal::{Journal, Why};
 use crate::lifecycle::{
     AbortReason, JobOutcome, PhaseEnd, PhaseRecord, PhaseResult, PhaseRunner, PhaseStatus,
     StopCause, RECOVERY_FAILED_EXIT_CODE,
 };
-use crate::journal::{Journal, Why};
 use crate::mask::Masker;
 use crate::outcome::{self, OutcomeFile};
 use crate::phase::{Phase, SkipReason};

@@ -332,7 +332,10 @@ mod tests {
         let bytes = sample().to_bytes();
         for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
             assert!(
-                matches!(Journal::from_bytes(&bytes[..cut]), Err(JournalError::Parse(_))),
+                matches!(
+                    Journal::from_bytes(&bytes[..cut]),
+                    Err(JournalError::Parse(_))
+                ),
                 "cut at {cut}"
             );
         }

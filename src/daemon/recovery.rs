@@ -31,10 +31,8 @@ pub const MAX_CLEANUP_ATTEMPTS: u32 = 2;
 
 /// Recovers every run directory in `execution_basedir`, oldest first, then spools it.
 pub fn recover_interrupted(config: &Config, stop: &StopSignal) {
-    spool::recover_interrupted(
-        &config.execution_basedir,
-        &config.results_basedir,
-        |dir| match journal::read(dir) {
+    spool::recover_interrupted(&config.execution_basedir, &config.results_basedir, |dir| {
+        match journal::read(dir) {
             Ok(journal) if journal.finished => log::info!(
                 "{}: job {} had finished when its agent stopped; reporting it",
                 dir.display(),
@@ -49,8 +47,8 @@ pub fn recover_interrupted(config: &Config, stop: &StopSignal) {
                 "{}: the job journal cannot be used ({err}); the run directory is reported as it is, its cleanup did not run",
                 dir.display()
             ),
-        },
-    );
+        }
+    });
 }
 
 /// Ends one job its agent died during: kill, interrupted status, cleanup, final outcome,
@@ -132,7 +130,10 @@ fn run_recovery_cleanup(
         let line = if phase != Phase::Cleanup {
             format!("\nERROR: {what} and ended the phase with exit code {KILLED_EXIT_CODE}; cleanup runs next.\n")
         } else if run_cleanup {
-            format!("\nERROR: {what} and runs cleanup once more (attempt {}).\n", attempts + 1)
+            format!(
+                "\nERROR: {what} and runs cleanup once more (attempt {}).\n",
+                attempts + 1
+            )
         } else {
             format!(
                 "\nERROR: {what}; cleanup was started {attempts} times and the agent died each time, so it is not run again (exit code {KILLED_EXIT_CODE}).\n"
@@ -291,10 +292,7 @@ fn pending_output(dir: &Path, journal: &Journal, ended: &[String]) -> PendingOut
         }
         let serial_file = format!("{phase}-serial.log");
         let listed = pending.serial.iter().any(|p| p.log_file == serial_file);
-        if !listed
-            && !ended.iter().any(|e| e == phase.name())
-            && dir.join(&serial_file).is_file()
-        {
+        if !listed && !ended.iter().any(|e| e == phase.name()) && dir.join(&serial_file).is_file() {
             pending.serial.push(PendingPhase {
                 phase: phase.name().to_owned(),
                 log_file: serial_file,
@@ -351,7 +349,11 @@ mod tests {
             .collect();
         assert_eq!(phases, [("provision", 1), ("test", 0)]);
         let serial: Vec<_> = pending.serial.iter().map(|p| p.log_file.as_str()).collect();
-        assert_eq!(serial, ["test-serial.log"], "setup's serial log was delivered");
+        assert_eq!(
+            serial,
+            ["test-serial.log"],
+            "setup's serial log was delivered"
+        );
         let _ = fs::remove_dir_all(dir);
     }
 }

@@ -103,10 +103,7 @@ pub fn recover_interrupted(execution_basedir: &Path, spool: &Path, mut finish: i
                 dir.display(),
                 target.display()
             ),
-            Err(err) => log::error!(
-                "cannot spool the interrupted job {}: {err}",
-                dir.display()
-            ),
+            Err(err) => log::error!("cannot spool the interrupted job {}: {err}", dir.display()),
         }
     }
 }

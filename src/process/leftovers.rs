@@ -93,7 +93,11 @@ fn carriers(entry: &[u8], own_pid: i32) -> Vec<ProcStat> {
     };
     let mut buf = Vec::with_capacity(4096);
     for item in dir.flatten() {
-        let Some(pid) = item.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = item
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if pid == own_pid {

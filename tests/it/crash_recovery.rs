@@ -51,7 +51,9 @@ fn commands(crash_in: Option<&str>, marker: &str, count: &Path) -> String {
             format!("echo {phase} ran")
         };
         if phase == "allocate" {
-            cmd.push_str("; echo '{\"device_info\": {\"device_ip\": \"10.0.0.1\"}}' > device-info.json");
+            cmd.push_str(
+                "; echo '{\"device_info\": {\"device_ip\": \"10.0.0.1\"}}' > device-info.json",
+            );
         }
         if phase == "test" {
             cmd.push_str("; mkdir -p artifacts; echo report > artifacts/report.txt");
@@ -166,13 +168,13 @@ fn sigkill_and_restart(point: Point) {
             tree_alive.living().len() >= TREE_SIZE
         }),
         Point::Report => {
-            wait_local("cleanup", Duration::from_secs(30), || count_lines(&count) == 1);
+            wait_local("cleanup", Duration::from_secs(30), || {
+                count_lines(&count) == 1
+            });
             server.delay(Route::ResultPost, Duration::from_secs(2));
             wait_local("the report", Duration::from_secs(30), || spooled.is_dir());
         }
-        Point::Artifacts => {
-            wait_local("the report", Duration::from_secs(30), || spooled.is_dir())
-        }
+        Point::Artifacts => wait_local("the report", Duration::from_secs(30), || spooled.is_dir()),
     }
     first.signal(nix::sys::signal::Signal::SIGKILL);
     assert_eq!(first.wait_exit(), None, "killed by a signal, no exit code");
@@ -228,7 +230,9 @@ fn sigkill_and_restart(point: Point) {
         }
         Point::Taken => {
             assert_eq!(
-                status.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()),
+                status
+                    .as_object()
+                    .map(|o| o.keys().cloned().collect::<Vec<_>>()),
                 Some(vec!["cleanup".to_owned()]),
                 "no phase ran before the crash: {status}"
             );
@@ -240,7 +244,10 @@ fn sigkill_and_restart(point: Point) {
         }
     }
     if point == Point::Artifacts {
-        assert!(server.artifact(&id).is_some(), "the artifacts are delivered");
+        assert!(
+            server.artifact(&id).is_some(),
+            "the artifacts are delivered"
+        );
     }
     assert_eq!(server.job_state(&id).as_deref(), Some("complete"));
 }
@@ -401,11 +408,18 @@ fn recovery_while_the_server_is_down_kills_and_cleans_at_once() {
         tree_alive.living().is_empty()
     });
     let _ = shell.wait();
-    wait_local("cleanup", Duration::from_secs(15), || count_lines(&count) == 1);
-    wait_local("the report to wait in the spool", Duration::from_secs(15), || {
-        s.path("results").join(&id).is_dir()
+    wait_local("cleanup", Duration::from_secs(15), || {
+        count_lines(&count) == 1
     });
-    assert!(server.is_down(), "kill and cleanup did not wait for the server");
+    wait_local(
+        "the report to wait in the spool",
+        Duration::from_secs(15),
+        || s.path("results").join(&id).is_dir(),
+    );
+    assert!(
+        server.is_down(),
+        "kill and cleanup did not wait for the server"
+    );
     server.come_back();
     wait_for(&server, "the report", |srv| finished(srv, &id));
     assert_eq!(
@@ -413,7 +427,10 @@ fn recovery_while_the_server_is_down_kills_and_cleans_at_once() {
         json!({"setup": 0, "provision": 0, "test": INTERRUPTED, "cleanup": 0})
     );
     let output = server.log_text(&id, "output");
-    assert!(output.starts_with("test output before the crash\n"), "{output}");
+    assert!(
+        output.starts_with("test output before the crash\n"),
+        "{output}"
+    );
     assert!(output.contains("died during the test phase"), "{output}");
     assert_eq!(count_lines(&count), 1);
 }
