@@ -435,4 +435,36 @@ fn recovery_while_the_server_is_down_kills_and_cleans_at_once() {
     assert_eq!(count_lines(&count), 1);
 }
 
+#[test]
+fn a_recovered_report_the_server_refuses_stays_in_the_spool() {
+    let server = FakeServer::start();
+    let s = Scratch::new("crash-refused");
+    let name = format!("crash-refused-{}", std::process::id());
+    let count = s.path("cleanup-count");
+    let id = server.submit_job(json!({"job_queue": "nobody-polls-this"}));
+    let journal = Journal::taken(&id, "2026-01-01T00:00:00+00:00".into());
+    left_over_rundir(&s, &id, Some(&journal.to_bytes()));
+    // As if the server had forgotten the job: every report post is refused for good.
+    server.fail_next(Route::ResultPost, 10_000, 404);
+    let config = commands(None, "0", &count);
+    let _agent = Agent::start(&server, &s, &name, &config);
+    let spooled = s.path("results").join(&id);
+    wait_local("the refusal to be logged", Duration::from_secs(30), || {
+        stderr_log(&s, &name).contains(&format!(
+            "spooled report {} kept for later",
+            spooled.display()
+        ))
+    });
+    assert!(
+        spooled.join("testflinger-outcome.json").is_file(),
+        "the outcome stays in the spool"
+    );
+    assert_eq!(count_lines(&count), 1, "cleanup ran once");
+    server.clear_faults();
+    wait_for(&server, "the report once the server takes it", |srv| {
+        finished(srv, &id) && !spooled.exists()
+    });
+    assert_eq!(count_lines(&count), 1, "and only once");
+}
+
 use std::os::unix::process::CommandExt;
