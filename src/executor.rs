@@ -46,6 +46,8 @@ pub struct PhaseExecutor<'a> {
     refused: Option<String>,
     /// The job journal, written at every transition (the daemon's jobs only).
     journal: Option<Journal>,
+    /// The phase metrics of this job, waiting for the `release` label they carry.
+    phase_metrics: PhaseMetrics,
 }
 
 impl std::fmt::Debug for PhaseExecutor<'_> {
@@ -80,6 +82,7 @@ impl<'a> PhaseExecutor<'a> {
             deferred: None,
             refused: None,
             journal: None,
+            phase_metrics: PhaseMetrics::default(),
         }
     }
 
@@ -128,6 +131,7 @@ impl<'a> PhaseExecutor<'a> {
     /// The last event of a job (`job_end`, with `normal_exit` or the event that ended it).
     pub fn job_finished(&mut self, outcome: &JobOutcome) {
         self.emit("job_end", &outcome.end_detail());
+        self.phase_metrics.flush();
     }
 
     fn emit(&mut self, name: &str, detail: &str) {
@@ -179,17 +183,19 @@ impl<'a> PhaseExecutor<'a> {
         }
     }
 
-    /// Runs the command with a cancellation watcher beside it when the phase can be
-    /// cancelled: it asks the server at most once per `cancel_check_interval`.
+    /// Runs the command with a watcher beside it that wakes every `cancel_check_interval`:
+    /// it tells the health endpoint the agent is alive and, when the phase can be
+    /// cancelled, asks the server whether it was (at most once per interval).
     fn run_command(
         &self,
         spec: &CommandSpec,
         sink: &mut PhaseSink<'_>,
     ) -> Result<process::CommandOutcome, process::ProcessError> {
         let interval = self.config.cancel_check_period();
-        if !spec.honour_cancel || interval.is_zero() {
+        if interval.is_zero() {
             return process::run_command(spec, sink, &self.stop);
         }
+        let check_cancel = spec.honour_cancel;
         let (done_tx, done_rx) = mpsc::channel::<()>();
         std::thread::scope(|scope| {
             let server = self.server;
@@ -198,6 +204,11 @@ impl<'a> PhaseExecutor<'a> {
             scope.spawn(move || {
                 // Wakes every `interval`, or at once when the command is done.
                 while let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(interval) {
+                    // The phase is being watched: the main loop is alive, only busy.
+                    beat();
+                    if !check_cancel {
+                        continue;
+                    }
                     if let Ok(Some(state)) = server.job_state(job_id) {
                         if state == "cancelled" {
                             stop.request(StopKind::Cancel);
@@ -309,6 +320,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
     }
 
     fn phase_starting(&mut self, phase: Phase, skip: Option<SkipReason>) {
+        beat();
         if let (Some(journal), None) = (&mut self.journal, skip) {
             journal.phase = Some(phase.name().to_owned());
             if phase == Phase::Cleanup {
@@ -404,6 +416,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
                     Termination::Cancelled => (PhaseEnd::Cancelled, Some("cancelled")),
                     Termination::Shutdown => (PhaseEnd::Shutdown, None),
                 };
+                record_command_metrics(&done);
                 if done.stragglers_killed > 0 {
                     log::warn!(
                         "job {job_id}: {phase} left {} background process(es) running; killed",
@@ -480,6 +493,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
             PhaseStatus::Ran(result) if result.exit_code != 0 => Some(result.exit_code),
             PhaseStatus::Ran(_) | PhaseStatus::Skipped(_) => None,
         };
+        self.record_phase_metrics(record, failed_code);
         match failed_code {
             None => self.emit(&format!("{phase}_success"), ""),
             Some(code) => {
@@ -603,6 +617,7 @@ impl PhaseExecutor<'_> {
         };
         let parent = self.spec.parent_job_id().map(str::to_owned);
         for tick in 0u64.. {
+            beat();
             let wait = match deadline {
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -651,11 +666,87 @@ impl PhaseExecutor<'_> {
             &format!("\n{detail} The device was held allocated and nothing released it.\n"),
         );
         self.emit("global_timeout", &detail);
+        if let Some(metrics) = crate::metrics::get() {
+            metrics.command_killed(crate::metrics::KillCause::GlobalTimeout);
+        }
         PhaseResult {
             exit_code: process::KILLED_EXIT_CODE,
             end: PhaseEnd::GlobalTimeout,
             duration: result.duration,
         }
+    }
+}
+
+impl PhaseExecutor<'_> {
+    /// The Python agent's per-phase metrics (PROTOCOL §14.2): every phase the job reaches
+    /// but cleanup is observed in `phase_duration_seconds` (a skipped one at 0 s, in whole
+    /// seconds), a non-zero exit counts in `failures_total`, exit 46 also in
+    /// `recovery_failures_total`.
+    fn record_phase_metrics(&mut self, record: &PhaseRecord, failed_code: Option<i32>) {
+        let Some(metrics) = crate::metrics::get() else {
+            return;
+        };
+        let phase = record.phase;
+        if phase == Phase::Cleanup {
+            return;
+        }
+        if let Some(code) = failed_code {
+            metrics.phase_failed(phase.name());
+            if code == RECOVERY_FAILED_EXIT_CODE {
+                metrics.recovery_failed();
+            }
+        }
+        let seconds = match record.status {
+            PhaseStatus::Ran(result) => result.duration.as_secs(),
+            PhaseStatus::Skipped(_) => 0,
+        };
+        self.phase_metrics.observe(phase, seconds);
+    }
+}
+
+/// Phase durations of one job, observed with the job's `release` label.
+#[derive(Debug, Default)]
+struct PhaseMetrics {
+    /// `""` until a provision succeeded, as in the Python agent.
+    release: String,
+}
+
+impl PhaseMetrics {
+    fn observe(&mut self, phase: Phase, seconds: u64) {
+        if let Some(metrics) = crate::metrics::get() {
+            metrics.phase_duration(phase.name(), seconds, &self.release);
+        }
+    }
+
+    /// The job is over: nothing waits any more.
+    fn flush(&mut self) {}
+}
+
+/// Tells the health endpoint that the agent's main loop is alive (a phase is starting, or
+/// a command is being watched).
+fn beat() {
+    if let Some(metrics) = crate::metrics::get() {
+        metrics.health().beat();
+    }
+}
+
+/// How a phase command ended, for the kill and escapee counters.
+fn record_command_metrics(done: &process::CommandOutcome) {
+    let Some(metrics) = crate::metrics::get() else {
+        return;
+    };
+    let cause = match done.termination {
+        Termination::GlobalTimeout => Some(crate::metrics::KillCause::GlobalTimeout),
+        Termination::OutputTimeout => Some(crate::metrics::KillCause::OutputTimeout),
+        Termination::Cancelled => Some(crate::metrics::KillCause::Cancel),
+        Termination::Shutdown => Some(crate::metrics::KillCause::Shutdown),
+        Termination::Exited(_) | Termination::Signaled(_) => None,
+    };
+    if let Some(cause) = cause {
+        metrics.command_killed(cause);
+    }
+    if done.escapees_killed > 0 {
+        metrics.escapees_killed(done.escapees_killed as u64);
     }
 }
 

@@ -16,6 +16,7 @@ pub mod journal;
 pub mod lifecycle;
 pub mod logging;
 pub mod mask;
+pub mod metrics;
 pub mod outcome;
 pub mod phase;
 pub mod process;

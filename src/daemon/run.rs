@@ -39,6 +39,22 @@ const RESTART_SIGNAL_COMMENT: &str = "Restart signal detected from supervisor pr
 /// Python agent 1.2.0 on a SIGUSR1 restart. Such a record does not hold the next start.
 const TRANSIENT_OFFLINE_COMMENTS: &[&str] = &["Agent stopped by signal", RESTART_SIGNAL_COMMENT];
 
+/// How long the health endpoint lets the main loop go without a beat before it reports
+/// it stalled: longer than the longest wait between cycles (the polling interval, or the
+/// back-off while the server is unreachable) and than a watched phase's check interval.
+fn stall_limit(config: &Config) -> Duration {
+    crate::metrics::DEFAULT_STALL_LIMIT
+        .max(config.polling_period().saturating_mul(3))
+        .max(UNREACHABLE_BACKOFF_CAP.saturating_mul(3))
+        .max(config.cancel_check_period().saturating_mul(3))
+}
+
+fn health_beat() {
+    if let Some(metrics) = crate::metrics::get() {
+        metrics.health().beat();
+    }
+}
+
 /// Whether a record read at start-up holds the agent: `offline` or `maintenance`, unless
 /// the comment shows the agent posted it itself on a stop or restart.
 fn admin_hold(record: &AgentRecord) -> Option<AgentRequest> {
@@ -68,6 +84,8 @@ pub enum DaemonError {
     Process(#[from] crate::process::ProcessError),
     #[error(transparent)]
     Lock(#[from] super::lock::LockError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// How the daemon ended.
@@ -95,6 +113,8 @@ pub struct Daemon {
     held: Option<AgentRequest>,
     /// One agent per `agent_id` on this host, for as long as this one lives.
     _lock: super::lock::AgentLock,
+    /// The metrics endpoint, when a port was given; stops when the daemon is dropped.
+    _metrics_server: Option<crate::metrics::MetricsServer>,
 }
 
 impl Daemon {
@@ -122,6 +142,28 @@ impl Daemon {
                 source,
             })?;
         }
+        // Metrics are recorded whether or not they are served; the port is bound now, so
+        // that a port in use stops the start before anything is posted to the server.
+        let metrics = crate::metrics::install(crate::metrics::Metrics::new(
+            &config.agent_id,
+            config.identifier.as_deref().unwrap_or(""),
+        ));
+        metrics.health().set_stall_limit(stall_limit(&config));
+        let metrics_server = match config.metrics_endpoint_port {
+            Some(port) => {
+                let served = crate::metrics::serve(
+                    metrics,
+                    config.metrics_endpoint_address.as_deref(),
+                    port,
+                )?;
+                log::info!(
+                    "serving metrics on {} (/metrics, /health)",
+                    served.local_addr()
+                );
+                Some(served)
+            }
+            None => None,
+        };
         crate::process::become_subreaper()?;
         crate::process::claim_orphans();
         let server = HttpServer::new(crate::server::http::HttpSettings::from_config(&config));
@@ -142,6 +184,7 @@ impl Daemon {
             restart_after_job: false,
             held: None,
             _lock: lock,
+            _metrics_server: metrics_server,
         })
     }
 
@@ -151,7 +194,17 @@ impl Daemon {
 
     /// Sleeps up to `period`, waking early when a stop is requested.
     fn pause(&self, period: Duration) {
+        health_beat();
         self.stop.sleep_unless_shutdown(period);
+        health_beat();
+    }
+
+    /// The daemon state the health endpoint reports.
+    fn show_state(&self, state: &str, job_id: &str) {
+        if let Some(metrics) = crate::metrics::get() {
+            metrics.health().set_state(state, job_id);
+            metrics.health().beat();
+        }
     }
 
     fn post_agent(&self, body: Value) {
@@ -235,6 +288,14 @@ impl Daemon {
                 }
             },
         };
+        self.show_state(
+            if exit == DaemonExit::Restart {
+                "restarting"
+            } else {
+                "stopped"
+            },
+            "",
+        );
         if exit == DaemonExit::Stopped && self.held.is_none() {
             // A stop by the supervisor is a short absence, not an administrator's decision:
             // the record says `waiting`, so users' jobs still queue for this device (the
@@ -270,6 +331,10 @@ impl Daemon {
         self.unreachable_streak = 0;
         self.held = record.as_ref().and_then(admin_hold);
         match &self.held {
+            Some(hold) => self.show_state(&hold.state, ""),
+            None => self.show_state("waiting", ""),
+        }
+        match &self.held {
             Some(hold) => log::warn!(
                 "the server holds this agent {} ({:?}); no job is taken until an administrator changes it",
                 hold.state,
@@ -292,6 +357,7 @@ impl Daemon {
         if self.restart_after_job {
             return Some(DaemonExit::Restart);
         }
+        health_beat();
         self.retry_spool();
         let record = self.server.agent_record();
         self.heartbeat(&record);
@@ -315,12 +381,14 @@ impl Daemon {
                 state: server_state.unwrap_or_default().to_owned(),
                 comment: record.comment.clone(),
             });
+            self.show_state(server_state.unwrap_or_default(), "");
             self.pause(self.config.polling_period());
             return None;
         }
         if let Some(hold) = self.held.take() {
             if record.state.is_some() {
                 log::info!("released from {} by the server", hold.state);
+                self.show_state("waiting", "");
             } else {
                 // The record could not be read: stay held rather than guess.
                 self.held = Some(hold);
@@ -422,6 +490,10 @@ impl Daemon {
             );
             return;
         };
+        if let Some(metrics) = crate::metrics::get() {
+            metrics.job_taken();
+        }
+        self.show_state("busy", &job_id);
         self.server.attach(&job_id);
         // testflinger.json first, exactly as received, then the journal, before any other
         // request: an agent that dies from here on leaves a job a restart can finish.
@@ -501,6 +573,15 @@ impl Daemon {
     /// After a job: clear the job id, then carry out a request deferred during the job
     /// (offline, maintenance, restart), or go back to `waiting`.
     fn back_to_waiting(&mut self, deferred: Option<&AgentRequest>) {
+        self.show_state(
+            match deferred {
+                Some(request) if request.state == "restart" => "restarting",
+                Some(request) => request.state.as_str(),
+                None if self.stopping() => "stopped",
+                None => "waiting",
+            },
+            "",
+        );
         // No command runs now: reap what the job's escaped processes left as zombies.
         crate::process::reap_orphans();
         self.post_agent(json!({"job_id": ""}));
@@ -598,7 +679,9 @@ impl Daemon {
         if killed {
             return;
         }
-        match deliver(&self.server, &spooled) {
+        let delivered = deliver(&self.server, &spooled);
+        self.count_spool();
+        match delivered {
             Ok(()) => log::info!("job {job_id}: reported"),
             Err(err) => log::warn!(
                 "job {job_id}: report not delivered yet, kept in {} for the next cycle: {err}",
@@ -611,8 +694,14 @@ impl Daemon {
     /// stays in `execution_basedir`, and is spooled when the agent next starts).
     fn spool(&self, job_id: &str, rundir: &Path) -> Option<PathBuf> {
         let target = spool::unique_path(self.config.results_basedir.join(job_id));
+        if self.stopping() {
+            self.show_state("draining", job_id);
+        }
         match spool::move_dir(rundir, &target) {
-            Ok(()) => Some(target),
+            Ok(()) => {
+                self.count_spool();
+                Some(target)
+            }
             Err(err) => {
                 log::error!(
                     "job {job_id}: cannot move {} to the spool {}: {err}; it stays where it is until the agent restarts",
@@ -624,8 +713,20 @@ impl Daemon {
         }
     }
 
+    /// Publishes how many reports wait in the spool.
+    fn count_spool(&self) {
+        if let Some(metrics) = crate::metrics::get() {
+            metrics.set_spooled_jobs(spool::job_dirs(&self.config.results_basedir).len() as u64);
+        }
+    }
+
     /// Retries every spooled report, oldest first; keeps what still fails.
     fn retry_spool(&self) {
+        self.retry_spool_dirs();
+        self.count_spool();
+    }
+
+    fn retry_spool_dirs(&self) {
         for dir in spool::job_dirs(&self.config.results_basedir) {
             if self.stopping() {
                 return;

@@ -109,6 +109,9 @@ impl TokenSource {
         let mut state = lock(&self.state);
         match outcome {
             Ok(token) => {
+                if let Some(metrics) = crate::metrics::get() {
+                    metrics.token_refreshed();
+                }
                 if state.failures > 0 {
                     log::info!(
                         "obtained an access token after {} failed attempt(s)",

@@ -419,6 +419,21 @@ impl Core {
     /// for any status below 500; a 5xx or transport failure that is not (or no longer)
     /// repeated is an [`ServerErrorKind::Unavailable`] error.
     pub(super) fn call(&self, req: &Req) -> Result<Reply, ServerError> {
+        let result = self.call_counted(req);
+        let failed = match &result {
+            Err(_) => true,
+            // 404 is an answer (no record, no such job), not a failed request.
+            Ok(reply) => reply.status >= 400 && reply.status != 404,
+        };
+        if failed {
+            if let Some(metrics) = crate::metrics::get() {
+                metrics.request_failed(endpoint_class(req.method, &req.path));
+            }
+        }
+        result
+    }
+
+    fn call_counted(&self, req: &Req) -> Result<Reply, ServerError> {
         let what = req.what();
         let attempts = req
             .attempts
@@ -689,6 +704,26 @@ impl<R: Read> Read for Exact<R> {
     }
 }
 
+/// The endpoint class of a request, for the request-failure metric: a few fixed words,
+/// never a job id or an agent name.
+fn endpoint_class(method: Method, path: &str) -> &'static str {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        (_, ["v1", "oauth2", ..]) => "token",
+        (_, ["v1", "agents", "data", ..]) => "agent_data",
+        (_, ["v1", "agents", "provision_logs", ..]) => "provision_logs",
+        (_, ["v1", "agents", ..]) => "advertise",
+        (_, ["v1", "job", _, "attachments"]) => "attachments",
+        (_, ["v1", "job", _, "events"]) => "events",
+        (Method::Get, ["v1", "job"]) => "job_poll",
+        (_, ["v1", "result", _, "log", ..]) => "log",
+        (_, ["v1", "result", _, "artifact"]) => "artifact",
+        (Method::Get, ["v1", "result", _]) => "job_state",
+        (_, ["v1", "result", _]) => "result",
+        _ => "other",
+    }
+}
+
 /// Sorts a ureq failure by whether the server may have seen the request.
 fn classify(e: ureq::Error) -> AttemptError {
     let sent = match &e {
@@ -794,6 +829,31 @@ fn truncate(mut text: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_classes_name_no_ids() {
+        for (method, path, class) in [
+            (Method::Get, "/v1/job", "job_poll"),
+            (Method::Get, "/v1/job/abc/attachments", "attachments"),
+            (Method::Post, "/v1/job/abc/events", "events"),
+            (Method::Post, "/v1/agents/data/dut-1", "agent_data"),
+            (Method::Get, "/v1/agents/data/dut-1", "agent_data"),
+            (Method::Post, "/v1/agents/queues", "advertise"),
+            (
+                Method::Post,
+                "/v1/agents/provision_logs/dut-1",
+                "provision_logs",
+            ),
+            (Method::Post, "/v1/result/abc/log/output", "log"),
+            (Method::Post, "/v1/result/abc/artifact", "artifact"),
+            (Method::Get, "/v1/result/abc", "job_state"),
+            (Method::Post, "/v1/result/abc", "result"),
+            (Method::Post, "/v1/oauth2/refresh", "token"),
+            (Method::Get, "/v1", "other"),
+        ] {
+            assert_eq!(endpoint_class(method, path), class, "{path}");
+        }
+    }
 
     #[test]
     fn base_keeps_prefix_and_adds_scheme() {

@@ -124,6 +124,21 @@ impl PhaseStream {
     }
 }
 
+impl State {
+    /// Publishes the live-output bytes not accepted by the server yet (the backlog metric).
+    fn report_backlog(&self) {
+        if let Some(metrics) = crate::metrics::get() {
+            let backlog = self
+                .jobs
+                .values()
+                .flat_map(|job| &job.phases)
+                .map(|p| p.known.saturating_sub(p.sent))
+                .sum();
+            metrics.set_output_backlog_bytes(backlog);
+        }
+    }
+}
+
 impl JobStream {
     fn delivered_up_to(&self, last: usize) -> bool {
         self.phases.iter().take(last + 1).all(|p| !p.pending())
@@ -269,6 +284,7 @@ impl Streamer {
                 wake = true;
             }
         }
+        state.report_backlog();
         drop(guard);
         if wake {
             self.shared.wake.notify_one();
@@ -374,6 +390,8 @@ impl Streamer {
                 .unwrap_or_else(|p| p.into_inner().0);
         }
         let job = state.jobs.remove(job_id);
+        // What is left of a detached job travels with its run directory, not this backlog.
+        state.report_backlog();
         if !state.detached.iter().any(|d| d == job_id) {
             state.detached.push_back(job_id.to_string());
             if state.detached.len() > REMEMBERED_DETACHED {
@@ -463,6 +481,7 @@ fn run(shared: &Shared, core: &Core) {
                 backoff.delay(job.failures.saturating_add(1)),
             );
         }
+        state.report_backlog();
         drop(state);
         shared.progress.notify_all();
     }

@@ -5,10 +5,13 @@
 mod support;
 
 mod admin_state;
+mod charm_metrics;
 mod crash_recovery;
 mod daemon;
 mod fake_server_selftest;
 mod http_client;
 mod inputs;
+mod metrics_endpoint;
 mod process_tree;
 mod run_job;
+mod supervisord;

@@ -4,6 +4,7 @@
 use super::fake_server::{FakeServer, DEFAULT_REFRESH_TOKEN};
 use super::scratch::Scratch;
 use serde_json::json;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,30 +30,15 @@ impl Agent {
         commands: &str,
         extra_args: &[&str],
     ) -> Agent {
-        let token_file = scratch.write(
-            "refresh_token",
-            &json!({"refresh_token": DEFAULT_REFRESH_TOKEN, "obtained_at": "2026-11-27T00:00:00"})
-                .to_string(),
-        );
-        let defaults = format!(
-            "agent_id: {name}\nserver_address: {url}\njob_queues: [{name}-queue]\npolling_interval: 1\ncancel_check_interval: 1\noutput_post_interval: 1\ntermination_grace_period: 2\nadvertised_queues: {{{name}-queue: a test queue}}\nlogging_level: DEBUG\n",
-            url = server.url()
-        );
-        // `commands` may override a default key.
-        let overridden = |line: &&str| {
-            let key = line.split(':').next().unwrap_or_default();
-            commands.lines().any(|c| c.starts_with(&format!("{key}:")))
-        };
-        let kept: Vec<&str> = defaults.lines().filter(|l| !overridden(l)).collect();
-        let config = scratch.config(&format!("{}\n{commands}", kept.join("\n")));
+        let files = write_daemon_files(server, scratch, name, commands);
         let log =
             std::fs::File::create(scratch.path(&format!("{name}-{}.stderr", std::process::id())))
                 .expect("log file");
         let child = Command::new(BIN)
             .arg("-c")
-            .arg(&config)
+            .arg(&files.config)
             .arg("--token-file")
-            .arg(&token_file)
+            .arg(&files.token_file)
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -90,6 +76,40 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The files a daemon reads: its config and its refresh-token file.
+pub struct DaemonFiles {
+    pub config: PathBuf,
+    pub token_file: PathBuf,
+}
+
+/// Writes the config [`Agent::start`] uses (test defaults: fast polling, a 2 s
+/// `termination_grace_period`, one queue `<name>-queue`, also advertised; a key in
+/// `commands` replaces its default) and a token file the fake server accepts.
+pub fn write_daemon_files(
+    server: &FakeServer,
+    scratch: &Scratch,
+    name: &str,
+    commands: &str,
+) -> DaemonFiles {
+    let token_file = scratch.write(
+        "refresh_token",
+        &json!({"refresh_token": DEFAULT_REFRESH_TOKEN, "obtained_at": "2026-11-27T00:00:00"})
+            .to_string(),
+    );
+    let defaults = format!(
+            "agent_id: {name}\nserver_address: {url}\njob_queues: [{name}-queue]\npolling_interval: 1\ncancel_check_interval: 1\noutput_post_interval: 1\ntermination_grace_period: 2\nadvertised_queues: {{{name}-queue: a test queue}}\nlogging_level: DEBUG\n",
+            url = server.url()
+        );
+    // `commands` may override a default key.
+    let overridden = |line: &&str| {
+        let key = line.split(':').next().unwrap_or_default();
+        commands.lines().any(|c| c.starts_with(&format!("{key}:")))
+    };
+    let kept: Vec<&str> = defaults.lines().filter(|l| !overridden(l)).collect();
+    let config = scratch.config(&format!("{}\n{commands}", kept.join("\n")));
+    DaemonFiles { config, token_file }
 }
 
 pub fn wait_for(server: &FakeServer, what: &str, mut condition: impl FnMut(&FakeServer) -> bool) {

@@ -1,0 +1,358 @@
+//! The agent's Prometheus metrics: what is counted, the process-wide instance, and `/health`.
+//!
+//! The names, types and labels of the first four metrics are the Python agent's (PROTOCOL.md
+//! §14.2), so dashboards and alerts keep working; the `testflinger_agent_*` ones are this
+//! agent's own. Recording is a relaxed atomic add (plus, for metrics whose labels are only
+//! known at run time, a read lock on a small map, written only for a new label set): it
+//! never waits for a scrape, which renders on the serving thread. The `prometheus-client`
+//! crate (the Prometheus organisation's) holds the values and writes the text; its types
+//! stay inside this module.
+//!
+//! The endpoint always serves the Prometheus text format 0.0.4 (`# TYPE jobs_total
+//! counter`, no `# EOF`), which is what the Python agent serves unless a scraper asks for
+//! OpenMetrics. Every scraper reads it (Prometheus 2 and 3, the Grafana agent the host
+//! charm configures, promtool, curl), and the series it yields are the ones the Python
+//! agent's scrapes yield (`jobs_total`, `phase_duration_seconds_bucket`, ...), so dashboards
+//! need no change; OpenMetrics text would name counter families without `_total` and end
+//! with `# EOF`, which a 0.0.4 reader takes for untyped samples and a comment. One visible
+//! difference: bucket bounds are written the way Go clients write them (`le="60"`) where
+//! Python writes `le="60.0"`; Prometheus 3 stores both as `60.0`, and `histogram_quantile`
+//! merges equal bounds, so only a query naming `le="60.0"` literally on Prometheus 2 sees it.
+//!
+//! Submodules: `process` reads the `process_*` metrics from `/proc/self` at scrape time,
+//! `health` keeps what `/health` reports, `serve` is the HTTP endpoint.
+
+mod health;
+mod process;
+mod serve;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+pub use health::{Health, DEFAULT_STALL_LIMIT};
+pub use serve::{serve, MetricsServer};
+
+/// Upper bounds of the `phase_duration_seconds` buckets (the Python agent's); `+Inf` follows.
+pub const PHASE_DURATION_BUCKETS: [f64; 8] =
+    [60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0];
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Why the agent killed a phase command (the `cause` label of
+/// `testflinger_agent_phase_commands_killed_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KillCause {
+    /// The phase ran past its global timeout.
+    GlobalTimeout,
+    /// The phase printed nothing for its output timeout.
+    OutputTimeout,
+    /// The job was cancelled on the server.
+    Cancel,
+    /// The agent was asked to stop (SIGTERM/SIGINT).
+    Shutdown,
+}
+
+impl KillCause {
+    /// Every cause, in label order.
+    pub const ALL: [KillCause; 4] = [
+        KillCause::GlobalTimeout,
+        KillCause::OutputTimeout,
+        KillCause::Cancel,
+        KillCause::Shutdown,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KillCause::GlobalTimeout => "global_timeout",
+            KillCause::OutputTimeout => "output_timeout",
+            KillCause::Cancel => "cancel",
+            KillCause::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What went wrong when starting the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The address given for the endpoint is not an IP address nor a name that resolves.
+    #[error(
+        "cannot serve metrics on {address:?} port {port} (config key metrics_endpoint_address): {reason}"
+    )]
+    Resolve {
+        address: String,
+        port: u16,
+        reason: String,
+    },
+    /// The socket could not be bound; `reason` says why and, for a port in use, by whom.
+    #[error("cannot serve metrics on {address}: {reason}")]
+    Bind { address: String, reason: String },
+    /// The serving thread could not be started.
+    #[error("cannot start the metrics thread: {0}")]
+    Thread(std::io::Error),
+}
+
+type AgentLabel = [(&'static str, String); 1];
+type PhaseLabels = [(&'static str, String); 2];
+type DurationLabels = [(&'static str, String); 4];
+type CauseLabel = [(&'static str, &'static str); 1];
+type EndpointLabel = [(&'static str, &'static str); 1];
+
+/// Every metric the agent exposes. Thread-safe: record from any thread through `&self`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    agent_id: String,
+    identifier: String,
+    jobs: Counter,
+    failures: Family<PhaseLabels, Counter>,
+    recovery_failures: Counter,
+    phase_duration: Family<DurationLabels, Histogram>,
+    killed: [Counter; 4],
+    escapees: Counter,
+    spooled: Gauge<u64, AtomicU64>,
+    backlog: Gauge<u64, AtomicU64>,
+    request_failures: Family<EndpointLabel, Counter>,
+    token_refreshes: Counter,
+    health: Health,
+}
+
+fn phase_duration_histogram() -> Histogram {
+    Histogram::new(PHASE_DURATION_BUCKETS)
+}
+
+impl Metrics {
+    /// All metrics at zero for the agent `agent_id`; `identifier` (config key identifier,
+    /// `""` when absent) labels every `phase_duration_seconds` sample.
+    pub fn new(agent_id: &str, identifier: &str) -> Metrics {
+        let mut registry = Registry::default();
+        let agent = || [("agent_id", agent_id.to_string())];
+
+        let jobs_family = Family::<AgentLabel, Counter>::default();
+        let jobs = jobs_family.get_or_create_owned(&agent());
+        registry.register(
+            "jobs",
+            "Jobs this agent has taken since it started",
+            jobs_family,
+        );
+
+        let failures = Family::<PhaseLabels, Counter>::default();
+        registry.register(
+            "failures",
+            "Phases that ended with a non-zero exit status since the agent started, by phase",
+            failures.clone(),
+        );
+
+        let recovery_family = Family::<AgentLabel, Counter>::default();
+        let recovery_failures = recovery_family.get_or_create_owned(&agent());
+        registry.register(
+            "recovery_failures",
+            "Phases that exited 46 (the device could not be recovered) since the agent started",
+            recovery_family,
+        );
+
+        let phase_duration =
+            Family::<DurationLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                phase_duration_histogram,
+            );
+        registry.register(
+            "phase_duration_seconds",
+            "How long each phase the job loop reached took, in whole seconds (0 for a skipped phase)",
+            phase_duration.clone(),
+        );
+
+        let killed_family = Family::<CauseLabel, Counter>::default();
+        let killed =
+            KillCause::ALL.map(|c| killed_family.get_or_create_owned(&[("cause", c.as_str())]));
+        registry.register(
+            "testflinger_agent_phase_commands_killed",
+            "Phase commands the agent killed, by cause",
+            killed_family,
+        );
+
+        let escapees = Counter::default();
+        registry.register(
+            "testflinger_agent_escapees_killed",
+            "Processes that left their phase's process group and were killed when the phase ended",
+            escapees.clone(),
+        );
+
+        let spooled = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "testflinger_agent_spooled_jobs",
+            "Job reports waiting in results_basedir to be sent to the server",
+            spooled.clone(),
+        );
+
+        let backlog = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "testflinger_agent_output_backlog_bytes",
+            "Bytes of live phase output the server has not accepted yet",
+            backlog.clone(),
+        );
+
+        let request_failures = Family::<EndpointLabel, Counter>::default();
+        registry.register(
+            "testflinger_agent_server_request_failures",
+            "Requests to the Testflinger server that failed, by kind of request",
+            request_failures.clone(),
+        );
+
+        let token_refreshes = Counter::default();
+        registry.register(
+            "testflinger_agent_token_refreshes",
+            "Access tokens obtained from the server with the refresh token",
+            token_refreshes.clone(),
+        );
+
+        let info = Family::<[(&'static str, String); 2], Gauge>::default();
+        info.get_or_create(&[
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("agent_id", agent_id.to_string()),
+        ])
+        .set(1);
+        registry.register(
+            "testflinger_agent_info",
+            "Always 1; the labels say which agent this is and its version",
+            info,
+        );
+
+        registry.register_collector(Box::new(process::ProcessCollector::new()));
+
+        Metrics {
+            registry,
+            agent_id: agent_id.to_string(),
+            identifier: identifier.to_string(),
+            jobs,
+            failures,
+            recovery_failures,
+            phase_duration,
+            killed,
+            escapees,
+            spooled,
+            backlog,
+            request_failures,
+            token_refreshes,
+            health: Health::new(),
+        }
+    }
+
+    /// The agent id every sample is labelled with.
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    /// A job was taken from the server (`jobs_total`).
+    pub fn job_taken(&self) {
+        self.jobs.inc();
+    }
+
+    /// `phase` exited non-zero, exit 46 included (`failures_total`).
+    pub fn phase_failed(&self, phase: &str) {
+        self.failures
+            .get_or_create(&[
+                ("agent_id", self.agent_id.clone()),
+                ("test_phase", phase.to_string()),
+            ])
+            .inc();
+    }
+
+    /// A phase exited 46: the device could not be recovered (`recovery_failures_total`).
+    pub fn recovery_failed(&self) {
+        self.recovery_failures.inc();
+    }
+
+    /// `phase` took `seconds` (0 when skipped); `release` is the provisioned system's label,
+    /// `""` before any provision (`phase_duration_seconds`).
+    pub fn phase_duration(&self, phase: &str, seconds: u64, release: &str) {
+        self.phase_duration
+            .get_or_create(&[
+                ("agent_id", self.agent_id.clone()),
+                ("test_phase", phase.to_string()),
+                ("identifier", self.identifier.clone()),
+                ("release", release.to_string()),
+            ])
+            .observe(seconds as f64);
+    }
+
+    /// The agent killed a phase command (`testflinger_agent_phase_commands_killed_total`).
+    pub fn command_killed(&self, cause: KillCause) {
+        let index = KillCause::ALL
+            .iter()
+            .position(|c| *c == cause)
+            .expect("KillCause::ALL lists every cause");
+        self.killed[index].inc();
+    }
+
+    /// `n` processes that had left a phase's group were killed
+    /// (`testflinger_agent_escapees_killed_total`).
+    pub fn escapees_killed(&self, n: u64) {
+        self.escapees.inc_by(n);
+    }
+
+    /// Reports now waiting in results_basedir (`testflinger_agent_spooled_jobs`).
+    pub fn set_spooled_jobs(&self, n: u64) {
+        self.spooled.set(n);
+    }
+
+    /// Live-output bytes the server has not accepted yet
+    /// (`testflinger_agent_output_backlog_bytes`).
+    pub fn set_output_backlog_bytes(&self, n: u64) {
+        self.backlog.set(n);
+    }
+
+    /// A request of kind `endpoint` ("job_poll", "result", "log", ...) to the server failed
+    /// (`testflinger_agent_server_request_failures_total`).
+    pub fn request_failed(&self, endpoint: &'static str) {
+        self.request_failures
+            .get_or_create(&[("endpoint", endpoint)])
+            .inc();
+    }
+
+    /// A new access token was obtained (`testflinger_agent_token_refreshes_total`).
+    pub fn token_refreshed(&self) {
+        self.token_refreshes.inc();
+    }
+
+    /// What `/health` reports.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Every metric in the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]); the `process_*`
+    /// metrics are read from `/proc/self` now.
+    pub fn render(&self) -> String {
+        let mut text = String::with_capacity(4096);
+        if let Err(err) = prometheus_text::encode(&mut text, &self.registry) {
+            // Writing to a String does not fail; the encoder refuses only malformed
+            // registrations, which `new` does not make. Serve nothing rather than half.
+            log::error!("cannot render the metrics: {err}");
+            text.clear();
+        }
+        text
+    }
+}
+
+static INSTANCE: OnceLock<Metrics> = OnceLock::new();
+
+/// Makes `metrics` the process-wide instance that [`get`] returns. The first call wins: a
+/// later call drops its argument and returns the instance already installed.
+pub fn install(metrics: Metrics) -> &'static Metrics {
+    INSTANCE.get_or_init(|| metrics)
+}
+
+/// The process-wide instance, `None` until [`install`] (as in `run-job` and unit tests).
+pub fn get() -> Option<&'static Metrics> {
+    INSTANCE.get()
+}
+
+#[cfg(test)]
+mod tests;

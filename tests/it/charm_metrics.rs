@@ -1,0 +1,260 @@
+//! The host charm's command line (`-c FILE -p PORT`) and the Prometheus metrics it scrapes,
+//! through the real binary against the fake server: values and labels after real jobs,
+//! `/health`, and a port already in use.
+
+use crate::support::agent::{finished, queue, wait_for, write_daemon_files, BIN};
+use crate::support::fake_server::{FakeConfig, FakeServer, Route};
+use crate::support::scratch::Scratch;
+use openmetrics_parser::prometheus::parse_prometheus;
+use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+type Exposition = MetricsExposition<PrometheusType, PrometheusValue>;
+
+/// A daemon started with exactly the charm's arguments; killed on drop.
+struct CharmAgent {
+    child: Child,
+}
+
+impl CharmAgent {
+    fn start(config: &std::path::Path, port: u16, stderr: std::fs::File) -> CharmAgent {
+        let child = Command::new(BIN)
+            .arg("-c")
+            .arg(config)
+            .arg("-p")
+            .arg(port.to_string())
+            .env("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("the daemon starts");
+        CharmAgent { child }
+    }
+}
+
+impl Drop for CharmAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port")
+}
+
+/// `GET path` on loopback: status and body.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+fn scrape(port: u16) -> Exposition {
+    let (status, body) = get(port, "/metrics").expect("the metrics endpoint answers");
+    assert_eq!(status, 200, "{body}");
+    parse_prometheus(&body).unwrap_or_else(|err| panic!("invalid exposition ({err:?}):\n{body}"))
+}
+
+/// Every sample of a counter family: sorted `label=value` pairs → value.
+fn counters(e: &Exposition, name: &str) -> BTreeMap<Vec<(String, String)>, f64> {
+    let family = e
+        .families
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name}; have {:?}", e.families.keys()));
+    assert_eq!(family.family_type, PrometheusType::Counter, "{name}");
+    let mut names = family.get_label_names().to_vec();
+    names.sort();
+    family
+        .iter_samples()
+        .map(|s| {
+            let set = s.get_labelset().expect("labels");
+            let labels = names
+                .iter()
+                .map(|n| (n.clone(), set.get_label_value(n).unwrap_or("").to_owned()))
+                .collect();
+            let PrometheusValue::Counter(c) = &s.value else {
+                panic!("{name}: not a counter sample");
+            };
+            (labels, c.value.as_f64())
+        })
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = list
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_charms_command_line_serves_the_python_metrics_after_three_jobs() {
+    let server = FakeServer::start_with(FakeConfig {
+        require_auth: false,
+        ..FakeConfig::default()
+    });
+    let s = Scratch::new("charm-metrics");
+    let name = format!("charm-{}", std::process::id());
+    // Provision fails when the job asks for it; the test phase exits 46 when asked to.
+    let commands = "identifier: cid-7\nsetup_command: echo setup\nprovision_command: |\n  if grep -q please-fail testflinger.json; then exit 1; fi\n  echo provisioned\ntest_command: |\n  if grep -q please-46 testflinger.json; then exit 46; fi\n  echo tested\ncleanup_command: echo cleanup\n";
+    let files = write_daemon_files(&server, &s, &name, commands);
+    let port = free_port();
+    let stderr = std::fs::File::create(s.path("agent.stderr")).expect("stderr file");
+    let _agent = CharmAgent::start(&files.config, port, stderr);
+    wait_for(&server, "the agent to poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+
+    let (status, health) = get(port, "/health").expect("health answers");
+    assert_eq!(status, 200, "{health}");
+    let health: serde_json::Value = serde_json::from_str(&health).expect("health is JSON");
+    assert_eq!(health["state"], "waiting", "{health}");
+
+    let job = |marker: &str| {
+        json!({
+            "job_queue": queue(&name),
+            "provision_data": {"url": marker},
+            "test_data": {"test_cmds": marker},
+        })
+    };
+    for marker in ["all-good", "please-fail", "please-46"] {
+        let id = server.submit_job(job(marker));
+        wait_for(&server, marker, |srv| finished(srv, &id));
+    }
+    // The last job took the device offline (exit 46); its metrics are recorded by then.
+    wait_for(&server, "offline after exit 46", |srv| {
+        srv.agent_record(&name)
+            .is_some_and(|r| r["state"] == "offline")
+    });
+
+    let e = scrape(port);
+    let agent = [("agent_id", name.as_str())];
+    assert_eq!(
+        counters(&e, "jobs_total"),
+        BTreeMap::from([(pairs(&agent), 3.0)])
+    );
+    assert_eq!(
+        counters(&e, "failures_total"),
+        BTreeMap::from([
+            (
+                pairs(&[("agent_id", name.as_str()), ("test_phase", "provision")]),
+                1.0
+            ),
+            (
+                pairs(&[("agent_id", name.as_str()), ("test_phase", "test")]),
+                1.0
+            ),
+        ])
+    );
+    assert_eq!(
+        counters(&e, "recovery_failures_total"),
+        BTreeMap::from([(pairs(&agent), 1.0)])
+    );
+
+    // Phase durations: every phase the job loop reached, skipped ones at 0 s; cleanup is
+    // not observed (as in the Python agent).
+    let durations = &e.families["phase_duration_seconds"];
+    assert_eq!(durations.family_type, PrometheusType::Histogram);
+    let mut counts = BTreeMap::new();
+    for sample in durations.iter_samples() {
+        let set = sample.get_labelset().expect("labels");
+        assert_eq!(set.get_label_value("agent_id"), Some(name.as_str()));
+        assert_eq!(set.get_label_value("identifier"), Some("cid-7"));
+        assert_eq!(set.get_label_value("release"), Some(""));
+        let phase = set.get_label_value("test_phase").expect("phase").to_owned();
+        let PrometheusValue::Histogram(h) = &sample.value else {
+            panic!("not a histogram sample");
+        };
+        // Each of these phases takes well under a minute: all in the first bucket.
+        let first = h.buckets.first().expect("buckets");
+        assert_eq!(first.upper_bound, 60.0);
+        assert_eq!(Some(first.count.as_f64() as u64), h.count, "{phase}");
+        counts.insert(phase, h.count.unwrap_or_default());
+    }
+    let expected: BTreeMap<String, u64> = [
+        ("setup", 3),
+        ("provision", 3),
+        ("firmware_update", 2),
+        ("test", 2),
+        ("allocate", 1),
+        ("reserve", 1),
+    ]
+    .into_iter()
+    .map(|(p, n)| (p.to_owned(), n))
+    .collect();
+    assert_eq!(counts, expected);
+
+    // Ours, beside them.
+    let info = &e.families["testflinger_agent_info"];
+    let sample = info.iter_samples().next().expect("one info sample");
+    assert_eq!(
+        sample
+            .get_labelset()
+            .expect("labels")
+            .get_label_value("version"),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    for family in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "testflinger_agent_phase_commands_killed_total",
+        "testflinger_agent_spooled_jobs",
+        "testflinger_agent_output_backlog_bytes",
+    ] {
+        assert!(e.families.contains_key(family), "{family} is exposed");
+    }
+}
+
+#[test]
+fn a_metrics_port_in_use_stops_the_start_naming_the_port_before_any_post() {
+    let server = FakeServer::start_with(FakeConfig {
+        require_auth: false,
+        ..FakeConfig::default()
+    });
+    let s = Scratch::new("charm-port");
+    let name = format!("charm-port-{}", std::process::id());
+    let files = write_daemon_files(&server, &s, &name, "test_command: echo x\n");
+    // Held where the agent binds by default: all interfaces.
+    let holder = TcpListener::bind(("0.0.0.0", 0)).expect("a port to hold");
+    let port = holder.local_addr().expect("addr").port();
+    let stderr_path = s.path("agent.stderr");
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+    let mut agent = CharmAgent::start(&files.config, port, stderr);
+    let status = agent.child.wait().expect("exits");
+    let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert_eq!(status.code(), Some(2), "{text}");
+    assert!(text.contains(&format!(":{port}")), "names the port: {text}");
+    assert!(
+        text.contains(&format!("pid {}", std::process::id())),
+        "names the holder: {text}"
+    );
+    assert!(
+        server.agent_posts(&name).is_empty(),
+        "nothing was posted to the server"
+    );
+    assert_eq!(server.request_count(&Route::AgentDataGet), 0);
+    drop(holder);
+}
