@@ -5,6 +5,7 @@
 
 use crate::config::Config;
 use crate::job::JobSpec;
+use crate::journal::{Journal, Why};
 use crate::lifecycle::{
     AbortReason, JobOutcome, PhaseEnd, PhaseRecord, PhaseResult, PhaseRunner, PhaseStatus,
     StopCause, RECOVERY_FAILED_EXIT_CODE,
@@ -43,6 +44,8 @@ pub struct PhaseExecutor<'a> {
     pub deferred: Option<AgentRequest>,
     /// Set when the agent cannot run the job: no phase but cleanup runs.
     refused: Option<String>,
+    /// The job journal, written at every transition (the daemon's jobs only).
+    journal: Option<Journal>,
     /// The phase metrics of this job, waiting for the `release` label they carry.
     phase_metrics: PhaseMetrics,
 }
@@ -78,7 +81,27 @@ impl<'a> PhaseExecutor<'a> {
             marker_dir: None,
             deferred: None,
             refused: None,
+            journal: None,
             phase_metrics: PhaseMetrics::default(),
+        }
+    }
+
+    /// Keeps `journal` up to date in the run directory at every transition, and when a
+    /// phase command has spawned.
+    pub fn with_journal(mut self, journal: Journal) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// The journal as last written, for the end of the job.
+    pub fn take_journal(&mut self) -> Option<Journal> {
+        self.journal.take()
+    }
+
+    /// Writes the journal (with the live output's progress) durably, if there is one.
+    fn save_journal(&mut self) {
+        if let Some(journal) = &mut self.journal {
+            save_journal(journal, self.server, &self.rundir);
         }
     }
 
@@ -298,6 +321,15 @@ impl PhaseRunner for PhaseExecutor<'_> {
 
     fn phase_starting(&mut self, phase: Phase, skip: Option<SkipReason>) {
         beat();
+        if let (Some(journal), None) = (&mut self.journal, skip) {
+            journal.phase = Some(phase.name().to_owned());
+            if phase == Phase::Cleanup {
+                // On disk before cleanup starts: however often the agent dies, a restart
+                // knows how many times cleanup was started.
+                journal.cleanup_attempts += 1;
+            }
+            self.save_journal();
+        }
         if phase != Phase::Cleanup {
             self.post_result(&json!({ "job_state": phase.name() }), "job state");
             if self.deferred.is_none() {
@@ -349,6 +381,9 @@ impl PhaseRunner for PhaseExecutor<'_> {
         let mut sink = PhaseSink {
             file,
             len: 0,
+            rundir: &self.rundir,
+            journal: self.journal.take(),
+            journal_saved: Instant::now(),
             path: &log_path,
             server: self.server,
             job_id: &job_id,
@@ -365,10 +400,13 @@ impl PhaseRunner for PhaseExecutor<'_> {
         let Some(command) = self.config.command(phase) else {
             // The plan only runs phases that have a command.
             sink.finish();
+            self.journal = sink.journal.take();
             return agent_failure(started);
         };
         let spec = self.command_spec(phase, command);
-        let result = match self.run_command(&spec, &mut sink) {
+        let ran = self.run_command(&spec, &mut sink);
+        self.journal = sink.journal.take();
+        let result = match ran {
             Ok(done) => {
                 let (end, stop_event) = match done.termination {
                     Termination::Exited(_) => (PhaseEnd::Exited, None),
@@ -431,8 +469,26 @@ impl PhaseRunner for PhaseExecutor<'_> {
         result
     }
 
-    fn phase_finished(&mut self, record: &PhaseRecord, _abort: Option<&AbortReason>) {
+    fn phase_finished(&mut self, record: &PhaseRecord, abort: Option<&AbortReason>) {
         let phase = record.phase;
+        if let Some(journal) = &mut self.journal {
+            let to = state_after(phase, abort.is_some());
+            let (why, exit_code) = match record.status {
+                PhaseStatus::Skipped(_) => (Why::Skipped, None),
+                PhaseStatus::Ran(result) => (why_of(result.end), Some(result.exit_code)),
+            };
+            if let Some(code) = exit_code {
+                journal.set_status(phase.name(), code);
+            }
+            journal.transition(
+                crate::time::now_iso(),
+                to,
+                Some(phase.name()),
+                why,
+                exit_code,
+            );
+            self.save_journal();
+        }
         let failed_code = match record.status {
             PhaseStatus::Ran(result) if result.exit_code != 0 => Some(result.exit_code),
             PhaseStatus::Ran(_) | PhaseStatus::Skipped(_) => None,
@@ -453,6 +509,21 @@ impl PhaseRunner for PhaseExecutor<'_> {
     }
 
     fn stopped_before(&mut self, reason: &AbortReason) {
+        if let Some(journal) = &mut self.journal {
+            let why = match reason {
+                AbortReason::Cancelled { .. } => Why::Cancel,
+                AbortReason::Shutdown { .. } => Why::Shutdown,
+                _ => Why::AgentError,
+            };
+            journal.transition(
+                crate::time::now_iso(),
+                "Aborted",
+                Some(reason.phase().name()),
+                why,
+                None,
+            );
+            self.save_journal();
+        }
         if let AbortReason::Cancelled { .. } = reason {
             self.emit("cancelled", "");
         }
@@ -725,6 +796,54 @@ fn append_agent_line(server: &dyn Server, job_id: &str, rundir: &Path, phase: Ph
     }
 }
 
+/// How often a phase that keeps printing refreshes the journal's live-output progress, so
+/// that a restart after the agent's death resends little output twice.
+const JOURNAL_REFRESH: Duration = Duration::from_secs(5);
+
+/// Records the live output's progress in `journal` and writes it durably into `rundir`.
+/// A failure is logged: the job goes on, only a restart after a crash would know less.
+pub fn save_journal(journal: &mut Journal, server: &dyn Server, rundir: &Path) {
+    if let Some(progress) = server.output_progress(&journal.job_id) {
+        journal.output = progress;
+    }
+    if let Err(err) = journal.save(rundir) {
+        log::error!(
+            "job {}: cannot write the job journal {} in {}: {err}",
+            journal.job_id,
+            crate::journal::JOURNAL_FILE,
+            rundir.display()
+        );
+    }
+}
+
+/// The lifecycle state after `phase` ended (as named in [`crate::lifecycle::TRANSITIONS`]).
+fn state_after(phase: Phase, aborted: bool) -> &'static str {
+    use crate::lifecycle::{EdgeKind, TRANSITIONS};
+    let kind = if phase == Phase::Cleanup {
+        EdgeKind::Cleanup
+    } else if aborted {
+        EdgeKind::Abort
+    } else {
+        EdgeKind::Forward
+    };
+    TRANSITIONS
+        .iter()
+        .find(|t| t.kind == kind && (kind == EdgeKind::Cleanup || t.method == phase.name()))
+        .map_or("Aborted", |t| t.to)
+}
+
+fn why_of(end: PhaseEnd) -> Why {
+    match end {
+        PhaseEnd::Exited => Why::Exit,
+        PhaseEnd::Signaled => Why::Signal,
+        PhaseEnd::GlobalTimeout => Why::GlobalTimeout,
+        PhaseEnd::OutputTimeout => Why::OutputTimeout,
+        PhaseEnd::Cancelled => Why::Cancel,
+        PhaseEnd::Shutdown => Why::Shutdown,
+        PhaseEnd::AgentError => Why::AgentError,
+    }
+}
+
 fn agent_failure(started: Instant) -> PhaseResult {
     PhaseResult {
         exit_code: process::AGENT_FAILURE_EXIT_CODE,
@@ -764,6 +883,11 @@ pub fn banner(phase: Phase, agent_id: &str) -> [String; 3] {
 struct PhaseSink<'a> {
     file: File,
     len: u64,
+    rundir: &'a Path,
+    /// The job journal, lent for the command's run: written when it spawns, and every
+    /// [`JOURNAL_REFRESH`] while output flows.
+    journal: Option<Journal>,
+    journal_saved: Instant,
     path: &'a Path,
     server: &'a dyn Server,
     job_id: &'a str,
@@ -791,6 +915,16 @@ impl PhaseSink<'_> {
         }
         self.server
             .output(self.job_id, self.phase, data, self.path, self.len);
+        if self.journal.is_some() && self.journal_saved.elapsed() >= JOURNAL_REFRESH {
+            self.save_journal();
+        }
+    }
+
+    fn save_journal(&mut self) {
+        if let Some(journal) = &mut self.journal {
+            save_journal(journal, self.server, self.rundir);
+            self.journal_saved = Instant::now();
+        }
     }
 
     /// Flushes what the masker held back and tells the server the phase's output is done.
@@ -802,6 +936,14 @@ impl PhaseSink<'_> {
 }
 
 impl OutputSink for PhaseSink<'_> {
+    fn spawned(&mut self, pgid: i32, token: &str) {
+        if let Some(journal) = &mut self.journal {
+            journal.pgid = Some(pgid);
+            journal.token = Some(token.to_owned());
+            self.save_journal();
+        }
+    }
+
     fn output(&mut self, chunk: &[u8]) {
         if self.masker.is_empty() {
             self.emit(chunk);

@@ -89,3 +89,12 @@ pub fn mask(data: &[u8]) {
         "masking in pieces of {stride} differs from masking at once"
     );
 }
+
+/// The journal reader, on raw bytes: a journal that parses must write and parse again to
+/// the same value.
+pub fn journal(data: &[u8]) {
+    if let Ok(journal) = crate::journal::Journal::from_bytes(data) {
+        let again = crate::journal::Journal::from_bytes(&journal.to_bytes());
+        assert_eq!(again.ok().as_ref(), Some(&journal), "journal round trip");
+    }
+}

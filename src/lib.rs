@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod executor;
 pub mod fuzz_api;
 pub mod job;
+pub mod journal;
 pub mod lifecycle;
 pub mod logging;
 pub mod mask;

@@ -31,6 +31,18 @@ impl OutcomeFile {
         })
     }
 
+    /// The file already in `rundir`, with the statuses it holds (crash recovery); a missing
+    /// or unreadable file starts empty.
+    pub fn open(rundir: &Path) -> OutcomeFile {
+        let path = rundir.join(OUTCOME_FILE);
+        let status = fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            .and_then(|body| body.get("status").and_then(Value::as_object).cloned())
+            .unwrap_or_default();
+        OutcomeFile { path, status }
+    }
+
     /// Records `phase`'s exit code and rewrites the file.
     pub fn set_status(&mut self, phase: Phase, exit_code: i32) -> io::Result<()> {
         self.status

@@ -7,6 +7,7 @@ use crate::artifacts;
 use crate::config::Config;
 use crate::executor::{AgentRequest, PhaseExecutor};
 use crate::job::JobSpec;
+use crate::journal::Journal;
 use crate::lifecycle::{run_to_completion, AbortReason, Job, Plan};
 use crate::outcome::{self, OutcomeFile};
 use crate::process::{StopKind, StopSignal};
@@ -273,7 +274,9 @@ impl Daemon {
             self.config.server_address,
             self.config.job_queues
         );
-        spool::recover_interrupted(&self.config.execution_basedir, &self.config.results_basedir);
+        // Before anything is posted or polled: finish the jobs a dead agent left behind
+        // (kill what is left, run their cleanup), locally, whether the server is up or not.
+        super::recovery::recover_interrupted(&self.config, &self.stop);
         let exit = match self.come_up() {
             Some(exit) => exit,
             None => loop {
@@ -491,12 +494,13 @@ impl Daemon {
             metrics.job_taken();
         }
         self.show_state("busy", &job_id);
-        self.post_agent(json!({"job_id": job_id}));
         self.server.attach(&job_id);
-        // testflinger.json first, exactly as received, before anything else.
+        // testflinger.json first, exactly as received, then the journal, before any other
+        // request: an agent that dies from here on leaves a job a restart can finish.
         let (rundir, outcome_file) = match prepare_rundir(&self.config, &job_id, body) {
             Ok(prepared) => prepared,
             Err(err) => {
+                self.post_agent(json!({"job_id": job_id}));
                 log::error!("job {job_id}: {err}");
                 let body = json!({
                     "status": {"setup": crate::process::AGENT_FAILURE_EXIT_CODE},
@@ -509,12 +513,15 @@ impl Daemon {
                 return;
             }
         };
+        let mut journal = Journal::taken(&job_id, crate::time::now_iso());
+        crate::executor::save_journal(&mut journal, &self.server, &rundir);
+        self.post_agent(json!({"job_id": job_id}));
         let mut spec = match JobSpec::from_json(body) {
             Ok(spec) => spec,
             Err(err) => {
                 let message = format!("the agent cannot run this job: {err}");
                 log::error!("job {job_id}: {message}");
-                self.close_unrunnable(&job_id, &rundir, outcome_file, &message);
+                self.close_unrunnable(&job_id, &rundir, outcome_file, &message, journal);
                 self.back_to_waiting(None);
                 return;
             }
@@ -544,7 +551,8 @@ impl Daemon {
             outcome_file,
             server,
             self.stop.clone(),
-        );
+        )
+        .with_journal(journal);
         if let Some(message) = unrunnable {
             executor.refuse_job(message);
         }
@@ -554,10 +562,11 @@ impl Daemon {
         let (outcome, mut executor) = done.finish();
         executor.job_finished(&outcome);
         let deferred = executor.deferred.clone();
+        let journal = executor.take_journal();
         drop(executor);
         let cancelled = matches!(outcome.abort, Some(AbortReason::Cancelled { .. }));
         log::info!("job {job_id}: finished ({})", outcome.end_detail());
-        self.finish_job(&job_id, &rundir, cancelled);
+        self.finish_job(&job_id, &rundir, cancelled, journal);
         self.back_to_waiting(deferred.as_ref());
     }
 
@@ -612,6 +621,7 @@ impl Daemon {
         rundir: &Path,
         mut outcome: OutcomeFile,
         message: &str,
+        journal: Journal,
     ) {
         crate::executor::record_refusal(
             &self.server,
@@ -621,18 +631,31 @@ impl Daemon {
             crate::phase::Phase::Setup,
             message,
         );
-        self.finish_job(job_id, rundir, false);
+        self.finish_job(job_id, rundir, false, Some(journal));
     }
 
     /// The end of a job: the final state goes into the outcome file, live output is given a
     /// bounded time to drain, then the report is delivered or the run directory spooled.
-    fn finish_job(&mut self, job_id: &str, rundir: &Path, cancelled: bool) {
+    fn finish_job(
+        &mut self,
+        job_id: &str,
+        rundir: &Path,
+        cancelled: bool,
+        journal: Option<Journal>,
+    ) {
         let final_state = if cancelled { "cancelled" } else { "complete" };
-        if let Err(err) = OutcomeFile::finalize(rundir, final_state) {
-            log::error!(
+        match OutcomeFile::finalize(rundir, final_state) {
+            Ok(()) => {
+                // The outcome is final: a restart from here on only reports the job.
+                if let Some(mut journal) = journal {
+                    journal.finished = true;
+                    crate::executor::save_journal(&mut journal, &self.server, rundir);
+                }
+            }
+            Err(err) => log::error!(
                 "job {job_id}: cannot finalise {}: {err}",
                 outcome::OUTCOME_FILE
-            );
+            ),
         }
         let killed = self.stop.is_requested(StopKind::KillNow);
         if !killed && !self.server.drain(job_id, OUTPUT_DRAIN_LIMIT) {
@@ -824,7 +847,7 @@ fn remove_file(path: &Path) -> Result<(), DeliverError> {
         .map_err(|err| DeliverError::Local(format!("cannot remove {}: {err}", path.display())))
 }
 
-fn save_pending(rundir: &Path, pending: &PendingOutput) -> std::io::Result<()> {
+pub(super) fn save_pending(rundir: &Path, pending: &PendingOutput) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(pending).map_err(std::io::Error::other)?;
     outcome::write_atomic(&rundir.join(PENDING_OUTPUT_FILE), &bytes)
 }

@@ -85,26 +85,25 @@ pub fn job_dirs(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Run directories left in `execution_basedir` by an agent that died during a job (crash,
-/// SIGKILL, power loss): their results so far go to the spool, to be reported.
-pub fn recover_interrupted(execution_basedir: &Path, spool: &Path) {
+/// SIGKILL, power loss): `finish` ends each one (crash recovery), then it goes to the
+/// spool, to be reported.
+pub fn recover_interrupted(execution_basedir: &Path, spool: &Path, mut finish: impl FnMut(&Path)) {
     for dir in job_dirs(execution_basedir) {
         if !dir.join(crate::outcome::JOB_FILE).is_file() {
             continue;
         }
+        finish(&dir);
         let Some(name) = dir.file_name() else {
             continue;
         };
         let target = unique_path(spool.join(name));
         match move_dir(&dir, &target) {
             Ok(()) => log::warn!(
-                "{} was left by an agent that stopped during the job; its results so far are spooled as {} (its cleanup did not run)",
+                "{} was left by an agent that stopped during the job; spooled as {} to be reported",
                 dir.display(),
                 target.display()
             ),
-            Err(err) => log::error!(
-                "cannot spool the interrupted job {}: {err}",
-                dir.display()
-            ),
+            Err(err) => log::error!("cannot spool the interrupted job {}: {err}", dir.display()),
         }
     }
 }
@@ -145,7 +144,7 @@ mod tests {
         }
         fs::create_dir_all(run.join("not-a-job")).expect("mkdir");
         fs::create_dir_all(&spool).expect("mkdir");
-        recover_interrupted(&run, &spool);
+        recover_interrupted(&run, &spool, |_| {});
         let names: Vec<_> = job_dirs(&spool)
             .iter()
             .map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))

@@ -233,6 +233,9 @@ pub enum AbortReason {
     Shutdown { phase: Phase },
     /// The agent could not run the job at all (seen before `phase`).
     Unrunnable { phase: Phase },
+    /// The agent died during `phase` (or before it started); the agent restarted after
+    /// it ends the job (crash recovery).
+    AgentDied { phase: Phase },
 }
 
 impl AbortReason {
@@ -245,6 +248,7 @@ impl AbortReason {
             AbortReason::Cancelled { .. } => "cancelled".to_owned(),
             AbortReason::Shutdown { .. } => "agent_shutdown".to_owned(),
             AbortReason::Unrunnable { .. } => "job_unrunnable".to_owned(),
+            AbortReason::AgentDied { .. } => "agent_died".to_owned(),
         }
     }
 
@@ -256,7 +260,8 @@ impl AbortReason {
             | AbortReason::GlobalTimeout { phase }
             | AbortReason::Cancelled { phase }
             | AbortReason::Shutdown { phase }
-            | AbortReason::Unrunnable { phase } => phase,
+            | AbortReason::Unrunnable { phase }
+            | AbortReason::AgentDied { phase } => phase,
         }
     }
 
@@ -366,6 +371,28 @@ impl<R: PhaseRunner> Job<Polled, R> {
             runner,
             records: Vec::with_capacity(Phase::ALL.len()),
             abort: None,
+            state: PhantomData,
+        }
+    }
+}
+
+impl<R: PhaseRunner> Job<Aborted, R> {
+    /// A job whose agent died during it, restored from its journal by the agent restarted
+    /// after it (crash recovery): `records` are the phases that ended before, `phase` the
+    /// one it died in (or was about to start). Only cleanup can follow.
+    pub fn recovered(
+        job_id: impl Into<String>,
+        plan: Plan,
+        runner: R,
+        records: Vec<PhaseRecord>,
+        phase: Phase,
+    ) -> Job<Aborted, R> {
+        Job {
+            job_id: job_id.into(),
+            plan,
+            runner,
+            records,
+            abort: Some(AbortReason::AgentDied { phase }),
             state: PhantomData,
         }
     }

@@ -11,6 +11,7 @@
 //! reaped). [`COMMAND_TRANSITIONS`] lists every edge the runner takes; debug builds assert
 //! each transition against it.
 
+mod leftovers;
 mod sweep;
 mod unix;
 
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use leftovers::{kill_leftovers, Leftovers};
 pub use sweep::claim_orphans;
 pub use unix::{become_subreaper, reap_orphans, run_command};
 
@@ -172,6 +174,10 @@ pub struct CommandSpec {
 /// Receives the command's output as it arrives, byte-exact, in order.
 pub trait OutputSink {
     fn output(&mut self, chunk: &[u8]);
+
+    /// The command has just spawned: its process group and phase token (for the job
+    /// journal, so that an agent restarted after its own death can find the tree).
+    fn spawned(&mut self, _pgid: i32, _token: &str) {}
 }
 
 impl<F: FnMut(&[u8])> OutputSink for F {

@@ -448,6 +448,7 @@ pub fn run_command(
     let start = Instant::now();
     let leader = Pid::from_raw(i32::try_from(leader_pid).expect("a Linux pid fits in i32"));
     let mut guard = ProcessGroupGuard::new(leader, &token);
+    sink.spawned(leader.as_raw(), &token);
     log::debug!("command started: pgid {leader}, cwd {}", spec.cwd.display());
 
     let wake = stop.wake_pipe();

@@ -432,6 +432,30 @@ impl Server for HttpServer {
             .finish(job_id, phase, self.core.settings.finish_wait);
     }
 
+    fn output_progress(&self, job_id: &str) -> Option<crate::journal::OutputProgress> {
+        use crate::journal::LogProgress;
+        let (next_fragment, logs) = self.streamer.progress(job_id);
+        let serial = lock(&self.serial).get(job_id).cloned().unwrap_or_default();
+        let progress = |phase: String, log_file: String, sent: u64| LogProgress {
+            phase,
+            log_file,
+            sent,
+        };
+        Some(crate::journal::OutputProgress {
+            next_fragment,
+            logs: logs
+                .into_iter()
+                .map(|(phase, file, sent)| progress(phase.name().to_owned(), file, sent))
+                .collect(),
+            next_serial_fragment: serial.next,
+            serial_pending: serial
+                .pending
+                .into_iter()
+                .map(|p| progress(p.phase, p.log_file, p.sent))
+                .collect(),
+        })
+    }
+
     fn post_serial_log(&self, job_id: &str, phase: Phase, path: &Path) -> Result<(), ServerError> {
         match std::fs::metadata(path) {
             Ok(_) => {}

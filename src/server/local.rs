@@ -10,12 +10,19 @@ use std::path::Path;
 /// Writes live output to standard output and accepts every report.
 #[derive(Debug, Default)]
 pub struct LocalServer {
-    _private: (),
+    /// Live output is dropped, not printed (the log files have it): crash recovery in the
+    /// daemon, whose standard output is its own log.
+    quiet: bool,
 }
 
 impl LocalServer {
     pub fn new() -> LocalServer {
         LocalServer::default()
+    }
+
+    /// A local server that prints nothing.
+    pub fn quiet() -> LocalServer {
+        LocalServer { quiet: true }
     }
 }
 
@@ -33,11 +40,17 @@ impl Server for LocalServer {
     }
 
     fn output(&self, _job_id: &str, _phase: Phase, chunk: &[u8], _log: &Path, _len: u64) {
+        if self.quiet {
+            return;
+        }
         // A closed or full terminal must not stop the job: the log file has every byte.
         let _ = std::io::stdout().lock().write_all(chunk);
     }
 
     fn finish_output(&self, _job_id: &str, _phase: Phase) {
+        if self.quiet {
+            return;
+        }
         let _ = std::io::stdout().lock().flush();
     }
 

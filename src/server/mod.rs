@@ -112,4 +112,10 @@ pub trait Server: Send + Sync {
     /// Whether another job (a multi-device parent) can use and then release this job after
     /// its allocate phase (PROTOCOL §5.7). `false` for `run-job`, where nothing could.
     fn releases_allocations(&self) -> bool;
+
+    /// How far the job's live output (and serial logs) had reached the server, for the
+    /// job journal; `None` when this server does not stream (`run-job`).
+    fn output_progress(&self, _job_id: &str) -> Option<crate::journal::OutputProgress> {
+        None
+    }
 }

@@ -220,6 +220,28 @@ impl Streamer {
         lock(&self.shared.state).detached.retain(|d| d != job_id);
     }
 
+    /// How far `job_id`'s output has reached the server: its next fragment number and, for
+    /// every log it streamed, the bytes accepted (for the job journal).
+    pub(super) fn progress(&self, job_id: &str) -> (u64, Vec<(Phase, String, u64)>) {
+        let state = lock(&self.shared.state);
+        let Some(job) = state.jobs.get(job_id) else {
+            return (0, Vec::new());
+        };
+        let logs = job
+            .phases
+            .iter()
+            .map(|p| {
+                let file = p
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| format!("{}.log", p.phase.name()));
+                (p.phase, file, p.sent)
+            })
+            .collect();
+        (job.next_fragment, logs)
+    }
+
     /// `path` (the log of `phase`) now holds `len` bytes. Never blocks on the network.
     pub(super) fn note(&self, job_id: &str, phase: Phase, path: &Path, len: u64) {
         let mut guard = lock(&self.shared.state);

@@ -6,6 +6,7 @@ mod support;
 
 mod admin_state;
 mod charm_metrics;
+mod crash_recovery;
 mod daemon;
 mod fake_server_selftest;
 mod http_client;

@@ -1,0 +1,358 @@
+//! The durable job journal `<rundir>/.agent-journal.json`: where a job is (lifecycle state,
+//! running phase, its process group and phase token, statuses so far, cleanup attempts,
+//! live-output progress) and the trail of its transitions, written durably at every
+//! transition so that an agent restarted after its own death can finish the job.
+//!
+//! A leaf module: serde types, the durable write and a read that turns any damaged file
+//! into a [`JournalError`], never a panic.
+
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The journal's file name inside a run directory.
+pub const JOURNAL_FILE: &str = ".agent-journal.json";
+/// The format version this build writes and reads.
+pub const JOURNAL_VERSION: u32 = 1;
+
+/// Why a transition of the trail happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Why {
+    /// The job was taken from the server (the first entry).
+    Taken,
+    /// The phase command exited on its own (`exit_code` says how).
+    Exit,
+    /// The phase was skipped (no command or no phase data).
+    Skipped,
+    /// The phase command died of a signal the agent did not send.
+    Signal,
+    /// The agent ended the phase: global timeout.
+    GlobalTimeout,
+    /// The agent ended the phase: no output for the output timeout.
+    OutputTimeout,
+    /// The job was cancelled on the server.
+    Cancel,
+    /// The agent was stopping.
+    Shutdown,
+    /// The agent could not run the phase (or the job) at all.
+    AgentError,
+    /// The agent died during the job; a restarted agent ended it.
+    CrashRecovery,
+}
+
+/// One transition of the job, in the order they happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrailEntry {
+    /// UTC time, ISO 8601.
+    pub at: String,
+    /// The state before (an `AnyJob` state name; `""` for the first entry).
+    pub from: String,
+    /// The state after.
+    pub to: String,
+    /// The phase this transition ran (or was about to run), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    pub why: Why,
+    /// The phase's exit code, when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// One phase's exit code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseExit {
+    pub phase: String,
+    pub exit_code: i32,
+}
+
+/// How far one log file's live output had reached the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogProgress {
+    /// The Testflinger phase name.
+    pub phase: String,
+    /// The file's name in the run directory, e.g. `test.log`.
+    pub log_file: String,
+    /// Bytes of the file the server accepted.
+    pub sent: u64,
+}
+
+/// The live-output streamer's progress when the journal was written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputProgress {
+    /// The job's next `output` fragment number.
+    pub next_fragment: u64,
+    /// Every phase log the streamer knew, with the bytes accepted.
+    pub logs: Vec<LogProgress>,
+    /// The job's next `serial` fragment number.
+    pub next_serial_fragment: u64,
+    /// Serial logs not (fully) delivered yet, in order.
+    pub serial_pending: Vec<LogProgress>,
+}
+
+/// The content of the journal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    pub version: u32,
+    pub job_id: String,
+    /// The pid of the agent that ran the job.
+    pub agent_pid: u32,
+    /// The lifecycle state, as named in the transition table (`Polled` … `Cleaned`).
+    pub state: String,
+    /// The phase running now (between its start and its end), if any.
+    pub phase: Option<String>,
+    /// The running phase command's process group, once it spawned.
+    pub pgid: Option<i32>,
+    /// The running phase command's `TESTFLINGER_PHASE_TOKEN`, once it spawned.
+    pub token: Option<String>,
+    /// Exit codes of the phases that ran to their end, in order.
+    pub statuses: Vec<PhaseExit>,
+    /// How many times cleanup was started (incremented before it starts).
+    pub cleanup_attempts: u32,
+    /// The job reached `Cleaned` and its outcome file is final.
+    pub finished: bool,
+    /// The live output delivered so far.
+    #[serde(default)]
+    pub output: OutputProgress,
+    pub trail: Vec<TrailEntry>,
+}
+
+impl Journal {
+    /// The journal of a job just taken: state `Polled`, one trail entry.
+    pub fn taken(job_id: &str, at: String) -> Journal {
+        Journal {
+            version: JOURNAL_VERSION,
+            job_id: job_id.to_owned(),
+            agent_pid: std::process::id(),
+            state: "Polled".to_owned(),
+            phase: None,
+            pgid: None,
+            token: None,
+            statuses: Vec::new(),
+            cleanup_attempts: 0,
+            finished: false,
+            output: OutputProgress::default(),
+            trail: vec![TrailEntry {
+                at,
+                from: String::new(),
+                to: "Polled".to_owned(),
+                phase: None,
+                why: Why::Taken,
+                exit_code: None,
+            }],
+        }
+    }
+
+    /// The exit code recorded for `phase`, if it ran to its end.
+    pub fn status(&self, phase: &str) -> Option<i32> {
+        self.statuses
+            .iter()
+            .find(|s| s.phase == phase)
+            .map(|s| s.exit_code)
+    }
+
+    /// Records `phase`'s exit code (replacing an earlier one).
+    pub fn set_status(&mut self, phase: &str, exit_code: i32) {
+        match self.statuses.iter_mut().find(|s| s.phase == phase) {
+            Some(entry) => entry.exit_code = exit_code,
+            None => self.statuses.push(PhaseExit {
+                phase: phase.to_owned(),
+                exit_code,
+            }),
+        }
+    }
+
+    /// Moves to `to`, appending the transition to the trail; the running phase is over.
+    pub fn transition(
+        &mut self,
+        at: String,
+        to: &str,
+        phase: Option<&str>,
+        why: Why,
+        exit_code: Option<i32>,
+    ) {
+        self.trail.push(TrailEntry {
+            at,
+            from: std::mem::take(&mut self.state),
+            to: to.to_owned(),
+            phase: phase.map(str::to_owned),
+            why,
+            exit_code,
+        });
+        self.state = to.to_owned();
+        self.phase = None;
+        self.pgid = None;
+        self.token = None;
+    }
+
+    /// The journal as bytes (compact JSON).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a journal is plain data and always serialises")
+    }
+
+    /// Parses a journal; damaged, foreign or other-version content is an error.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Journal, JournalError> {
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let version: Version =
+            serde_json::from_slice(bytes).map_err(|err| JournalError::Parse(err.to_string()))?;
+        if version.version != JOURNAL_VERSION {
+            return Err(JournalError::Version {
+                found: version.version,
+            });
+        }
+        serde_json::from_slice(bytes).map_err(|err| JournalError::Parse(err.to_string()))
+    }
+
+    /// Writes the journal durably into `rundir`.
+    pub fn save(&self, rundir: &Path) -> io::Result<()> {
+        write_durable(&rundir.join(JOURNAL_FILE), &self.to_bytes())
+    }
+}
+
+/// Why a journal could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("no journal {JOURNAL_FILE} in {0}")]
+    Missing(PathBuf),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("not a journal (truncated or damaged): {0}")]
+    Parse(String),
+    #[error("journal version {found}, this agent reads version {JOURNAL_VERSION}")]
+    Version { found: u32 },
+}
+
+/// Reads the journal of `rundir`.
+pub fn read(rundir: &Path) -> Result<Journal, JournalError> {
+    let path = rundir.join(JOURNAL_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return Err(JournalError::Missing(rundir.to_path_buf()))
+        }
+        Err(source) => return Err(JournalError::Read { path, source }),
+    };
+    Journal::from_bytes(&bytes)
+}
+
+/// Writes `data` to `path` so that after a crash or a power cut the file holds either the
+/// old content or the new one, whole: a temporary file beside it, written and fsynced,
+/// renamed over `path`, then the directory fsynced so the rename itself is on disk.
+pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let written = File::create(&tmp).and_then(|mut file| {
+        file.write_all(data)?;
+        file.sync_all()
+    });
+    if let Err(err) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(err);
+    }
+    if let Err(err) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(err);
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "tf-journal-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("temp dir is writable");
+        dir
+    }
+
+    fn sample() -> Journal {
+        let mut journal = Journal::taken("job-1", "2026-01-01T00:00:00+00:00".into());
+        journal.transition("t1".into(), "Setup", Some("setup"), Why::Exit, Some(0));
+        journal.set_status("setup", 0);
+        journal.phase = Some("provision".into());
+        journal.pgid = Some(4242);
+        journal.token = Some("abcdef".into());
+        journal.output.next_fragment = 3;
+        journal.output.logs.push(LogProgress {
+            phase: "setup".into(),
+            log_file: "setup.log".into(),
+            sent: 120,
+        });
+        journal
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempdir("round");
+        let journal = sample();
+        journal.save(&dir).expect("save");
+        assert_eq!(read(&dir).expect("read back"), journal);
+        assert_eq!(journal.trail[1].from, "Polled");
+        assert_eq!(journal.state, "Setup");
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn durable_write_leaves_no_temp_file() {
+        let dir = tempdir("durable");
+        let path = dir.join("file.json");
+        write_durable(&path, b"one").expect("write");
+        write_durable(&path, b"two").expect("overwrite");
+        assert_eq!(fs::read(&path).expect("read"), b"two");
+        let names: Vec<_> = fs::read_dir(&dir)
+            .expect("list")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("file.json")]);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn damaged_journals_are_errors() {
+        let bytes = sample().to_bytes();
+        for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
+            assert!(
+                matches!(
+                    Journal::from_bytes(&bytes[..cut]),
+                    Err(JournalError::Parse(_))
+                ),
+                "cut at {cut}"
+            );
+        }
+        assert!(matches!(
+            Journal::from_bytes(b"\xff\x00garbage"),
+            Err(JournalError::Parse(_))
+        ));
+        assert!(matches!(
+            Journal::from_bytes(br#"{"version":99,"job_id":"x"}"#),
+            Err(JournalError::Version { found: 99 })
+        ));
+        assert!(matches!(
+            Journal::from_bytes(br#"{"version":1,"job_id":"x"}"#),
+            Err(JournalError::Parse(_))
+        ));
+        let dir = tempdir("missing");
+        assert!(matches!(read(&dir), Err(JournalError::Missing(_))));
+        let _ = fs::remove_dir_all(dir);
+    }
+}
