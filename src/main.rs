@@ -228,11 +228,12 @@ fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> E
 /// logging_level, logging_quiet), the config's warnings, and the signal thread that turns
 /// SIGTERM/SIGINT into stop requests.
 fn start(config: &Config) -> Result<StopSignal, ExitCode> {
-    if let Err(err) = logging::init(
-        config.logging_level,
-        config.logging_quiet,
-        &config.logging_basedir,
-    ) {
+    if let Err(err) = logging::init(&logging::LogSettings {
+        level: config.logging_level,
+        quiet: config.logging_quiet,
+        dir: config.logging_basedir.clone(),
+        python_format: config.logging_python_format,
+    }) {
         eprintln!(
             "testflinger-agent: cannot open the agent log in {} (config key logging_basedir): {err}",
             config.logging_basedir.display()
