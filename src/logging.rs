@@ -1,42 +1,92 @@
 //! The agent's own log (through the `log` crate): to stderr unless `logging_quiet`, and to
-//! `<logging_basedir>/testflinger-agent.log`, rotated at local midnight as the Python agent
-//! rotates it (`TimedRotatingFileHandler(when="midnight", backupCount=6)`).
+//! `<logging_basedir>/testflinger-agent.log`, rotated at local midnight as the Python agent's
+//! `TimedRotatingFileHandler(when="midnight", backupCount=6)` rotates it.
 //!
-//! Rotation rules:
-//! - The file's period starts when it is opened: at its last modification time when it
-//!   already exists (so a file last written yesterday is rotated by the first line written
-//!   today, as Python does), or now. The period ends at the next local midnight.
-//! - The first line written after the end of the period first renames the file to
-//!   `testflinger-agent.log.YYYY-MM-DD`, the local date the period started on, and opens a
-//!   new one. Only the 6 newest such files are kept; other files are never touched.
-//! - A dated file that already exists (the clock went back, or the file was copied back)
-//!   is not replaced, unlike in Python: the lines are appended to it, so none is lost.
-//! - Rotation happens under the same lock as writing, so no line is lost, duplicated or
-//!   torn across it. When it fails (a rename or an open error, a full disk), the agent
-//!   keeps writing to the file it has, says so once on stderr, and tries again at the next
-//!   midnight.
-//! - [`reopen`] (SIGHUP, for hosts that also run logrotate) reopens the path; the period
-//!   then starts again from the reopened file.
+//! Rotation rules ([`RotatingFile`]):
+//! - **When.** A file's period begins when it is opened: at the file's mtime if it already
+//!   exists (so a log last written yesterday belongs to yesterday), else now. The period ends
+//!   at the next local midnight (the host's zone, `TZ` honoured; a DST day lasts 23 or 25
+//!   hours). Rotation happens when a line is about to be written after that, never on a timer,
+//!   under the same lock as the writes, so no line is lost, duplicated or split across files.
+//! - **Naming.** The file is renamed `testflinger-agent.log.YYYY-MM-DD`, the local date on
+//!   which its period began (the day whose lines it holds, as Python names it), and a new
+//!   `testflinger-agent.log` is opened. A log left untouched for several days is named after
+//!   the day it was last written.
+//! - **Kept.** After each rotation only the [`BACKUP_COUNT`] (6) newest files named exactly
+//!   `testflinger-agent.log.YYYY-MM-DD` are kept (by date in the name); older ones are
+//!   deleted. Nothing else in the directory is touched.
+//! - **Collision.** If `testflinger-agent.log.YYYY-MM-DD` already exists (two periods that
+//!   began on the same date, e.g. after the clock went back), Python deletes the older file.
+//!   This agent loses nothing instead: the current file's lines are appended to the existing
+//!   dated file (which then holds that date's lines in the order they were written) and the
+//!   current file is emptied in place. The name stays Python's, so tools that expect it, and
+//!   the count of kept files, are unchanged.
+//! - **Errors.** A rotation that fails (rename, open, copy, disk full, a directory in the way)
+//!   is undone as far as possible and never stops the agent: lines keep going to the file
+//!   already open (and to stderr), one warning goes to stderr per run of failures, and the
+//!   rotation is tried again [`RETRY_AFTER`] later. A failure to write a line is ignored
+//!   (stderr still has it).
+//! - **SIGHUP.** [`reopen`] reopens the path (for hosts that also run logrotate); the new
+//!   file's period begins at its mtime, or now when logrotate moved the old one away.
 //!
-//! `logging_format: python` gives the Python agent's layout, in local time:
-//! `[YY-MM-DD HH:MM:SS]    INFO: (file.rs:123)| message`.
+//! Line layouts ([`Format`]): `agent` (the default), `2026-01-05 10:00:00.123Z INFO  message`
+//! in UTC; `python` (config `logging_format: python`), the Python agent's
+//! `[%y-%m-%d %H:%M:%S] %(levelname)+7.7s: (%(filename)s:%(lineno)d)| %(message)s` in local
+//! time, e.g. `[25-11-30 14:02:11]    INFO: (run.rs:147)| message`. Both outputs get the same
+//! line.
 
-use crate::time::{self, HostZone, Zone};
+use crate::time::{local_time, log_stamp_at, next_local_midnight};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The log file's name inside `logging_basedir`.
 pub const LOG_FILE: &str = "testflinger-agent.log";
-/// How many rotated files are kept (Python's `backupCount`).
-pub const KEPT_ROTATIONS: usize = 6;
 
-/// How the agent's log is set up (config keys logging_level, logging_quiet,
-/// logging_basedir, logging_format).
-#[derive(Clone, Debug)]
+/// How many rotated files are kept (Python's `backupCount`).
+pub const BACKUP_COUNT: usize = 6;
+
+/// How long after a failed rotation the next attempt is made.
+pub const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// What went wrong opening or rotating the agent log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("cannot create the log directory {dir}: {source}")]
+    CreateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the log file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot rename {from} to {to}: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot append {from} to the existing {to}: {source}")]
+    Merge {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot delete the old log {path}: {source}")]
+    Prune {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How the agent's log is set up (config keys `logging_level`, `logging_quiet`,
+/// `logging_basedir`, `logging_format`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogSettings {
     pub level: LevelFilter,
     pub quiet: bool,
@@ -44,25 +94,311 @@ pub struct LogSettings {
     pub python_format: bool,
 }
 
+/// The layout of a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `2026-01-05 10:00:00.123Z INFO  message` (UTC).
+    Agent,
+    /// `[25-11-30 14:02:11]    INFO: (run.rs:147)| message` (local time), as Python's agent.
+    Python,
+}
+
+/// `record` as one line (with its newline) in `format`, stamped `at`.
+pub fn format_line(format: Format, at: SystemTime, record: &Record<'_>) -> String {
+    match format {
+        Format::Agent => format!(
+            "{} {:<5} {}\n",
+            log_stamp_at(at),
+            record.level(),
+            record.args()
+        ),
+        Format::Python => {
+            let file = record
+                .file()
+                .map_or("?", |f| f.rsplit_once('/').map_or(f, |(_, base)| base));
+            format!(
+                "[{}] {}: ({}:{})| {}\n",
+                local_time(at).python_stamp(),
+                python_level(record.level()),
+                file,
+                record.line().unwrap_or(0),
+                record.args()
+            )
+        }
+    }
+}
+
+/// Python's level name for `level` in `%(levelname)+7.7s`.
+fn python_level(level: Level) -> String {
+    fit7(match level {
+        Level::Error => "ERROR",
+        Level::Warn => "WARNING",
+        Level::Info => "INFO",
+        Level::Debug | Level::Trace => "DEBUG",
+    })
+}
+
+/// `%+7.7s`: cut at 7 characters, then right-aligned in 7 columns.
+fn fit7(name: &str) -> String {
+    let cut: String = name.chars().take(7).collect();
+    format!("{cut:>7}")
+}
+
+/// A log file that rotates itself at local midnight (the rules are in the module doc). The
+/// caller passes the time of every write, so tests cross midnight without waiting.
+#[derive(Debug)]
+pub struct RotatingFile {
+    path: PathBuf,
+    file: File,
+    /// When the current period ends (the local midnight after it began).
+    rollover_at: SystemTime,
+    /// After a failed rotation, the earliest moment of the next attempt.
+    retry_at: Option<SystemTime>,
+    /// A warning was printed for the current run of failures.
+    warned: bool,
+    /// Warnings printed so far (the tests' window on "warn once").
+    warnings: usize,
+}
+
+impl RotatingFile {
+    /// Opens (or creates) `path` for appending; its period begins at its mtime when it
+    /// exists, else at `now`.
+    pub fn open(path: &Path, now: SystemTime) -> Result<Self, LogError> {
+        let (file, rollover_at) = open_period(path, now)?;
+        Ok(RotatingFile {
+            path: path.to_path_buf(),
+            file,
+            rollover_at,
+            retry_at: None,
+            warned: false,
+            warnings: 0,
+        })
+    }
+
+    /// The path written to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// When the current period ends.
+    pub fn rollover_at(&self) -> SystemTime {
+        self.rollover_at
+    }
+
+    /// How many rotation warnings went to stderr.
+    pub fn warnings(&self) -> usize {
+        self.warnings
+    }
+
+    /// Writes `line` at `now`, rotating first when the period has ended. Never fails: a
+    /// rotation error is warned about and writing goes on in the current file.
+    pub fn write_line(&mut self, now: SystemTime, line: &[u8]) {
+        if now >= self.rollover_at && self.retry_at.is_none_or(|at| now >= at) {
+            self.rotate(now);
+        }
+        // A full disk must not stop the agent; stderr still has the line.
+        let _ = self.file.write_all(line);
+    }
+
+    /// Reopens the path (after logrotate moved it); the period starts again from the
+    /// reopened file's mtime, or `now` when it had to be created. On error the current file
+    /// stays in use.
+    pub fn reopen(&mut self, now: SystemTime) -> Result<(), LogError> {
+        let (file, rollover_at) = open_period(&self.path, now)?;
+        self.file = file;
+        self.rollover_at = rollover_at;
+        self.retry_at = None;
+        self.warned = false;
+        Ok(())
+    }
+
+    /// Flushes the file (a no-op for `File`, kept for the `Log` contract).
+    pub fn flush(&mut self) {
+        let _ = self.file.flush();
+    }
+
+    fn rotate(&mut self, now: SystemTime) {
+        let result = self.move_aside().and_then(|()| {
+            self.rollover_at = next_local_midnight(now);
+            self.retry_at = None;
+            self.prune()
+        });
+        match result {
+            Ok(()) => self.warned = false,
+            Err(err) => {
+                if self.rollover_at <= now {
+                    // The file was not moved: try again later, keep writing here.
+                    self.retry_at = now.checked_add(RETRY_AFTER);
+                }
+                if !self.warned {
+                    self.warned = true;
+                    self.warnings += 1;
+                    eprintln!(
+                        "testflinger-agent: agent log rotation: {err}; still writing to {}",
+                        self.path.display()
+                    );
+                }
+            }
+        }
+    }
+
+    /// The name the current file takes: the local date its period began.
+    fn rotated_path(&self) -> PathBuf {
+        let began = self
+            .rollover_at
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or(self.rollover_at);
+        let mut name = self.file_name();
+        name.push('.');
+        name.push_str(&local_time(began).date_string());
+        self.path.with_file_name(name)
+    }
+
+    fn file_name(&self) -> String {
+        self.path.file_name().map_or_else(
+            || LOG_FILE.to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    }
+
+    /// Moves the current file's lines to the dated name and leaves an empty current file.
+    fn move_aside(&mut self) -> Result<(), LogError> {
+        let target = self.rotated_path();
+        if std::fs::symlink_metadata(&target).is_ok() {
+            return self.merge_into(&target);
+        }
+        std::fs::rename(&self.path, &target).map_err(|source| LogError::Rename {
+            from: self.path.clone(),
+            to: target.clone(),
+            source,
+        })?;
+        match open_log(&self.path) {
+            Ok(file) => {
+                self.file = file;
+                Ok(())
+            }
+            Err(source) => {
+                // Put the file back; if that fails too, the open handle still writes to it.
+                let _ = std::fs::rename(&target, &self.path);
+                Err(LogError::Open {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// The collision rule: append the current file to `target`, then empty the current file.
+    /// On failure `target` is cut back to its old length, so no line ends up in both.
+    fn merge_into(&self, target: &Path) -> Result<(), LogError> {
+        let fail = |source| LogError::Merge {
+            from: self.path.clone(),
+            to: target.to_path_buf(),
+            source,
+        };
+        let mut dst = OpenOptions::new().append(true).open(target).map_err(fail)?;
+        let before = dst.metadata().map_err(fail)?.len();
+        let copied = (&self.file)
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| std::io::copy(&mut &self.file, &mut dst))
+            .and_then(|_| dst.sync_data())
+            .and_then(|()| self.file.set_len(0));
+        if let Err(err) = copied {
+            let _ = dst.set_len(before);
+            return Err(fail(err));
+        }
+        Ok(())
+    }
+
+    /// Deletes all but the newest [`BACKUP_COUNT`] `<name>.YYYY-MM-DD` files.
+    fn prune(&self) -> Result<(), LogError> {
+        let dir = match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let prefix = format!("{}.", self.file_name());
+        let entries = std::fs::read_dir(dir).map_err(|source| LogError::Prune {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut dated: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.strip_prefix(&prefix).is_some_and(is_date))
+            .collect();
+        if dated.len() <= BACKUP_COUNT {
+            return Ok(());
+        }
+        dated.sort();
+        let excess = dated.len() - BACKUP_COUNT;
+        for name in &dated[..excess] {
+            let path = dir.join(name);
+            std::fs::remove_file(&path).map_err(|source| LogError::Prune { path, source })?;
+        }
+        Ok(())
+    }
+}
+
+/// `YYYY-MM-DD`, digits only.
+fn is_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 10
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+fn open_log(path: &Path) -> std::io::Result<File> {
+    // Read as well as append: the collision rule copies the file's lines out of this handle.
+    OpenOptions::new()
+        .read(true)
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// Opens `path` and works out when its period ends.
+fn open_period(path: &Path, now: SystemTime) -> Result<(File, SystemTime), LogError> {
+    let began = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(now);
+    let file = open_log(path).map_err(|source| LogError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((file, next_local_midnight(began)))
+}
+
 struct Logger {
     level: LevelFilter,
     console: bool,
-    python_format: bool,
+    format: Format,
+    clock: fn() -> SystemTime,
     file: Mutex<RotatingFile>,
 }
 
 static LOGGER: OnceLock<Logger> = OnceLock::new();
 
-/// Installs the logger. Fails when the log directory or file cannot be created; calling it
-/// twice keeps the first logger.
-pub fn init(settings: &LogSettings) -> io::Result<PathBuf> {
-    std::fs::create_dir_all(&settings.dir)?;
-    let file = RotatingFile::open(&settings.dir, Box::new(HostZone))?;
-    let path = file.path.clone();
+/// Installs the logger and returns the log file's path. Fails when the log directory or file
+/// cannot be created; calling it twice keeps the first logger.
+pub fn init(settings: &LogSettings) -> Result<PathBuf, LogError> {
+    std::fs::create_dir_all(&settings.dir).map_err(|source| LogError::CreateDir {
+        dir: settings.dir.clone(),
+        source,
+    })?;
+    let path = settings.dir.join(LOG_FILE);
+    let file = RotatingFile::open(&path, SystemTime::now())?;
     let logger = LOGGER.get_or_init(|| Logger {
         level: settings.level,
         console: !settings.quiet,
-        python_format: settings.python_format,
+        format: if settings.python_format {
+            Format::Python
+        } else {
+            Format::Agent
+        },
+        clock: SystemTime::now,
         file: Mutex::new(file),
     });
     if log::set_logger(logger).is_ok() {
@@ -75,184 +411,10 @@ pub fn init(settings: &LogSettings) -> io::Result<PathBuf> {
 pub fn reopen() {
     if let Some(logger) = LOGGER.get() {
         let mut file = logger.file.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(err) = file.reopen() {
-            eprintln!("cannot reopen {}: {err}", file.path.display());
+        if let Err(err) = file.reopen((logger.clock)()) {
+            eprintln!("testflinger-agent: {err}");
         }
     }
-}
-
-/// The log file with its midnight rotation. The clock is passed to [`RotatingFile::write`],
-/// so tests cross midnights without waiting.
-pub struct RotatingFile {
-    dir: PathBuf,
-    path: PathBuf,
-    zone: Box<dyn Zone>,
-    file: Option<File>,
-    /// The local date the current period started on, and when it ends.
-    period_date: String,
-    period_end: SystemTime,
-    /// A rotation failed and was reported; quiet until one works again.
-    failing: bool,
-}
-
-impl RotatingFile {
-    /// Opens (appending) `<dir>/testflinger-agent.log`.
-    pub fn open(dir: &Path, zone: Box<dyn Zone>) -> io::Result<RotatingFile> {
-        let path = dir.join(LOG_FILE);
-        let mut rotating = RotatingFile {
-            dir: dir.to_owned(),
-            path,
-            zone,
-            file: None,
-            period_date: String::new(),
-            period_end: SystemTime::UNIX_EPOCH,
-            failing: false,
-        };
-        rotating.reopen()?;
-        Ok(rotating)
-    }
-
-    fn reopen(&mut self) -> io::Result<()> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        let started = file
-            .metadata()
-            .and_then(|m| m.modified())
-            .unwrap_or_else(|_| SystemTime::now());
-        self.start_period(started);
-        self.file = Some(file);
-        Ok(())
-    }
-
-    fn start_period(&mut self, at: SystemTime) {
-        self.period_date = time::local(self.zone.as_ref(), at).date();
-        self.period_end = time::next_local_midnight(self.zone.as_ref(), at);
-    }
-
-    /// Writes one whole line at `now`, rotating first when a local midnight has passed.
-    /// Errors are swallowed: a full disk must not stop the agent (stderr still has it).
-    pub fn write(&mut self, now: SystemTime, line: &[u8]) {
-        if now >= self.period_end {
-            self.rotate(now);
-        }
-        if let Some(file) = self.file.as_mut() {
-            let _ = file.write_all(line);
-        }
-    }
-
-    fn rotate(&mut self, now: SystemTime) {
-        match self.try_rotate() {
-            Ok(()) => self.failing = false,
-            Err(err) => {
-                if !self.failing {
-                    eprintln!(
-                        "testflinger-agent: cannot rotate {} (still writing to it): {err}",
-                        self.path.display()
-                    );
-                }
-                self.failing = true;
-            }
-        }
-        // After a failure the old file goes on until the next midnight.
-        let date = time::local(self.zone.as_ref(), now).date();
-        self.period_end = time::next_local_midnight(self.zone.as_ref(), now);
-        self.period_date = date;
-    }
-
-    fn try_rotate(&mut self) -> io::Result<()> {
-        let dated = self.dir.join(format!("{LOG_FILE}.{}", self.period_date));
-        if dated.exists() {
-            // Never replace an older file of the same date: add to it.
-            let mut target = OpenOptions::new().append(true).open(&dated)?;
-            let mut current = File::open(&self.path)?;
-            io::copy(&mut current, &mut target)?;
-            target.sync_data()?;
-            let fresh = OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(&self.path)?;
-            drop(fresh);
-        } else {
-            std::fs::rename(&self.path, &dated)?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        self.file = Some(file);
-        self.prune();
-        Ok(())
-    }
-
-    /// Deletes the rotated files beyond the newest [`KEPT_ROTATIONS`].
-    fn prune(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        let prefix = format!("{LOG_FILE}.");
-        let mut dated: Vec<String> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|name| name.strip_prefix(&prefix).is_some_and(is_iso_date))
-            .collect();
-        dated.sort();
-        let excess = dated.len().saturating_sub(KEPT_ROTATIONS);
-        for name in &dated[..excess] {
-            let _ = std::fs::remove_file(self.dir.join(name));
-        }
-    }
-
-    fn flush(&mut self) {
-        if let Some(file) = self.file.as_mut() {
-            let _ = file.flush();
-        }
-    }
-}
-
-/// `YYYY-MM-DD`, digits where digits belong.
-fn is_iso_date(text: &str) -> bool {
-    let b = text.as_bytes();
-    b.len() == 10
-        && b.iter().enumerate().all(|(i, c)| match i {
-            4 | 7 => *c == b'-',
-            _ => c.is_ascii_digit(),
-        })
-}
-
-/// One log line in the agent's layout: UTC timestamp, level, message.
-fn agent_line(record: &Record<'_>) -> String {
-    format!(
-        "{} {:<5} {}\n",
-        time::log_stamp(),
-        record.level(),
-        record.args()
-    )
-}
-
-/// One log line in the Python agent's layout
-/// (`[%(asctime)s] %(levelname)+7.7s: (%(filename)s:%(lineno)d)| %(message)s`).
-fn python_line(zone: &dyn Zone, now: SystemTime, record: &Record<'_>) -> String {
-    let level = match record.level() {
-        Level::Error => "ERROR",
-        Level::Warn => "WARNING",
-        Level::Info => "INFO",
-        Level::Debug | Level::Trace => "DEBUG",
-    };
-    let file = record
-        .file()
-        .and_then(|f| Path::new(f).file_name())
-        .and_then(|f| f.to_str())
-        .unwrap_or("?");
-    format!(
-        "[{}] {:>7.7}: ({}:{})| {}\n",
-        time::local(zone, now).python_stamp(),
-        level,
-        file,
-        record.line().unwrap_or(0),
-        record.args()
-    )
 }
 
 impl Log for Logger {
@@ -264,244 +426,378 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let now = SystemTime::now();
-        let line = if self.python_format {
-            python_line(&HostZone, now, record)
-        } else {
-            agent_line(record)
+        let line = {
+            // The time is read under the lock, so lines reach the file in time order and a
+            // line stamped before midnight never lands in the next day's file.
+            let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+            let now = (self.clock)();
+            let line = format_line(self.format, now, record);
+            file.write_line(now, line.as_bytes());
+            line
         };
         if self.console {
-            let _ = io::stderr().lock().write_all(line.as_bytes());
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
         }
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.write(now, line.as_bytes());
     }
 
     fn flush(&self) {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.flush();
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).flush();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::time::FixedZone;
-    use std::time::{Duration, UNIX_EPOCH};
+    use crate::time::{from_unix_secs, unix_secs, LocalTime};
+    use std::sync::atomic::{AtomicI64, Ordering};
 
-    /// 2026-01-05 00:00:00 UTC.
-    const JAN_5: u64 = 1_767_571_200;
+    /// A scratch directory removed on drop, even when the test fails.
+    struct Scratch(PathBuf);
 
-    fn at(secs: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(secs)
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "tf-logging-{name}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("the temp dir is writable");
+            Scratch(dir)
+        }
+
+        fn log(&self) -> PathBuf {
+            self.0.join(LOG_FILE)
+        }
+
+        fn rotated(&self, date: &str) -> PathBuf {
+            self.0.join(format!("{LOG_FILE}.{date}"))
+        }
+
+        fn names(&self) -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(&self.0)
+                .expect("the scratch dir lists")
+                .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+                .collect();
+            names.sort();
+            names
+        }
     }
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tf-log-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        dir
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     fn read(path: &Path) -> String {
-        std::fs::read_to_string(path).unwrap_or_default()
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
     }
 
-    /// A fresh log file whose period starts at `start` (its mtime).
-    fn log_file(dir: &Path, start: SystemTime, zone: i64) -> RotatingFile {
-        let path = dir.join(LOG_FILE);
-        let file = File::create(&path).expect("create log");
-        file.set_modified(start).expect("set mtime");
-        drop(file);
-        RotatingFile::open(dir, Box::new(FixedZone(zone))).expect("open log")
+    fn date_of(at: SystemTime) -> String {
+        local_time(at).date_string()
     }
 
-    #[test]
-    fn a_midnight_rotates_to_the_dated_name_losing_nothing() {
-        let dir = scratch("midnight");
-        // UTC+2: local midnight of Jan 6 is Jan 5 22:00 UTC.
-        let mut log = log_file(&dir, at(JAN_5 + 3600), 7200);
-        log.write(at(JAN_5 + 20 * 3600), b"before 1\n");
-        log.write(at(JAN_5 + 22 * 3600 - 1), b"before 2\n");
-        log.write(at(JAN_5 + 22 * 3600), b"after 1\n");
-        log.write(at(JAN_5 + 23 * 3600), b"after 2\n");
-        assert_eq!(
-            read(&dir.join("testflinger-agent.log.2026-01-05")),
-            "before 1\nbefore 2\n"
-        );
-        assert_eq!(read(&dir.join(LOG_FILE)), "after 1\nafter 2\n");
-        let _ = std::fs::remove_dir_all(&dir);
+    /// A local noon some days after a fixed date, in this host's zone.
+    fn noon(day: i64) -> SystemTime {
+        let base = from_unix_secs(1_767_607_200 + day * 86_400); // 2026-01-05T10:00Z
+        let midnight = next_local_midnight(base);
+        midnight + Duration::from_secs(12 * 3600)
     }
 
     #[test]
-    fn at_most_six_rotated_files_are_kept_and_others_are_untouched() {
-        let dir = scratch("keep");
-        std::fs::write(dir.join("unrelated.txt"), "x").expect("write");
-        std::fs::write(dir.join("testflinger-agent.log.old"), "x").expect("write");
-        let mut log = log_file(&dir, at(JAN_5), 0);
-        for day in 0..9 {
-            log.write(
-                at(JAN_5 + day * 86_400 + 60),
-                format!("day {day}\n").as_bytes(),
-            );
+    fn rotates_at_local_midnight() {
+        let dir = Scratch::new("midnight");
+        let start = noon(0);
+        let mut log = RotatingFile::open(&dir.log(), start).expect("opens");
+        let midnight = log.rollover_at();
+        assert_eq!(midnight, next_local_midnight(start));
+        let before = midnight - Duration::from_millis(1);
+        log.write_line(start, b"one\n");
+        log.write_line(before, b"two\n");
+        log.write_line(midnight, b"three\n");
+        log.write_line(midnight + Duration::from_secs(3600), b"four\n");
+        let old = dir.rotated(&date_of(start));
+        assert_eq!(read(&old), "one\ntwo\n");
+        assert_eq!(read(&dir.log()), "three\nfour\n");
+        assert_eq!(dir.names().len(), 2, "{:?}", dir.names());
+        assert_eq!(log.rollover_at(), next_local_midnight(midnight));
+        assert_eq!(log.warnings(), 0);
+    }
+
+    #[test]
+    fn keeps_the_six_newest() {
+        let dir = Scratch::new("keep");
+        let unrelated = [
+            format!("{LOG_FILE}.2001-01-01.gz"),
+            format!("{LOG_FILE}.old"),
+            "other.log.2001-01-01".to_string(),
+            format!("{LOG_FILE}.2001-1-01"),
+        ];
+        for name in &unrelated {
+            std::fs::write(dir.0.join(name), "keep me").expect("writable");
         }
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .expect("list")
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        // A directory with a rotated file's name is not a rotated file either.
+        let lookalike = dir.rotated("2000-01-01");
+        std::fs::create_dir(&lookalike).expect("writable");
+        let mut log = RotatingFile::open(&dir.log(), noon(0)).expect("opens");
+        let mut dates = Vec::new();
+        for day in 0..=8 {
+            dates.push(date_of(noon(day)));
+            log.write_line(noon(day), format!("day {day}\n").as_bytes());
+        }
+        // Eight midnights: days 0..=7 were rotated, day 8 is current.
+        let kept: Vec<String> = dates[2..8]
+            .iter()
+            .map(|d| format!("{LOG_FILE}.{d}"))
             .collect();
-        names.sort();
-        assert_eq!(
-            names,
-            [
-                "testflinger-agent.log",
-                "testflinger-agent.log.2026-01-07",
-                "testflinger-agent.log.2026-01-08",
-                "testflinger-agent.log.2026-01-09",
-                "testflinger-agent.log.2026-01-10",
-                "testflinger-agent.log.2026-01-11",
-                "testflinger-agent.log.2026-01-12",
-                "testflinger-agent.log.old",
-                "unrelated.txt",
-            ]
-        );
-        assert_eq!(
-            read(&dir.join("testflinger-agent.log.2026-01-12")),
-            "day 7\n"
-        );
-        assert_eq!(read(&dir.join(LOG_FILE)), "day 8\n");
-        let _ = std::fs::remove_dir_all(&dir);
+        let mut expected: Vec<String> = unrelated.to_vec();
+        expected.extend(kept.iter().cloned());
+        expected.push(LOG_FILE.to_string());
+        expected.push(format!("{LOG_FILE}.2000-01-01"));
+        expected.sort();
+        assert_eq!(dir.names(), expected);
+        for name in &unrelated {
+            assert_eq!(read(&dir.0.join(name)), "keep me");
+        }
+        for (day, date) in dates.iter().enumerate().take(8).skip(2) {
+            assert_eq!(read(&dir.rotated(date)), format!("day {day}\n"));
+        }
+        assert_eq!(read(&dir.log()), "day 8\n");
+        assert!(lookalike.is_dir());
+        assert_eq!(log.warnings(), 0);
     }
 
     #[test]
-    fn a_file_last_written_on_an_earlier_day_is_rotated_under_that_day() {
-        let dir = scratch("mtime");
-        let path = dir.join(LOG_FILE);
-        std::fs::write(&path, "from three days ago\n").expect("write");
+    fn an_old_log_at_start_up_rotates_under_its_own_date() {
+        let dir = Scratch::new("startup");
+        std::fs::write(dir.log(), "from an earlier day\n").expect("writable");
+        let earlier = noon(0) - Duration::from_secs(3 * 86_400);
         File::options()
             .write(true)
-            .open(&path)
-            .expect("open")
-            .set_modified(at(JAN_5 + 12 * 3600))
-            .expect("mtime");
-        let mut log = RotatingFile::open(&dir, Box::new(FixedZone(0))).expect("open");
-        log.write(at(JAN_5 + 3 * 86_400 + 5), b"today\n");
+            .open(dir.log())
+            .and_then(|f| f.set_modified(earlier))
+            .expect("sets the mtime");
+        let today = noon(0);
+        let mut log = RotatingFile::open(&dir.log(), today).expect("opens");
+        assert_eq!(log.rollover_at(), next_local_midnight(earlier));
+        log.write_line(today, b"today\n");
         assert_eq!(
-            read(&dir.join("testflinger-agent.log.2026-01-05")),
-            "from three days ago\n"
+            read(&dir.rotated(&date_of(earlier))),
+            "from an earlier day\n"
         );
-        assert_eq!(read(&path), "today\n");
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(read(&dir.log()), "today\n");
+        assert_eq!(log.rollover_at(), next_local_midnight(today));
     }
 
     #[test]
-    fn an_existing_dated_file_is_added_to_not_replaced() {
-        let dir = scratch("collide");
-        std::fs::write(dir.join("testflinger-agent.log.2026-01-05"), "earlier\n").expect("w");
-        let mut log = log_file(&dir, at(JAN_5 + 60), 0);
-        log.write(at(JAN_5 + 120), b"later\n");
-        log.write(at(JAN_5 + 86_400 + 1), b"next day\n");
+    fn a_taken_name_gets_the_lines_appended() {
+        let dir = Scratch::new("collision");
+        let day = noon(0);
+        std::fs::write(dir.rotated(&date_of(day)), "rotated earlier\n").expect("writable");
+        let mut log = RotatingFile::open(&dir.log(), day).expect("opens");
+        log.write_line(day, b"later the same day\n");
+        log.write_line(noon(1), b"next day\n");
         assert_eq!(
-            read(&dir.join("testflinger-agent.log.2026-01-05")),
-            "earlier\nlater\n"
+            read(&dir.rotated(&date_of(day))),
+            "rotated earlier\nlater the same day\n"
         );
-        assert_eq!(read(&dir.join(LOG_FILE)), "next day\n");
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(read(&dir.log()), "next day\n");
+        assert_eq!(log.warnings(), 0);
     }
 
     #[test]
-    fn a_failed_rotation_keeps_writing_and_retries_the_next_midnight() {
-        let dir = scratch("fail");
-        let mut log = log_file(&dir, at(JAN_5 + 60), 0);
-        log.write(at(JAN_5 + 120), b"one\n");
-        // The rename target is a directory that is not empty: the rename fails, and so does
-        // appending to it.
-        let blocker = dir.join("testflinger-agent.log.2026-01-05");
-        std::fs::create_dir(&blocker).expect("mkdir");
-        std::fs::write(blocker.join("x"), "x").expect("write");
-        log.write(at(JAN_5 + 86_400 + 1), b"two\n");
-        assert_eq!(read(&dir.join(LOG_FILE)), "one\ntwo\n", "still written");
-        log.write(at(JAN_5 + 2 * 86_400 + 1), b"three\n");
-        assert_eq!(
-            read(&dir.join("testflinger-agent.log.2026-01-06")),
-            "one\ntwo\n"
-        );
-        assert_eq!(read(&dir.join(LOG_FILE)), "three\n");
-        let _ = std::fs::remove_dir_all(&dir);
+    fn a_failed_rotation_keeps_writing_and_retries() {
+        let dir = Scratch::new("failure");
+        let day = noon(0);
+        // A directory where the rotated file should go: neither rename nor append can work.
+        let blocker = dir.rotated(&date_of(day));
+        std::fs::create_dir(&blocker).expect("writable");
+        std::fs::write(blocker.join("inside"), "untouched").expect("writable");
+        let mut log = RotatingFile::open(&dir.log(), day).expect("opens");
+        log.write_line(day, b"a\n");
+        let next = log.rollover_at();
+        log.write_line(next, b"b\n");
+        log.write_line(next + Duration::from_secs(1), b"c\n");
+        log.write_line(next + RETRY_AFTER, b"d\n");
+        assert_eq!(read(&dir.log()), "a\nb\nc\nd\n");
+        assert_eq!(log.warnings(), 1, "one warning for a run of failures");
+        assert_eq!(read(&blocker.join("inside")), "untouched");
+        // Once the way is clear, the next retry rotates every line written so far.
+        std::fs::remove_dir_all(&blocker).expect("removable");
+        let retry = next + RETRY_AFTER * 2;
+        log.write_line(retry - Duration::from_secs(1), b"e\n");
+        log.write_line(retry, b"f\n");
+        assert_eq!(read(&blocker), "a\nb\nc\nd\ne\n");
+        assert_eq!(read(&dir.log()), "f\n");
+        assert_eq!(log.rollover_at(), next_local_midnight(retry));
+        assert_eq!(log.warnings(), 1);
     }
 
     #[test]
-    fn lines_from_many_threads_across_a_midnight_are_each_written_once_whole() {
-        let dir = scratch("threads");
-        let log = Mutex::new(log_file(&dir, at(JAN_5), 0));
-        let clock = std::sync::atomic::AtomicU64::new(JAN_5 + 86_000);
-        std::thread::scope(|scope| {
-            for t in 0..4 {
-                let (log, clock) = (&log, &clock);
-                scope.spawn(move || {
-                    for i in 0..500 {
-                        let now = clock.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        let line = format!("thread {t} line {i} {}\n", "x".repeat(100));
-                        log.lock().expect("lock").write(at(now), line.as_bytes());
+    fn reopen_starts_a_new_period() {
+        let dir = Scratch::new("reopen");
+        let mut log = RotatingFile::open(&dir.log(), noon(0)).expect("opens");
+        log.write_line(noon(0), b"before logrotate\n");
+        std::fs::rename(dir.log(), dir.0.join("moved")).expect("renames");
+        log.reopen(noon(1)).expect("reopens");
+        assert_eq!(log.rollover_at(), next_local_midnight(noon(1)));
+        log.write_line(noon(1), b"after\n");
+        assert_eq!(read(&dir.0.join("moved")), "before logrotate\n");
+        assert_eq!(read(&dir.log()), "after\n");
+        assert_eq!(dir.names(), vec!["moved".to_string(), LOG_FILE.to_string()]);
+    }
+
+    fn line_for(
+        format: Format,
+        at: SystemTime,
+        level: Level,
+        file: Option<&str>,
+        line: Option<u32>,
+    ) -> String {
+        format_line(
+            format,
+            at,
+            &Record::builder()
+                .level(level)
+                .file(file)
+                .line(line)
+                .args(format_args!("the message: {}", 42))
+                .build(),
+        )
+    }
+
+    #[test]
+    fn python_layout() {
+        let at = from_unix_secs(1_764_511_331) + Duration::from_millis(987);
+        let local = local_time(at);
+        let stamp = format!(
+            "{:02}-{:02}-{:02} {:02}:{:02}:{:02}",
+            local.year % 100,
+            local.month,
+            local.day,
+            local.hour,
+            local.minute,
+            local.second
+        );
+        let cases = [
+            (Level::Error, "  ERROR"),
+            (Level::Warn, "WARNING"),
+            (Level::Info, "   INFO"),
+            (Level::Debug, "  DEBUG"),
+            (Level::Trace, "  DEBUG"),
+        ];
+        for (level, name) in cases {
+            let line = line_for(
+                Format::Python,
+                at,
+                level,
+                Some("src/daemon/run.rs"),
+                Some(147),
+            );
+            let rest = line.strip_prefix('[').expect("opens with [");
+            let (got_stamp, rest) = rest.split_at(17);
+            assert_eq!(got_stamp, stamp, "{line}");
+            let rest = rest.strip_prefix("] ").expect("] after the stamp");
+            let (got_level, rest) = rest.split_at(7);
+            assert_eq!(got_level, name, "{line}");
+            let rest = rest.strip_prefix(": (").expect(": ( after the level");
+            let (place, rest) = rest.split_once(")| ").expect(")| after the place");
+            assert_eq!(place, "run.rs:147", "{line}");
+            assert_eq!(rest, "the message: 42\n", "{line}");
+        }
+        let unknown = line_for(Format::Python, at, Level::Info, None, None);
+        assert!(
+            unknown.ends_with("   INFO: (?:0)| the message: 42\n"),
+            "{unknown}"
+        );
+        assert_eq!(fit7("CRITICAL"), "CRITICA");
+        assert_eq!(fit7("X"), "      X");
+    }
+
+    #[test]
+    fn agent_layout_is_unchanged() {
+        let at = from_unix_secs(1_767_607_200) + Duration::from_millis(123);
+        let line = line_for(Format::Agent, at, Level::Warn, Some("x.rs"), Some(1));
+        assert_eq!(line, "2026-01-05 10:00:00.123Z WARN  the message: 42\n");
+        let line = line_for(Format::Agent, at, Level::Error, None, None);
+        assert_eq!(line, "2026-01-05 10:00:00.123Z ERROR the message: 42\n");
+    }
+
+    /// The concurrency test's clock: one millisecond later at every reading.
+    static RACE_NOW_MS: AtomicI64 = AtomicI64::new(0);
+
+    fn race_clock() -> SystemTime {
+        let ms = RACE_NOW_MS.fetch_add(1, Ordering::SeqCst);
+        from_unix_secs(ms.div_euclid(1000)) + Duration::from_millis(ms.rem_euclid(1000) as u64)
+    }
+
+    #[test]
+    fn threads_crossing_midnight_lose_nothing() {
+        const THREADS: usize = 4;
+        const LINES: usize = 250;
+        let dir = Scratch::new("threads");
+        let start = noon(0);
+        let midnight = next_local_midnight(start);
+        // Half the lines before midnight, half after.
+        let first_ms = unix_secs(midnight) * 1000 - (THREADS * LINES / 2) as i64;
+        RACE_NOW_MS.store(first_ms, Ordering::SeqCst);
+        let logger = Logger {
+            level: LevelFilter::Trace,
+            console: false,
+            format: Format::Python,
+            clock: race_clock,
+            file: Mutex::new(RotatingFile::open(&dir.log(), start).expect("opens")),
+        };
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let logger = &logger;
+                s.spawn(move || {
+                    for n in 0..LINES {
+                        logger.log(
+                            &Record::builder()
+                                .level(Level::Info)
+                                .file(Some("src/logging.rs"))
+                                .line(Some(7))
+                                .args(format_args!("thread {t} line {n}"))
+                                .build(),
+                        );
                     }
                 });
             }
         });
-        let text = read(&dir.join("testflinger-agent.log.2026-01-05")) + &read(&dir.join(LOG_FILE));
-        let mut lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2000);
-        lines.sort_unstable();
-        lines.dedup();
-        assert_eq!(lines.len(), 2000, "no line twice");
+        let old_day: LocalTime = local_time(midnight - Duration::from_secs(1));
+        let new_day: LocalTime = local_time(midnight);
+        let mut seen = vec![vec![0u32; LINES]; THREADS];
+        let mut count = [0usize; 2];
+        for (i, (path, day)) in [
+            (dir.rotated(&date_of(start)), old_day),
+            (dir.log(), new_day),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let text = read(path);
+            assert!(text.ends_with('\n'));
+            for line in text.lines() {
+                let rest = line
+                    .strip_prefix(&format!("[{}", &day.python_stamp()[..8]))
+                    .unwrap_or_else(|| panic!("{line} in {} has another date", path.display()));
+                let (_, message) = rest
+                    .split_once("]    INFO: (logging.rs:7)| thread ")
+                    .unwrap_or_else(|| panic!("torn line {line:?}"));
+                let (t, n) = message.split_once(" line ").expect("thread and line");
+                let t: usize = t.parse().expect("a thread number");
+                let n: usize = n.parse().expect("a line number");
+                seen[t][n] += 1;
+                count[i] += 1;
+            }
+        }
         assert!(
-            lines.iter().all(|l| l.ends_with(&"x".repeat(100))),
-            "no torn line"
+            seen.iter().flatten().all(|&c| c == 1),
+            "every line exactly once"
         );
-        assert!(
-            !read(&dir.join(LOG_FILE)).is_empty(),
-            "some lines after midnight"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn python_layout_pads_and_cuts_the_level_and_names_the_file() {
-        let now = at(JAN_5 + 14 * 3600 + 2 * 60 + 11);
-        let zone = FixedZone(3600);
-        let line = |level: Level, file: Option<&'static str>, line: Option<u32>| {
-            python_line(
-                &zone,
-                now,
-                &Record::builder()
-                    .level(level)
-                    .file(file)
-                    .line(line)
-                    .args(format_args!("the message"))
-                    .build(),
-            )
-        };
-        assert_eq!(
-            line(Level::Info, Some("src/daemon/run.rs"), Some(147)),
-            "[26-01-05 15:02:11]    INFO: (run.rs:147)| the message\n"
-        );
-        assert_eq!(
-            line(Level::Warn, Some("src/x.rs"), Some(1)),
-            "[26-01-05 15:02:11] WARNING: (x.rs:1)| the message\n"
-        );
-        assert_eq!(
-            line(Level::Error, Some("a.rs"), Some(2)),
-            "[26-01-05 15:02:11]   ERROR: (a.rs:2)| the message\n"
-        );
-        assert_eq!(
-            line(Level::Trace, None, None),
-            "[26-01-05 15:02:11]   DEBUG: (?:0)| the message\n"
-        );
-    }
-
-    #[test]
-    fn iso_dates_only() {
-        assert!(is_iso_date("2026-01-05"));
-        assert!(!is_iso_date("2026-01-5"));
-        assert!(!is_iso_date("old"));
-        assert!(!is_iso_date("2026_01_05"));
+        assert_eq!(count, [THREADS * LINES / 2, THREADS * LINES / 2]);
+        assert_eq!(dir.names().len(), 2);
     }
 }

@@ -1,6 +1,10 @@
-//! Wall-clock timestamps in the formats Testflinger uses, without a date crate, and the
-//! host's local time (its UTC offset from the C library, which honours `TZ` and
-//! `/etc/localtime`), for the log's midnight rotation and the Python agent's log layout.
+//! Wall-clock timestamps in the formats Testflinger uses, and the host's local date and
+//! midnight (for the agent log's rotation), without a date crate.
+//!
+//! Local time comes from the C library's `localtime_r` in [`local_time`], the one function
+//! here with `unsafe`: it follows `TZ` (else `/etc/localtime`) as read by `tzset` on first
+//! use, as Python's `time.localtime` does. Everything else is pure arithmetic, and
+//! [`next_midnight_in`] takes the zone as a function so tests can feed it any offsets.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,7 +27,12 @@ pub fn iso_at(at: SystemTime) -> String {
 
 /// The current UTC time for the agent's log: `2026-01-05 10:00:00.123Z`.
 pub fn log_stamp() -> String {
-    let (date, secs_of_day, micros) = split(SystemTime::now());
+    log_stamp_at(SystemTime::now())
+}
+
+/// `at` as the agent's log renders it: `2026-01-05 10:00:00.123Z` (UTC).
+pub fn log_stamp_at(at: SystemTime) -> String {
+    let (date, secs_of_day, micros) = split(at);
     format!(
         "{date} {:02}:{:02}:{:02}.{:03}Z",
         secs_of_day / 3600,
@@ -64,8 +73,8 @@ pub fn age_of(stamp: &str) -> Option<std::time::Duration> {
         .ok()
 }
 
-/// A moment in local time, broken down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A moment as the clock on the wall of the host reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalTime {
     pub year: i64,
     pub month: u32,
@@ -73,15 +82,38 @@ pub struct LocalTime {
     pub hour: u32,
     pub minute: u32,
     pub second: u32,
+    /// Seconds east of UTC in force at that moment.
+    pub offset_secs: i64,
 }
 
 impl LocalTime {
-    /// `YYYY-MM-DD`, as Python's midnight-rotated log files are named.
-    pub fn date(&self) -> String {
+    /// `unix_secs` (whole seconds since 1970-01-01 UTC) read at a fixed offset east of UTC.
+    pub fn at_offset(unix_secs: i64, offset_secs: i64) -> Self {
+        let local = unix_secs + offset_secs;
+        let (year, month, day) = civil_from_days(local.div_euclid(86_400));
+        let of_day = local.rem_euclid(86_400);
+        LocalTime {
+            year,
+            month,
+            day,
+            hour: (of_day / 3600) as u32,
+            minute: (of_day / 60 % 60) as u32,
+            second: (of_day % 60) as u32,
+            offset_secs,
+        }
+    }
+
+    /// (year, month, day), ordered as dates are.
+    pub fn date(&self) -> (i64, u32, u32) {
+        (self.year, self.month, self.day)
+    }
+
+    /// `YYYY-MM-DD`, the suffix Python's midnight rotation gives a rotated log.
+    pub fn date_string(&self) -> String {
         format!("{:04}-{:02}-{:02}", self.year, self.month, self.day)
     }
 
-    /// `YY-MM-DD HH:MM:SS`, the Python agent's log timestamp (`%y-%m-%d %H:%M:%S`).
+    /// `YY-MM-DD HH:MM:SS`, Python's `%y-%m-%d %H:%M:%S`.
     pub fn python_stamp(&self) -> String {
         format!(
             "{:02}-{:02}-{:02} {:02}:{:02}:{:02}",
@@ -95,86 +127,105 @@ impl LocalTime {
     }
 }
 
-/// Where local time comes from: the host's time zone, or a fixed offset in tests.
-pub trait Zone: Send + Sync {
-    /// Seconds east of UTC in force at `at`.
-    fn offset(&self, at: SystemTime) -> i64;
-}
-
-/// The host's time zone, through the C library's `localtime_r`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct HostZone;
-
-impl Zone for HostZone {
-    fn offset(&self, at: SystemTime) -> i64 {
-        // time_t is 64 bits on every target the agent supports.
-        let t: libc::time_t = unix_secs(at);
-        // SAFETY: `localtime_r` is the reentrant variant: it reads `t` and writes only into
-        // the `tm` we own; both pointers are valid for the call. On failure it returns null
-        // and `tm` is not read.
-        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-        let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
-        if ok {
-            tm.tm_gmtoff
-        } else {
-            0
+/// Whole seconds since 1970-01-01 UTC (negative before; the fraction is dropped toward the past).
+pub fn unix_secs(at: SystemTime) -> i64 {
+    match at.duration_since(UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        Err(before) => {
+            let before = before.duration();
+            let whole = i64::try_from(before.as_secs()).unwrap_or(i64::MAX);
+            if before.subsec_nanos() > 0 {
+                whole.saturating_neg().saturating_sub(1)
+            } else {
+                whole.saturating_neg()
+            }
         }
     }
 }
 
-/// A fixed UTC offset (tests, or a host without a time zone).
-#[derive(Clone, Copy, Debug)]
-pub struct FixedZone(pub i64);
-
-impl Zone for FixedZone {
-    fn offset(&self, _at: SystemTime) -> i64 {
-        self.0
-    }
-}
-
-fn unix_secs(at: SystemTime) -> i64 {
-    match at.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
-}
-
-/// `at` in local time.
-pub fn local(zone: &dyn Zone, at: SystemTime) -> LocalTime {
-    let secs = unix_secs(at).saturating_add(zone.offset(at));
-    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
-    let of_day = secs.rem_euclid(86_400);
-    LocalTime {
-        year,
-        month,
-        day,
-        hour: (of_day / 3600) as u32,
-        minute: (of_day / 60 % 60) as u32,
-        second: (of_day % 60) as u32,
-    }
-}
-
-/// The first local midnight after `at`.
-pub fn next_local_midnight(zone: &dyn Zone, at: SystemTime) -> SystemTime {
-    let local_secs = unix_secs(at).saturating_add(zone.offset(at));
-    let midnight_local = (local_secs.div_euclid(86_400) + 1) * 86_400;
-    // The offset may change by then (daylight saving time): take the one in force there.
-    let guess = midnight_local - zone.offset(at);
-    let utc = midnight_local - zone.offset(from_unix(guess));
-    let next = from_unix(utc);
-    if next > at {
-        next
-    } else {
-        from_unix(guess).max(at + std::time::Duration::from_secs(1))
-    }
-}
-
-fn from_unix(secs: i64) -> SystemTime {
+/// The moment `secs` whole seconds after (or before, when negative) 1970-01-01 UTC.
+pub fn from_unix_secs(secs: i64) -> SystemTime {
+    let magnitude = std::time::Duration::from_secs(secs.unsigned_abs());
     if secs >= 0 {
-        UNIX_EPOCH + std::time::Duration::from_secs(secs as u64)
+        UNIX_EPOCH + magnitude
     } else {
-        UNIX_EPOCH - std::time::Duration::from_secs(secs.unsigned_abs())
+        UNIX_EPOCH - magnitude
     }
+}
+
+/// `at` in the host's zone, through `localtime_r`; UTC when the C library cannot convert it
+/// (a moment outside `time_t` or the zone data).
+pub fn local_time(at: SystemTime) -> LocalTime {
+    local_time_secs(unix_secs(at))
+}
+
+// `time_t` and `c_long` are 64 bits here but 32 on some targets: keep the checked conversions.
+#[allow(irrefutable_let_patterns, clippy::useless_conversion)]
+fn local_time_secs(secs: i64) -> LocalTime {
+    static TZSET: std::sync::Once = std::sync::Once::new();
+    extern "C" {
+        // POSIX; the libc crate declares it for Windows only.
+        fn tzset();
+    }
+    let Ok(clock) = libc::time_t::try_from(secs) else {
+        return LocalTime::at_offset(secs, 0);
+    };
+    // SAFETY: `tzset` takes no arguments and only reads the environment (`TZ`) and the zone
+    // files into the C library's own state; it runs once, and nothing in this program
+    // writes `TZ` after start-up. `localtime_r` reads `clock` and writes only into `tm`, a
+    // zeroed `struct tm` (all-integer plus a pointer the C library sets, so all-zero is a
+    // valid value) owned by this frame; both pointers are valid for the call, and the
+    // reentrant form shares no static buffer with other threads. A null return (conversion
+    // failed) is checked before `tm` is read.
+    let tm = unsafe {
+        TZSET.call_once(|| tzset());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&clock, &mut tm).is_null() {
+            return LocalTime::at_offset(secs, 0);
+        }
+        tm
+    };
+    let field = |v: libc::c_int| u32::try_from(v).unwrap_or(0);
+    LocalTime {
+        year: i64::from(tm.tm_year) + 1900,
+        month: field(tm.tm_mon) + 1,
+        day: field(tm.tm_mday),
+        hour: field(tm.tm_hour),
+        minute: field(tm.tm_min),
+        second: field(tm.tm_sec),
+        offset_secs: i64::from(tm.tm_gmtoff),
+    }
+}
+
+/// The first moment after `at` whose local date is later than `at`'s: the next local midnight
+/// (or, in a zone where midnight does not exist that day, the first moment of the new day).
+pub fn next_local_midnight(at: SystemTime) -> SystemTime {
+    next_midnight_in(at, local_time_secs)
+}
+
+/// [`next_local_midnight`] in the zone `zone`, which maps Unix seconds to local time.
+///
+/// A day lasts 23 to 25 hours around a DST change, so rather than adding 24 hours this
+/// searches the next two days for the second where the date changes (18 conversions).
+pub fn next_midnight_in(at: SystemTime, zone: impl Fn(i64) -> LocalTime) -> SystemTime {
+    let start = unix_secs(at);
+    let today = zone(start).date();
+    let later = |s: i64| zone(s).date() > today;
+    let (mut lo, mut hi) = (start, start.saturating_add(2 * 86_400));
+    if !later(hi) {
+        // A zone (or clock) where no new day begins within two days: rotate daily anyway.
+        return from_unix_secs(start.saturating_add(86_400));
+    }
+    // Invariant: `later(lo)` is false and `later(hi)` is true.
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if later(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    from_unix_secs(hi)
 }
 
 /// (year, month, day) to days since 1970-01-01 (the inverse of `civil_from_days`).
@@ -230,43 +281,6 @@ mod tests {
     }
 
     #[test]
-    fn local_time_and_midnight_with_a_fixed_offset() {
-        // 2026-01-05 23:30:00 UTC is 2026-01-06 01:30:00 at UTC+2.
-        let at = UNIX_EPOCH + Duration::from_secs(1_767_655_800);
-        let zone = FixedZone(7200);
-        let l = local(&zone, at);
-        assert_eq!(l.date(), "2026-01-06");
-        assert_eq!(l.python_stamp(), "26-01-06 01:30:00");
-        // The next local midnight is 2026-01-06 22:00:00 UTC.
-        let midnight = next_local_midnight(&zone, at);
-        assert_eq!(
-            midnight
-                .duration_since(UNIX_EPOCH)
-                .expect("after 1970")
-                .as_secs(),
-            1_767_736_800
-        );
-        assert_eq!(local(&zone, midnight).python_stamp(), "26-01-07 00:00:00");
-        // Exactly at midnight, the next one is a day later.
-        assert_eq!(
-            next_local_midnight(&zone, midnight)
-                .duration_since(midnight)
-                .expect("later"),
-            Duration::from_secs(86_400)
-        );
-        // West of UTC too.
-        let west = FixedZone(-5 * 3600);
-        assert_eq!(local(&west, at).date(), "2026-01-05");
-        assert_eq!(local(&west, at).hour, 18);
-    }
-
-    #[test]
-    fn the_host_zone_gives_a_sane_offset() {
-        let offset = HostZone.offset(SystemTime::now());
-        assert!((-14 * 3600..=14 * 3600).contains(&offset), "{offset}");
-    }
-
-    #[test]
     fn ages() {
         for days in [0, 11_016, 20_458, -1, 40_000] {
             let (y, m, d) = civil_from_days(days);
@@ -278,5 +292,125 @@ mod tests {
         assert_eq!(age_of("2999-01-01T00:00:00Z"), None);
         assert_eq!(age_of("yesterday"), None);
         assert_eq!(age_of("2020-13-01T00:00:00Z"), None);
+    }
+
+    fn utc(y: i64, mo: u32, d: u32, h: i64, mi: i64) -> i64 {
+        days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60
+    }
+
+    #[test]
+    fn fixed_offsets() {
+        let at = utc(2026, 1, 5, 23, 30);
+        let east = LocalTime::at_offset(at, 3600);
+        assert_eq!((east.date(), east.hour, east.minute), ((2026, 1, 6), 0, 30));
+        assert_eq!(east.date_string(), "2026-01-06");
+        assert_eq!(east.python_stamp(), "26-01-06 00:30:00");
+        let west = LocalTime::at_offset(utc(2000, 1, 1, 2, 0) + 7, -5 * 3600);
+        assert_eq!(west.python_stamp(), "99-12-31 21:00:07");
+        assert_eq!(west.offset_secs, -18_000);
+        // Midnight in a zone one hour east is 23:00 UTC the day before.
+        let zone = |s| LocalTime::at_offset(s, 3600);
+        let next = next_midnight_in(from_unix_secs(utc(2026, 1, 5, 10, 0)), zone);
+        assert_eq!(unix_secs(next), utc(2026, 1, 5, 23, 0));
+        // Exactly at midnight, the next one is a day later.
+        assert_eq!(
+            unix_secs(next_midnight_in(next, zone)),
+            utc(2026, 1, 6, 23, 0)
+        );
+        // Half a second before midnight still rotates at midnight, not a day later.
+        let just_before = next - Duration::from_millis(500);
+        assert_eq!(next_midnight_in(just_before, zone), next);
+    }
+
+    #[test]
+    fn midnights_across_dst_changes() {
+        // Offset +1 h until 2026-03-29 01:00 UTC (02:00 local), +2 h after: a 23-hour day.
+        let switch = utc(2026, 3, 29, 1, 0);
+        let spring = |s: i64| LocalTime::at_offset(s, if s < switch { 3600 } else { 7200 });
+        let day_start = next_midnight_in(from_unix_secs(utc(2026, 3, 28, 12, 0)), spring);
+        assert_eq!(unix_secs(day_start), utc(2026, 3, 28, 23, 0));
+        let day_end = next_midnight_in(day_start, spring);
+        assert_eq!(unix_secs(day_end), utc(2026, 3, 29, 22, 0));
+        assert_eq!(unix_secs(day_end) - unix_secs(day_start), 23 * 3600);
+        // A zone whose clocks jump from 00:00 to 01:00: the new day begins at 01:00 local.
+        let jump = utc(2026, 9, 6, 3, 0); // 00:00 at -3 h
+        let skip = |s: i64| LocalTime::at_offset(s, if s < jump { -3 * 3600 } else { -2 * 3600 });
+        let first = next_midnight_in(from_unix_secs(utc(2026, 9, 5, 15, 0)), skip);
+        assert_eq!(unix_secs(first), jump);
+        let local = skip(unix_secs(first));
+        assert_eq!((local.date(), local.hour), ((2026, 9, 6), 1));
+    }
+
+    #[test]
+    fn unix_seconds_round_trip() {
+        for secs in [0, 1, -1, -86_401, 1_767_607_200] {
+            assert_eq!(unix_secs(from_unix_secs(secs)), secs);
+        }
+        assert_eq!(unix_secs(UNIX_EPOCH - Duration::from_millis(500)), -1);
+        assert_eq!(unix_secs(UNIX_EPOCH + Duration::from_millis(1500)), 1);
+    }
+
+    /// The C library's answer agrees with the arithmetic at its own offset, and the next
+    /// midnight is where the date changes. Run again by `local_time_follows_tz` in a child
+    /// with `TZ` set (this process never changes its own environment), where it also checks
+    /// known New York times.
+    #[test]
+    fn local_time_is_consistent() {
+        for secs in [
+            0,
+            utc(2026, 3, 8, 5, 30),
+            utc(2026, 11, 1, 5, 30),
+            utc(2025, 11, 30, 19, 2),
+        ] {
+            let local = local_time(from_unix_secs(secs));
+            assert_eq!(
+                local,
+                LocalTime::at_offset(secs, local.offset_secs),
+                "{secs}"
+            );
+            let midnight = unix_secs(next_local_midnight(from_unix_secs(secs)));
+            assert!(midnight > secs);
+            assert!(local_time(from_unix_secs(midnight)).date() > local.date());
+            assert_eq!(
+                local_time(from_unix_secs(midnight - 1)).date(),
+                local.date()
+            );
+            let at_midnight = local_time(from_unix_secs(midnight));
+            assert!(
+                at_midnight.hour <= 1 && at_midnight.minute == 0,
+                "{at_midnight:?}"
+            );
+        }
+        if std::env::var_os("TFA_TIME_EXPECT_NEW_YORK").is_some() {
+            let winter = local_time(from_unix_secs(utc(2026, 1, 5, 10, 0)));
+            assert_eq!((winter.hour, winter.offset_secs), (5, -5 * 3600));
+            let summer = local_time(from_unix_secs(utc(2026, 7, 5, 10, 0)));
+            assert_eq!((summer.hour, summer.offset_secs), (6, -4 * 3600));
+            // 2026-03-08 lasts 23 hours in New York.
+            let day = next_local_midnight(from_unix_secs(utc(2026, 3, 7, 12, 0)));
+            assert_eq!(unix_secs(day), utc(2026, 3, 8, 5, 0));
+            assert_eq!(unix_secs(next_local_midnight(day)), utc(2026, 3, 9, 4, 0));
+        }
+    }
+
+    #[test]
+    fn local_time_follows_tz() {
+        let exe = std::env::current_exe().expect("the test binary knows its path");
+        let out = std::process::Command::new(exe)
+            .args([
+                "time::tests::local_time_is_consistent",
+                "--exact",
+                "--test-threads=1",
+            ])
+            .env("TZ", "EST5EDT,M3.2.0,M11.1.0")
+            .env("TFA_TIME_EXPECT_NEW_YORK", "1")
+            .output()
+            .expect("the test binary runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
