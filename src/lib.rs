@@ -18,6 +18,7 @@ pub mod mask;
 pub mod outcome;
 pub mod phase;
 pub mod process;
+pub mod release;
 pub mod run_job;
 pub mod server;
 pub mod signals;
