@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod phase;
 pub mod process;
+pub mod release;
 pub mod run_job;
 pub mod server;
 pub mod signals;
