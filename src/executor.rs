@@ -14,6 +14,7 @@ use crate::mask::Masker;
 use crate::outcome::{self, OutcomeFile};
 use crate::phase::{Phase, SkipReason};
 use crate::process::{self, CommandSpec, OutputSink, StopKind, StopSignal, Termination};
+use crate::release::ReleaseProbe;
 use crate::server::Server;
 use serde_json::{json, Value};
 use std::ffi::OsString;
@@ -700,26 +701,83 @@ impl PhaseExecutor<'_> {
             PhaseStatus::Ran(result) => result.duration.as_secs(),
             PhaseStatus::Skipped(_) => 0,
         };
+        if phase == Phase::Provision
+            && matches!(record.status, PhaseStatus::Ran(r) if r.exit_code == 0)
+        {
+            let user = self
+                .spec
+                .phase_data(Phase::Test)
+                .and_then(|data| data.get("test_username"))
+                .and_then(|user| user.as_str());
+            self.phase_metrics
+                .start_probe(ReleaseProbe::start(&self.rundir, user));
+        }
         self.phase_metrics.observe(phase, seconds);
     }
 }
 
-/// Phase durations of one job, observed with the job's `release` label.
-#[derive(Debug, Default)]
+/// Phase durations of one job, observed with the job's `release` label. After a
+/// provision that exited 0 the label is asked of the device ([`ReleaseProbe`]) beside the
+/// job, never in its way: the observations wait for the answer (at most the probe's 30 s,
+/// or until the job ends), the phases do not.
+#[derive(Default)]
 struct PhaseMetrics {
     /// `""` until a provision succeeded, as in the Python agent.
     release: String,
+    probe: Option<ReleaseProbe>,
+    /// Observations waiting for the probe's label.
+    waiting: Vec<(Phase, u64)>,
 }
 
+impl std::fmt::Debug for PhaseMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhaseMetrics")
+            .field("release", &self.release)
+            .field("probing", &self.probe.is_some())
+            .field("waiting", &self.waiting)
+            .finish()
+    }
+}
+
+/// How long the end of a job waits for a probe still asking the device.
+const RELEASE_WAIT_AT_JOB_END: Duration = Duration::from_secs(5);
+
 impl PhaseMetrics {
+    fn start_probe(&mut self, probe: ReleaseProbe) {
+        self.probe = Some(probe);
+    }
+
     fn observe(&mut self, phase: Phase, seconds: u64) {
+        if let Some(label) = self.probe.as_ref().and_then(ReleaseProbe::try_label) {
+            self.settle(label);
+        }
+        if self.probe.is_some() {
+            self.waiting.push((phase, seconds));
+            return;
+        }
         if let Some(metrics) = crate::metrics::get() {
             metrics.phase_duration(phase.name(), seconds, &self.release);
         }
     }
 
-    /// The job is over: nothing waits any more.
-    fn flush(&mut self) {}
+    fn settle(&mut self, label: String) {
+        self.probe = None;
+        self.release = label;
+        if let Some(metrics) = crate::metrics::get() {
+            for (phase, seconds) in self.waiting.drain(..) {
+                metrics.phase_duration(phase.name(), seconds, &self.release);
+            }
+        }
+    }
+
+    /// The job is over: what still waits is observed, with the label if it comes in time.
+    /// (The probe must end before the daemon reaps orphans between jobs.)
+    fn flush(&mut self) {
+        if let Some(probe) = self.probe.take() {
+            let label = probe.wait_label(RELEASE_WAIT_AT_JOB_END);
+            self.settle(label);
+        }
+    }
 }
 
 /// Tells the health endpoint that the agent's main loop is alive (a phase is starting, or

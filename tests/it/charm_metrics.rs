@@ -23,7 +23,17 @@ struct CharmAgent {
 
 impl CharmAgent {
     fn start(config: &std::path::Path, port: u16, stderr: std::fs::File) -> CharmAgent {
+        CharmAgent::start_env(config, port, stderr, &[])
+    }
+
+    fn start_env(
+        config: &std::path::Path,
+        port: u16,
+        stderr: std::fs::File,
+        env: &[(&str, String)],
+    ) -> CharmAgent {
         let child = Command::new(BIN)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg("-c")
             .arg(config)
             .arg("-p")
@@ -257,4 +267,82 @@ fn a_metrics_port_in_use_stops_the_start_naming_the_port_before_any_post() {
     );
     assert_eq!(server.request_count(&Route::AgentDataGet), 0);
     drop(holder);
+}
+
+#[test]
+fn the_release_label_comes_from_the_provisioned_device() {
+    let server = FakeServer::start_with(FakeConfig {
+        require_auth: false,
+        ..FakeConfig::default()
+    });
+    let s = Scratch::new("charm-release");
+    let name = format!("charm-release-{}", std::process::id());
+    // A stand-in for ssh on the agent's PATH: it records its arguments and answers with
+    // the os-release of an Ubuntu point release.
+    let bin = s.path("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    let argv = s.path("ssh-argv");
+    let fake = bin.join("ssh");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$@\" > {}\nprintf 'NAME=\"Ubuntu\"\\nVERSION_ID=\"24.04\"\\nVERSION=\"24.04.1 LTS (Noble Numbat)\"\\n'\n",
+            argv.display()
+        ),
+    )
+    .expect("fake ssh");
+    let mut perms = std::fs::metadata(&fake).expect("meta").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&fake, perms).expect("chmod");
+    let commands = "provision_command: |\n  echo '{\"device_info\": {\"device_ip\": \"10.20.30.40\"}}' > device-info.json\ntest_command: echo tested\n";
+    let files = write_daemon_files(&server, &s, &name, commands);
+    let port = free_port();
+    let stderr = std::fs::File::create(s.path("agent.stderr")).expect("stderr file");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let _agent = CharmAgent::start_env(&files.config, port, stderr, &[("PATH", path)]);
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "provision_data": {"url": "x"},
+        "test_data": {"test_cmds": "x", "test_username": "tester"},
+    }));
+    wait_for(&server, "the job", |srv| finished(srv, &id));
+    let argv = std::fs::read_to_string(&argv).expect("the fake ssh ran");
+    assert!(
+        argv.contains("tester@10.20.30.40 cat /etc/os-release"),
+        "{argv}"
+    );
+    assert!(argv.contains("BatchMode=yes"), "{argv}");
+    // The label of every phase from provision on; setup ran before it: "".
+    let e = scrape(port);
+    let durations = &e.families["phase_duration_seconds"];
+    let mut labels = BTreeMap::new();
+    for sample in durations.iter_samples() {
+        let set = sample.get_labelset().expect("labels");
+        labels.insert(
+            set.get_label_value("test_phase").unwrap_or("").to_owned(),
+            set.get_label_value("release").unwrap_or("?").to_owned(),
+        );
+    }
+    assert_eq!(
+        labels.get("setup").map(String::as_str),
+        Some(""),
+        "{labels:?}"
+    );
+    for phase in [
+        "provision",
+        "firmware_update",
+        "test",
+        "allocate",
+        "reserve",
+    ] {
+        assert_eq!(
+            labels.get(phase).map(String::as_str),
+            Some("24.04.1"),
+            "{phase}: {labels:?}"
+        );
+    }
 }
