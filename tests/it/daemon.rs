@@ -859,7 +859,7 @@ fn a_daemon_that_cannot_start_exits_2_after_a_delay_off_a_terminal() {
     );
     // Off a terminal (stdin is /dev/null here) the agent says why and waits before exiting,
     // so a supervisor that restarts on every exit does not loop as fast as it can.
-    // The same for a command-line mistake.
+    // A bad config and a command-line mistake alike.
     let config_arg = config.to_string_lossy().into_owned();
     for (args, named) in [
         (vec!["-c", config_arg.as_str()], "not_a_key"),
