@@ -6,8 +6,7 @@
 //!
 //! Everything here is local: a server that is down delays only the report.
 
-use super::run::save_pending;
-use super::spool;
+use super::spool::{self, save_pending};
 use crate::config::Config;
 use crate::executor::PhaseExecutor;
 use crate::job::JobSpec;

@@ -2,7 +2,7 @@
 //! cycle), running a job from the server, the final report, and the spool of reports the
 //! server has not accepted yet (retried every cycle, oldest first, across restarts).
 
-use super::spool;
+use super::spool::{self, save_pending, PENDING_OUTPUT_FILE};
 use crate::artifacts;
 use crate::config::Config;
 use crate::executor::{AgentRequest, PhaseExecutor};
@@ -21,8 +21,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The name of the file, inside a run directory, that says what live output is left to send.
-const PENDING_OUTPUT_FILE: &str = ".agent-pending-output.json";
 /// How long the end of a job waits for the live output to reach the server before the run
 /// directory goes to the spool with the rest.
 const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -845,11 +843,6 @@ fn deliver_artifacts(server: &HttpServer, job_id: &str, rundir: &Path) -> Result
 fn remove_file(path: &Path) -> Result<(), DeliverError> {
     fs::remove_file(path)
         .map_err(|err| DeliverError::Local(format!("cannot remove {}: {err}", path.display())))
-}
-
-pub(super) fn save_pending(rundir: &Path, pending: &PendingOutput) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(pending).map_err(std::io::Error::other)?;
-    outcome::write_atomic(&rundir.join(PENDING_OUTPUT_FILE), &bytes)
 }
 
 /// The `job_id` of a job document, if it has a usable one, without validating the rest.

@@ -2,10 +2,20 @@
 //! directory into it (also across filesystems), finding what to retry in age order, and
 //! recovering the run directories a crashed agent left behind.
 
+use crate::server::http::PendingOutput;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
+
+/// The name of the file, inside a run directory, that says what live output is left to send.
+pub const PENDING_OUTPUT_FILE: &str = ".agent-pending-output.json";
+
+/// Records in `rundir` what live output is left to send (read back by the report's delivery).
+pub fn save_pending(rundir: &Path, pending: &PendingOutput) -> io::Result<()> {
+    let bytes = serde_json::to_vec(pending).map_err(io::Error::other)?;
+    crate::outcome::write_atomic(&rundir.join(PENDING_OUTPUT_FILE), &bytes)
+}
 
 /// Moves the directory `from` to `to`: a rename, or across filesystems a copy into a
 /// hidden directory beside `to`, a rename into place, then removing `from`. Symlinks are
