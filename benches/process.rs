@@ -5,7 +5,12 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use testflinger_agent::process::{run_command, CommandSpec, StopSignal, Termination};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use testflinger_agent::process::{
+    become_subreaper, run_command, CommandSpec, StopSignal, Termination,
+};
 
 fn spec(command: &str) -> CommandSpec {
     CommandSpec {
@@ -19,6 +24,7 @@ fn spec(command: &str) -> CommandSpec {
         honour_cancel: true,
         honour_shutdown: true,
         shutdown_budget: None,
+        oom_score_adj: None,
     }
 }
 
@@ -76,6 +82,78 @@ fn kill_latency(runs: usize) {
     );
 }
 
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let index = (sorted.len() * p).div_ceil(100).saturating_sub(1);
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// Living processes whose command line carries `needle`.
+fn living_carrying(needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !cmdline
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+        {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next());
+        if !matches!(state, Some("Z" | "X") | None) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Deadline to `run_command` returning for a tree that honours SIGTERM but whose `setsid`
+/// escapee holds the output pipe, with the default 10 s grace period. Every process of
+/// the tree must be dead when it returns: checked by a marker in their command lines.
+fn escapee_kill_latency(runs: usize) {
+    let timeout = Duration::from_millis(200);
+    let stop = StopSignal::new().expect("stop signal");
+    let mut to_return = Vec::new();
+    let mut survivors = 0;
+    let mut sigkills = 0;
+    for run in 0..runs {
+        let marker = format!("{}{run:04}", std::process::id());
+        let mut spec = spec(&format!(
+            "setsid sh -c 'trap \"exit 0\" TERM; while :; do sleep 0.1; done' marker-{marker} & \
+             sleep 1000.{marker} & wait"
+        ));
+        spec.global_timeout = Some(timeout);
+        spec.grace_period = Duration::from_secs(10);
+        let outcome = run_command(&spec, &mut |_: &[u8]| {}, &stop).expect("runs");
+        let returned = Instant::now();
+        assert_eq!(outcome.termination, Termination::GlobalTimeout);
+        sigkills += usize::from(outcome.needed_sigkill);
+        // `duration` runs from spawn to the last reap, so spawn ≈ returned - duration.
+        to_return.push(returned.saturating_duration_since(returned - outcome.duration + timeout));
+        let left = living_carrying(&marker);
+        survivors += left.len();
+        for pid in left {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    to_return.sort();
+    println!(
+        "escapee kill latency, deadline -> every process dead (SIGTERM-honouring tree, setsid escapee holding the pipe, 10 s grace, {runs} runs): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; SIGKILL needed in {sigkills} runs, {survivors} processes outlived run_command",
+        ms(percentile(&to_return, 50)),
+        ms(percentile(&to_return, 99)),
+        ms(to_return[to_return.len() - 1]),
+    );
+}
+
 fn overhead(runs: u32) {
     let stop = StopSignal::new().expect("stop signal");
     let spec = spec("true");
@@ -85,6 +163,15 @@ fn overhead(runs: u32) {
         assert_eq!(outcome.termination, Termination::Exited(0));
     }
     let ours = start.elapsed() / runs;
+    // What the executor runs: with an oom_score_adj, written between fork and exec.
+    let mut with_oom = spec.clone();
+    with_oom.oom_score_adj = Some(500);
+    let start = Instant::now();
+    for _ in 0..runs {
+        let outcome = run_command(&with_oom, &mut |_: &[u8]| {}, &stop).expect("runs");
+        assert_eq!(outcome.termination, Termination::Exited(0));
+    }
+    let ours_oom = start.elapsed() / runs;
     let start = Instant::now();
     for _ in 0..runs {
         let status = Command::new("/bin/sh")
@@ -95,8 +182,9 @@ fn overhead(runs: u32) {
     }
     let plain = start.elapsed() / runs;
     println!(
-        "per-command overhead (`true` x {runs}): run_command {:.3} ms/run, std Command::status {:.3} ms/run",
+        "per-command overhead (`true` x {runs}): run_command {:.3} ms/run, with oom_score_adj {:.3} ms/run, std Command::status {:.3} ms/run",
         ms(ours),
+        ms(ours_oom),
         ms(plain)
     );
 }
@@ -127,8 +215,14 @@ fn throughput(bytes: u64) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; there is nothing to filter.
+    // `cargo bench` passes `--bench`; `TF_BENCH_ESCAPEE_RUNS` sets the escapee runs.
+    become_subreaper().expect("subreaper");
     kill_latency(20);
+    let escapee_runs = std::env::var("TF_BENCH_ESCAPEE_RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(50);
+    escapee_kill_latency(escapee_runs);
     overhead(200);
     throughput(1_000_000_000);
     match vm_hwm_kib() {

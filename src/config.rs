@@ -44,6 +44,8 @@ pub enum KeyType {
     TextMap,
     /// A mapping of queue names to mappings of image names to provision data strings.
     ImageMap,
+    /// An `oom_score_adj` value: a whole number from -1000 to 1000.
+    OomScore,
 }
 
 impl KeyType {
@@ -62,6 +64,7 @@ impl KeyType {
             KeyType::TextList => "list of strings",
             KeyType::TextMap => "map string→string",
             KeyType::ImageMap => "map queue→map image→string",
+            KeyType::OomScore => "int (-1000 to 1000)",
         }
     }
 
@@ -79,6 +82,7 @@ impl KeyType {
             KeyType::TextList => "a list of strings",
             KeyType::TextMap => "a mapping of strings to strings",
             KeyType::ImageMap => "a mapping of queue names to mappings of image names to strings",
+            KeyType::OomScore => "a whole number from -1000 to 1000",
         }
     }
 }
@@ -264,6 +268,8 @@ pub const KEYS: &[KeySpec] = &[
         "Seconds between checks for a cancelled job while a phase command runs")),
     at_least_one(key("output_post_interval", Seconds, Int(1), ThisAgent,
         "Seconds between posts of a phase's live output to the server")),
+    key("oom_score_adj", OomScore, Int(500), ThisAgent,
+        "`oom_score_adj` given to every phase command (and inherited by what it starts), so that when memory runs out the kernel kills the job before the agent; raising it above the agent's own value needs no privilege, lowering it below needs root (CAP_SYS_RESOURCE), and a value the kernel refuses is ignored"),
 ];
 
 /// The spec of `name`, if it is a config key.
@@ -349,6 +355,8 @@ pub struct Config {
     pub cancel_check_interval: u64,
     /// Seconds between posts of live output.
     pub output_post_interval: u64,
+    /// `oom_score_adj` of phase commands, -1000 to 1000.
+    pub oom_score_adj: i32,
     /// Problems that did not stop the load (such as an unknown `logging_level`), for the
     /// caller to log once logging is set up.
     pub warnings: Vec<String>,
@@ -503,6 +511,13 @@ impl Config {
             shutdown_cleanup_timeout: defaulted_int("shutdown_cleanup_timeout")?,
             cancel_check_interval: defaulted_int("cancel_check_interval")?,
             output_post_interval: defaulted_int("output_post_interval")?,
+            oom_score_adj: effective
+                .get("oom_score_adj")
+                .and_then(Value::as_i64)
+                .and_then(|n| i32::try_from(n).ok())
+                .ok_or(ConfigError::Missing {
+                    key: "oom_score_adj",
+                })?,
             warnings,
             effective,
         })
@@ -652,6 +667,13 @@ fn check_value(
                     (min, _) => format!("{min} or more"),
                 };
                 return Err(invalid(format!("must be {range}, found {n}")));
+            }
+            Ok(value.clone())
+        }
+        OomScore => {
+            let n = whole_number(value).ok_or_else(|| wrong(value))?;
+            if !(-1000..=1000).contains(&n) {
+                return Err(invalid(format!("must be from -1000 to 1000, found {n}")));
             }
             Ok(value.clone())
         }
@@ -1005,6 +1027,12 @@ output_bytes: 10485760
         assert_eq!(c.cancel_check_period(), Duration::from_secs(10));
         assert_eq!(c.output_post_period(), Duration::from_secs(1));
         assert_eq!(c.polling_period(), Duration::from_secs(10));
+        assert_eq!(c.oom_score_adj, 500);
+        assert!(
+            c.effective_yaml().contains("\noom_score_adj: 500\n"),
+            "{}",
+            c.effective_yaml()
+        );
         // The table's defaults are what the config holds.
         for spec in KEYS {
             if let Some(default) = spec.default.to_value() {
@@ -1035,6 +1063,14 @@ output_bytes: 10485760
         assert_eq!(c.cancel_check_period(), Duration::from_secs(2));
         assert_eq!(c.output_post_period(), Duration::from_secs(5));
         assert_eq!(c.polling_interval, 0);
+        for value in [-1000, -5, 0, 1000] {
+            let c = load(&format!("{MINIMAL}oom_score_adj: {value}\n"));
+            assert_eq!(c.oom_score_adj, value);
+        }
+        assert_eq!(
+            error(&format!("{MINIMAL}oom_score_adj: high\n")),
+            "config key oom_score_adj: expected a whole number from -1000 to 1000, found the string \"high\""
+        );
     }
 
     #[test]
@@ -1142,6 +1178,14 @@ output_bytes: 10485760
             (
                 "straggler_wait_ms: 31536000001",
                 "config key straggler_wait_ms: must be from 0 to 31536000000, found 31536000001",
+            ),
+            (
+                "oom_score_adj: 2000",
+                "config key oom_score_adj: must be from -1000 to 1000, found 2000",
+            ),
+            (
+                "oom_score_adj: -1001",
+                "config key oom_score_adj: must be from -1000 to 1000, found -1001",
             ),
         ] {
             assert_eq!(error(&format!("{MINIMAL}{line}\n")), message, "{line}");
@@ -1398,6 +1442,7 @@ output_bytes: 10485760
                     Choice(words) => json!(words[number as usize % words.len()]),
                     Seconds | Milliseconds | Count => json!(number),
                     Port => json!(number % 65_536),
+                    OomScore => json!((number % 2001) as i64 - 1000),
                     KeyType::Bool => json!(number % 2 == 0),
                     TextList => json!([text]),
                     TextMap => json!({"k": text}),

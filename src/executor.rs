@@ -181,6 +181,7 @@ impl<'a> PhaseExecutor<'a> {
             honour_shutdown: phase != Phase::Cleanup,
             shutdown_budget: (phase == Phase::Cleanup)
                 .then(|| self.config.shutdown_cleanup_budget()),
+            oom_score_adj: Some(self.config.oom_score_adj),
         }
     }
 

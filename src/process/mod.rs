@@ -1,14 +1,19 @@
 //! Runs one phase command: `sh -c CMD` in its own process group, output pumped with
-//! `poll()` against deadlines, kill escalation (SIGTERM to the group, grace period,
-//! SIGKILL), and a sweep that leaves no descendant alive when the phase ends.
+//! `poll()` against deadlines, kill escalation (SIGTERM to the group and to every process
+//! that left it, grace period, SIGKILL), and a sweep that leaves no descendant alive when
+//! the phase ends.
 //!
 //! All nix calls live in `unix.rs`, the `/proc` scan in `sweep.rs`; this file holds the
 //! platform-neutral types, the stop lines and the command state table.
 //!
 //! A command's states, in order: `running` (the shell or the output pipe is alive),
-//! `terminating` (SIGTERM sent to the group, grace period running), `killed` (SIGKILL
-//! sent to the group and to every process carrying the phase token), `exited` (everything
-//! reaped). [`COMMAND_TRANSITIONS`] lists every edge the runner takes; debug builds assert
+//! `terminating` (SIGTERM sent to the group and to every process of the phase outside it,
+//! grace period running, until none of them is alive), `killed` (SIGKILL sent to the
+//! group and to every process of the phase), `exited` (everything reaped).
+//!
+//! "The processes of the phase" are the members of the group, every process whose
+//! environment carries the phase token, and (after [`claim_orphans`]) every orphan the
+//! agent adopted as subreaper. [`COMMAND_TRANSITIONS`] lists every edge the runner takes; debug builds assert
 //! each transition against it.
 
 mod leftovers;
@@ -62,9 +67,11 @@ pub(crate) const EV_OUTPUT_TIMEOUT: &str = "output timeout";
 pub(crate) const EV_CANCEL: &str = "cancel";
 pub(crate) const EV_SHUTDOWN: &str = "shutdown";
 pub(crate) const EV_KILL_NOW: &str = "kill now";
-/// After SIGTERM the shell exited, the output closed and no group member is left.
+/// After SIGTERM the shell and every process of the phase exited (the output need not
+/// be closed: only a process outside the phase can still hold it).
 pub(crate) const EV_GROUP_EXITED: &str = "group exited within grace";
-/// As above, but processes that left the group (carrying the token) were still alive.
+/// As above, but the final sweep still found processes of the phase alive (forked just
+/// as the last scan ran).
 pub(crate) const EV_GROUP_EXITED_LEFT_ESCAPEES: &str = "group exited, escapees left";
 pub(crate) const EV_GRACE_EXPIRED: &str = "grace expired";
 pub(crate) const EV_REAPED: &str = "reaped";
@@ -169,6 +176,11 @@ pub struct CommandSpec {
     /// longer; then it is ended like a timeout ([`Termination::Shutdown`]). `None`: no bound
     /// beyond its own timeouts.
     pub shutdown_budget: Option<Duration>,
+    /// Written to the shell's `/proc/self/oom_score_adj` before it runs the command, so
+    /// that the whole tree inherits it and the kernel's OOM killer picks the job before the
+    /// agent. `None` leaves the agent's own value. A value the kernel refuses (out of
+    /// -1000..=1000, or lower than allowed without privilege) is ignored: the command runs.
+    pub oom_score_adj: Option<i32>,
 }
 
 /// Receives the command's output as it arrives, byte-exact, in order.
@@ -317,8 +329,21 @@ pub struct CommandOutcome {
     /// Of those, the processes that had left the command's process group (`setsid`, a
     /// double fork into another group).
     pub escapees_killed: usize,
+    /// Processes outside the command's process group that the agent sent SIGTERM when it
+    /// stopped the command, and that were gone before any SIGKILL.
+    pub escapees_terminated: usize,
     /// Wall time from spawn to the last process reaped.
     pub duration: Duration,
+}
+
+/// Sets the agent's own `oom_score_adj` (-1000..=1000; lower means less likely to be
+/// killed when memory runs out). Raising it needs no privilege; lowering it below the value
+/// the agent started with needs CAP_SYS_RESOURCE (root).
+///
+/// # Errors
+/// The write's error: `InvalidInput` out of range, `PermissionDenied` without privilege.
+pub fn set_own_oom_score_adj(value: i32) -> std::io::Result<()> {
+    std::fs::write("/proc/self/oom_score_adj", value.to_string())
 }
 
 /// Errors from running a command. All of them are the agent's or the host's fault.
@@ -361,6 +386,7 @@ mod tests {
             honour_cancel: true,
             honour_shutdown: true,
             shutdown_budget: None,
+            oom_score_adj: None,
         }
     }
 
@@ -449,6 +475,19 @@ mod tests {
             straggler_line(1, None),
             "\nWARNING: 1 background process still running after the command exited; killed it.\n"
         );
+    }
+
+    #[test]
+    fn own_oom_score_adj_is_written_and_checked_by_the_kernel() {
+        let own: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .expect("own oom_score_adj")
+            .trim()
+            .parse()
+            .expect("a number");
+        // Writing the current value changes nothing and needs no privilege.
+        set_own_oom_score_adj(own).expect("the current value is accepted");
+        let err = set_own_oom_score_adj(5000).expect_err("out of range");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
     }
 
     #[test]

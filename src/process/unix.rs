@@ -5,10 +5,17 @@
 //! and a pidfd of the shell (readable when it exits), with the timeout computed from the
 //! nearest deadline. A [`ProcessGroupGuard`] owns the group from spawn to reap: its final
 //! sweep (also run from `Drop`) kills the group and every process carrying the phase token.
+//!
+//! Stopping a command sends SIGTERM to the group and, right after, to every process of the
+//! phase outside it (found by the sweep's `/proc` scan); rescans with back-off while the
+//! grace period runs send SIGTERM to processes that appear later and notice when none is
+//! left, which ends the phase without waiting for the output pipe to close. Every signal
+//! to a single process goes through a pidfd opened before its start time is checked, so a
+//! reused pid is never signalled.
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +29,7 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpid, pipe2, read, write, Pid};
 
-use super::sweep::{self, PhaseMarks, TOKEN_VAR};
+use super::sweep::{self, PhaseMarks, ProcStat, TOKEN_VAR};
 use super::{
     stop_line, straggler_line, CommandOutcome, CommandSpec, CommandState, OutputSink, ProcessError,
     StopKind, StopSignal, Termination, EV_CANCEL, EV_EXIT, EV_EXIT_LEFT_BACKGROUND,
@@ -40,10 +47,14 @@ const SWEEP_BOUND: Duration = Duration::from_secs(2);
 const DRAIN_BOUND: Duration = Duration::from_millis(500);
 /// Without pidfd (Linux < 5.3) the shell's exit is checked this often.
 const NO_PIDFD_TICK: Duration = Duration::from_millis(20);
-/// While terminating, after the shell exited and the output closed, how often the group
-/// is rescanned for members that are still finishing (doubling up to the maximum).
-const GROUP_RESCAN_FIRST: Duration = Duration::from_millis(2);
-const GROUP_RESCAN_MAX: Duration = Duration::from_millis(50);
+/// While terminating, how often the phase's processes are rescanned (to SIGTERM late
+/// forks and to notice that none is left): from the first pause, doubling up to the
+/// maximum, and back to the first when the shell exits or the output closes.
+const TERM_RESCAN_FIRST: Duration = Duration::from_millis(1);
+const TERM_RESCAN_MAX: Duration = Duration::from_millis(50);
+/// While terminating, how many pidfds of signalled processes `poll()` watches at most (the
+/// rescans notice the others).
+const MAX_EXIT_WATCHES: usize = 64;
 
 fn sys(what: &'static str) -> impl FnOnce(Errno) -> ProcessError {
     move |source| ProcessError::Sys { what, source }
@@ -140,6 +151,86 @@ fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// One process, pinned: its pidfd was opened before its start time was checked, so if
+/// the pid was reused in between the check failed, and a signal or a `poll()` through the
+/// pidfd can only concern the process it was opened on. Without pidfds (Linux < 5.3)
+/// signals fall back to `kill` right after the check.
+struct Pinned {
+    pid: i32,
+    pidfd: Option<OwnedFd>,
+}
+
+impl Pinned {
+    /// `None` when `(pid, starttime)` is gone, a zombie, or the pid is another process now.
+    fn new(pid: i32, starttime: u64, buf: &mut Vec<u8>) -> Option<Pinned> {
+        let pidfd = pidfd_open(Pid::from_raw(pid));
+        sweep::read_stat(pid, buf)
+            .is_some_and(|s| s.starttime == starttime && s.is_alive())
+            .then_some(Pinned { pid, pidfd })
+    }
+
+    fn signal(&self, signal: Signal) -> bool {
+        match &self.pidfd {
+            Some(pidfd) => {
+                // SAFETY: pidfd_send_signal takes a descriptor we own, a signal number, a
+                // null siginfo pointer (meaning "as kill(2)") and flags; no memory is written.
+                let r = unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfd.as_raw_fd(),
+                        signal as libc::c_int,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+                r == 0
+            }
+            None => kill(Pid::from_raw(self.pid), signal).is_ok(),
+        }
+    }
+}
+
+/// Sends `signal` to the process `(pid, starttime)` and to nothing else (see [`Pinned`]).
+/// `false` when it is gone.
+fn signal_process(pid: i32, starttime: u64, signal: Signal, buf: &mut Vec<u8>) -> bool {
+    Pinned::new(pid, starttime, buf).is_some_and(|p| p.signal(signal))
+}
+
+/// The value to write to `/proc/self/oom_score_adj` in the child, formatted before the
+/// fork so that the child only calls `open`, `write` and `close` (async-signal-safe).
+#[derive(Clone, Copy)]
+struct OomScoreAdj {
+    text: [u8; 12],
+    len: usize,
+}
+
+impl OomScoreAdj {
+    fn new(value: i32) -> OomScoreAdj {
+        let digits = value.to_string();
+        let mut text = [0u8; 12];
+        // An i32 has at most 11 characters ("-2147483648").
+        let len = digits.len().min(text.len());
+        text[..len].copy_from_slice(&digits.as_bytes()[..len]);
+        OomScoreAdj { text, len }
+    }
+
+    /// Runs in the child between fork and exec: no allocation, no lock, errors ignored (a
+    /// sandbox without a writable `/proc`, or a value refused without privilege, must not
+    /// stop the command).
+    fn apply(&self) {
+        const PATH: &std::ffi::CStr = c"/proc/self/oom_score_adj";
+        // SAFETY: open, write and close are async-signal-safe; the path is a static C
+        // string and the buffer lives in this closure's captured copy.
+        unsafe {
+            let fd = libc::open(PATH.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                let _ = libc::write(fd, self.text.as_ptr().cast(), self.len);
+                let _ = libc::close(fd);
+            }
+        }
+    }
+}
+
 /// `waitpid(pid)`, returning the raw status; `Ok(None)` with `nohang` when still running.
 /// Raw statuses are kept (not nix's `WaitStatus`) because decoding a real-time signal
 /// number fails in nix after the child has already been reaped.
@@ -192,6 +283,9 @@ struct ProcessGroupGuard {
     known: Vec<(i32, u64)>,
     /// Distinct processes (other than the leader) the sweeps found alive and killed.
     killed: Vec<(i32, u64)>,
+    /// Processes that got SIGTERM when the command was stopped (the group's members by
+    /// `killpg`, the others one by one), so that none is signalled twice.
+    terminated: Vec<Terminated>,
     /// Set once the leader is reaped; the group is never signalled after that.
     leader_status: Option<i32>,
 }
@@ -208,6 +302,7 @@ impl ProcessGroupGuard {
             own_pid: getpid().as_raw(),
             known: Vec::new(),
             killed: Vec::new(),
+            terminated: Vec::new(),
             leader_status: None,
         }
     }
@@ -239,11 +334,87 @@ impl ProcessGroupGuard {
         }
     }
 
-    /// Group members other than the leader that are still alive.
-    fn living_group_members(&self) -> usize {
-        sweep::scan(&self.marks(true))
+    /// Sends SIGTERM to the processes of the phase that have not had it, and returns how
+    /// many processes of the phase other than the leader are alive.
+    ///
+    /// `first` is the scan right after `killpg(SIGTERM)`: the group's members had it from
+    /// `killpg`, every other process of the phase gets it now. In later scans, every
+    /// process outside the group not seen before gets it (late forks of the escapees). A
+    /// new member of the group gets it only when its parent is not the living leader or
+    /// another living member that had it: as with `killpg` alone, what the command starts
+    /// while handling SIGTERM (a trap's cleanup command) is left to it; an orphan gets it.
+    ///
+    /// Every process that had SIGTERM is kept pinned by a pidfd, which `poll()` watches to
+    /// notice its exit at once (see [`ProcessGroupGuard::exit_watch`]).
+    fn terminate(&mut self, first: bool) -> usize {
+        let leader = self.leader.as_raw();
+        let found = sweep::scan(&self.marks(false));
+        let mut buf = Vec::new();
+        let mut alive = 0;
+        for stat in &found {
+            if !stat.is_alive() || stat.pid == leader {
+                continue;
+            }
+            let id = (stat.pid, stat.starttime);
+            if self.terminated.iter().any(|t| t.id == id) {
+                alive += 1;
+                continue;
+            }
+            let in_group = stat.pgrp == leader;
+            if in_group && !first && self.parent_handles_the_stop(stat, &found) {
+                alive += 1;
+                continue;
+            }
+            let Some(pinned) = Pinned::new(stat.pid, stat.starttime, &mut buf) else {
+                continue;
+            };
+            // In the first scan the group's members already had it from `killpg`.
+            let had_it = (first && in_group) || pinned.signal(Signal::SIGTERM);
+            if !had_it {
+                continue;
+            }
+            alive += 1;
+            if !self.known.contains(&id) {
+                self.known.push(id);
+            }
+            self.terminated.push(Terminated {
+                id,
+                escapee: !in_group,
+                pidfd: pinned.pidfd,
+            });
+        }
+        alive
+    }
+
+    /// Whether `stat`'s parent is the living leader, or a living process of the phase
+    /// that already had SIGTERM.
+    fn parent_handles_the_stop(&self, stat: &ProcStat, found: &[ProcStat]) -> bool {
+        found.iter().any(|parent| {
+            parent.pid == stat.ppid
+                && parent.is_alive()
+                && (parent.pid == self.leader.as_raw()
+                    || self
+                        .terminated
+                        .iter()
+                        .any(|t| t.id == (parent.pid, parent.starttime)))
+        })
+    }
+
+    /// Up to [`MAX_EXIT_WATCHES`] pidfds of processes that had SIGTERM and have not been
+    /// seen exiting, with their index in `terminated`, for `poll()`.
+    fn exit_watch(&self) -> impl Iterator<Item = (usize, &OwnedFd)> {
+        self.terminated
             .iter()
-            .filter(|s| s.is_alive() && s.pid != self.leader.as_raw())
+            .enumerate()
+            .filter_map(|(i, t)| Some((i, t.pidfd.as_ref()?)))
+            .take(MAX_EXIT_WATCHES)
+    }
+
+    /// Processes outside the group that had SIGTERM and that no sweep had to kill.
+    fn escapees_terminated(&self) -> usize {
+        self.terminated
+            .iter()
+            .filter(|t| t.escapee && !self.killed.contains(&t.id))
             .count()
     }
 
@@ -258,6 +429,7 @@ impl ProcessGroupGuard {
         let mut escapees = 0;
         let deadline = Instant::now() + SWEEP_BOUND;
         let mut pause = Duration::from_millis(1);
+        let mut buf = Vec::new();
         loop {
             let found = sweep::scan(&self.marks(false));
             let mut alive = 0;
@@ -277,7 +449,7 @@ impl ProcessGroupGuard {
                             escapees += 1;
                         }
                     }
-                    let _ = kill(Pid::from_raw(stat.pid), Signal::SIGKILL);
+                    signal_process(stat.pid, stat.starttime, Signal::SIGKILL, &mut buf);
                 } else if stat.ppid == self.own_pid && stat.pid != leader {
                     if let Ok(Some(_)) | Err(_) = reap(Pid::from_raw(stat.pid), true) {
                         self.known.retain(|&(pid, _)| pid != stat.pid);
@@ -344,6 +516,17 @@ impl ProcessGroupGuard {
     }
 }
 
+/// A process that got SIGTERM when the command was stopped.
+#[derive(Debug)]
+struct Terminated {
+    /// `(pid, starttime)`.
+    id: (i32, u64),
+    /// Outside the command's process group when it was signalled.
+    escapee: bool,
+    /// Readable once it exits; dropped when seen readable.
+    pidfd: Option<OwnedFd>,
+}
+
 impl Drop for ProcessGroupGuard {
     fn drop(&mut self) {
         if self.leader_status.is_none() {
@@ -395,7 +578,10 @@ enum LoopEnd {
 /// plus `TESTFLINGER_PHASE_TOKEN=<random hex>`, which marks the phase's processes.
 ///
 /// A global or output timeout, or a stop request the spec honours, writes its line to the
-/// sink, sends SIGTERM to the group and, after `spec.grace_period`, SIGKILL.
+/// sink and sends SIGTERM to the group and to every process of the phase outside it
+/// (token carriers, adopted orphans); the command ends as soon as the shell and all of
+/// them are gone, even if the output pipe is still open, and after `spec.grace_period`
+/// whatever is left gets SIGKILL.
 /// [`StopKind::KillNow`] kills at once. When the shell exits but background processes keep
 /// the output open, they get `spec.straggler_wait` before they are killed. In every case
 /// the end is a sweep: the group and every process carrying the token are killed and the
@@ -441,6 +627,17 @@ pub fn run_command(
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .env(TOKEN_VAR, &token)
             .process_group(0);
+        if let Some(oom) = spec.oom_score_adj.map(OomScoreAdj::new) {
+            // SAFETY: the hook runs between fork and exec and only makes async-signal-safe
+            // calls (open, write, close) on a buffer formatted before the fork; it allocates
+            // nothing and takes no lock.
+            unsafe {
+                cmd.pre_exec(move || {
+                    oom.apply();
+                    Ok(())
+                });
+            }
+        }
         // std's Child neither kills nor waits on drop; the guard owns the process from here.
         cmd.spawn().map_err(spawn_error)?.id()
         // `cmd` drops here, closing the agent's copies of the pipe's write end.
@@ -460,7 +657,10 @@ pub fn run_command(
     let mut kill_at = start;
     let mut needed_sigkill = false;
     let mut held_output_for: Option<Duration> = None;
-    let mut group_rescan = GROUP_RESCAN_FIRST;
+    // While terminating: when to rescan the phase's processes, and the pause after that.
+    let mut next_rescan = start;
+    let mut last_scan = start;
+    let mut rescan_pause = TERM_RESCAN_FIRST;
     let global_deadline = spec.global_timeout.and_then(|t| start.checked_add(t));
     let mut last_output = start;
     // A command that outlives a shutdown (cleanup) only within its budget.
@@ -519,26 +719,45 @@ pub fn run_command(
                     guard.signal_group(Signal::SIGTERM);
                     kill_at = later(now, spec.grace_period);
                     state.step(event, CommandState::Terminating);
-                    log::debug!("pgid {leader}: {event}, SIGTERM sent");
+                    // Right after the group: every process of the phase outside it.
+                    let alive = guard.terminate(true);
+                    last_scan = Instant::now();
+                    rescan_pause = TERM_RESCAN_FIRST;
+                    next_rescan = last_scan + rescan_pause;
+                    log::debug!(
+                        "pgid {leader}: {event}, SIGTERM sent to the group and {} other processes",
+                        guard.terminated.iter().filter(|t| t.escapee).count()
+                    );
+                    if leader_exit_at.is_some() && alive == 0 {
+                        break LoopEnd::Done;
+                    }
                     continue;
                 }
             }
         }
 
         // The shell exited and nothing holds the output any more.
-        if leader_exit_at.is_some() && !pipe_open {
-            if state == CommandState::Running {
-                break LoopEnd::Done;
-            }
-            if guard.living_group_members() == 0 {
-                break LoopEnd::Done;
-            }
+        if state == CommandState::Running && leader_exit_at.is_some() && !pipe_open {
+            break LoopEnd::Done;
         }
 
-        if state == CommandState::Terminating && now >= kill_at {
-            needed_sigkill = true;
-            state.step(EV_GRACE_EXPIRED, CommandState::Killed);
-            break LoopEnd::Kill;
+        if state == CommandState::Terminating {
+            // Stopped: done when the shell and every process of the phase are gone,
+            // whether or not the output pipe has closed.
+            if now >= next_rescan {
+                let alive = guard.terminate(false);
+                if leader_exit_at.is_some() && alive == 0 {
+                    break LoopEnd::Done;
+                }
+                last_scan = Instant::now();
+                rescan_pause = (rescan_pause * 2).min(TERM_RESCAN_MAX);
+                next_rescan = last_scan + rescan_pause;
+            }
+            if now >= kill_at {
+                needed_sigkill = true;
+                state.step(EV_GRACE_EXPIRED, CommandState::Killed);
+                break LoopEnd::Kill;
+            }
         }
 
         // The shell exited but background processes hold the output: wait a bounded time.
@@ -563,11 +782,7 @@ pub fn run_command(
                 earliest(global_deadline, shutdown_deadline),
                 spec.output_timeout.and_then(|t| last_output.checked_add(t)),
             ),
-            CommandState::Terminating if leader_exit_at.is_some() && !pipe_open => {
-                let next = now + group_rescan;
-                group_rescan = (group_rescan * 2).min(GROUP_RESCAN_MAX);
-                Some(kill_at.min(next))
-            }
+            CommandState::Terminating => Some(kill_at.min(next_rescan)),
             _ => Some(kill_at),
         };
         let deadline = if guard.pidfd.is_none() && leader_exit_at.is_none() {
@@ -576,7 +791,8 @@ pub fn run_command(
             deadline
         };
         let watch_leader = leader_exit_at.is_none();
-        let (out_ready, wake_ready, leader_ready) = {
+        let watch_exits = state == CommandState::Terminating;
+        let (out_ready, wake_ready, leader_ready, exited) = {
             let mut fds = Vec::with_capacity(3);
             fds.push(PollFd::new(wake.read.as_fd(), PollFlags::POLLIN));
             if pipe_open {
@@ -584,6 +800,13 @@ pub fn run_command(
             }
             if let (true, Some(pidfd)) = (watch_leader, &guard.pidfd) {
                 fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
+            }
+            let mut watched = Vec::new();
+            if watch_exits {
+                for (index, pidfd) in guard.exit_watch() {
+                    watched.push(index);
+                    fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
+                }
             }
             match poll(&mut fds, poll_timeout(now, deadline)) {
                 Ok(_) | Err(Errno::EINTR) => {}
@@ -597,17 +820,30 @@ pub fn run_command(
             let wake_ready = ready(it.next());
             let out_ready = pipe_open && ready(it.next());
             let leader_ready = watch_leader && guard.pidfd.is_some() && ready(it.next());
-            (out_ready, wake_ready, leader_ready)
+            let exited: Vec<usize> = watched
+                .into_iter()
+                .zip(it)
+                .filter(|(_, fd)| ready(Some(fd)))
+                .map(|(index, _)| index)
+                .collect();
+            (out_ready, wake_ready, leader_ready, exited)
         };
+        for &index in &exited {
+            guard.terminated[index].pidfd = None;
+        }
         if wake_ready {
             wake.drain();
         }
         if leader_ready {
             leader_exit_at = Some(Instant::now());
         }
+        let mut rescan_now = leader_ready || !exited.is_empty();
         if out_ready {
             match read(&out_read, &mut buf) {
-                Ok(0) => pipe_open = false,
+                Ok(0) => {
+                    pipe_open = false;
+                    rescan_now = true;
+                }
                 Ok(n) => {
                     sink.output(&buf[..n]);
                     last_output = Instant::now();
@@ -615,6 +851,13 @@ pub fn run_command(
                 Err(Errno::EAGAIN | Errno::EINTR) => {}
                 Err(e) => return Err(sys("reading the command's output")(e)),
             }
+        }
+        // A signalled process exiting, the shell exiting or the output closing: the rest
+        // may be gone too.
+        if rescan_now && state == CommandState::Terminating {
+            // At once, but scans at least TERM_RESCAN_FIRST apart when many exit in a row.
+            rescan_pause = TERM_RESCAN_FIRST;
+            next_rescan = next_rescan.min(last_scan + TERM_RESCAN_FIRST);
         }
     };
 
@@ -638,7 +881,18 @@ pub fn run_command(
         }
     }
     if pipe_open {
-        drain_output(&out_read, &mut buf, sink)?;
+        // After a stop that every process obeyed, whoever still holds the pipe is outside
+        // the phase (a descriptor passed elsewhere): take what is there and do not wait.
+        let bound = match (&end, reason) {
+            (LoopEnd::Done, Some(_)) => {
+                log::debug!(
+                    "pgid {leader}: every process of the phase is gone but the output is still open; not waiting for it"
+                );
+                Duration::ZERO
+            }
+            _ => DRAIN_BOUND,
+        };
+        drain_output(&out_read, &mut buf, sink, bound)?;
     }
     let status = guard.reap_leader()?;
     let duration = start.elapsed();
@@ -660,35 +914,88 @@ pub fn run_command(
         needed_sigkill,
         stragglers_killed: killed,
         escapees_killed,
+        escapees_terminated: guard.escapees_terminated(),
         duration,
     })
 }
 
-/// Reads what the killed processes left in the pipe, until EOF (bounded: a writer outside
-/// the phase could hold the pipe forever).
+/// Reads what the killed processes left in the pipe, until EOF or `bound` (a writer outside
+/// the phase could hold the pipe for ever). With a zero bound, reads only what is there.
 fn drain_output(
     out_read: &OwnedFd,
     buf: &mut [u8],
     sink: &mut dyn OutputSink,
+    bound: Duration,
 ) -> Result<(), ProcessError> {
-    let deadline = Instant::now() + DRAIN_BOUND;
+    let deadline = Instant::now() + bound;
     loop {
+        match read(out_read, buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                sink.output(&buf[..n]);
+                continue;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => {}
+            Err(e) => return Err(sys("reading the command's output")(e)),
+        }
         let now = Instant::now();
         if now >= deadline {
-            log::warn!("output pipe still open after the phase's processes were killed");
+            if !bound.is_zero() {
+                log::warn!("output pipe still open after the phase's processes were killed");
+            }
             return Ok(());
         }
         let mut fds = [PollFd::new(out_read.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, poll_timeout(now, Some(deadline))) {
-            Ok(0) | Err(Errno::EINTR) => continue,
-            Ok(_) => {}
+            Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(sys("poll on the command's output")(e)),
         }
-        match read(out_read, buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => sink.output(&buf[..n]),
-            Err(Errno::EAGAIN | Errno::EINTR) => {}
-            Err(e) => return Err(sys("reading the command's output")(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signal_never_reaches_a_process_with_another_start_time() {
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep starts");
+        let pid = i32::try_from(child.id()).expect("a Linux pid fits in i32");
+        let mut buf = Vec::new();
+        let start = sweep::read_stat(pid, &mut buf)
+            .expect("child's stat")
+            .starttime;
+        // The same pid with another start time stands for a reused pid.
+        assert!(!signal_process(pid, start + 1, Signal::SIGKILL, &mut buf));
+        assert!(Pinned::new(pid, start + 1, &mut buf).is_none());
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "the process was signalled"
+        );
+        assert!(signal_process(pid, start, Signal::SIGKILL, &mut buf));
+        let status = child.wait().expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        // Reaped: gone, so nothing is signalled.
+        assert!(!signal_process(pid, start, Signal::SIGKILL, &mut buf));
+    }
+
+    #[test]
+    fn oom_score_adj_is_formatted_before_the_fork() {
+        for (value, text) in [
+            (500, "500"),
+            (-1000, "-1000"),
+            (0, "0"),
+            (i32::MIN, "-2147483648"),
+        ] {
+            let adj = OomScoreAdj::new(value);
+            assert_eq!(&adj.text[..adj.len], text.as_bytes());
         }
     }
 }

@@ -83,6 +83,7 @@ fn spec(command: &str) -> CommandSpec {
         honour_cancel: true,
         honour_shutdown: true,
         shutdown_budget: None,
+        oom_score_adj: None,
     }
 }
 
@@ -198,9 +199,11 @@ fn global_timeout_kills_a_setsid_escapee() {
     let (outcome, out, seen) = run_until_ready(&spec, &m);
     assert_eq!(outcome.termination, Termination::GlobalTimeout);
     assert!(text(&out).contains(GLOBAL_LINE_0S), "{}", text(&out));
-    // The escapees never got SIGTERM (another session): the sweep killed them.
-    assert!(outcome.needed_sigkill, "{outcome:?}");
-    assert!(outcome.stragglers_killed >= 2, "{outcome:?}");
+    // The escapees (another session, carrying the token) got SIGTERM with the group and
+    // obeyed it: nothing was left for SIGKILL.
+    assert!(!outcome.needed_sigkill, "{outcome:?}");
+    assert!(outcome.escapees_terminated >= 2, "{outcome:?}");
+    assert_eq!(outcome.stragglers_killed, 0, "{outcome:?}");
     assert_tree_gone(&m, &seen, 3);
 }
 
@@ -229,6 +232,197 @@ fn global_timeout_kills_a_child_that_ignores_sigterm() {
     assert!(outcome.needed_sigkill, "SIGTERM is ignored: {outcome:?}");
     assert!(text(&out).ends_with(GLOBAL_LINE_0S), "{}", text(&out));
     assert_tree_gone(&m, &seen, 2);
+}
+
+/// A shell loop in its own session that exits on SIGTERM, holding the output pipe, with
+/// the marker as its `$0`.
+fn honouring_escapee(m: &Marker) -> String {
+    format!(
+        "setsid sh -c 'trap \"exit 0\" TERM; while :; do sleep 0.1; done' marker-{}",
+        m.digits
+    )
+}
+
+#[test]
+fn a_stopped_tree_whose_setsid_escapee_holds_the_output_ends_without_the_grace_period() {
+    become_subreaper().expect("subreaper");
+    let m = Marker::new();
+    let mut spec = tree_spec(format!(
+        "{} & {} & echo ready; wait",
+        honouring_escapee(&m),
+        m.sleep()
+    ));
+    spec.grace_period = Duration::from_secs(60);
+    let (outcome, out, seen) = run_until_ready(&spec, &m);
+    assert_eq!(outcome.termination, Termination::GlobalTimeout);
+    // The escapee's shell may still report its `sleep`'s death after the stop line.
+    assert!(
+        text(&out).starts_with(&format!("ready\n{GLOBAL_LINE_0S}")),
+        "{}",
+        text(&out)
+    );
+    // Waiting for the escapee to close the pipe would have taken the 60 s grace period.
+    assert!(
+        outcome.duration < Duration::from_secs(30),
+        "the phase waited for the grace period: {outcome:?}"
+    );
+    assert!(
+        !outcome.needed_sigkill,
+        "the whole tree obeys SIGTERM: {outcome:?}"
+    );
+    assert!(outcome.escapees_terminated >= 1, "{outcome:?}");
+    assert_eq!(outcome.escapees_killed, 0, "{outcome:?}");
+    assert_tree_gone(&m, &seen, 2);
+    assert!(
+        seen.len() >= 2,
+        "the escapee and the group's sleep were seen: {seen:?}"
+    );
+}
+
+#[test]
+fn a_cancelled_tree_whose_double_forked_escapee_holds_the_output_ends_without_the_grace_period() {
+    become_subreaper().expect("subreaper");
+    let m = Marker::new();
+    // The subshell starts the escapee in the background and exits at once: the escapee is
+    // an orphan (adopted by the subreaper) in its own session, holding the output.
+    let mut spec = spec(&format!(
+        "( {} & ); {} & echo ready; wait",
+        honouring_escapee(&m),
+        m.sleep()
+    ));
+    spec.grace_period = Duration::from_secs(60);
+    let stop = StopSignal::new().expect("stop signal");
+    let mut out = Vec::new();
+    let mut seen = Vec::new();
+    let mut sink = |chunk: &[u8]| {
+        out.extend_from_slice(chunk);
+        if seen.is_empty() && contains(&out, b"ready\n") {
+            seen = sample_living(&m);
+            stop.request(StopKind::Cancel);
+        }
+    };
+    let outcome = run_command(&spec, &mut sink, &stop).expect("command runs");
+    assert_eq!(outcome.termination, Termination::Cancelled);
+    assert!(
+        text(&out).starts_with("ready\n\nJob cancellation was requested, exiting.\n"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        outcome.duration < Duration::from_secs(30),
+        "the phase waited for the grace period: {outcome:?}"
+    );
+    assert!(!outcome.needed_sigkill, "{outcome:?}");
+    assert!(outcome.escapees_terminated >= 1, "{outcome:?}");
+    assert_tree_gone(&m, &seen, 2);
+}
+
+#[test]
+fn an_escapee_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    become_subreaper().expect("subreaper");
+    let m = Marker::new();
+    let mut spec = tree_spec(format!(
+        "setsid sh -c 'trap \"\" TERM; while :; do sleep 0.1; done' marker-{} & {} & echo ready; wait",
+        m.digits,
+        m.sleep()
+    ));
+    spec.grace_period = Duration::from_millis(300);
+    let (outcome, out, seen) = run_until_ready(&spec, &m);
+    assert_eq!(outcome.termination, Termination::GlobalTimeout);
+    assert!(
+        text(&out).starts_with(&format!("ready\n{GLOBAL_LINE_0S}")),
+        "{}",
+        text(&out)
+    );
+    assert!(outcome.needed_sigkill, "{outcome:?}");
+    assert!(outcome.escapees_killed >= 1, "{outcome:?}");
+    // SIGKILL comes only once the grace period after the deadline is over.
+    let timeout = spec
+        .global_timeout
+        .expect("tree_spec sets a global timeout");
+    assert!(
+        outcome.duration >= timeout + spec.grace_period,
+        "killed before the grace period ended: {outcome:?}"
+    );
+    assert_tree_gone(&m, &seen, 2);
+}
+
+#[test]
+fn what_the_commands_sigterm_trap_starts_is_left_to_it() {
+    // The shell's SIGTERM trap runs cleanup commands: like `killpg` alone, the stop does
+    // not SIGTERM them, so the cleanup finishes and its output arrives. The second one
+    // starts well after the stop, when the rescans are running.
+    become_subreaper().expect("subreaper");
+    let m = Marker::new();
+    let mut spec = tree_spec(format!(
+        "trap 'sleep 0.2; sleep 0.3 && echo cleaned; exit 0' TERM; {} & echo ready; wait",
+        m.sleep()
+    ));
+    spec.grace_period = Duration::from_secs(60);
+    let (outcome, out, seen) = run_until_ready(&spec, &m);
+    assert_eq!(outcome.termination, Termination::GlobalTimeout);
+    assert_eq!(text(&out), format!("ready\n{GLOBAL_LINE_0S}cleaned\n"));
+    assert!(!outcome.needed_sigkill, "{outcome:?}");
+    assert!(outcome.duration < Duration::from_secs(30), "{outcome:?}");
+    assert_tree_gone(&m, &seen, 1);
+}
+
+#[test]
+fn what_an_escapee_starts_after_the_stop_gets_sigterm_too() {
+    // The escapee's trap starts a long sleep after the stop: the rescans find it and send
+    // it SIGTERM, so the escapee exits long before the grace period.
+    become_subreaper().expect("subreaper");
+    let m = Marker::new();
+    let mut spec = tree_spec(format!(
+        "setsid sh -c 'trap \"{}; exit 0\" TERM; while :; do sleep 0.1; done' marker-{} & \
+         {} & echo ready; wait",
+        m.sleep(),
+        m.digits,
+        m.sleep()
+    ));
+    spec.grace_period = Duration::from_secs(60);
+    let (outcome, out, seen) = run_until_ready(&spec, &m);
+    assert_eq!(outcome.termination, Termination::GlobalTimeout);
+    assert!(
+        text(&out).starts_with(&format!("ready\n{GLOBAL_LINE_0S}")),
+        "{}",
+        text(&out)
+    );
+    assert!(!outcome.needed_sigkill, "{outcome:?}");
+    assert!(
+        outcome.duration < Duration::from_secs(30),
+        "the trap's sleep did not get SIGTERM: {outcome:?}"
+    );
+    // The escapee's shell and the sleep its trap started, at least.
+    assert!(outcome.escapees_terminated >= 2, "{outcome:?}");
+    assert_tree_gone(&m, &seen, 2);
+}
+
+#[test]
+fn a_pipe_held_outside_the_phase_does_not_hold_a_stopped_command() {
+    // `env -i` drops the phase token and `setsid` leaves the group: without
+    // `claim_orphans` (the test harness runs commands concurrently) this sleep is not the
+    // phase's. It holds the output, but once the phase's processes are gone the command
+    // ends without waiting for the pipe to close.
+    become_subreaper().expect("subreaper");
+    let m = Marker::new();
+    let mut spec = tree_spec(format!(
+        "env -i setsid {} & echo ready; {}",
+        m.sleep(),
+        m.sleep()
+    ));
+    spec.grace_period = Duration::from_secs(60);
+    let (outcome, out, seen) = run_until_ready(&spec, &m);
+    assert_eq!(outcome.termination, Termination::GlobalTimeout);
+    assert_eq!(text(&out), format!("ready\n{GLOBAL_LINE_0S}"));
+    assert!(!outcome.needed_sigkill, "{outcome:?}");
+    assert!(
+        outcome.duration < Duration::from_secs(30),
+        "the command waited for a pipe held outside the phase: {outcome:?}"
+    );
+    assert!(seen.len() >= 2, "{seen:?}");
+    // The outsider is still there (the marker's drop kills it).
+    assert_eq!(m.living().len(), 1, "{:?}", m.living());
 }
 
 #[test]
@@ -506,6 +700,45 @@ fn kill_now_kills_at_once_even_when_stops_are_not_honoured() {
         "KillNow waited for the grace period: {outcome:?}"
     );
     assert!(m.living().is_empty());
+}
+
+fn own_oom_score_adj() -> String {
+    std::fs::read_to_string("/proc/self/oom_score_adj")
+        .expect("own oom_score_adj")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn the_command_runs_with_the_configured_oom_score_adj() {
+    let own = own_oom_score_adj();
+    // 700 is above any value a test runner starts with (raising needs no privilege).
+    let wanted = if own == "700" { 800 } else { 700 };
+    let mut spec = spec("cat /proc/self/oom_score_adj; sh -c 'cat /proc/self/oom_score_adj'");
+    spec.oom_score_adj = Some(wanted);
+    let (outcome, out) = run(&spec);
+    assert_eq!(outcome.termination, Termination::Exited(0));
+    assert_eq!(text(&out), format!("{wanted}\n{wanted}\n"));
+
+    spec.oom_score_adj = None;
+    let (outcome, out) = run(&spec);
+    assert_eq!(outcome.termination, Termination::Exited(0));
+    assert_eq!(text(&out), format!("{own}\n{own}\n"));
+    assert_eq!(
+        own_oom_score_adj(),
+        own,
+        "the agent's own value is untouched"
+    );
+}
+
+#[test]
+fn a_refused_oom_score_adj_does_not_stop_the_command() {
+    let own = own_oom_score_adj();
+    let mut spec = spec("echo ran; cat /proc/self/oom_score_adj");
+    spec.oom_score_adj = Some(5000);
+    let (outcome, out) = run(&spec);
+    assert_eq!(outcome.termination, Termination::Exited(0));
+    assert_eq!(text(&out), format!("ran\n{own}\n"));
 }
 
 #[test]

@@ -318,6 +318,7 @@ fn check_config_prints_the_effective_config_or_the_error() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("polling_interval: 10"), "{stdout}");
     assert!(stdout.contains("logging_level: INFO"), "{stdout}");
+    assert!(stdout.contains("\noom_score_adj: 500\n"), "{stdout}");
     let bad = s.write("bad.yaml", "agent_id: [not, a, string]\n");
     let out = Command::new(BIN)
         .args(["check-config", "-c"])
