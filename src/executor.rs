@@ -804,8 +804,9 @@ fn record_command_metrics(done: &process::CommandOutcome) {
     if let Some(cause) = cause {
         metrics.command_killed(cause);
     }
-    if done.escapees_killed > 0 {
-        metrics.escapees_killed(done.escapees_killed as u64);
+    let escapees = done.escapees_killed + done.escapees_terminated;
+    if escapees > 0 {
+        metrics.escapees_killed(escapees as u64);
     }
 }
 

@@ -30,6 +30,8 @@ const QUEUE_REFRESH: Duration = Duration::from_secs(3600);
 const UNREACHABLE_BACKOFF_CAP: Duration = Duration::from_secs(180);
 /// An agent record older than this is re-posted (heartbeat, PROTOCOL §9.4).
 const HEARTBEAT_AGE: Duration = Duration::from_secs(86_400);
+/// The agent's own `oom_score_adj` when it may lower it (as root).
+const AGENT_OOM_SCORE_ADJ: i32 = -500;
 /// The comment of a restart asked for by SIGUSR1 (the Python agent's words).
 const RESTART_SIGNAL_COMMENT: &str = "Restart signal detected from supervisor process";
 /// Comments of `offline` states that an agent posted itself on a stop or a restart, not an
@@ -164,6 +166,16 @@ impl Daemon {
         };
         crate::process::become_subreaper()?;
         crate::process::claim_orphans();
+        // When memory runs out the kernel should take the job, never the agent that owns
+        // it: phase commands start at `oom_score_adj` (500 by default), and as root the
+        // agent lowers its own. Without the privilege it keeps the score it was given.
+        match crate::process::set_own_oom_score_adj(AGENT_OOM_SCORE_ADJ) {
+            Ok(()) => log::debug!("agent oom_score_adj set to {AGENT_OOM_SCORE_ADJ}"),
+            Err(err) => log::info!(
+                "the agent keeps its own oom_score_adj ({err}); phase commands start at {}",
+                config.oom_score_adj
+            ),
+        }
         let server = HttpServer::new(crate::server::http::HttpSettings::from_config(&config));
         let restart_signal = Arc::new(AtomicBool::new(false));
         if let Err(err) =
