@@ -207,7 +207,7 @@ impl<'a> PhaseExecutor<'a> {
                 // Wakes every `interval`, or at once when the command is done.
                 while let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(interval) {
                     // The phase is being watched: the main loop is alive, only busy.
-                    beat();
+                    crate::metrics::beat();
                     if !check_cancel {
                         continue;
                     }
@@ -322,7 +322,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
     }
 
     fn phase_starting(&mut self, phase: Phase, skip: Option<SkipReason>) {
-        beat();
+        crate::metrics::beat();
         if let (Some(journal), None) = (&mut self.journal, skip) {
             journal.phase = Some(phase.name().to_owned());
             if phase == Phase::Cleanup {
@@ -418,7 +418,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
                     Termination::Cancelled => (PhaseEnd::Cancelled, Some("cancelled")),
                     Termination::Shutdown => (PhaseEnd::Shutdown, None),
                 };
-                record_command_metrics(&done);
+                record_escapees(&done);
                 if done.stragglers_killed > 0 {
                     log::warn!(
                         "job {job_id}: {phase} left {} background process(es) running; killed",
@@ -467,6 +467,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
         } else {
             result
         };
+        record_kill(result.end);
         self.finish_phase(phase, &result);
         result
     }
@@ -619,7 +620,7 @@ impl PhaseExecutor<'_> {
         };
         let parent = self.spec.parent_job_id().map(str::to_owned);
         for tick in 0u64.. {
-            beat();
+            crate::metrics::beat();
             let wait = match deadline {
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -668,9 +669,6 @@ impl PhaseExecutor<'_> {
             &format!("\n{detail} The device was held allocated and nothing released it.\n"),
         );
         self.emit("global_timeout", &detail);
-        if let Some(metrics) = crate::metrics::get() {
-            metrics.command_killed(crate::metrics::KillCause::GlobalTimeout);
-        }
         PhaseResult {
             exit_code: process::KILLED_EXIT_CODE,
             end: PhaseEnd::GlobalTimeout,
@@ -781,32 +779,27 @@ impl PhaseMetrics {
     }
 }
 
-/// Tells the health endpoint that the agent's main loop is alive (a phase is starting, or
-/// a command is being watched).
-fn beat() {
-    if let Some(metrics) = crate::metrics::get() {
-        metrics.health().beat();
+/// The escapee counter: processes that had left the command's group and were ended.
+fn record_escapees(done: &process::CommandOutcome) {
+    let escapees = done.escapees_killed + done.escapees_terminated;
+    if let (Some(metrics), true) = (crate::metrics::get(), escapees > 0) {
+        metrics.escapees_killed(escapees as u64);
     }
 }
 
-/// How a phase command ended, for the kill and escapee counters.
-fn record_command_metrics(done: &process::CommandOutcome) {
-    let Some(metrics) = crate::metrics::get() else {
-        return;
+/// The kill counter, from how the phase ended: the agent ended its command (or, for an
+/// allocate hold, the phase) on a timeout, a cancellation or a shutdown.
+fn record_kill(end: PhaseEnd) {
+    use crate::metrics::KillCause;
+    let cause = match end {
+        PhaseEnd::GlobalTimeout => KillCause::GlobalTimeout,
+        PhaseEnd::OutputTimeout => KillCause::OutputTimeout,
+        PhaseEnd::Cancelled => KillCause::Cancel,
+        PhaseEnd::Shutdown => KillCause::Shutdown,
+        PhaseEnd::Exited | PhaseEnd::Signaled | PhaseEnd::AgentError => return,
     };
-    let cause = match done.termination {
-        Termination::GlobalTimeout => Some(crate::metrics::KillCause::GlobalTimeout),
-        Termination::OutputTimeout => Some(crate::metrics::KillCause::OutputTimeout),
-        Termination::Cancelled => Some(crate::metrics::KillCause::Cancel),
-        Termination::Shutdown => Some(crate::metrics::KillCause::Shutdown),
-        Termination::Exited(_) | Termination::Signaled(_) => None,
-    };
-    if let Some(cause) = cause {
+    if let Some(metrics) = crate::metrics::get() {
         metrics.command_killed(cause);
-    }
-    let escapees = done.escapees_killed + done.escapees_terminated;
-    if escapees > 0 {
-        metrics.escapees_killed(escapees as u64);
     }
 }
 

@@ -49,12 +49,6 @@ fn stall_limit(config: &Config) -> Duration {
         .max(config.cancel_check_period().saturating_mul(3))
 }
 
-fn health_beat() {
-    if let Some(metrics) = crate::metrics::get() {
-        metrics.health().beat();
-    }
-}
-
 /// Whether a record read at start-up holds the agent: `offline` or `maintenance`, unless
 /// the comment shows the agent posted it itself on a stop or restart.
 fn admin_hold(record: &AgentRecord) -> Option<AgentRequest> {
@@ -132,7 +126,6 @@ impl Daemon {
         // directories, its spool or its record on the server.
         let lock = super::lock::AgentLock::acquire(&config.execution_basedir, &config.agent_id)?;
         for (key, dir) in [
-            ("execution_basedir", &config.execution_basedir),
             ("results_basedir", &config.results_basedir),
             ("logging_basedir", &config.logging_basedir),
         ] {
@@ -204,9 +197,9 @@ impl Daemon {
 
     /// Sleeps up to `period`, waking early when a stop is requested.
     fn pause(&self, period: Duration) {
-        health_beat();
+        crate::metrics::beat();
         self.stop.sleep_unless_shutdown(period);
-        health_beat();
+        crate::metrics::beat();
     }
 
     /// The daemon state the health endpoint reports.
@@ -341,20 +334,21 @@ impl Daemon {
         self.unreachable_streak = 0;
         self.held = record.as_ref().and_then(admin_hold);
         match &self.held {
-            Some(hold) => self.show_state(&hold.state, ""),
-            None => self.show_state("waiting", ""),
-        }
-        match &self.held {
-            Some(hold) => log::warn!(
-                "the server holds this agent {} ({:?}); no job is taken until an administrator changes it",
-                hold.state,
-                hold.comment
-            ),
+            Some(hold) => {
+                self.show_state(&hold.state, "");
+                log::warn!(
+                    "the server holds this agent {} ({:?}); no job is taken until an administrator changes it",
+                    hold.state,
+                    hold.comment
+                );
+            }
             None => {
-                if let Some(record) = &record {
-                    if let Some(state) = record.state.as_deref() {
-                        log::info!("agent record was {state:?} ({:?}); coming up waiting", record.comment);
-                    }
+                self.show_state("waiting", "");
+                if let Some((state, comment)) = record
+                    .as_ref()
+                    .and_then(|r| Some((r.state.as_deref()?, &r.comment)))
+                {
+                    log::info!("agent record was {state:?} ({comment:?}); coming up waiting");
                 }
             }
         }
@@ -367,7 +361,7 @@ impl Daemon {
         if self.restart_after_job {
             return Some(DaemonExit::Restart);
         }
-        health_beat();
+        crate::metrics::beat();
         self.retry_spool();
         let record = self.server.agent_record();
         self.heartbeat(&record);
@@ -725,29 +719,28 @@ impl Daemon {
 
     /// Publishes how many reports wait in the spool.
     fn count_spool(&self) {
-        if let Some(metrics) = crate::metrics::get() {
-            metrics.set_spooled_jobs(spool::job_dirs(&self.config.results_basedir).len() as u64);
-        }
+        publish_spooled(spool::job_dirs(&self.config.results_basedir).len());
     }
 
-    /// Retries every spooled report, oldest first; keeps what still fails.
+    /// Retries every spooled report, oldest first; keeps what still fails, and publishes
+    /// how many are left.
     fn retry_spool(&self) {
-        self.retry_spool_dirs();
-        self.count_spool();
-    }
-
-    fn retry_spool_dirs(&self) {
-        for dir in spool::job_dirs(&self.config.results_basedir) {
+        let dirs = spool::job_dirs(&self.config.results_basedir);
+        let mut left = dirs.len();
+        for dir in dirs {
             if self.stopping() {
-                return;
+                break;
             }
             match deliver(&self.server, &dir) {
-                Ok(()) => log::info!("spooled report {} delivered", dir.display()),
+                Ok(()) => {
+                    left -= 1;
+                    log::info!("spooled report {} delivered", dir.display());
+                }
                 Err(DeliverError::Server(err)) => {
                     log::info!("spooled report {} kept for later: {err}", dir.display());
                     // The server is unreachable: the others would fail the same way.
                     if err.is_retryable() {
-                        return;
+                        break;
                     }
                 }
                 Err(err) => {
@@ -762,10 +755,20 @@ impl Daemon {
                         dir.display(),
                         aside.display()
                     );
-                    let _ = fs::rename(&dir, &aside);
+                    if fs::rename(&dir, &aside).is_ok() {
+                        left -= 1;
+                    }
                 }
             }
         }
+        publish_spooled(left);
+    }
+}
+
+/// The spooled-jobs gauge.
+fn publish_spooled(count: usize) {
+    if let Some(metrics) = crate::metrics::get() {
+        metrics.set_spooled_jobs(count as u64);
     }
 }
 

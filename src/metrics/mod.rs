@@ -354,5 +354,13 @@ pub fn get() -> Option<&'static Metrics> {
     INSTANCE.get()
 }
 
+/// Tells the installed instance's health that the agent's main loop is alive now; nothing
+/// when none is installed (`run-job`, unit tests).
+pub fn beat() {
+    if let Some(metrics) = get() {
+        metrics.health().beat();
+    }
+}
+
 #[cfg(test)]
 mod tests;

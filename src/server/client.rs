@@ -441,7 +441,7 @@ impl Core {
     /// for any status below 500; a 5xx or transport failure that is not (or no longer)
     /// repeated is an [`ServerErrorKind::Unavailable`] error.
     pub(super) fn call(&self, req: &Req) -> Result<Reply, ServerError> {
-        let result = self.call_counted(req);
+        let result = self.call_with_retries(req);
         let failed = match &result {
             Err(_) => true,
             // 404 is an answer (no record, no such job), not a failed request.
@@ -455,7 +455,7 @@ impl Core {
         result
     }
 
-    fn call_counted(&self, req: &Req) -> Result<Reply, ServerError> {
+    fn call_with_retries(&self, req: &Req) -> Result<Reply, ServerError> {
         let what = req.what();
         let attempts = req
             .attempts

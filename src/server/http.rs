@@ -194,9 +194,7 @@ impl HttpServer {
             .post_status_ignored(path, data, Repeat::Idempotent)
     }
 
-    /// `GET /v1/agents/data/<agent>` (PROTOCOL §3.4). Any failure gives the empty record
-    /// (state unknown, no restricted queues) and a logged warning.
-    /// The agent record as read at start-up, where "unknown" is not good enough: `Ok(None)`
+    /// `GET /v1/agents/data/<agent>` (PROTOCOL §3.4) as read at start-up, where "unknown" is not good enough: `Ok(None)`
     /// when the server has no record of this agent (404), an error when it cannot be read
     /// (the daemon then waits and asks again before posting anything).
     pub fn read_agent_record(&self) -> Result<Option<AgentRecord>, ServerError> {
@@ -224,29 +222,19 @@ impl HttpServer {
         }
     }
 
+    /// `GET /v1/agents/data/<agent>` (PROTOCOL §3.4) once a cycle. Any failure gives the
+    /// empty record (state unknown, no restricted queues) and a logged warning.
     pub fn agent_record(&self) -> AgentRecord {
-        let path = format!("/v1/agents/data/{}", seg(&self.core.settings.agent_id));
-        let req = Req::get(path);
-        let what = req.what();
-        let bytes = match self
-            .core
-            .expect_success(&req)
-            .and_then(|r| r.read_all(&what))
-        {
-            Ok(bytes) => bytes,
+        match self.read_agent_record() {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                log::warn!(
+                    "the server has no record of this agent (404), treating its state as unknown"
+                );
+                AgentRecord::default()
+            }
             Err(e) => {
                 log::warn!("could not read the agent record, treating its state as unknown: {e}");
-                return AgentRecord::default();
-            }
-        };
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => parse_agent_record(&map),
-            Ok(_) | Err(_) => {
-                log::warn!(
-                    "{what} answered something that is not a JSON object ({}); treating the \
-                     agent state as unknown",
-                    detail_of(&bytes)
-                );
                 AgentRecord::default()
             }
         }
