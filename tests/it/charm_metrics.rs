@@ -2,57 +2,37 @@
 //! through the real binary against the fake server: values and labels after real jobs,
 //! `/health`, and a port already in use.
 
-use crate::support::agent::{finished, queue, wait_for, write_daemon_files, BIN};
+use crate::support::agent::{finished, queue, wait_for, write_daemon_files, Agent};
 use crate::support::fake_server::{FakeConfig, FakeServer, Route};
 use crate::support::scratch::Scratch;
 use openmetrics_parser::prometheus::parse_prometheus;
 use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
 use serde_json::json;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 type Exposition = MetricsExposition<PrometheusType, PrometheusValue>;
 
-/// A daemon started with exactly the charm's arguments; killed on drop.
-struct CharmAgent {
-    child: Child,
-}
-
-impl CharmAgent {
-    fn start(config: &std::path::Path, port: u16, stderr: std::fs::File) -> CharmAgent {
-        CharmAgent::start_env(config, port, stderr, &[])
-    }
-
-    fn start_env(
-        config: &std::path::Path,
-        port: u16,
-        stderr: std::fs::File,
-        env: &[(&str, String)],
-    ) -> CharmAgent {
-        let child = Command::new(BIN)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .arg("-c")
-            .arg(config)
-            .arg("-p")
-            .arg(port.to_string())
-            .env("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("the daemon starts");
-        CharmAgent { child }
-    }
-}
-
-impl Drop for CharmAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A daemon started with exactly the charm's arguments (`-c FILE -p PORT`), `env` added;
+/// killed on drop.
+fn start_charm(
+    config: &std::path::Path,
+    port: u16,
+    stderr: std::fs::File,
+    env: &[(&str, Option<&str>)],
+) -> Agent {
+    let args: Vec<OsString> = vec![
+        "-c".into(),
+        config.into(),
+        "-p".into(),
+        port.to_string().into(),
+    ];
+    let mut env = env.to_vec();
+    env.push(("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", Some("0")));
+    Agent::exec(&args, &env, stderr)
 }
 
 fn free_port() -> u16 {
@@ -130,7 +110,7 @@ fn the_charms_command_line_serves_the_python_metrics_after_three_jobs() {
     let files = write_daemon_files(&server, &s, &name, commands);
     let port = free_port();
     let stderr = std::fs::File::create(s.path("agent.stderr")).expect("stderr file");
-    let _agent = CharmAgent::start(&files.config, port, stderr);
+    let _agent = start_charm(&files.config, port, stderr, &[]);
     wait_for(&server, "the agent to poll", |srv| {
         srv.request_count(&Route::JobPoll) >= 1
     });
@@ -252,7 +232,7 @@ fn a_metrics_port_in_use_stops_the_start_naming_the_port_before_any_post() {
     let port = holder.local_addr().expect("addr").port();
     let stderr_path = s.path("agent.stderr");
     let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-    let mut agent = CharmAgent::start(&files.config, port, stderr);
+    let mut agent = start_charm(&files.config, port, stderr, &[]);
     let status = agent.child.wait().expect("exits");
     let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     assert_eq!(status.code(), Some(2), "{text}");
@@ -303,7 +283,12 @@ fn the_release_label_comes_from_the_provisioned_device() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let _agent = CharmAgent::start_env(&files.config, port, stderr, &[("PATH", path)]);
+    let _agent = start_charm(
+        &files.config,
+        port,
+        stderr,
+        &[("PATH", Some(path.as_str()))],
+    );
     let id = server.submit_job(json!({
         "job_queue": queue(&name),
         "provision_data": {"url": "x"},

@@ -4,6 +4,7 @@
 use super::fake_server::{FakeServer, DEFAULT_REFRESH_TOKEN};
 use super::scratch::Scratch;
 use serde_json::json;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -60,6 +61,19 @@ impl Agent {
     ) -> Agent {
         let files = write_daemon_files(server, scratch, name, commands);
         let log = std::fs::File::create(Agent::stderr_path(scratch, name)).expect("log file");
+        let mut args: Vec<OsString> = vec![
+            "-c".into(),
+            files.config.into(),
+            "--token-file".into(),
+            files.token_file.into(),
+        ];
+        args.extend(extra_args.iter().map(OsString::from));
+        Agent::exec(&args, env, log)
+    }
+
+    /// Starts the binary with exactly `args`, `env` changed as in [`Agent::start_env`],
+    /// stdin and stdout from /dev/null, stderr into `stderr`.
+    pub fn exec(args: &[OsString], env: &[(&str, Option<&str>)], stderr: std::fs::File) -> Agent {
         let mut command = Command::new(BIN);
         for (key, value) in env {
             match value {
@@ -68,14 +82,10 @@ impl Agent {
             };
         }
         let child = command
-            .arg("-c")
-            .arg(&files.config)
-            .arg("--token-file")
-            .arg(&files.token_file)
-            .args(extra_args)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(stderr)
             .spawn()
             .expect("the daemon starts");
         Agent { child }
