@@ -144,7 +144,23 @@ fn sigkill_and_restart(point: Point) {
         Point::Phase(p) => Some(p),
         _ => None,
     };
-    let config = commands(crash_in, &marker, &count);
+    let mut config = commands(crash_in, &marker, &count);
+    // For a kill during the report, cleanup waits (bounded) until the test has slowed the
+    // result posts down, so the report cannot be over before the kill can land in it.
+    let gate = s.path("report-gate");
+    if point == Point::Report {
+        let cleanup = format!(
+            "echo cleanup >> {count}; i=0; while [ ! -e {gate} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done",
+            count = count.display(),
+            gate = gate.display()
+        );
+        config = config
+            .lines()
+            .filter(|line| !line.starts_with("cleanup_command:"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        config.push_str(&format!("cleanup_command: {}\n", yaml_string(&cleanup)));
+    }
     let mut first = Agent::start(&server, &s, &name, &config);
     wait_for(&server, "the agent to come up", |srv| {
         srv.agent_record(&name)
@@ -172,6 +188,7 @@ fn sigkill_and_restart(point: Point) {
                 count_lines(&count) == 1
             });
             server.delay(Route::ResultPost, Duration::from_secs(2));
+            std::fs::write(&gate, b"").expect("open the gate");
             wait_local("the report", Duration::from_secs(30), || spooled.is_dir());
         }
         Point::Artifacts => wait_local("the report", Duration::from_secs(30), || spooled.is_dir()),
