@@ -49,6 +49,13 @@ pub struct PhaseExecutor<'a> {
     journal: Option<Journal>,
     /// The phase metrics of this job, waiting for the `release` label they carry.
     phase_metrics: PhaseMetrics,
+    /// Set when the agent could not record the job (its log, journal or outcome could not
+    /// be written: disk full, a directory gone read-only). No phase but cleanup runs after
+    /// it, and the phase it happened in ends with exit code 100.
+    storage_failed: Option<String>,
+    /// Whether the job's output already says why the job ended early (the disk may have
+    /// had no room for the line when the phase ended; cleanup's output says it then).
+    storage_told: bool,
 }
 
 impl std::fmt::Debug for PhaseExecutor<'_> {
@@ -84,6 +91,8 @@ impl<'a> PhaseExecutor<'a> {
             refused: None,
             journal: None,
             phase_metrics: PhaseMetrics::default(),
+            storage_failed: None,
+            storage_told: false,
         }
     }
 
@@ -102,8 +111,27 @@ impl<'a> PhaseExecutor<'a> {
     /// Writes the journal (with the live output's progress) durably, if there is one.
     fn save_journal(&mut self) {
         if let Some(journal) = &mut self.journal {
-            save_journal(journal, self.server, &self.rundir);
+            if let Err(err) = save_journal(journal, self.server, &self.rundir) {
+                self.storage_failure(format!("cannot write the job journal: {err}"));
+            }
         }
+    }
+
+    /// The job can no longer be recorded: said once in the log; the job goes to cleanup.
+    fn storage_failure(&mut self, problem: String) {
+        if self.storage_failed.is_none() {
+            log::error!(
+                "job {}: {problem}; the job ends (exit code 100 for the phase), cleanup still runs",
+                self.spec.job_id()
+            );
+            self.storage_failed = Some(problem);
+        }
+    }
+
+    /// The statuses of the phases that ran, as recorded in memory (the report's source when
+    /// `testflinger-outcome.json` could not be written).
+    pub fn outcome_body(&self) -> Value {
+        self.outcome.body()
     }
 
     /// The agent cannot run this job (e.g. its attachments were refused): the job goes
@@ -234,11 +262,12 @@ impl<'a> PhaseExecutor<'a> {
             }
         }
         if let Err(err) = self.outcome.set_status(phase, result.exit_code) {
-            log::error!(
-                "job {job_id}: cannot write {} in {}: {err}",
+            let problem = format!(
+                "cannot write {} in {}: {err}",
                 outcome::OUTCOME_FILE,
                 self.rundir.display()
             );
+            self.storage_failure(problem);
         }
         self.post_result(&self.outcome.body(), "phase status");
         if result.exit_code == RECOVERY_FAILED_EXIT_CODE {
@@ -294,6 +323,9 @@ impl PhaseRunner for PhaseExecutor<'_> {
     fn stop_requested(&mut self, next: Phase) -> Option<StopCause> {
         if self.refused.is_some() {
             return Some(StopCause::Unrunnable);
+        }
+        if self.storage_failed.is_some() {
+            return Some(StopCause::StorageFailed);
         }
         if self.stop.is_requested(StopKind::Shutdown) || self.stop.is_requested(StopKind::KillNow) {
             return Some(StopCause::Shutdown);
@@ -371,14 +403,21 @@ impl PhaseRunner for PhaseExecutor<'_> {
         let job_id = self.spec.job_id().to_owned();
         let log_path = self.rundir.join(format!("{phase}.log"));
         let file = match OpenOptions::new().create(true).append(true).open(&log_path) {
-            Ok(file) => file,
+            Ok(file) => Some(file),
             Err(err) => {
-                log::error!("job {job_id}: cannot open {}: {err}", log_path.display());
-                let result = agent_failure(started);
-                self.finish_phase(phase, &result);
-                return result;
+                self.storage_failure(format!("cannot open {}: {err}", log_path.display()));
+                None
             }
         };
+        // Cleanup runs whatever failed, recorded or not: the device must be put back.
+        if self.storage_failed.is_some() && phase != Phase::Cleanup {
+            let result = PhaseResult {
+                end: PhaseEnd::StorageFailed,
+                ..agent_failure(started)
+            };
+            self.finish_phase(phase, &result);
+            return result;
+        }
         let masker = Masker::new(self.spec.secrets(phase).into_iter().map(|(_, v)| v));
         let mut sink = PhaseSink {
             file,
@@ -391,10 +430,21 @@ impl PhaseRunner for PhaseExecutor<'_> {
             job_id: &job_id,
             phase,
             masker,
-            write_failed: false,
+            write_failed: None,
+            lost: 0,
+            journal_failed: None,
         };
         for line in banner(phase, &self.config.agent_id) {
             sink.output(line.as_bytes());
+        }
+        if let (Some(problem), false) = (&self.storage_failed, self.storage_told) {
+            sink.output(
+                format!(
+                    "ERROR: the agent could not record this job ({problem}); only cleanup runs.\n"
+                )
+                .as_bytes(),
+            );
+            self.storage_told = true;
         }
         if let Some(info) = outcome::read_device_info(&self.rundir) {
             self.post_result(&info, "device info");
@@ -408,6 +458,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
         let spec = self.command_spec(phase, command);
         let ran = self.run_command(&spec, &mut sink);
         self.journal = sink.journal.take();
+        let unrecorded = sink.write_failed.take().or(sink.journal_failed.take());
         let result = match ran {
             Ok(done) => {
                 let (end, stop_event) = match done.termination {
@@ -417,6 +468,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
                     Termination::OutputTimeout => (PhaseEnd::OutputTimeout, Some("output_timeout")),
                     Termination::Cancelled => (PhaseEnd::Cancelled, Some("cancelled")),
                     Termination::Shutdown => (PhaseEnd::Shutdown, None),
+                    Termination::Unrecordable => (PhaseEnd::StorageFailed, None),
                 };
                 record_escapees(&done);
                 if done.stragglers_killed > 0 {
@@ -456,7 +508,13 @@ impl PhaseRunner for PhaseExecutor<'_> {
                 agent_failure(started)
             }
         };
-        let allocating = phase == Phase::Allocate && self.server.releases_allocations();
+        let result = match unrecorded {
+            Some(problem) => self.unrecorded_phase(phase, result, problem),
+            None => result,
+        };
+        let allocating = phase == Phase::Allocate
+            && self.server.releases_allocations()
+            && self.storage_failed.is_none();
         let result = if allocating {
             self.publish_device_info(result)
         } else {
@@ -550,6 +608,39 @@ impl PhaseRunner for PhaseExecutor<'_> {
 }
 
 impl PhaseExecutor<'_> {
+    /// The phase's output (or the journal) could not be written while its command ran: the
+    /// runner stopped the command (cleanup excepted), the phase gets exit code 100 and the
+    /// job goes to cleanup. The reason is told wherever it can still be: the agent's log,
+    /// the end of the phase's output (if the disk has room again) and the job's events.
+    fn unrecorded_phase(
+        &mut self,
+        phase: Phase,
+        result: PhaseResult,
+        problem: String,
+    ) -> PhaseResult {
+        let job_id = self.spec.job_id().to_owned();
+        if phase == Phase::Cleanup {
+            log::error!("job {job_id}: cleanup ran to its end, but its output was not all recorded: {problem}");
+            self.storage_failure(problem);
+            return result;
+        }
+        self.storage_failure(problem.clone());
+        let detail = format!("ERROR: the agent could not record the {phase} phase ({problem}); the phase was stopped and the job ends.");
+        self.storage_told = append_agent_line(
+            self.server,
+            &job_id,
+            &self.rundir,
+            phase,
+            &format!("\n{detail}\n"),
+        );
+        self.emit("agent_storage_failed", &detail);
+        PhaseResult {
+            exit_code: process::AGENT_FAILURE_EXIT_CODE,
+            end: PhaseEnd::StorageFailed,
+            duration: result.duration,
+        }
+    }
+
     /// An allocated device is useless to its parent job without its device info
     /// (PROTOCOL §5.7): after a successful allocate, `device-info.json` must exist and the
     /// server must take it, else the phase counts as failed. The post is retried while the
@@ -796,7 +887,9 @@ fn record_kill(end: PhaseEnd) {
         PhaseEnd::OutputTimeout => KillCause::OutputTimeout,
         PhaseEnd::Cancelled => KillCause::Cancel,
         PhaseEnd::Shutdown => KillCause::Shutdown,
-        PhaseEnd::Exited | PhaseEnd::Signaled | PhaseEnd::AgentError => return,
+        PhaseEnd::Exited | PhaseEnd::Signaled | PhaseEnd::AgentError | PhaseEnd::StorageFailed => {
+            return
+        }
     };
     if let Some(metrics) = crate::metrics::get() {
         metrics.command_killed(cause);
@@ -830,7 +923,14 @@ pub fn record_refusal(
 
 /// Appends a line of the agent's own to `<phase>.log` (created if needed) and sends it with
 /// the phase's live output, as the end of that output.
-fn append_agent_line(server: &dyn Server, job_id: &str, rundir: &Path, phase: Phase, text: &str) {
+/// Whether the line could be written.
+fn append_agent_line(
+    server: &dyn Server,
+    job_id: &str,
+    rundir: &Path,
+    phase: Phase,
+    text: &str,
+) -> bool {
     let log_path = rundir.join(format!("{phase}.log"));
     let appended = OpenOptions::new()
         .create(true)
@@ -844,8 +944,12 @@ fn append_agent_line(server: &dyn Server, job_id: &str, rundir: &Path, phase: Ph
         Ok(meta) => {
             server.output(job_id, phase, text.as_bytes(), &log_path, meta.len());
             server.finish_output(job_id, phase);
+            true
         }
-        Err(err) => log::error!("job {job_id}: cannot write {}: {err}", log_path.display()),
+        Err(err) => {
+            log::error!("job {job_id}: cannot write {}: {err}", log_path.display());
+            false
+        }
     }
 }
 
@@ -854,19 +958,24 @@ fn append_agent_line(server: &dyn Server, job_id: &str, rundir: &Path, phase: Ph
 const JOURNAL_REFRESH: Duration = Duration::from_secs(5);
 
 /// Records the live output's progress in `journal` and writes it durably into `rundir`.
-/// A failure is logged: the job goes on, only a restart after a crash would know less.
-pub fn save_journal(journal: &mut Journal, server: &dyn Server, rundir: &Path) {
+/// A failure is logged and returned: during a job it ends the job (a restart after a
+/// crash would not know where the job was).
+pub fn save_journal(
+    journal: &mut Journal,
+    server: &dyn Server,
+    rundir: &Path,
+) -> std::io::Result<()> {
     if let Some(progress) = server.output_progress(&journal.job_id) {
         journal.output = progress;
     }
-    if let Err(err) = journal.save(rundir) {
+    journal.save(rundir).inspect_err(|err| {
         log::error!(
             "job {}: cannot write the job journal {} in {}: {err}",
             journal.job_id,
             crate::journal::JOURNAL_FILE,
             rundir.display()
         );
-    }
+    })
 }
 
 /// The lifecycle state after `phase` ended (as named in [`crate::lifecycle::TRANSITIONS`]).
@@ -894,6 +1003,7 @@ fn why_of(end: PhaseEnd) -> Why {
         PhaseEnd::Cancelled => Why::Cancel,
         PhaseEnd::Shutdown => Why::Shutdown,
         PhaseEnd::AgentError => Why::AgentError,
+        PhaseEnd::StorageFailed => Why::StorageFailed,
     }
 }
 
@@ -934,7 +1044,8 @@ pub fn banner(phase: Phase, agent_id: &str) -> [String; 3] {
 
 /// Where a phase's output goes: masked, appended to `<phase>.log`, handed to the server.
 struct PhaseSink<'a> {
-    file: File,
+    /// `None` when `<phase>.log` could not be opened (cleanup runs all the same).
+    file: Option<File>,
     len: u64,
     rundir: &'a Path,
     /// The job journal, lent for the command's run: written when it spawns, and every
@@ -946,7 +1057,14 @@ struct PhaseSink<'a> {
     job_id: &'a str,
     phase: Phase,
     masker: Masker,
-    write_failed: bool,
+    /// Why the log could not be written, once it could not. From then on nothing more is
+    /// written to it, except in cleanup, which keeps trying (its command may free the
+    /// disk) and marks the hole with a line saying how many bytes are missing.
+    write_failed: Option<String>,
+    /// Bytes of output not in the log since the last write that succeeded.
+    lost: u64,
+    /// Why the journal could not be written during the command.
+    journal_failed: Option<String>,
 }
 
 impl PhaseSink<'_> {
@@ -954,28 +1072,77 @@ impl PhaseSink<'_> {
         if data.is_empty() {
             return;
         }
-        match self.file.write_all(data) {
-            Ok(()) => self.len += data.len() as u64,
-            Err(err) if !self.write_failed => {
-                self.write_failed = true;
-                log::error!(
-                    "job {}: writing {} failed, output from now on only goes to the server: {err}",
-                    self.job_id,
-                    self.path.display()
-                );
-            }
-            Err(_) => {}
-        }
-        self.server
-            .output(self.job_id, self.phase, data, self.path, self.len);
+        self.record(data);
         if self.journal.is_some() && self.journal_saved.elapsed() >= JOURNAL_REFRESH {
             self.save_journal();
         }
     }
 
+    /// Writes `data` to the log (see `write_failed` for what happens once that fails).
+    fn record(&mut self, data: &[u8]) {
+        if self.write_failed.is_some() && self.phase != Phase::Cleanup {
+            return;
+        }
+        if self.file.is_none() {
+            self.lost += data.len() as u64;
+            return;
+        }
+        if self.lost > 0 {
+            let note = format!(
+                "\n[the agent could not record {} bytes of output here: {}]\n",
+                self.lost,
+                self.write_failed
+                    .as_deref()
+                    .unwrap_or("the log could not be written")
+            );
+            if !self.append(note.as_bytes()) {
+                self.lost += data.len() as u64;
+                return;
+            }
+            self.lost = 0;
+        }
+        self.append(data);
+    }
+
+    /// Appends `data` to the log and hands it to the live output; on a failure, records
+    /// why (logged once) and how much of `data` is missing. Whether all of it was written.
+    fn append(&mut self, data: &[u8]) -> bool {
+        let Some(file) = &mut self.file else {
+            self.lost += data.len() as u64;
+            return false;
+        };
+        if let Err(err) = file.write_all(data) {
+            if self.write_failed.is_none() {
+                log::error!(
+                    "job {}: writing {} failed: {err}",
+                    self.job_id,
+                    self.path.display()
+                );
+                self.write_failed = Some(format!("cannot write {}: {err}", self.path.display()));
+            }
+            // The part of `data` that reached the file is what the live output carries.
+            let now = file.metadata().map_or(self.len, |meta| meta.len());
+            let written = now.saturating_sub(self.len).min(data.len() as u64);
+            self.lost += data.len() as u64 - written;
+            if written > 0 {
+                self.len = now;
+                self.server
+                    .output(self.job_id, self.phase, &[], self.path, self.len);
+            }
+            return false;
+        }
+        self.len += data.len() as u64;
+        self.server
+            .output(self.job_id, self.phase, data, self.path, self.len);
+        true
+    }
+
     fn save_journal(&mut self) {
         if let Some(journal) = &mut self.journal {
-            save_journal(journal, self.server, self.rundir);
+            if let Err(err) = save_journal(journal, self.server, self.rundir) {
+                self.journal_failed
+                    .get_or_insert_with(|| format!("cannot write the job journal: {err}"));
+            }
             self.journal_saved = Instant::now();
         }
     }
@@ -995,6 +1162,12 @@ impl OutputSink for PhaseSink<'_> {
             journal.token = Some(token.to_owned());
             self.save_journal();
         }
+    }
+
+    fn unrecordable(&self) -> bool {
+        // Cleanup is never stopped for this: it must put the device back.
+        self.phase != Phase::Cleanup
+            && (self.write_failed.is_some() || self.journal_failed.is_some())
     }
 
     fn output(&mut self, chunk: &[u8]) {

@@ -38,6 +38,8 @@ pub enum Why {
     Shutdown,
     /// The agent could not run the phase (or the job) at all.
     AgentError,
+    /// The agent could not record the job (disk full, directory unwritable).
+    StorageFailed,
     /// The agent died during the job; a restarted agent ended it.
     CrashRecovery,
 }

@@ -105,6 +105,8 @@ pub struct Daemon {
     /// The `offline` or `maintenance` the server holds the agent in (an administrator's,
     /// or the agent's own after exit 46), as last seen.
     held: Option<AgentRequest>,
+    /// Why `execution_basedir` has no room for a job, while it has none (no job is taken).
+    no_room: Option<String>,
     /// One agent per `agent_id` on this host, for as long as this one lives.
     _lock: super::lock::AgentLock,
     /// The metrics endpoint, when a port was given; stops when the daemon is dropped.
@@ -184,6 +186,7 @@ impl Daemon {
             marker_dir: PathBuf::from(crate::executor::MARKER_DIR),
             queues_posted: None,
             unreachable_streak: 0,
+            no_room: None,
             restart_after_job: false,
             held: None,
             _lock: lock,
@@ -419,6 +422,10 @@ impl Daemon {
             self.pause(self.config.polling_period());
             return None;
         }
+        if !self.room_for_a_job() {
+            self.pause(self.config.polling_period());
+            return None;
+        }
         self.refresh_queues();
         let queues = if record.restricted_to.is_empty() {
             self.config.job_queues.clone()
@@ -449,6 +456,30 @@ impl Daemon {
             }
         }
         None
+    }
+
+    /// Whether `execution_basedir` can take a job: a probe of [`ROOM_PROBE_BYTES`] is
+    /// written and removed. A job taken without room would only fail at once; instead the
+    /// job waits on the server until there is room again. Said once each way in the log.
+    fn room_for_a_job(&mut self) -> bool {
+        match probe_room(&self.config.execution_basedir) {
+            Ok(()) => {
+                if let Some(problem) = self.no_room.take() {
+                    log::info!("execution_basedir has room again ({problem} before); taking jobs");
+                }
+                true
+            }
+            Err(err) => {
+                if self.no_room.is_none() {
+                    log::error!(
+                        "execution_basedir {} cannot take a job ({err}); not taking jobs until it can",
+                        self.config.execution_basedir.display()
+                    );
+                }
+                self.no_room = Some(err.to_string());
+                false
+            }
+        }
     }
 
     /// Before exiting for a restart: `restart`, not `offline`, so that the next start does
@@ -518,7 +549,8 @@ impl Daemon {
             }
         };
         let mut journal = Journal::taken(&job_id, crate::time::now_iso());
-        crate::executor::save_journal(&mut journal, &self.server, &rundir);
+        // A failure is logged; the executor's next write finds it again and ends the job.
+        let _ = crate::executor::save_journal(&mut journal, &self.server, &rundir);
         self.post_agent(json!({"job_id": job_id}));
         let mut spec = match JobSpec::from_json(body) {
             Ok(spec) => spec,
@@ -567,10 +599,11 @@ impl Daemon {
         executor.job_finished(&outcome);
         let deferred = executor.deferred.clone();
         let journal = executor.take_journal();
+        let statuses = executor.outcome_body();
         drop(executor);
         let cancelled = matches!(outcome.abort, Some(AbortReason::Cancelled { .. }));
         log::info!("job {job_id}: finished ({})", outcome.end_detail());
-        self.finish_job(&job_id, &rundir, cancelled, journal);
+        self.finish_job(&job_id, &rundir, cancelled, journal, statuses);
         self.back_to_waiting(deferred.as_ref());
     }
 
@@ -635,31 +668,41 @@ impl Daemon {
             crate::phase::Phase::Setup,
             message,
         );
-        self.finish_job(job_id, rundir, false, Some(journal));
+        let statuses = outcome.body();
+        self.finish_job(job_id, rundir, false, Some(journal), statuses);
     }
 
     /// The end of a job: the final state goes into the outcome file, live output is given a
     /// bounded time to drain, then the report is delivered or the run directory spooled.
+    /// `statuses` is the outcome as the job kept it in memory (`{"status": {...}}`): when
+    /// the file cannot be written (disk full), the report is sent from it instead.
     fn finish_job(
         &mut self,
         job_id: &str,
         rundir: &Path,
         cancelled: bool,
         journal: Option<Journal>,
+        statuses: Value,
     ) {
         let final_state = if cancelled { "cancelled" } else { "complete" };
+        let mut unwritten = None;
         match OutcomeFile::finalize(rundir, final_state) {
             Ok(()) => {
                 // The outcome is final: a restart from here on only reports the job.
                 if let Some(mut journal) = journal {
                     journal.finished = true;
-                    crate::executor::save_journal(&mut journal, &self.server, rundir);
+                    let _ = crate::executor::save_journal(&mut journal, &self.server, rundir);
                 }
             }
-            Err(err) => log::error!(
-                "job {job_id}: cannot finalise {}: {err}",
-                outcome::OUTCOME_FILE
-            ),
+            Err(err) => {
+                log::error!(
+                    "job {job_id}: cannot finalise {}: {err}; the report is sent from memory",
+                    outcome::OUTCOME_FILE
+                );
+                let mut body = statuses;
+                body["job_state"] = json!(final_state);
+                unwritten = Some(body);
+            }
         }
         let killed = self.stop.is_requested(StopKind::KillNow);
         if !killed && !self.server.drain(job_id, OUTPUT_DRAIN_LIMIT) {
@@ -677,13 +720,16 @@ impl Daemon {
         }
         // Into the spool first, then report from there: whatever happens from now on (a
         // second signal, a crash, the server refusing), the results wait in the spool.
-        let Some(spooled) = self.spool(job_id, rundir) else {
-            return;
+        // An outcome that could not be written is posted now or never: it is not on disk.
+        let spooled = match (self.spool(job_id, rundir), &unwritten) {
+            (Some(spooled), _) => spooled,
+            (None, Some(_)) => rundir.to_path_buf(),
+            (None, None) => return,
         };
         if killed {
             return;
         }
-        let delivered = deliver(&self.server, &spooled);
+        let delivered = deliver_with(&self.server, &spooled, unwritten);
         self.count_spool();
         match delivered {
             Ok(()) => log::info!("job {job_id}: reported"),
@@ -785,6 +831,39 @@ pub enum DeliverError {
 /// the artifacts, then the outcome; deletes each piece once the server took it, and the
 /// directory at the end. A failure leaves what is not delivered in place for a retry.
 pub fn deliver(server: &HttpServer, rundir: &Path) -> Result<(), DeliverError> {
+    deliver_with(server, rundir, None)
+}
+
+/// [`deliver`], with the final outcome body given instead of read from the outcome file
+/// (which could not be written). When the report does not go through, the body is written
+/// to the outcome file after all (the disk may have room again by now), so that the spooled
+/// report carries it; if even that fails, the log says so.
+fn deliver_with(
+    server: &HttpServer,
+    rundir: &Path,
+    outcome_body: Option<Value>,
+) -> Result<(), DeliverError> {
+    let delivered = deliver_from(server, rundir, outcome_body.as_ref());
+    if let (Err(_), Some(body)) = (&delivered, &outcome_body) {
+        let path = rundir.join(outcome::OUTCOME_FILE);
+        let written = serde_json::to_vec(body)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| outcome::write_atomic(&path, &bytes));
+        if let Err(err) = written {
+            log::error!(
+                "the final outcome {} cannot be kept for a later report ({err}); the spooled report may carry older statuses: {body}",
+                path.display()
+            );
+        }
+    }
+    delivered
+}
+
+fn deliver_from(
+    server: &HttpServer,
+    rundir: &Path,
+    outcome_body: Option<&Value>,
+) -> Result<(), DeliverError> {
     let job_file = rundir.join(outcome::JOB_FILE);
     let raw = fs::read(&job_file)
         .map_err(|err| DeliverError::Local(format!("cannot read {}: {err}", job_file.display())))?;
@@ -810,7 +889,13 @@ pub fn deliver(server: &HttpServer, rundir: &Path) -> Result<(), DeliverError> {
     }
     deliver_artifacts(server, &job_id, rundir)?;
     let outcome_path = rundir.join(outcome::OUTCOME_FILE);
-    if outcome_path.exists() {
+    if let Some(body) = outcome_body {
+        server.post_result(&job_id, body)?;
+        // The stale file on disk (if any) must not be sent again by a later retry.
+        if outcome_path.exists() {
+            remove_file(&outcome_path)?;
+        }
+    } else if outcome_path.exists() {
         let mut body: Map<String, Value> = fs::read(&outcome_path)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -866,6 +951,20 @@ fn loose_job_id(body: &[u8]) -> Option<String> {
     let id = value.get("job_id")?.as_str()?;
     crate::job::check_job_id(id).ok()?;
     Some(id.to_owned())
+}
+
+/// How much [`Daemon::room_for_a_job`] writes to find out whether a job could be recorded.
+const ROOM_PROBE_BYTES: usize = 64 * 1024;
+
+fn probe_room(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let probe = dir.join(format!(".room-probe-{}", std::process::id()));
+    // No fsync: a full tmpfs or ext4 refuses the write itself, and the probe runs every
+    // cycle of an idle agent.
+    let written =
+        fs::File::create(&probe).and_then(|mut file| file.write_all(&[0u8; ROOM_PROBE_BYTES]));
+    let removed = fs::remove_file(&probe);
+    written.and(removed)
 }
 
 fn ensure_writable_dir(dir: &Path) -> std::io::Result<()> {

@@ -56,13 +56,14 @@ pub fn job_machine() -> Machine {
 }
 
 /// Why a forward transition can end in `Aborted` (PROTOCOL §5.4): a failing test phase does
-/// not abort, only its timeout, cancellation, shutdown or a recovery failure does.
+/// not abort, only its timeout, cancellation, shutdown, a recovery failure or the agent
+/// failing to record it does.
 fn abort_label(method: &str) -> String {
     let fails = Phase::from_name(method).is_some_and(Phase::failure_aborts);
     if fails {
         format!("{method}() fails, times out or is stopped")
     } else {
-        format!("{method}() times out, is stopped or exits 46")
+        format!("{method}() times out, is stopped, exits 46 or cannot be recorded")
     }
 }
 

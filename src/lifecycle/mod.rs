@@ -146,6 +146,10 @@ pub enum PhaseEnd {
     Shutdown,
     /// The agent could not run the command at all (exit code 100).
     AgentError,
+    /// The agent could not record the job (its log, journal or outcome: disk full, a
+    /// directory gone read-only) and stopped the phase; exit code 100. The job goes to
+    /// cleanup whatever the phase.
+    StorageFailed,
 }
 
 impl PhaseEnd {
@@ -159,6 +163,7 @@ impl PhaseEnd {
             PhaseEnd::Cancelled => "cancelled",
             PhaseEnd::Shutdown => "agent shutdown",
             PhaseEnd::AgentError => "could not run",
+            PhaseEnd::StorageFailed => "could not be recorded",
         }
     }
 }
@@ -216,6 +221,8 @@ pub enum StopCause {
     Shutdown,
     /// The agent cannot run this job (e.g. its attachments were refused).
     Unrunnable,
+    /// The agent can no longer record the job (disk full, directory unwritable).
+    StorageFailed,
 }
 
 /// Why a job left the forward path.
@@ -233,6 +240,8 @@ pub enum AbortReason {
     Shutdown { phase: Phase },
     /// The agent could not run the job at all (seen before `phase`).
     Unrunnable { phase: Phase },
+    /// The agent could not record the job during (or before) `phase`.
+    StorageFailed { phase: Phase },
     /// The agent died during `phase` (or before it started); the agent restarted after
     /// it ends the job (crash recovery).
     AgentDied { phase: Phase },
@@ -248,6 +257,7 @@ impl AbortReason {
             AbortReason::Cancelled { .. } => "cancelled".to_owned(),
             AbortReason::Shutdown { .. } => "agent_shutdown".to_owned(),
             AbortReason::Unrunnable { .. } => "job_unrunnable".to_owned(),
+            AbortReason::StorageFailed { .. } => "storage_failed".to_owned(),
             AbortReason::AgentDied { .. } => "agent_died".to_owned(),
         }
     }
@@ -261,6 +271,7 @@ impl AbortReason {
             | AbortReason::Cancelled { phase }
             | AbortReason::Shutdown { phase }
             | AbortReason::Unrunnable { phase }
+            | AbortReason::StorageFailed { phase }
             | AbortReason::AgentDied { phase } => phase,
         }
     }
@@ -275,6 +286,7 @@ impl AbortReason {
             PhaseEnd::Cancelled => return Some(AbortReason::Cancelled { phase }),
             PhaseEnd::Shutdown => return Some(AbortReason::Shutdown { phase }),
             PhaseEnd::GlobalTimeout => return Some(AbortReason::GlobalTimeout { phase }),
+            PhaseEnd::StorageFailed => return Some(AbortReason::StorageFailed { phase }),
             _ => {}
         }
         if result.exit_code == RECOVERY_FAILED_EXIT_CODE {
@@ -427,6 +439,7 @@ impl<S, R: PhaseRunner> Job<S, R> {
                 StopCause::Cancelled => AbortReason::Cancelled { phase },
                 StopCause::Shutdown => AbortReason::Shutdown { phase },
                 StopCause::Unrunnable => AbortReason::Unrunnable { phase },
+                StopCause::StorageFailed => AbortReason::StorageFailed { phase },
             };
             self.runner.stopped_before(&reason);
             self.abort = Some(reason);

@@ -218,13 +218,14 @@ fn arb_result() -> impl Strategy<Value = PhaseResult> {
         1 => Just(PhaseEnd::Cancelled),
         1 => Just(PhaseEnd::Shutdown),
         1 => Just(PhaseEnd::AgentError),
+        1 => Just(PhaseEnd::StorageFailed),
     ];
     let code =
         prop_oneof![4 => Just(0), 1 => Just(1), 1 => Just(46), 1 => Just(247), 1 => 0..256i32];
     (end, code).prop_map(|(end, exit_code)| {
         let exit_code = match end {
             PhaseEnd::Exited | PhaseEnd::Signaled => exit_code,
-            PhaseEnd::AgentError => 100,
+            PhaseEnd::AgentError | PhaseEnd::StorageFailed => 100,
             _ => 247,
         };
         PhaseResult {
@@ -262,7 +263,10 @@ fn expected_runs(
         let r = results[i];
         let stopped = matches!(
             r.end,
-            PhaseEnd::Cancelled | PhaseEnd::Shutdown | PhaseEnd::GlobalTimeout
+            PhaseEnd::Cancelled
+                | PhaseEnd::Shutdown
+                | PhaseEnd::GlobalTimeout
+                | PhaseEnd::StorageFailed
         );
         if stopped || r.exit_code == 46 || (r.exit_code != 0 && phase != Phase::Test) {
             break;
@@ -279,7 +283,7 @@ proptest! {
     fn cleanup_runs_once_and_no_phase_runs_after_an_abort(
         results in proptest::array::uniform7(arb_result()),
         skips in proptest::array::uniform7(arb_skip()),
-        stop in proptest::option::of((0usize..6, prop_oneof![Just(StopCause::Cancelled), Just(StopCause::Shutdown), Just(StopCause::Unrunnable)])),
+        stop in proptest::option::of((0usize..6, prop_oneof![Just(StopCause::Cancelled), Just(StopCause::Shutdown), Just(StopCause::Unrunnable), Just(StopCause::StorageFailed)])),
     ) {
         let mut runner = ScriptedRunner::default();
         for (phase, result) in Phase::ALL.into_iter().zip(results) {

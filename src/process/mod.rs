@@ -47,6 +47,7 @@ pub const COMMAND_TRANSITIONS: &[(&str, &str, &str)] = &[
     ("running", EV_OUTPUT_TIMEOUT, "terminating"),
     ("running", EV_CANCEL, "terminating"),
     ("running", EV_SHUTDOWN, "terminating"),
+    ("running", EV_OUTPUT_UNRECORDABLE, "terminating"),
     ("running", EV_KILL_NOW, "killed"),
     ("terminating", EV_GROUP_EXITED, "exited"),
     ("terminating", EV_GROUP_EXITED_LEFT_ESCAPEES, "killed"),
@@ -67,6 +68,8 @@ pub(crate) const EV_OUTPUT_TIMEOUT: &str = "output timeout";
 pub(crate) const EV_CANCEL: &str = "cancel";
 pub(crate) const EV_SHUTDOWN: &str = "shutdown";
 pub(crate) const EV_KILL_NOW: &str = "kill now";
+/// The sink could not record the command's output (disk full, directory unwritable).
+pub(crate) const EV_OUTPUT_UNRECORDABLE: &str = "output cannot be recorded";
 /// After SIGTERM the shell and every process of the phase exited (the output need not
 /// be closed: only a process outside the phase can still hold it).
 pub(crate) const EV_GROUP_EXITED: &str = "group exited within grace";
@@ -122,7 +125,8 @@ pub(crate) fn stop_line(termination: Termination, spec: &CommandSpec) -> Option<
         )),
         Termination::Cancelled => Some("\nJob cancellation was requested, exiting.\n".into()),
         Termination::Shutdown => Some("\nThe agent is shutting down: ending this phase.\n".into()),
-        Termination::Exited(_) | Termination::Signaled(_) => None,
+        // The sink cannot take this line: it says why itself, elsewhere.
+        Termination::Exited(_) | Termination::Signaled(_) | Termination::Unrecordable => None,
     }
 }
 
@@ -190,6 +194,13 @@ pub trait OutputSink {
     /// The command has just spawned: its process group and phase token (for the job
     /// journal, so that an agent restarted after its own death can find the tree).
     fn spawned(&mut self, _pgid: i32, _token: &str) {}
+
+    /// Whether the output can no longer be recorded and the command must be stopped (the
+    /// runner ends it like a timeout, as [`Termination::Unrecordable`]). Asked after every
+    /// chunk handed to [`OutputSink::output`].
+    fn unrecordable(&self) -> bool {
+        false
+    }
 }
 
 impl<F: FnMut(&[u8])> OutputSink for F {
@@ -296,6 +307,9 @@ pub enum Termination {
     Cancelled,
     /// The agent killed it: the agent is shutting down.
     Shutdown,
+    /// The agent stopped it because its output could not be recorded (the sink said so:
+    /// disk full, directory unwritable). Exit code 100, like any agent failure.
+    Unrecordable,
 }
 
 impl Termination {
@@ -308,10 +322,11 @@ impl Termination {
             | Termination::OutputTimeout
             | Termination::Cancelled
             | Termination::Shutdown => KILLED_EXIT_CODE,
+            Termination::Unrecordable => AGENT_FAILURE_EXIT_CODE,
         }
     }
 
-    /// Whether the agent ended the command (timeout, cancel, shutdown).
+    /// Whether the agent ended the command (timeout, cancel, shutdown, unrecordable output).
     pub fn killed_by_agent(self) -> bool {
         !matches!(self, Termination::Exited(_) | Termination::Signaled(_))
     }

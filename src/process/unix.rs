@@ -34,7 +34,8 @@ use super::{
     stop_line, straggler_line, CommandOutcome, CommandSpec, CommandState, OutputSink, ProcessError,
     StopKind, StopSignal, Termination, EV_CANCEL, EV_EXIT, EV_EXIT_LEFT_BACKGROUND,
     EV_GLOBAL_TIMEOUT, EV_GRACE_EXPIRED, EV_GROUP_EXITED, EV_GROUP_EXITED_LEFT_ESCAPEES,
-    EV_KILL_NOW, EV_OUTPUT_TIMEOUT, EV_REAPED, EV_SHUTDOWN, EV_STRAGGLER_WAIT_OVER, KILL_NOW_LINE,
+    EV_KILL_NOW, EV_OUTPUT_TIMEOUT, EV_OUTPUT_UNRECORDABLE, EV_REAPED, EV_SHUTDOWN,
+    EV_STRAGGLER_WAIT_OVER, KILL_NOW_LINE,
 };
 
 /// One read from the output pipe; the buffer is reused for the whole command.
@@ -708,6 +709,8 @@ pub fn run_command(
                     Some((Termination::OutputTimeout, EV_OUTPUT_TIMEOUT))
                 } else if shutdown_deadline.is_some_and(|d| now >= d) {
                     Some((Termination::Shutdown, EV_SHUTDOWN))
+                } else if sink.unrecordable() {
+                    Some((Termination::Unrecordable, EV_OUTPUT_UNRECORDABLE))
                 } else {
                     None
                 };
@@ -765,6 +768,7 @@ pub fn run_command(
         if let (CommandState::Running, Some(exit_at)) = (state, leader_exit_at) {
             let deadline = earliest(exit_at.checked_add(spec.straggler_wait), global_deadline);
             let stop_requested = stop.is_requested(StopKind::KillNow)
+                || sink.unrecordable()
                 || (spec.honour_cancel && stop.is_requested(StopKind::Cancel))
                 || (spec.honour_shutdown && stop.is_requested(StopKind::Shutdown));
             if stop_requested || deadline.is_some_and(|d| now >= d) {

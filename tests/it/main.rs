@@ -8,6 +8,7 @@ mod admin_state;
 mod charm_metrics;
 mod crash_recovery;
 mod daemon;
+mod disk_full;
 mod fake_server_selftest;
 mod http_client;
 mod inputs;
