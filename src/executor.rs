@@ -357,12 +357,15 @@ impl PhaseRunner for PhaseExecutor<'_> {
         crate::metrics::beat();
         if let (Some(journal), None) = (&mut self.journal, skip) {
             journal.phase = Some(phase.name().to_owned());
+            // Other phases reach the disk with their command's group and token, written
+            // the moment it spawns (one durable write fewer per phase); an agent that dies
+            // before that leaves a job "between phases", whose command never started.
             if phase == Phase::Cleanup {
                 // On disk before cleanup starts: however often the agent dies, a restart
                 // knows how many times cleanup was started.
                 journal.cleanup_attempts += 1;
+                self.save_journal();
             }
-            self.save_journal();
         }
         if phase != Phase::Cleanup {
             self.post_result(&json!({ "job_state": phase.name() }), "job state");
@@ -1156,11 +1159,18 @@ impl PhaseSink<'_> {
 }
 
 impl OutputSink for PhaseSink<'_> {
-    fn spawned(&mut self, pgid: i32, token: &str) {
+    fn spawning(&mut self, token: &str) {
         if let Some(journal) = &mut self.journal {
-            journal.pgid = Some(pgid);
             journal.token = Some(token.to_owned());
             self.save_journal();
+        }
+    }
+
+    /// The group id goes to disk with the next journal write (the refresh while output
+    /// flows, or the phase's end): recovery finds the tree by the token, already on disk.
+    fn spawned(&mut self, pgid: i32, _token: &str) {
+        if let Some(journal) = &mut self.journal {
+            journal.pgid = Some(pgid);
         }
     }
 

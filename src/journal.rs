@@ -104,9 +104,10 @@ pub struct Journal {
     pub state: String,
     /// The phase running now (between its start and its end), if any.
     pub phase: Option<String>,
-    /// The running phase command's process group, once it spawned.
+    /// The running phase command's process group, once it spawned (on disk from the next
+    /// write after that: recovery finds the tree by the token).
     pub pgid: Option<i32>,
-    /// The running phase command's `TESTFLINGER_PHASE_TOKEN`, once it spawned.
+    /// The running phase command's `TESTFLINGER_PHASE_TOKEN`, on disk before it spawns.
     pub token: Option<String>,
     /// Exit codes of the phases that ran to their end, in order.
     pub statuses: Vec<PhaseExit>,

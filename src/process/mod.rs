@@ -191,8 +191,12 @@ pub struct CommandSpec {
 pub trait OutputSink {
     fn output(&mut self, chunk: &[u8]);
 
-    /// The command has just spawned: its process group and phase token (for the job
-    /// journal, so that an agent restarted after its own death can find the tree).
+    /// The command is about to be spawned with this phase token: the job journal records it
+    /// now, so that an agent restarted after its own death finds the whole tree by it, even
+    /// when the agent died the moment the command started.
+    fn spawning(&mut self, _token: &str) {}
+
+    /// The command has just spawned: its process group and phase token.
     fn spawned(&mut self, _pgid: i32, _token: &str) {}
 
     /// Whether the output can no longer be recorded and the command must be stopped (the

@@ -639,6 +639,7 @@ pub fn run_command(
                 });
             }
         }
+        sink.spawning(&token);
         // std's Child neither kills nor waits on drop; the guard owns the process from here.
         cmd.spawn().map_err(spawn_error)?.id()
         // `cmd` drops here, closing the agent's copies of the pipe's write end.
