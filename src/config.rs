@@ -268,6 +268,8 @@ pub const KEYS: &[KeySpec] = &[
         "Seconds between checks for a cancelled job while a phase command runs")),
     at_least_one(key("output_post_interval", Seconds, Int(1), ThisAgent,
         "Seconds between posts of a phase's live output to the server")),
+    key("audit_trails_kept", Count, Int(100), ThisAgent,
+        "How many finished jobs' trails (their journals: every transition with its time and cause) stay in `<logging_basedir>/trails/` for `testflinger-agent explain`; the oldest go first, 0 keeps none"),
     key("oom_score_adj", OomScore, Int(500), ThisAgent,
         "`oom_score_adj` given to every phase command (and inherited by what it starts), so that when memory runs out the kernel kills the job before the agent; raising it above the agent's own value needs no privilege, lowering it below needs root (CAP_SYS_RESOURCE), and a value the kernel refuses is ignored"),
 ];
@@ -357,6 +359,8 @@ pub struct Config {
     pub output_post_interval: u64,
     /// `oom_score_adj` of phase commands, -1000 to 1000.
     pub oom_score_adj: i32,
+    /// How many finished jobs' trails stay under `logging_basedir/trails`.
+    pub audit_trails_kept: u64,
     /// Problems that did not stop the load (such as an unknown `logging_level`), for the
     /// caller to log once logging is set up.
     pub warnings: Vec<String>,
@@ -511,6 +515,7 @@ impl Config {
             shutdown_cleanup_timeout: defaulted_int("shutdown_cleanup_timeout")?,
             cancel_check_interval: defaulted_int("cancel_check_interval")?,
             output_post_interval: defaulted_int("output_post_interval")?,
+            audit_trails_kept: defaulted_int("audit_trails_kept")?,
             oom_score_adj: effective
                 .get("oom_score_adj")
                 .and_then(Value::as_i64)

@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::job::JobSpec;
-use crate::journal::{Journal, Why};
+use crate::journal::{CommandEnd, Ending, Journal, Why};
 use crate::lifecycle::{
     AbortReason, JobOutcome, PhaseEnd, PhaseRecord, PhaseResult, PhaseRunner, PhaseStatus,
     StopCause, RECOVERY_FAILED_EXIT_CODE,
@@ -56,6 +56,8 @@ pub struct PhaseExecutor<'a> {
     /// Whether the job's output already says why the job ended early (the disk may have
     /// had no room for the line when the phase ended; cleanup's output says it then).
     storage_told: bool,
+    /// How the last phase command ended, for its transition in the journal's trail.
+    last_command: Option<CommandEnd>,
 }
 
 impl std::fmt::Debug for PhaseExecutor<'_> {
@@ -93,6 +95,7 @@ impl<'a> PhaseExecutor<'a> {
             phase_metrics: PhaseMetrics::default(),
             storage_failed: None,
             storage_told: false,
+            last_command: None,
         }
     }
 
@@ -474,6 +477,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
                     Termination::Unrecordable => (PhaseEnd::StorageFailed, None),
                 };
                 record_escapees(&done);
+                self.last_command = Some(command_end(&done));
                 if done.stragglers_killed > 0 {
                     log::warn!(
                         "job {job_id}: {phase} left {} background process(es) running; killed",
@@ -551,6 +555,9 @@ impl PhaseRunner for PhaseExecutor<'_> {
                 why,
                 exit_code,
             );
+            if let Some(end) = self.last_command.take() {
+                journal.annotate_last(end);
+            }
             self.save_journal();
         }
         let failed_code = match record.status {
@@ -870,6 +877,21 @@ impl PhaseMetrics {
             let label = probe.wait_label(RELEASE_WAIT_AT_JOB_END);
             self.settle(label);
         }
+    }
+}
+
+/// How a command's tree ended, for the journal's trail.
+fn command_end(done: &process::CommandOutcome) -> CommandEnd {
+    let how = match done.termination {
+        Termination::Exited(_) => Ending::Exited,
+        Termination::Signaled(_) => Ending::Signaled,
+        _ if done.needed_sigkill => Ending::SigkillNeeded,
+        _ => Ending::SigtermHonoured,
+    };
+    CommandEnd {
+        how,
+        escapees: (done.escapees_killed + done.escapees_terminated) as u64,
+        stragglers: done.stragglers_killed as u64,
     }
 }
 

@@ -60,6 +60,78 @@ pub struct TrailEntry {
     /// The phase's exit code, when it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// How the phase's command ended, when one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandEnd>,
+}
+
+/// How a phase command's processes ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandEnd {
+    pub how: Ending,
+    /// Processes that had left the command's group (`setsid`, double fork) and were ended.
+    #[serde(default)]
+    pub escapees: u64,
+    /// Processes still running (or holding the output) after the shell exited, killed.
+    #[serde(default)]
+    pub stragglers: u64,
+}
+
+/// The last signal a phase command's tree needed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// It exited on its own.
+    Exited,
+    /// It died of a signal the agent did not send.
+    Signaled,
+    /// The agent stopped it and SIGTERM was enough.
+    SigtermHonoured,
+    /// The agent stopped it and SIGKILL was needed.
+    SigkillNeeded,
+}
+
+impl Ending {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Ending::Exited => "exited",
+            Ending::Signaled => "killed by a signal",
+            Ending::SigtermHonoured => "SIGTERM honoured",
+            Ending::SigkillNeeded => "SIGKILL needed",
+        }
+    }
+}
+
+impl std::fmt::Display for CommandEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.how.describe())?;
+        if self.escapees > 0 {
+            write!(f, ", {} escapee(s) ended", self.escapees)?;
+        }
+        if self.stragglers > 0 {
+            write!(f, ", {} background process(es) killed", self.stragglers)?;
+        }
+        Ok(())
+    }
+}
+
+impl Why {
+    /// The word the trail table shows.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Why::Taken => "taken",
+            Why::Exit => "exit",
+            Why::Skipped => "skipped",
+            Why::Signal => "signal",
+            Why::GlobalTimeout => "global timeout",
+            Why::OutputTimeout => "output timeout",
+            Why::Cancel => "cancel",
+            Why::Shutdown => "shutdown",
+            Why::AgentError => "agent error",
+            Why::StorageFailed => "cannot record",
+            Why::CrashRecovery => "crash recovery",
+        }
+    }
 }
 
 /// One phase's exit code.
@@ -143,6 +215,7 @@ impl Journal {
                 phase: None,
                 why: Why::Taken,
                 exit_code: None,
+                command: None,
             }],
         }
     }
@@ -182,6 +255,7 @@ impl Journal {
             phase: phase.map(str::to_owned),
             why,
             exit_code,
+            command: None,
         });
         self.state = to.to_owned();
         self.phase = None;
@@ -214,6 +288,55 @@ impl Journal {
     pub fn save(&self, rundir: &Path) -> io::Result<()> {
         write_durable(&rundir.join(JOURNAL_FILE), &self.to_bytes())
     }
+}
+
+/// How the command of the trail's last transition ended.
+impl Journal {
+    pub fn annotate_last(&mut self, command: CommandEnd) {
+        if let Some(last) = self.trail.last_mut() {
+            last.command = Some(command);
+        }
+    }
+}
+
+/// Where the trails of finished jobs are kept, under `logging_basedir`.
+pub const TRAILS_DIR: &str = "trails";
+
+/// Keeps a copy of a finished job's journal (its trail) as `<dir>/<job_id>.json`, and
+/// removes the oldest copies beyond `keep` (0 keeps none). Not fsynced: an audit copy.
+pub fn keep_trail(journal: &Journal, dir: &Path, keep: usize) -> io::Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    fs::write(
+        dir.join(format!("{}.json", journal.job_id)),
+        journal.to_bytes(),
+    )?;
+    let mut kept: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "json"))
+        .filter_map(|entry| Some((entry.metadata().ok()?.modified().ok()?, entry.path())))
+        .collect();
+    if kept.len() > keep {
+        kept.sort();
+        for (_, path) in &kept[..kept.len() - keep] {
+            fs::remove_file(path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a journal from a run directory (or a spooled one), or from a kept trail file.
+pub fn read_any(path: &Path) -> Result<Journal, JournalError> {
+    if path.is_dir() {
+        return read(path);
+    }
+    let bytes = fs::read(path).map_err(|source| JournalError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Journal::from_bytes(&bytes)
 }
 
 /// Why a journal could not be read.
@@ -285,6 +408,39 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("temp dir is writable");
         dir
+    }
+
+    #[test]
+    fn kept_trails_are_pruned_oldest_first_and_read_back() {
+        let dir = tempdir("trails");
+        for i in 0..5 {
+            let mut journal = sample();
+            journal.job_id = format!("job-{i}");
+            keep_trail(&journal, &dir, 3).expect("kept");
+            // Distinct modification times, whatever the filesystem's resolution.
+            let file = fs::File::options()
+                .write(true)
+                .open(dir.join(format!("job-{i}.json")))
+                .expect("open");
+            file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i))
+                .expect("mtime");
+        }
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["job-2.json", "job-3.json", "job-4.json"]);
+        let back = read_any(&dir.join("job-4.json")).expect("a kept trail reads back");
+        assert_eq!(back.job_id, "job-4");
+        assert_eq!(back.trail, sample().trail);
+        keep_trail(&sample(), &dir.join("none"), 0).expect("0 keeps none");
+        assert!(!dir.join("none").exists());
+        assert!(matches!(
+            read_any(&dir.join("missing.json")),
+            Err(JournalError::Read { .. })
+        ));
+        let _ = fs::remove_dir_all(&dir);
     }
 
     fn sample() -> Journal {

@@ -7,8 +7,10 @@
 
 pub mod artifacts;
 pub mod attachments;
+pub mod audit;
 pub mod config;
 pub mod daemon;
+pub mod diagram;
 pub mod executor;
 pub mod fuzz_api;
 pub mod job;

@@ -1,15 +1,16 @@
-//! The `testflinger-agent` command line: the daemon (default), `run-job`, `check-config`
-//! and `diagram`.
+//! The `testflinger-agent` command line: the daemon (default), `run-job`, `check-config`,
+//! `diagram` and `explain`.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+use testflinger_agent::audit;
 use testflinger_agent::config::Config;
 use testflinger_agent::daemon::{Daemon, DaemonExit};
+use testflinger_agent::diagram::{self, Format};
 use testflinger_agent::job::JobSpec;
-use testflinger_agent::lifecycle::diagram::{self, Format};
 use testflinger_agent::process::StopSignal;
 use testflinger_agent::{logging, run_job, signals};
 
@@ -77,6 +78,23 @@ enum Command {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Show the path one job took through the lifecycle, from its journal's trail.
+    Explain {
+        /// A run directory, a spooled one, or a kept trail
+        /// (`<logging_basedir>/trails/<job_id>.json`).
+        path: PathBuf,
+        /// `table` lists each transition; `mermaid` and `dot` draw the lifecycle with this
+        /// job's edges highlighted and numbered, the others faded.
+        #[arg(long, value_enum, default_value_t = ExplainFormat::Table)]
+        format: ExplainFormat,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ExplainFormat {
+    Table,
+    Mermaid,
+    Dot,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -121,6 +139,7 @@ fn main() -> ExitCode {
             machine,
             write,
         }) => diagram(format, &machine, write.as_deref()),
+        Some(Command::Explain { path, format }) => explain(&path, format),
         None => daemon(&cli.config, &cli.token_file, cli.metrics_port),
     }
 }
@@ -187,7 +206,7 @@ fn diagram(format: DiagramFormat, machine: &str, write: Option<&Path>) -> ExitCo
         DiagramFormat::Dot => Format::Dot,
     };
     if let Some(dir) = write {
-        return match diagram::write_all(dir) {
+        return match audit::write_all(dir) {
             Ok(paths) => {
                 for path in paths {
                     println!("{}", path.display());
@@ -203,13 +222,13 @@ fn diagram(format: DiagramFormat, machine: &str, write: Option<&Path>) -> ExitCo
             }
         };
     }
-    match diagram::machines().into_iter().find(|m| m.name == machine) {
+    match audit::machines().into_iter().find(|m| m.name == machine) {
         Some(m) => {
             print!("{}", diagram::render(&m, format));
             ExitCode::SUCCESS
         }
         None => {
-            let names: Vec<_> = diagram::machines().iter().map(|m| m.name).collect();
+            let names: Vec<_> = audit::machines().iter().map(|m| m.name).collect();
             eprintln!(
                 "testflinger-agent: no state machine named {machine:?}; known: {}",
                 names.join(", ")
@@ -217,6 +236,22 @@ fn diagram(format: DiagramFormat, machine: &str, write: Option<&Path>) -> ExitCo
             ExitCode::from(EXIT_BAD_INPUT)
         }
     }
+}
+
+fn explain(path: &Path, format: ExplainFormat) -> ExitCode {
+    let journal = match testflinger_agent::journal::read_any(path) {
+        Ok(journal) => journal,
+        Err(err) => {
+            eprintln!("testflinger-agent: {}: {err}", path.display());
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    match format {
+        ExplainFormat::Table => print!("{}", audit::explain_table(&journal)),
+        ExplainFormat::Mermaid => print!("{}", audit::explain_diagram(&journal, Format::Mermaid)),
+        ExplainFormat::Dot => print!("{}", audit::explain_diagram(&journal, Format::Dot)),
+    }
+    ExitCode::SUCCESS
 }
 
 /// The daemon cannot start (exit status 2: restarting cannot help). Under a supervisor

@@ -5,7 +5,10 @@ mod recovery;
 mod run;
 mod spool;
 mod states;
+mod trails;
 
 pub use lock::{AgentLock, LockError};
 pub use run::{deliver, Daemon, DaemonError, DaemonExit, DeliverError};
-pub use states::DAEMON_TRANSITIONS;
+pub use states::{
+    daemon_machine, DaemonEvent, DaemonMachine, DaemonState, NoEdge, DAEMON_TRANSITIONS,
+};

@@ -105,6 +105,7 @@ fn recover_job(config: &Config, stop: &StopSignal, dir: &Path, mut journal: Jour
     if let Err(err) = journal.save(dir) {
         log::error!("recovering job {job_id}: cannot write the job journal: {err}");
     }
+    super::trails::keep_trail(config, &journal);
     log::info!("recovering job {job_id}: done; the report goes through the spool");
 }
 

@@ -3,6 +3,7 @@
 //! server has not accepted yet (retried every cycle, oldest first, across restarts).
 
 use super::spool::{self, save_pending, PENDING_OUTPUT_FILE};
+use super::states::{DaemonEvent, DaemonMachine, DaemonState};
 use crate::artifacts;
 use crate::config::Config;
 use crate::executor::{AgentRequest, PhaseExecutor};
@@ -107,6 +108,8 @@ pub struct Daemon {
     held: Option<AgentRequest>,
     /// Why `execution_basedir` has no room for a job, while it has none (no job is taken).
     no_room: Option<String>,
+    /// Where the daemon is; every change of state goes through its table.
+    machine: DaemonMachine,
     /// One agent per `agent_id` on this host, for as long as this one lives.
     _lock: super::lock::AgentLock,
     /// The metrics endpoint, when a port was given; stops when the daemon is dropped.
@@ -187,6 +190,7 @@ impl Daemon {
             queues_posted: None,
             unreachable_streak: 0,
             no_room: None,
+            machine: DaemonMachine::default(),
             restart_after_job: false,
             held: None,
             _lock: lock,
@@ -203,6 +207,35 @@ impl Daemon {
         crate::metrics::beat();
         self.stop.sleep_unless_shutdown(period);
         crate::metrics::beat();
+    }
+
+    /// Tells the state machine what happened: the state it enters is the one
+    /// [`super::states::DAEMON_TRANSITIONS`] gives, shown on the health endpoint and logged.
+    /// An event without an edge from the current state is refused (logged as an internal
+    /// error) and changes nothing.
+    fn fire(&mut self, event: DaemonEvent, job_id: &str) {
+        let from = self.machine.state();
+        match self.machine.fire(event) {
+            Ok(to) => {
+                log::info!(
+                    "daemon state: {} --{}--> {}",
+                    from.name(),
+                    event.label(),
+                    to.name()
+                );
+                self.show_state(to.name(), job_id);
+            }
+            Err(refused) => log::error!("internal: {refused}; the state stays {}", from.name()),
+        }
+    }
+
+    /// A hold by the server's state (`offline` or `maintenance`), as an event.
+    fn hold_event(state: &str) -> DaemonEvent {
+        if state == "maintenance" {
+            DaemonEvent::HeldMaintenance
+        } else {
+            DaemonEvent::HeldOffline
+        }
     }
 
     /// The daemon state the health endpoint reports.
@@ -294,14 +327,11 @@ impl Daemon {
                 }
             },
         };
-        self.show_state(
-            if exit == DaemonExit::Restart {
-                "restarting"
-            } else {
-                "stopped"
-            },
-            "",
-        );
+        match (exit, self.machine.state()) {
+            (_, DaemonState::Stopped) => {}
+            (DaemonExit::Restart, _) => self.fire(DaemonEvent::Exited, ""),
+            _ => self.fire(DaemonEvent::Stop, ""),
+        }
         if exit == DaemonExit::Stopped && self.held.is_none() {
             // A stop by the supervisor is a short absence, not an administrator's decision:
             // the record says `waiting`, so users' jobs still queue for this device (the
@@ -336,9 +366,9 @@ impl Daemon {
         };
         self.unreachable_streak = 0;
         self.held = record.as_ref().and_then(admin_hold);
-        match &self.held {
+        match self.held.clone() {
             Some(hold) => {
-                self.show_state(&hold.state, "");
+                self.fire(Self::hold_event(&hold.state), "");
                 log::warn!(
                     "the server holds this agent {} ({:?}); no job is taken until an administrator changes it",
                     hold.state,
@@ -346,7 +376,7 @@ impl Daemon {
                 );
             }
             None => {
-                self.show_state("waiting", "");
+                self.fire(DaemonEvent::CameUp, "");
                 if let Some((state, comment)) = record
                     .as_ref()
                     .and_then(|r| Some((r.state.as_deref()?, &r.comment)))
@@ -388,14 +418,22 @@ impl Daemon {
                 state: server_state.unwrap_or_default().to_owned(),
                 comment: record.comment.clone(),
             });
-            self.show_state(server_state.unwrap_or_default(), "");
+            let event = Self::hold_event(server_state.unwrap_or_default());
+            let target = if event == DaemonEvent::HeldMaintenance {
+                DaemonState::Maintenance
+            } else {
+                DaemonState::Offline
+            };
+            if self.machine.state() != target {
+                self.fire(event, "");
+            }
             self.pause(self.config.polling_period());
             return None;
         }
         if let Some(hold) = self.held.take() {
             if record.state.is_some() {
                 log::info!("released from {} by the server", hold.state);
-                self.show_state("waiting", "");
+                self.fire(DaemonEvent::Released, "");
             } else {
                 // The record could not be read: stay held rather than guess.
                 self.held = Some(hold);
@@ -411,6 +449,7 @@ impl Daemon {
             } else {
                 RESTART_SIGNAL_COMMENT.to_owned()
             };
+            self.fire(DaemonEvent::RestartAsked, "");
             self.post_restart(&comment);
             return Some(DaemonExit::Restart);
         }
@@ -419,8 +458,15 @@ impl Daemon {
                 "offline marker {} exists; not taking jobs",
                 marker.display()
             );
+            if self.machine.state() != DaemonState::Offline {
+                self.fire(DaemonEvent::HeldOffline, "");
+            }
             self.pause(self.config.polling_period());
             return None;
+        }
+        if self.machine.state() == DaemonState::Offline {
+            // Held by the marker file alone (a server hold returns above), now gone.
+            self.fire(DaemonEvent::Released, "");
         }
         if !self.room_for_a_job() {
             self.pause(self.config.polling_period());
@@ -528,7 +574,7 @@ impl Daemon {
         if let Some(metrics) = crate::metrics::get() {
             metrics.job_taken();
         }
-        self.show_state("busy", &job_id);
+        self.fire(DaemonEvent::JobTaken, &job_id);
         self.server.attach(&job_id);
         // testflinger.json first, exactly as received, then the journal, before any other
         // request: an agent that dies from here on leaves a job a restart can finish.
@@ -610,15 +656,13 @@ impl Daemon {
     /// After a job: clear the job id, then carry out a request deferred during the job
     /// (offline, maintenance, restart), or go back to `waiting`.
     fn back_to_waiting(&mut self, deferred: Option<&AgentRequest>) {
-        self.show_state(
-            match deferred {
-                Some(request) if request.state == "restart" => "restarting",
-                Some(request) => request.state.as_str(),
-                None if self.stopping() => "stopped",
-                None => "waiting",
-            },
-            "",
-        );
+        let event = match deferred {
+            _ if self.machine.state() == DaemonState::Draining => DaemonEvent::Drained,
+            Some(request) if request.state == "restart" => DaemonEvent::RestartAsked,
+            Some(request) => Self::hold_event(&request.state),
+            None => DaemonEvent::JobDone,
+        };
+        self.fire(event, "");
         // No command runs now: reap what the job's escaped processes left as zombies.
         crate::process::reap_orphans();
         self.post_agent(json!({"job_id": ""}));
@@ -684,14 +728,18 @@ impl Daemon {
         journal: Option<Journal>,
         statuses: Value,
     ) {
+        if self.stopping() && self.machine.state() == DaemonState::Busy {
+            self.fire(DaemonEvent::Stop, job_id);
+        }
         let final_state = if cancelled { "cancelled" } else { "complete" };
         let mut unwritten = None;
+        let mut journal = journal;
         match OutcomeFile::finalize(rundir, final_state) {
             Ok(()) => {
                 // The outcome is final: a restart from here on only reports the job.
-                if let Some(mut journal) = journal {
+                if let Some(journal) = &mut journal {
                     journal.finished = true;
-                    let _ = crate::executor::save_journal(&mut journal, &self.server, rundir);
+                    let _ = crate::executor::save_journal(journal, &self.server, rundir);
                 }
             }
             Err(err) => {
@@ -703,6 +751,9 @@ impl Daemon {
                 body["job_state"] = json!(final_state);
                 unwritten = Some(body);
             }
+        }
+        if let Some(journal) = &journal {
+            super::trails::keep_trail(&self.config, journal);
         }
         let killed = self.stop.is_requested(StopKind::KillNow);
         if !killed && !self.server.drain(job_id, OUTPUT_DRAIN_LIMIT) {
@@ -744,9 +795,6 @@ impl Daemon {
     /// stays in `execution_basedir`, and is spooled when the agent next starts).
     fn spool(&self, job_id: &str, rundir: &Path) -> Option<PathBuf> {
         let target = spool::unique_path(self.config.results_basedir.join(job_id));
-        if self.stopping() {
-            self.show_state("draining", job_id);
-        }
         match spool::move_dir(rundir, &target) {
             Ok(()) => {
                 self.count_spool();

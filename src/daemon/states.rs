@@ -1,31 +1,266 @@
-//! The daemon's states and the events that move it between them: the source of the
-//! daemon diagram in `state-diagrams/`.
+//! The daemon's state machine: its states, the events that move it, and
+//! [`DAEMON_TRANSITIONS`], the one table both the loop and the diagram read. The loop never
+//! sets a state: it fires an event, and the state it enters is the table's.
 
-/// The daemon's own states, for the diagram: (from, event, to).
-pub const DAEMON_TRANSITIONS: &[(&str, &str, &str)] = &[
-    ("starting", "agent data posted", "waiting"),
-    ("waiting", "job received", "busy"),
-    (
-        "waiting",
-        "server state offline/maintenance, or offline marker",
-        "offline",
-    ),
-    ("waiting", "server state restart, or SIGUSR1", "restarting"),
-    ("waiting", "SIGTERM/SIGINT", "stopped"),
-    ("busy", "job reported or spooled", "waiting"),
-    ("busy", "exit 46 (recovery failed)", "offline"),
-    ("busy", "SIGTERM/SIGINT", "draining"),
-    (
-        "draining",
-        "cleanup ran, outcome reported or spooled",
-        "stopped",
-    ),
-    (
-        "draining",
-        "second SIGTERM/SIGINT, every group killed",
-        "stopped",
-    ),
-    ("offline", "server state waiting", "waiting"),
-    ("offline", "SIGTERM/SIGINT", "stopped"),
-    ("restarting", "offline posted, exit non-zero", "stopped"),
+use crate::diagram::Machine;
+
+/// Where the daemon is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaemonState {
+    /// Reading its record on the server before posting anything.
+    Starting,
+    /// Polling for jobs.
+    Waiting,
+    /// Running a job.
+    Busy,
+    /// Held offline: by an administrator, the offline marker file, or its own exit 46.
+    Offline,
+    /// Held in maintenance by an administrator.
+    Maintenance,
+    /// Asked to restart (SIGUSR1 or the server's `restart`): posts `restart`, exits 1.
+    Restarting,
+    /// Stopping with a job under way: its phase ended, cleanup and the report follow.
+    Draining,
+    /// Gone (or about to be).
+    Stopped,
+}
+
+impl DaemonState {
+    pub const ALL: [DaemonState; 8] = [
+        DaemonState::Starting,
+        DaemonState::Waiting,
+        DaemonState::Busy,
+        DaemonState::Offline,
+        DaemonState::Maintenance,
+        DaemonState::Restarting,
+        DaemonState::Draining,
+        DaemonState::Stopped,
+    ];
+
+    /// The name in the diagram, the health endpoint and the log.
+    pub fn name(self) -> &'static str {
+        match self {
+            DaemonState::Starting => "starting",
+            DaemonState::Waiting => "waiting",
+            DaemonState::Busy => "busy",
+            DaemonState::Offline => "offline",
+            DaemonState::Maintenance => "maintenance",
+            DaemonState::Restarting => "restarting",
+            DaemonState::Draining => "draining",
+            DaemonState::Stopped => "stopped",
+        }
+    }
+}
+
+/// What happened, as the loop tells the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaemonEvent {
+    /// The record was read at start-up and does not hold the agent.
+    CameUp,
+    /// Held offline: the server's state (an administrator's, or the agent's own after exit
+    /// 46), or the offline marker file.
+    HeldOffline,
+    /// Held in maintenance by the server's state.
+    HeldMaintenance,
+    /// The hold is over (the server's state is no longer offline or maintenance, the
+    /// marker file is gone).
+    Released,
+    /// `GET /v1/job` handed out a job.
+    JobTaken,
+    /// The job ended and was reported or spooled.
+    JobDone,
+    /// A restart was asked for (SIGUSR1, the server's `restart`).
+    RestartAsked,
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// The job under way when the stop came ended and was reported or spooled.
+    Drained,
+    /// `restart` was posted; the process exits 1 for its supervisor to start it again.
+    Exited,
+}
+
+impl DaemonEvent {
+    /// The label of the event's edges.
+    pub fn label(self) -> &'static str {
+        match self {
+            DaemonEvent::CameUp => "record read, not held",
+            DaemonEvent::HeldOffline => "held offline (server state, marker file, exit 46)",
+            DaemonEvent::HeldMaintenance => "held in maintenance (server state)",
+            DaemonEvent::Released => "hold lifted",
+            DaemonEvent::JobTaken => "job taken",
+            DaemonEvent::JobDone => "job reported or spooled",
+            DaemonEvent::RestartAsked => "restart asked (SIGUSR1, server state restart)",
+            DaemonEvent::Stop => "SIGTERM/SIGINT",
+            DaemonEvent::Drained => "cleanup ran, outcome reported or spooled",
+            DaemonEvent::Exited => "restart posted, exit 1",
+        }
+    }
+}
+
+use DaemonEvent as E;
+use DaemonState as S;
+
+/// Every edge the daemon can take: `(from, event, to)`. A request to hold, release or
+/// restart that comes during a job is carried out after it, hence the edges out of `busy`.
+pub const DAEMON_TRANSITIONS: &[(DaemonState, DaemonEvent, DaemonState)] = &[
+    (S::Starting, E::CameUp, S::Waiting),
+    (S::Starting, E::HeldOffline, S::Offline),
+    (S::Starting, E::HeldMaintenance, S::Maintenance),
+    (S::Starting, E::Stop, S::Stopped),
+    (S::Waiting, E::JobTaken, S::Busy),
+    (S::Waiting, E::HeldOffline, S::Offline),
+    (S::Waiting, E::HeldMaintenance, S::Maintenance),
+    (S::Waiting, E::RestartAsked, S::Restarting),
+    (S::Waiting, E::Stop, S::Stopped),
+    (S::Busy, E::JobDone, S::Waiting),
+    (S::Busy, E::HeldOffline, S::Offline),
+    (S::Busy, E::HeldMaintenance, S::Maintenance),
+    (S::Busy, E::RestartAsked, S::Restarting),
+    (S::Busy, E::Stop, S::Draining),
+    (S::Offline, E::Released, S::Waiting),
+    (S::Offline, E::HeldMaintenance, S::Maintenance),
+    (S::Offline, E::RestartAsked, S::Restarting),
+    (S::Offline, E::Stop, S::Stopped),
+    (S::Maintenance, E::Released, S::Waiting),
+    (S::Maintenance, E::HeldOffline, S::Offline),
+    (S::Maintenance, E::Stop, S::Stopped),
+    (S::Draining, E::Drained, S::Stopped),
+    (S::Restarting, E::Exited, S::Stopped),
 ];
+
+/// The daemon's current state; it moves only along [`DAEMON_TRANSITIONS`].
+#[derive(Debug)]
+pub struct DaemonMachine {
+    state: DaemonState,
+}
+
+/// An event the table has no edge for from the current state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoEdge {
+    pub from: DaemonState,
+    pub event: DaemonEvent,
+}
+
+impl std::fmt::Display for NoEdge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no daemon edge from {} on \"{}\"",
+            self.from.name(),
+            self.event.label()
+        )
+    }
+}
+
+impl Default for DaemonMachine {
+    fn default() -> Self {
+        DaemonMachine {
+            state: DaemonState::Starting,
+        }
+    }
+}
+
+impl DaemonMachine {
+    pub fn state(&self) -> DaemonState {
+        self.state
+    }
+
+    /// Takes the edge `event` labels from the current state, and returns the state it
+    /// leads to; an event without an edge changes nothing and is an error.
+    pub fn fire(&mut self, event: DaemonEvent) -> Result<DaemonState, NoEdge> {
+        let to = DAEMON_TRANSITIONS
+            .iter()
+            .find(|(from, on, _)| *from == self.state && *on == event)
+            .map(|(_, _, to)| *to)
+            .ok_or(NoEdge {
+                from: self.state,
+                event,
+            })?;
+        self.state = to;
+        Ok(to)
+    }
+}
+
+/// The daemon machine to draw, from [`DAEMON_TRANSITIONS`].
+pub fn daemon_machine() -> Machine {
+    let table: Vec<(&'static str, &'static str, &'static str)> = DAEMON_TRANSITIONS
+        .iter()
+        .map(|(from, event, to)| (from.name(), event.label(), to.name()))
+        .collect();
+    Machine::from_table("daemon", "The agent daemon", "starting", "stopped", &table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_edge_per_state_and_event() {
+        for (i, a) in DAEMON_TRANSITIONS.iter().enumerate() {
+            for b in &DAEMON_TRANSITIONS[i + 1..] {
+                assert!(
+                    !(a.0 == b.0 && a.1 == b.1),
+                    "two edges from {:?} on {:?}",
+                    a.0,
+                    a.1
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_state_is_reachable_and_every_state_can_stop() {
+        let mut seen = vec![DaemonState::Starting];
+        let mut i = 0;
+        while i < seen.len() {
+            for (from, _, to) in DAEMON_TRANSITIONS {
+                if *from == seen[i] && !seen.contains(to) {
+                    seen.push(*to);
+                }
+            }
+            i += 1;
+        }
+        for state in DaemonState::ALL {
+            assert!(seen.contains(&state), "{state:?} unreachable");
+            // From every state a SIGTERM leads to stopped (directly or by draining).
+            let mut at = state;
+            for _ in 0..3 {
+                if at == DaemonState::Stopped {
+                    break;
+                }
+                at = DAEMON_TRANSITIONS
+                    .iter()
+                    .find(|(from, event, _)| {
+                        *from == at
+                            && matches!(
+                                event,
+                                DaemonEvent::Stop | DaemonEvent::Drained | DaemonEvent::Exited
+                            )
+                    })
+                    .map(|(_, _, to)| *to)
+                    .unwrap_or_else(|| panic!("{at:?} has no way to stop"));
+            }
+            assert_eq!(at, DaemonState::Stopped, "from {state:?}");
+        }
+    }
+
+    #[test]
+    fn the_machine_follows_the_table_and_refuses_the_rest() {
+        let mut m = DaemonMachine::default();
+        assert_eq!(
+            m.fire(DaemonEvent::JobTaken).map_err(|e| e.from),
+            Err(DaemonState::Starting)
+        );
+        assert_eq!(
+            m.state(),
+            DaemonState::Starting,
+            "a refused event changes nothing"
+        );
+        assert_eq!(m.fire(DaemonEvent::CameUp), Ok(DaemonState::Waiting));
+        assert_eq!(m.fire(DaemonEvent::JobTaken), Ok(DaemonState::Busy));
+        assert_eq!(m.fire(DaemonEvent::Stop), Ok(DaemonState::Draining));
+        assert!(m.fire(DaemonEvent::JobTaken).is_err());
+        assert_eq!(m.fire(DaemonEvent::Drained), Ok(DaemonState::Stopped));
+        assert!(m.fire(DaemonEvent::Stop).is_err(), "stopped is the end");
+    }
+}

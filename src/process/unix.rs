@@ -683,7 +683,7 @@ pub fn run_command(
                     sink.output(KILL_NOW_LINE.as_bytes());
                 }
                 needed_sigkill = true;
-                state.step(EV_KILL_NOW, CommandState::Killed);
+                state.step(EV_KILL_NOW);
                 break LoopEnd::Kill;
             }
             if let (None, Some(budget), false, true) = (
@@ -722,7 +722,7 @@ pub fn run_command(
                     reason = Some(termination);
                     guard.signal_group(Signal::SIGTERM);
                     kill_at = later(now, spec.grace_period);
-                    state.step(event, CommandState::Terminating);
+                    state.step(event);
                     // Right after the group: every process of the phase outside it.
                     let alive = guard.terminate(true);
                     last_scan = Instant::now();
@@ -759,7 +759,7 @@ pub fn run_command(
             }
             if now >= kill_at {
                 needed_sigkill = true;
-                state.step(EV_GRACE_EXPIRED, CommandState::Killed);
+                state.step(EV_GRACE_EXPIRED);
                 break LoopEnd::Kill;
             }
         }
@@ -774,7 +774,7 @@ pub fn run_command(
                 || (spec.honour_shutdown && stop.is_requested(StopKind::Shutdown));
             if stop_requested || deadline.is_some_and(|d| now >= d) {
                 held_output_for = Some(now.duration_since(exit_at).min(spec.straggler_wait));
-                state.step(EV_STRAGGLER_WAIT_OVER, CommandState::Killed);
+                state.step(EV_STRAGGLER_WAIT_OVER);
                 break LoopEnd::Kill;
             }
             straggler_deadline = deadline;
@@ -875,12 +875,7 @@ pub fn run_command(
             (_, false) => EV_GROUP_EXITED,
             (_, true) => EV_GROUP_EXITED_LEFT_ESCAPEES,
         };
-        let to = if killed > 0 {
-            CommandState::Killed
-        } else {
-            CommandState::Exited
-        };
-        state.step(event, to);
+        state.step(event);
         if killed > 0 && reason.is_some() {
             needed_sigkill = true;
         }
@@ -902,7 +897,7 @@ pub fn run_command(
     let status = guard.reap_leader()?;
     let duration = start.elapsed();
     if state == CommandState::Killed {
-        state.step(EV_REAPED, CommandState::Exited);
+        state.step(EV_REAPED);
     }
     debug_assert_eq!(state, CommandState::Exited);
 

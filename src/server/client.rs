@@ -8,7 +8,7 @@
 //! becomes a [`ServerError`] whose kind says whether trying again later may help.
 
 use super::auth::{human, TokenSource};
-use super::http::HttpSettings;
+use super::settings::HttpSettings;
 use super::tls;
 use super::{LogType, ServerError, ServerErrorKind};
 use crate::phase::Phase;

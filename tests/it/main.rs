@@ -5,6 +5,7 @@
 mod support;
 
 mod admin_state;
+mod audit;
 mod charm_metrics;
 mod crash_recovery;
 mod daemon;

@@ -1,0 +1,265 @@
+//! What an auditor reads. Every state machine the agent runs on, each drawn from the table
+//! its own code moves along ([`machines`], [`write_all`]); and one job's path through the
+//! lifecycle, from the trail its journal keeps ([`explain_table`], [`explain_diagram`]).
+//! The top layer beside `main`: it gathers from below and nothing imports it.
+
+use crate::diagram::{self, Edge, Format, Machine};
+use crate::journal::{Journal, TrailEntry, Why};
+use std::path::{Path, PathBuf};
+
+/// Every state machine, by name: the job lifecycle, one phase command and the daemon.
+pub fn machines() -> Vec<Machine> {
+    vec![
+        crate::lifecycle::diagram::job_machine(),
+        crate::process::command_machine(),
+        crate::daemon::daemon_machine(),
+    ]
+}
+
+/// Writes every machine in every format into `dir`; returns the paths written.
+pub fn write_all(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    for machine in machines() {
+        for format in [Format::Mermaid, Format::Dot] {
+            let path = dir.join(format!("{}.{}", machine.name, format.extension()));
+            std::fs::write(&path, diagram::render(&machine, format))?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
+
+/// The lifecycle edges a job's trail took, in order. The first entry (the job taken) is
+/// the diagram's initial state, not an edge. A step the lifecycle table has no edge for
+/// (crash recovery ends a job from wherever it was) keeps its cause as its label.
+pub fn trail_path(journal: &Journal) -> diagram::Path {
+    let machine = crate::lifecycle::diagram::job_machine();
+    let steps = journal
+        .trail
+        .iter()
+        .filter(|entry| !entry.from.is_empty())
+        .map(|entry| {
+            // Recovery is not the lifecycle's abort edge, even between the same states.
+            let label = machine
+                .edges
+                .iter()
+                .find(|e| e.from == entry.from && e.to == entry.to)
+                .filter(|_| entry.why != Why::CrashRecovery)
+                .map_or_else(|| step_label(entry), |e| e.label.clone());
+            Edge::new(&entry.from, label, &entry.to, false)
+        })
+        .collect();
+    diagram::Path { steps }
+}
+
+fn step_label(entry: &TrailEntry) -> String {
+    match &entry.phase {
+        Some(phase) => format!("{} ({phase})", entry.why.describe()),
+        None => entry.why.describe().to_owned(),
+    }
+}
+
+/// The job lifecycle with `journal`'s path drawn over it.
+pub fn explain_diagram(journal: &Journal, format: Format) -> String {
+    diagram::render_path(
+        &crate::lifecycle::diagram::job_machine(),
+        format,
+        Some(&trail_path(journal)),
+    )
+}
+
+/// The trail as a table: one row per transition, with its time, the states it left and
+/// entered, the phase, why, the exit code and how the phase's command ended.
+pub fn explain_table(journal: &Journal) -> String {
+    let header = ["#", "at", "from", "to", "phase", "why", "exit", "command"];
+    let rows: Vec<[String; 8]> = journal
+        .trail
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            [
+                i.to_string(),
+                entry.at.clone(),
+                if entry.from.is_empty() {
+                    "-".to_owned()
+                } else {
+                    entry.from.clone()
+                },
+                entry.to.clone(),
+                entry.phase.clone().unwrap_or_else(|| "-".to_owned()),
+                entry.why.describe().to_owned(),
+                entry
+                    .exit_code
+                    .map_or_else(|| "-".to_owned(), |code| code.to_string()),
+                entry
+                    .command
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), ToString::to_string),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        format!("{}\n", padded.join("  ").trim_end())
+    };
+    let mut out = format!(
+        "job {} ({}, {})\n",
+        journal.job_id,
+        if journal.finished {
+            "finished"
+        } else {
+            "not finished"
+        },
+        summary(journal)
+    );
+    out.push_str(&line(header.to_vec()));
+    for row in &rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// One phrase for how the job went: its last state and, if any, what ended it early.
+fn summary(journal: &Journal) -> String {
+    let early = journal
+        .trail
+        .iter()
+        .find(|e| e.to == "Aborted")
+        .map(step_label);
+    let recovered = journal.trail.iter().any(|e| e.why == Why::CrashRecovery);
+    let mut text = format!("last state {}", journal.state);
+    if let Some(early) = early {
+        text.push_str(&format!("; aborted: {early}"));
+    }
+    if recovered {
+        text.push_str("; ended by crash recovery");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diagram::render;
+
+    /// The committed files in `state-diagrams/` are exactly what the code renders.
+    #[test]
+    fn committed_diagrams_are_up_to_date() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("state-diagrams");
+        let mut stale = Vec::new();
+        for machine in machines() {
+            for format in [Format::Mermaid, Format::Dot] {
+                let path = dir.join(format!("{}.{}", machine.name, format.extension()));
+                let committed = std::fs::read_to_string(&path).unwrap_or_default();
+                if committed != render(&machine, format) {
+                    stale.push(path.display().to_string());
+                }
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "state diagrams differ from the code: {}\nregenerate with: cargo run -- diagram --write state-diagrams",
+            stale.join(", ")
+        );
+    }
+
+    /// The README embeds the job lifecycle diagram as the code renders it.
+    #[test]
+    fn readme_embeds_the_current_diagram() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap_or_default();
+        let expected = format!(
+            "<!-- diagram:job-lifecycle:start -->\n```mermaid\n{}```\n<!-- diagram:job-lifecycle:end -->",
+            render(&crate::lifecycle::diagram::job_machine(), Format::Mermaid)
+        );
+        assert!(
+            readme.contains(&expected),
+            "README.md does not embed the current job diagram; paste the output of\n  cargo run -- diagram --format mermaid\nbetween the diagram:job-lifecycle markers"
+        );
+    }
+
+    /// Every machine is drawn from the table its code moves along: each table edge is in
+    /// its drawing, and the drawing has no other edge.
+    #[test]
+    fn every_machine_is_its_table() {
+        let all = machines();
+        let find = |name: &str| {
+            all.iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("machine {name}"))
+        };
+        let daemon = find("daemon");
+        assert_eq!(daemon.edges.len(), crate::daemon::DAEMON_TRANSITIONS.len());
+        for (from, event, to) in crate::daemon::DAEMON_TRANSITIONS {
+            assert!(daemon.edges.contains(&Edge::new(
+                from.name(),
+                event.label(),
+                to.name(),
+                false
+            )));
+        }
+        let command = find("command");
+        assert_eq!(
+            command.edges.len(),
+            crate::process::COMMAND_TRANSITIONS.len()
+        );
+        for (from, event, to) in crate::process::COMMAND_TRANSITIONS {
+            assert!(command.edges.contains(&Edge::new(from, *event, to, false)));
+        }
+        let job = find("job-lifecycle");
+        assert_eq!(job.edges.len(), crate::lifecycle::TRANSITIONS.len());
+    }
+
+    fn passing_journal() -> Journal {
+        let mut journal = Journal::taken("j", "t0".into());
+        for (phase, to) in [("setup", "Setup"), ("provision", "Provisioned")] {
+            journal.transition("t".into(), to, Some(phase), Why::Exit, Some(0));
+        }
+        journal
+    }
+
+    #[test]
+    fn the_path_follows_the_trail() {
+        let path = trail_path(&passing_journal());
+        let edges: Vec<(&str, &str)> = path
+            .steps
+            .iter()
+            .map(|e| (e.from.as_str(), e.to.as_str()))
+            .collect();
+        assert_eq!(edges, [("Polled", "Setup"), ("Setup", "Provisioned")]);
+        assert_eq!(path.steps[0].label, "setup()");
+        let dot = explain_diagram(&passing_journal(), Format::Dot);
+        assert!(
+            dot.contains("\"Polled\" -> \"Setup\" [label=\"1: setup()\", penwidth=3];"),
+            "{dot}"
+        );
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_transition() {
+        let mut journal = passing_journal();
+        journal.annotate_last(crate::journal::CommandEnd {
+            how: crate::journal::Ending::SigkillNeeded,
+            escapees: 2,
+            stragglers: 0,
+        });
+        let table = explain_table(&journal);
+        assert_eq!(table.lines().count(), 2 + 3, "{table}");
+        assert!(
+            table.contains("SIGKILL needed, 2 escapee(s) ended"),
+            "{table}"
+        );
+    }
+}
