@@ -7,6 +7,8 @@
 
 pub mod artifacts;
 pub mod attachments;
+pub mod check;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod executor;

@@ -6,9 +6,11 @@ mod support;
 
 mod admin_state;
 mod charm_metrics;
+mod check_config;
 mod crash_recovery;
 mod daemon;
 mod fake_server_selftest;
+mod generated;
 mod http_client;
 mod inputs;
 mod metrics_endpoint;
