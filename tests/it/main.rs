@@ -9,6 +9,7 @@ mod charm_metrics;
 mod check_config;
 mod crash_recovery;
 mod daemon;
+mod docs;
 mod fake_server_selftest;
 mod generated;
 mod http_client;
