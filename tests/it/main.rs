@@ -15,6 +15,7 @@ mod generated;
 mod http_client;
 mod inputs;
 mod metrics_endpoint;
+mod packaging;
 mod process_tree;
 mod run_job;
 mod supervisord;
