@@ -3,11 +3,14 @@
 //! Layers, top to bottom (nothing calls upward): [`run_job`] (and the daemon) drive the
 //! typestate [`lifecycle`]; each phase runs through the [`executor`], which uses the
 //! [`process`] runner and a [`server::Server`]; [`config`] and [`job`] are the inputs and
-//! [`outcome`] the result files.
+//! [`outcome`] the result files. [`cli`] (the command line's definition) and [`check`]
+//! (`check-config`'s operator checks) serve `src/main.rs` only.
 
 pub mod artifacts;
 pub mod attachments;
 pub mod audit;
+pub mod check;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod diagram;

@@ -1,12 +1,17 @@
 //! The `testflinger-agent` command line: the daemon (default), `run-job`, `check-config`,
 //! `diagram` and `explain`.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 use testflinger_agent::audit;
+use testflinger_agent::check;
+use testflinger_agent::cli::{
+    Cli, Command, DiagramFormat, ExplainFormat, EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_OK,
+    EXIT_RESTART,
+};
 use testflinger_agent::config::Config;
 use testflinger_agent::daemon::{Daemon, DaemonExit};
 use testflinger_agent::diagram::{self, Format};
@@ -14,97 +19,6 @@ use testflinger_agent::job::JobSpec;
 use testflinger_agent::process::StopSignal;
 use testflinger_agent::{logging, run_job, signals};
 
-/// A hardened, drop-in replacement for the Testflinger agent.
-#[derive(Debug, Parser)]
-#[command(
-    name = "testflinger-agent",
-    version,
-    args_conflicts_with_subcommands = true
-)]
-struct Cli {
-    /// The agent config file (YAML).
-    #[arg(short = 'c', long = "config", default_value = "testflinger-agent.conf")]
-    config: PathBuf,
-    /// The refresh-token file written by the deployment tooling.
-    #[arg(
-        long = "token-file",
-        default_value = "/var/lib/testflinger-agent/refresh_token"
-    )]
-    token_file: PathBuf,
-    /// Serve Prometheus metrics (`/metrics`) and `/health` on this port; overrides the
-    /// config key metrics_endpoint_port. `--metrics_port` is the Python agent's spelling.
-    #[arg(
-        short = 'p',
-        long = "metrics-port",
-        visible_alias = "metrics_port",
-        value_name = "PORT"
-    )]
-    metrics_port: Option<u16>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run one job locally, with no server: output to the terminal, files in the run dir.
-    RunJob {
-        /// The agent config file (YAML).
-        #[arg(short = 'c', long = "config")]
-        config: PathBuf,
-        /// The job file (YAML as a person writes it, or JSON as the server sends it).
-        job: PathBuf,
-    },
-    /// Validate a config file and print the effective config (defaults filled in).
-    CheckConfig {
-        /// The agent config file (YAML).
-        #[arg(
-            short = 'c',
-            long = "config",
-            required_unless_present = "reference_table"
-        )]
-        config: Option<PathBuf>,
-        /// Print the Markdown reference table of every config key instead.
-        #[arg(long)]
-        reference_table: bool,
-    },
-    /// Render the state diagrams from the code.
-    Diagram {
-        #[arg(long, value_enum, default_value_t = DiagramFormat::Mermaid)]
-        format: DiagramFormat,
-        /// Which state machine.
-        #[arg(long, default_value = "job-lifecycle")]
-        machine: String,
-        /// Write every machine in every format into this directory instead.
-        #[arg(long)]
-        write: Option<PathBuf>,
-    },
-    /// Show the path one job took through the lifecycle, from its journal's trail.
-    Explain {
-        /// A run directory, a spooled one, or a kept trail
-        /// (`<logging_basedir>/trails/<job_id>.json`).
-        path: PathBuf,
-        /// `table` lists each transition; `mermaid` and `dot` draw the lifecycle with this
-        /// job's edges highlighted and numbered, the others faded.
-        #[arg(long, value_enum, default_value_t = ExplainFormat::Table)]
-        format: ExplainFormat,
-    },
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ExplainFormat {
-    Table,
-    Mermaid,
-    Dot,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum DiagramFormat {
-    Mermaid,
-    Dot,
-}
-
-/// Exit status for a config or job file that cannot be used.
-const EXIT_BAD_INPUT: u8 = 2;
 /// How long the daemon waits before exiting with [`EXIT_BAD_INPUT`] when its standard input
 /// is not a terminal (it runs under a supervisor); the environment variable overrides it.
 const STARTUP_FAILURE_DELAY: Duration = Duration::from_secs(10);
@@ -132,8 +46,18 @@ fn main() -> ExitCode {
         Some(Command::RunJob { config, job }) => run_job(&config, &job),
         Some(Command::CheckConfig {
             config,
+            token_file,
+            metrics_port,
+            server,
             reference_table,
-        }) => check_config(config.as_deref(), reference_table),
+        }) => {
+            let options = check::Options {
+                token_file,
+                metrics_port,
+                server,
+            };
+            check_config(config.as_deref(), reference_table, &options)
+        }
         Some(Command::Diagram {
             format,
             machine,
@@ -171,9 +95,9 @@ fn run_job(config_path: &Path, job_path: &Path) -> ExitCode {
         Ok(run) => {
             print!("{}", run_job::summary(&run));
             if run.outcome.succeeded() {
-                ExitCode::SUCCESS
+                ExitCode::from(EXIT_OK)
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(EXIT_JOB_FAILED)
             }
         }
         Err(err) => {
@@ -183,20 +107,24 @@ fn run_job(config_path: &Path, job_path: &Path) -> ExitCode {
     }
 }
 
-fn check_config(path: Option<&Path>, reference_table: bool) -> ExitCode {
+fn check_config(path: Option<&Path>, reference_table: bool, options: &check::Options) -> ExitCode {
     if reference_table {
         print!("{}", testflinger_agent::config::reference_table_markdown());
-        return ExitCode::SUCCESS;
+        return ExitCode::from(EXIT_OK);
     }
     let Some(path) = path else {
         return ExitCode::from(EXIT_BAD_INPUT);
     };
-    match load_config(path) {
-        Ok(config) => {
-            print!("{}", config.effective_yaml());
-            ExitCode::SUCCESS
-        }
-        Err(code) => code,
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let (config, report) = check::run(config, options);
+    print!("{}{report}", config.effective_yaml());
+    if report.all_ok() {
+        ExitCode::from(EXIT_OK)
+    } else {
+        ExitCode::from(EXIT_BAD_INPUT)
     }
 }
 
@@ -306,8 +234,8 @@ fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> E
         }
     };
     match daemon.run() {
-        DaemonExit::Stopped => ExitCode::SUCCESS,
-        DaemonExit::Restart => ExitCode::FAILURE,
+        DaemonExit::Stopped => ExitCode::from(EXIT_OK),
+        DaemonExit::Restart => ExitCode::from(EXIT_RESTART),
     }
 }
 

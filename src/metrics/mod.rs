@@ -37,7 +37,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 pub use health::{Health, DEFAULT_STALL_LIMIT};
-pub use serve::{serve, MetricsServer};
+pub use serve::{check_port, serve, MetricsServer};
 
 /// Upper bounds of the `phase_duration_seconds` buckets (the Python agent's); `+Inf` follows.
 pub const PHASE_DURATION_BUCKETS: [f64; 8] =

@@ -90,6 +90,16 @@ pub fn serve(
     })
 }
 
+/// Whether [`serve`] could bind `address` and `port` now: binds and closes at once
+/// (`check-config`). The error is the one start-up would give, naming a port's holder.
+pub fn check_port(address: Option<&str>, port: u16) -> Result<SocketAddr, MetricsError> {
+    let wanted = resolve(address, port)?;
+    let listener = TcpListener::bind(wanted).map_err(|err| bind_error(wanted, &err))?;
+    listener
+        .local_addr()
+        .map_err(|err| bind_error(wanted, &err))
+}
+
 impl MetricsServer {
     /// The address and port actually bound.
     pub fn local_addr(&self) -> SocketAddr {

@@ -141,27 +141,41 @@ impl TokenSource {
     }
 }
 
+/// Why the refresh-token file gives no refresh token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("cannot read the refresh-token file {} (option --token-file): {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the refresh-token file {} is not a JSON object with a string \"refresh_token\": {reason}", path.display())]
+    NotJson { path: PathBuf, reason: String },
+    #[error("the refresh-token file {} has an empty \"refresh_token\"", path.display())]
+    Empty { path: PathBuf },
+}
+
 /// Reads the refresh token afresh (the deployment tooling rewrites the file).
-fn read_refresh_token(path: &Path) -> Result<String, RefreshError> {
-    let text = std::fs::read(path).map_err(|e| {
-        format!(
-            "cannot read the refresh-token file {} (option --token-file): {e}",
-            path.display()
-        )
+pub(crate) fn load_refresh_token(path: &Path) -> Result<String, TokenFileError> {
+    let text = std::fs::read(path).map_err(|source| TokenFileError::Read {
+        path: path.to_owned(),
+        source,
     })?;
-    let parsed: TokenFile = serde_json::from_slice(&text).map_err(|e| {
-        format!(
-            "the refresh-token file {} is not a JSON object with a string \"refresh_token\": {e}",
-            path.display()
-        )
+    let parsed: TokenFile = serde_json::from_slice(&text).map_err(|e| TokenFileError::NotJson {
+        path: path.to_owned(),
+        reason: e.to_string(),
     })?;
     if parsed.refresh_token.trim().is_empty() {
-        return Err(format!(
-            "the refresh-token file {} has an empty \"refresh_token\"",
-            path.display()
-        ));
+        return Err(TokenFileError::Empty {
+            path: path.to_owned(),
+        });
     }
     Ok(parsed.refresh_token)
+}
+
+fn read_refresh_token(path: &Path) -> Result<String, RefreshError> {
+    load_refresh_token(path).map_err(|e| e.to_string())
 }
 
 /// A short rendering of a wait, e.g. `1.5 s` or `250 ms`.

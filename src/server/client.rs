@@ -7,10 +7,10 @@
 //! Nothing a server sends (a status, a body, a dropped connection) can panic here; it
 //! becomes a [`ServerError`] whose kind says whether trying again later may help.
 
-use super::auth::{human, TokenSource};
+use super::auth::{human, load_refresh_token, TokenSource};
 use super::settings::HttpSettings;
 use super::tls;
-use super::{LogType, ServerError, ServerErrorKind};
+use super::{LogType, RefreshCheckError, ServerError, ServerErrorKind};
 use crate::phase::Phase;
 use crate::time::now_iso;
 use serde_json::{json, Value};
@@ -535,6 +535,11 @@ impl Core {
 
     /// `POST /v1/oauth2/refresh` once (PROTOCOL §3.2), no token, no retries.
     fn refresh_exchange(&self, refresh_token: &str) -> Result<String, String> {
+        self.refresh_once(refresh_token).map_err(|e| e.to_string())
+    }
+
+    /// [`Core::refresh_exchange`] with the answer's status kept, for `check-config`.
+    fn refresh_once(&self, refresh_token: &str) -> Result<String, RefreshCheckError> {
         let req = Req::post_json(
             "/v1/oauth2/refresh".to_string(),
             &json!({"refresh_token": refresh_token}),
@@ -542,26 +547,45 @@ impl Core {
         .timeout(self.settings.timeouts.refresh)
         .without_auth();
         let what = req.what();
+        let malformed = |detail: String| RefreshCheckError::Refused {
+            status: 200,
+            detail: format!("{what} {detail}"),
+        };
         match self.once(&req, None) {
             Ok(reply) if reply.status == 200 => {
-                let bytes = reply.read_all(&what).map_err(|e| e.to_string())?;
+                let bytes = reply
+                    .read_all(&what)
+                    .map_err(|e| RefreshCheckError::Unavailable(e.to_string()))?;
                 let parsed: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                    format!("{what} answered 200 with a body that is not JSON: {e}")
+                    malformed(format!("answered 200 with a body that is not JSON: {e}"))
                 })?;
                 match parsed.get("access_token") {
                     Some(Value::String(t)) if !t.is_empty() => Ok(t.clone()),
-                    _ => Err(format!("{what} answered 200 without an access_token")),
+                    _ => Err(malformed(
+                        "answered 200 without an access_token".to_string(),
+                    )),
                 }
             }
-            Ok(reply) => Err(format!(
-                "{what} answered {}: {}",
-                reply.status,
-                reply.detail()
-            )),
+            Ok(reply) => Err(RefreshCheckError::Refused {
+                status: reply.status,
+                detail: format!("{what} answered {}: {}", reply.status, reply.detail()),
+            }),
             Err(AttemptError::Transport { text, .. }) | Err(AttemptError::Local(text)) => {
-                Err(format!("{what}: {text}"))
+                Err(RefreshCheckError::Unavailable(format!("{what}: {text}")))
             }
         }
+    }
+
+    /// Reads the refresh-token file and exchanges its token once, keeping nothing: the
+    /// `check-config --server` check.
+    pub(super) fn check_refresh(&self) -> Result<(), RefreshCheckError> {
+        let path = self
+            .settings
+            .token_file
+            .as_deref()
+            .ok_or(RefreshCheckError::NoFile)?;
+        let refresh = load_refresh_token(path).map_err(RefreshCheckError::File)?;
+        self.refresh_once(&refresh).map(|_| ())
     }
 
     /// One exchange: builds the request with the cookie and token, sends it, and reads the

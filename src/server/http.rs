@@ -8,7 +8,7 @@ use super::client::{detail_of, seg, Core, Method, Payload, Repeat, Req, SaveErro
 pub use super::settings::{HttpSettings, Timeouts, FRAGMENT_SIZE};
 use super::stream::{self, Streamer};
 pub use super::stream::{PendingOutput, PendingPhase};
-use super::{LogType, Server, ServerError, ServerErrorKind};
+use super::{LogType, RefreshCheckError, Server, ServerError, ServerErrorKind};
 use crate::phase::Phase;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -87,17 +87,29 @@ impl HttpServer {
 
     /// `GET /v1`: whether the server is reachable (any status below 500). One attempt.
     pub fn health(&self) -> bool {
-        let req = Req::get("/v1".to_string())
-            .timeout(self.core.settings.timeouts.health)
-            .attempts(1)
-            .without_auth();
-        match self.core.call(&req) {
-            Ok(reply) => reply.status < 500,
+        match self.probe() {
+            Ok(status) => status < 500,
             Err(e) => {
                 log::debug!("health probe: {e}");
                 false
             }
         }
+    }
+
+    /// `GET /v1` once, without a token: the status of the answer (below 500), or why there
+    /// was none (no connection, TLS refused, a 5xx).
+    pub fn probe(&self) -> Result<u16, ServerError> {
+        let req = Req::get("/v1".to_string())
+            .timeout(self.core.settings.timeouts.health)
+            .attempts(1)
+            .without_auth();
+        self.core.call(&req).map(|reply| reply.status)
+    }
+
+    /// Reads the refresh-token file and exchanges the token once for an access token,
+    /// which is thrown away (`check-config --server`).
+    pub fn check_refresh(&self) -> Result<(), RefreshCheckError> {
+        self.core.check_refresh()
     }
 
     /// `POST /v1/agents/data/<agent>` (PROTOCOL §3.3). A refusal is logged, not returned:

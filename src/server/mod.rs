@@ -69,6 +69,30 @@ impl ServerError {
     }
 }
 
+pub use auth::TokenFileError;
+
+/// Reads the refresh-token file as the agent does before each token exchange
+/// (`check-config`).
+pub fn check_token_file(path: &Path) -> Result<(), TokenFileError> {
+    auth::load_refresh_token(path).map(|_| ())
+}
+
+/// Why the refresh token could not be exchanged for an access token (`check-config
+/// --server`).
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshCheckError {
+    #[error("no refresh-token file is configured (option --token-file)")]
+    NoFile,
+    #[error(transparent)]
+    File(TokenFileError),
+    /// The server answered, but not with an access token.
+    #[error("{detail}")]
+    Refused { status: u16, detail: String },
+    /// The server could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
 /// The job-level calls the lifecycle makes. Implementations must be cheap to call from
 /// the phase loop: [`Server::output`] in particular must never block on the network.
 pub trait Server: Send + Sync {

@@ -309,12 +309,15 @@ fn bad_input_exits_2_with_a_clear_message_and_no_panic() {
 fn check_config_prints_the_effective_config_or_the_error() {
     let s = Scratch::new("check");
     let config = s.config("agent_id: a\nserver_address: http://127.0.0.1:9\njob_queues: [q]\n");
+    let token = s.write("refresh_token", "{\"refresh_token\": \"t\"}");
     let out = Command::new(BIN)
         .args(["check-config", "-c"])
         .arg(&config)
+        .arg("--token-file")
+        .arg(&token)
         .output()
         .expect("runs");
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("polling_interval: 10"), "{stdout}");
     assert!(stdout.contains("logging_level: INFO"), "{stdout}");

@@ -1,0 +1,211 @@
+//! The operator's guides (`docs/`) against the code, so that they cannot drift: the tables
+//! the code defines are copies of its rendering (`UPDATE_GENERATED=1 cargo test --test it
+//! docs::` rewrites them), every `testflinger-agent` command line they show parses, every
+//! metric they name exists, and the supervisord settings they quote are the shipped file's.
+
+use clap::Parser;
+use std::path::Path;
+use testflinger_agent::cli::{self, Cli};
+use testflinger_agent::config;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const UPDATE_VAR: &str = "UPDATE_GENERATED";
+const GUIDES: [&str; 2] = ["docs/operating.md", "docs/migrating.md"];
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(Path::new(ROOT).join(path))
+        .unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+}
+
+/// Checks (or with `UPDATE_GENERATED=1` rewrites) the text between `<!-- NAME:start -->`
+/// and `<!-- NAME:end -->` in `path`.
+fn check_block(path: &str, name: &str, generated: &str) {
+    let start = format!("<!-- {name}:start -->\n");
+    let end = format!("<!-- {name}:end -->");
+    let text = read(path);
+    let from = text
+        .find(&start)
+        .unwrap_or_else(|| panic!("{path} has no `{}` line", start.trim_end()))
+        + start.len();
+    let to = from
+        + text[from..]
+            .find(&end)
+            .unwrap_or_else(|| panic!("{path} has no `{end}` line after the start"));
+    if &text[from..to] == generated {
+        return;
+    }
+    if std::env::var_os(UPDATE_VAR).is_some_and(|v| v == "1") {
+        let updated = format!("{}{generated}{}", &text[..from], &text[to..]);
+        std::fs::write(Path::new(ROOT).join(path), updated).expect("docs/ is writable");
+        return;
+    }
+    panic!(
+        "the {name} table in {path} differs from the code; regenerate with: \
+         {UPDATE_VAR}=1 cargo test --test it docs::"
+    );
+}
+
+#[test]
+fn the_exit_status_table_is_the_codes() {
+    check_block(
+        "docs/operating.md",
+        "exit-statuses",
+        &cli::exit_status_table_markdown(),
+    );
+}
+
+#[test]
+fn the_migration_table_is_the_config_keys() {
+    check_block(
+        "docs/migrating.md",
+        "migration-table",
+        &config::migration_table_markdown(),
+    );
+    let table = config::migration_table_markdown();
+    for spec in config::KEYS {
+        assert!(
+            table.contains(&format!("| `{}` |", spec.name)),
+            "{}",
+            spec.name
+        );
+    }
+}
+
+/// The logical lines (`\` continuations joined) of the fenced `sh` blocks of `text`.
+fn shell_lines(text: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut inside = false;
+    let mut pending = String::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            inside = line == "```sh";
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        match line.trim_end().strip_suffix('\\') {
+            Some(part) => pending.push_str(part),
+            None => {
+                pending.push_str(line);
+                lines.push(std::mem::take(&mut pending));
+            }
+        }
+    }
+    lines
+}
+
+#[test]
+fn every_command_line_shown_parses() {
+    let mut seen = 0;
+    for path in GUIDES {
+        for line in shell_lines(&read(path)) {
+            let line = line.split(" #").next().unwrap_or_default().trim();
+            let line = line.strip_prefix("sudo -u testflinger ").unwrap_or(line);
+            if !line.starts_with("testflinger-agent ") {
+                continue;
+            }
+            let args: Vec<&str> = line.split_whitespace().collect();
+            if let Err(err) = Cli::try_parse_from(&args) {
+                panic!("{path}: `{line}` does not parse:\n{err}");
+            }
+            seen += 1;
+        }
+        // Inline commands too: `testflinger-agent …` in backticks.
+        for span in read(path).split('`').skip(1).step_by(2) {
+            if let Some(rest) = span.strip_prefix("testflinger-agent ") {
+                if rest.contains('<') || rest.contains("...") || rest.contains('…') {
+                    continue;
+                }
+                let args: Vec<&str> = std::iter::once("testflinger-agent")
+                    .chain(rest.split_whitespace())
+                    .collect();
+                let parsed = Cli::try_parse_from(&args);
+                // CONFIG and JOB placeholders are file names to clap; `--machine NAME`
+                // and `--format mermaid|dot` are written for a person.
+                if rest.contains('|') {
+                    continue;
+                }
+                if let Err(err) = parsed {
+                    panic!("{path}: `{span}` does not parse:\n{err}");
+                }
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 6, "only {seen} command lines found in the guides");
+}
+
+#[test]
+fn every_metric_named_exists() {
+    // Families with labels show only once they have a sample: give each one.
+    let metrics = testflinger_agent::metrics::Metrics::new("a", "b");
+    metrics.phase_failed("test");
+    metrics.phase_duration("test", 1, "");
+    metrics.request_failed("token");
+    let rendered = metrics.render();
+    let text = read("docs/operating.md");
+    let mut named = 0;
+    for span in text.split('`').skip(1).step_by(2) {
+        // `rate(name[5m])` names a metric too.
+        let word = span
+            .trim_start_matches("rate(")
+            .split(['[', '{', ' ', ','])
+            .next()
+            .unwrap_or_default();
+        let is_metric = word.starts_with("testflinger_agent_")
+            || [
+                "jobs_total",
+                "failures_total",
+                "recovery_failures_total",
+                "phase_duration_seconds",
+            ]
+            .contains(&word);
+        if !is_metric {
+            continue;
+        }
+        let family = word.strip_suffix("_total").unwrap_or(word);
+        assert!(
+            rendered.contains(&format!("# TYPE {family} "))
+                || rendered.contains(&format!("# TYPE {word} ")),
+            "docs/operating.md names {word}, which the agent does not export:\n{rendered}"
+        );
+        named += 1;
+    }
+    assert!(named >= 8, "only {named} metrics named");
+}
+
+#[test]
+fn the_supervisord_settings_quoted_are_the_shipped_ones() {
+    let shipped = read("deploy/supervisord/testflinger-agent.conf");
+    let setting = |key: &str| -> Option<String> {
+        shipped
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+    };
+    let text = read("docs/migrating.md");
+    let here = text
+        .split("## The charm's supervisord file")
+        .nth(1)
+        .expect("migrating.md has the supervisord section");
+    let mut quoted = 0;
+    for line in here.lines().filter(|l| l.starts_with("| `")) {
+        // The "Here" column: the third cell.
+        let Some(cell) = line.split('|').nth(3) else {
+            continue;
+        };
+        for span in cell.split('`').skip(1).step_by(2) {
+            let Some((key, value)) = span.split_once('=') else {
+                continue;
+            };
+            assert_eq!(
+                setting(key).as_deref(),
+                Some(value),
+                "docs/migrating.md says {key}={value}; deploy/supervisord/testflinger-agent.conf differs"
+            );
+            quoted += 1;
+        }
+    }
+    assert!(quoted >= 6, "only {quoted} settings quoted");
+}
