@@ -105,7 +105,11 @@ fn every_command_line_shown_parses() {
             if !line.starts_with("testflinger-agent ") {
                 continue;
             }
-            let args: Vec<&str> = line.split_whitespace().collect();
+            // The command's own arguments end at the first pipe or redirection.
+            let args: Vec<&str> = line
+                .split_whitespace()
+                .take_while(|word| !matches!(*word, "|" | ">" | ">>" | "&&" | ";"))
+                .collect();
             if let Err(err) = Cli::try_parse_from(&args) {
                 panic!("{path}: `{line}` does not parse:\n{err}");
             }
