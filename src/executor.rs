@@ -323,14 +323,10 @@ impl PhaseRunner for PhaseExecutor<'_> {
 
     fn phase_starting(&mut self, phase: Phase, skip: Option<SkipReason>) {
         crate::metrics::beat();
-        if let (Some(journal), None) = (&mut self.journal, skip) {
-            journal.phase = Some(phase.name().to_owned());
-            if phase == Phase::Cleanup {
-                // On disk before cleanup starts: however often the agent dies, a restart
-                // knows how many times cleanup was started.
-                journal.cleanup_attempts += 1;
+        if let Some(journal) = &mut self.journal {
+            if journal_phase_starting(journal, phase, skip) {
+                self.save_journal();
             }
-            self.save_journal();
         }
         if phase != Phase::Cleanup {
             self.post_result(&json!({ "job_state": phase.name() }), "job state");
@@ -475,21 +471,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
     fn phase_finished(&mut self, record: &PhaseRecord, abort: Option<&AbortReason>) {
         let phase = record.phase;
         if let Some(journal) = &mut self.journal {
-            let to = state_after(phase, abort.is_some());
-            let (why, exit_code) = match record.status {
-                PhaseStatus::Skipped(_) => (Why::Skipped, None),
-                PhaseStatus::Ran(result) => (why_of(result.end), Some(result.exit_code)),
-            };
-            if let Some(code) = exit_code {
-                journal.set_status(phase.name(), code);
-            }
-            journal.transition(
-                crate::time::now_iso(),
-                to,
-                Some(phase.name()),
-                why,
-                exit_code,
-            );
+            journal_phase_finished(journal, crate::time::now_iso(), record, abort);
             self.save_journal();
         }
         let failed_code = match record.status {
@@ -513,18 +495,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
 
     fn stopped_before(&mut self, reason: &AbortReason) {
         if let Some(journal) = &mut self.journal {
-            let why = match reason {
-                AbortReason::Cancelled { .. } => Why::Cancel,
-                AbortReason::Shutdown { .. } => Why::Shutdown,
-                _ => Why::AgentError,
-            };
-            journal.transition(
-                crate::time::now_iso(),
-                "Aborted",
-                Some(reason.phase().name()),
-                why,
-                None,
-            );
+            journal_stopped_before(journal, crate::time::now_iso(), reason);
             self.save_journal();
         }
         if let AbortReason::Cancelled { .. } = reason {
@@ -869,6 +840,66 @@ pub fn save_journal(journal: &mut Journal, server: &dyn Server, rundir: &Path) {
     }
 }
 
+// What the journal records at each step of a job, as pure functions of the journal: the
+// executor writes the result durably after each, and the exhaustive lifecycle check
+// drives the same functions from a scripted runner, so the
+// journal a crash leaves behind on any path is the one these write.
+
+/// A phase is about to start: it is the phase running now and, for cleanup, one more start
+/// is counted (on disk before cleanup starts: however often the agent dies, a restart knows
+/// how many times cleanup was started). A skipped phase starts nothing and changes nothing.
+/// Returns whether the journal changed.
+pub fn journal_phase_starting(
+    journal: &mut Journal,
+    phase: Phase,
+    skip: Option<SkipReason>,
+) -> bool {
+    if skip.is_some() {
+        return false;
+    }
+    journal.phase = Some(phase.name().to_owned());
+    if phase == Phase::Cleanup {
+        journal.cleanup_attempts += 1;
+    }
+    true
+}
+
+/// The phase's command has started: its process group and phase token, for a restart to
+/// kill what is left of it.
+pub fn journal_command_spawned(journal: &mut Journal, pgid: i32, token: &str) {
+    journal.pgid = Some(pgid);
+    journal.token = Some(token.to_owned());
+}
+
+/// A phase ended (or was skipped): its exit code and the transition it took, at `at`.
+pub fn journal_phase_finished(
+    journal: &mut Journal,
+    at: String,
+    record: &PhaseRecord,
+    abort: Option<&AbortReason>,
+) {
+    let phase = record.phase;
+    let to = state_after(phase, abort.is_some());
+    let (why, exit_code) = match record.status {
+        PhaseStatus::Skipped(_) => (Why::Skipped, None),
+        PhaseStatus::Ran(result) => (why_of(result.end), Some(result.exit_code)),
+    };
+    if let Some(code) = exit_code {
+        journal.set_status(phase.name(), code);
+    }
+    journal.transition(at, to, Some(phase.name()), why, exit_code);
+}
+
+/// A stop seen before a phase ended the forward path, at `at`.
+pub fn journal_stopped_before(journal: &mut Journal, at: String, reason: &AbortReason) {
+    let why = match reason {
+        AbortReason::Cancelled { .. } => Why::Cancel,
+        AbortReason::Shutdown { .. } => Why::Shutdown,
+        _ => Why::AgentError,
+    };
+    journal.transition(at, "Aborted", Some(reason.phase().name()), why, None);
+}
+
 /// The lifecycle state after `phase` ended (as named in [`crate::lifecycle::TRANSITIONS`]).
 fn state_after(phase: Phase, aborted: bool) -> &'static str {
     use crate::lifecycle::{EdgeKind, TRANSITIONS};
@@ -991,8 +1022,7 @@ impl PhaseSink<'_> {
 impl OutputSink for PhaseSink<'_> {
     fn spawned(&mut self, pgid: i32, token: &str) {
         if let Some(journal) = &mut self.journal {
-            journal.pgid = Some(pgid);
-            journal.token = Some(token.to_owned());
+            journal_command_spawned(journal, pgid, token);
             self.save_journal();
         }
     }

@@ -7,5 +7,6 @@ mod spool;
 mod states;
 
 pub use lock::{AgentLock, LockError};
+pub use recovery::{begin_recovery, conclude_recovery, RecoveryStart, MAX_CLEANUP_ATTEMPTS};
 pub use run::{deliver, Daemon, DaemonError, DaemonExit, DeliverError};
 pub use states::DAEMON_TRANSITIONS;
