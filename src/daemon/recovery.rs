@@ -131,10 +131,20 @@ pub fn begin_recovery(journal: &mut Journal, at: &str) -> RecoveryStart {
     start
 }
 
-/// The end of a job's recovery: the outcome is final. Returns the job's final state.
+/// The end of a job's recovery: the outcome is final. Returns the job's final state:
+/// `cancelled` when the trail shows the job was cancelled (a cancelled job stays
+/// cancelled, also when its agent died afterwards), `complete` otherwise.
 pub fn conclude_recovery(journal: &mut Journal) -> &'static str {
     journal.finished = true;
-    "complete"
+    let cancelled = journal
+        .trail
+        .iter()
+        .any(|entry| entry.why == Why::Cancel && entry.to == "Aborted");
+    if cancelled {
+        "cancelled"
+    } else {
+        "complete"
+    }
 }
 
 /// Ends one job its agent died during: kill, interrupted status, cleanup, final outcome,

@@ -484,4 +484,27 @@ fn a_recovered_report_the_server_refuses_stays_in_the_spool() {
     assert_eq!(count_lines(&count), 1, "and only once");
 }
 
+#[test]
+fn a_cancelled_job_whose_agent_died_in_cleanup_stays_cancelled() {
+    let server = FakeServer::start();
+    let s = Scratch::new("crash-cancelled");
+    let name = format!("crash-cancelled-{}", std::process::id());
+    let count = s.path("cleanup-count");
+    let id = server.submit_job(json!({"job_queue": "nobody-polls-this"}));
+    // Cancelled before setup, then the agent died during cleanup's first run.
+    let mut journal = Journal::taken(&id, "2026-01-01T00:00:00+00:00".into());
+    journal.agent_pid = 1;
+    journal.transition("t".into(), "Aborted", Some("setup"), Why::Cancel, None);
+    journal.phase = Some("cleanup".into());
+    journal.cleanup_attempts = 1;
+    let rundir = left_over_rundir(&s, &id, Some(&journal.to_bytes()));
+    std::fs::write(rundir.join("testflinger-outcome.json"), r#"{"status":{}}"#).expect("write");
+    let config = commands(None, "0", &count);
+    let _agent = Agent::start(&server, &s, &name, &config);
+    wait_for(&server, "the recovered report", |srv| finished(srv, &id));
+    assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
+    assert_eq!(server.result_data(&id)["status"], json!({"cleanup": 0}));
+    assert_eq!(count_lines(&count), 1, "cleanup ran once more");
+}
+
 use std::os::unix::process::CommandExt;
