@@ -8,7 +8,7 @@
 
 use super::spool::{self, save_pending};
 use crate::config::Config;
-use crate::executor::PhaseExecutor;
+use crate::executor::{AgentRequest, PhaseExecutor};
 use crate::job::JobSpec;
 use crate::journal::{self, Journal, JournalError, Why};
 use crate::lifecycle::{Job, PhaseRecord, PhaseResult, PhaseStatus, Plan, TRANSITIONS};
@@ -29,7 +29,11 @@ use std::path::Path;
 pub const MAX_CLEANUP_ATTEMPTS: u32 = 2;
 
 /// Recovers every run directory in `execution_basedir`, oldest first, then spools it.
-pub fn recover_interrupted(config: &Config, stop: &StopSignal) {
+/// Returns the request to take the device offline when a recovered cleanup exited 46: no
+/// one else has seen that exit (recovery is local), so the daemon posts it and is held
+/// (PROTOCOL §5.4).
+pub fn recover_interrupted(config: &Config, stop: &StopSignal) -> Option<AgentRequest> {
+    let mut offline = None;
     spool::recover_interrupted(&config.execution_basedir, &config.results_basedir, |dir| {
         match journal::read(dir) {
             Ok(journal) if journal.finished => log::info!(
@@ -37,7 +41,11 @@ pub fn recover_interrupted(config: &Config, stop: &StopSignal) {
                 dir.display(),
                 journal.job_id
             ),
-            Ok(journal) => recover_job(config, stop, dir, journal),
+            Ok(journal) => {
+                if let Some(request) = recover_job(config, stop, dir, journal) {
+                    offline = Some(request);
+                }
+            }
             Err(JournalError::Missing(_)) => log::warn!(
                 "{} has no job journal (left by an older agent?): its results so far are reported as they are, its cleanup did not run",
                 dir.display()
@@ -48,6 +56,7 @@ pub fn recover_interrupted(config: &Config, stop: &StopSignal) {
             ),
         }
     });
+    offline
 }
 
 /// What recovery does with a job its agent died during, decided from the journal alone
@@ -148,8 +157,14 @@ pub fn conclude_recovery(journal: &mut Journal) -> &'static str {
 }
 
 /// Ends one job its agent died during: kill, interrupted status, cleanup, final outcome,
-/// record of the output left to send.
-fn recover_job(config: &Config, stop: &StopSignal, dir: &Path, mut journal: Journal) {
+/// record of the output left to send. Returns the request to take the device offline when
+/// the cleanup it ran exited 46.
+fn recover_job(
+    config: &Config,
+    stop: &StopSignal,
+    dir: &Path,
+    mut journal: Journal,
+) -> Option<AgentRequest> {
     let job_id = journal.job_id.clone();
     let interrupted = journal.phase.as_deref().and_then(Phase::from_name);
     let where_ = interrupted.map_or_else(
@@ -180,12 +195,13 @@ fn recover_job(config: &Config, stop: &StopSignal, dir: &Path, mut journal: Jour
 
     // 2. The interrupted phase's status and cleanup (or why not).
     let start = begin_recovery(&mut journal, &crate::time::now_iso());
-    if start.already_cleaned {
+    let offline = if start.already_cleaned {
         // Cleanup had run; the agent died before the outcome was final.
         log::info!("recovering job {job_id}: cleanup had already run");
+        None
     } else {
-        run_recovery_cleanup(config, stop, dir, &mut journal, &start, killed);
-    }
+        run_recovery_cleanup(config, stop, dir, &mut journal, &start, killed)
+    };
 
     // 3. The final outcome, and what is left to send of the output.
     let final_state = conclude_recovery(&mut journal);
@@ -205,10 +221,12 @@ fn recover_job(config: &Config, stop: &StopSignal, dir: &Path, mut journal: Jour
         log::error!("recovering job {job_id}: cannot write the job journal: {err}");
     }
     log::info!("recovering job {job_id}: done ({final_state}); the report goes through the spool");
+    offline
 }
 
-/// Records what [`begin_recovery`] decided for the interrupted phase (its log line and
-/// status) and runs cleanup (or records why not).
+/// Records what [`begin_recovery`] decided for the interrupted phase (its log line and status) and
+/// runs cleanup (or records why not). Returns the executor's offline request when cleanup
+/// exited 46.
 fn run_recovery_cleanup(
     config: &Config,
     stop: &StopSignal,
@@ -216,7 +234,7 @@ fn run_recovery_cleanup(
     journal: &mut Journal,
     start: &RecoveryStart,
     killed: usize,
-) {
+) -> Option<AgentRequest> {
     let job_id = journal.job_id.clone();
     let attempts = start.cleanup_attempts;
     let mut outcome = OutcomeFile::open(dir);
@@ -248,7 +266,7 @@ fn run_recovery_cleanup(
         log::error!(
             "recovering job {job_id}: cleanup was started {attempts} times and the agent died each time; not running it again"
         );
-        return;
+        return None;
     }
     let spec = fs::read(dir.join(outcome::JOB_FILE))
         .map_err(|err| err.to_string())
@@ -260,7 +278,7 @@ fn run_recovery_cleanup(
                 "recovering job {job_id}: cannot read its {} ({err}); cleanup cannot run",
                 outcome::JOB_FILE
             );
-            return;
+            return None;
         }
     };
     log::warn!(
@@ -297,6 +315,12 @@ fn run_recovery_cleanup(
         Some(code) => log::info!("recovering job {job_id}: cleanup exited {code}"),
         None => log::info!("recovering job {job_id}: no cleanup command; skipped"),
     }
+    // Exit 46 made the executor ask for the device to go offline; its post went to the
+    // local server, so the daemon carries it to the real one.
+    executor
+        .deferred
+        .take()
+        .filter(|request| request.state == "offline")
 }
 
 /// The phase that follows `state` on the forward path (cleanup after the last one).
