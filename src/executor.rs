@@ -842,7 +842,7 @@ pub fn save_journal(journal: &mut Journal, server: &dyn Server, rundir: &Path) {
 
 // What the journal records at each step of a job, as pure functions of the journal: the
 // executor writes the result durably after each, and the exhaustive lifecycle check
-// drives the same functions from a scripted runner, so the
+// (tests/it/lifecycle_paths.rs) drives the same functions from a scripted runner, so the
 // journal a crash leaves behind on any path is the one these write.
 
 /// A phase is about to start: it is the phase running now and, for cleanup, one more start

@@ -11,6 +11,7 @@ mod daemon;
 mod fake_server_selftest;
 mod http_client;
 mod inputs;
+mod lifecycle_paths;
 mod metrics_endpoint;
 mod process_tree;
 mod run_job;
