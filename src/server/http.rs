@@ -4,7 +4,7 @@
 //! through [`super::stream`].
 
 use super::backoff::{self, Backoff, RetryPolicy};
-use super::client::{detail_of, seg, Core, Method, Payload, Repeat, Req, SaveError};
+use super::client::{detail_of, seg, Core, Method, Payload, Repeat, Reply, Req, SaveError};
 use super::stream::{self, Streamer};
 pub use super::stream::{PendingOutput, PendingPhase};
 use super::{LogType, Server, ServerError, ServerErrorKind};
@@ -178,7 +178,11 @@ impl HttpServer {
             .attempts(1)
             .without_auth();
         match self.core.call(&req) {
-            Ok(reply) => reply.status < 500,
+            Ok(reply) => {
+                let up = reply.status < 500;
+                reply.discard();
+                up
+            }
             Err(e) => {
                 log::debug!("health probe: {e}");
                 false
@@ -392,7 +396,7 @@ impl HttpServer {
 impl Server for HttpServer {
     fn post_result(&self, job_id: &str, body: &Value) -> Result<(), ServerError> {
         let req = Req::post_json(format!("/v1/result/{}", seg(job_id)), body);
-        self.core.expect_success(&req).map(drop)
+        self.core.expect_success(&req).map(Reply::discard)
     }
 
     fn job_state(&self, job_id: &str) -> Result<Option<String>, ServerError> {
@@ -522,7 +526,7 @@ impl Server for HttpServer {
         // webhook answers 500 to every event, which must not cost five requests each.
         let req =
             Req::post_json(format!("/v1/job/{}/events", seg(job_id)), body).repeat(Repeat::Once);
-        self.core.expect_success(&req).map(drop)
+        self.core.expect_success(&req).map(Reply::discard)
     }
 
     fn upload_artifacts(&self, job_id: &str, tarball: &Path) -> Result<(), ServerError> {
@@ -540,7 +544,7 @@ impl Server for HttpServer {
             ..Req::get(format!("/v1/result/{}/artifact", seg(job_id)))
         }
         .timeout(self.core.settings.timeouts.transfer);
-        self.core.expect_success(&req).map(drop)
+        self.core.expect_success(&req).map(Reply::discard)
     }
 
     fn agent_state(&self) -> Option<(String, String)> {
