@@ -15,5 +15,6 @@ mod lifecycle_paths;
 mod metrics_endpoint;
 mod process_tree;
 mod run_job;
+mod soak;
 mod supervisord;
 mod tls;
