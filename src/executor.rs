@@ -358,15 +358,11 @@ impl PhaseRunner for PhaseExecutor<'_> {
 
     fn phase_starting(&mut self, phase: Phase, skip: Option<SkipReason>) {
         crate::metrics::beat();
-        if let (Some(journal), None) = (&mut self.journal, skip) {
-            journal.phase = Some(phase.name().to_owned());
-            // Other phases reach the disk with their command's group and token, written
-            // the moment it spawns (one durable write fewer per phase); an agent that dies
-            // before that leaves a job "between phases", whose command never started.
-            if phase == Phase::Cleanup {
-                // On disk before cleanup starts: however often the agent dies, a restart
-                // knows how many times cleanup was started.
-                journal.cleanup_attempts += 1;
+        if let Some(journal) = &mut self.journal {
+            // Other phases reach the disk with their command's token, written just before
+            // it spawns (one durable write fewer per phase); an agent that dies before that
+            // leaves a job "between phases", whose command never started.
+            if journal_phase_starting(journal, phase, skip) && phase == Phase::Cleanup {
                 self.save_journal();
             }
         }
@@ -540,21 +536,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
     fn phase_finished(&mut self, record: &PhaseRecord, abort: Option<&AbortReason>) {
         let phase = record.phase;
         if let Some(journal) = &mut self.journal {
-            let to = state_after(phase, abort.is_some());
-            let (why, exit_code) = match record.status {
-                PhaseStatus::Skipped(_) => (Why::Skipped, None),
-                PhaseStatus::Ran(result) => (why_of(result.end), Some(result.exit_code)),
-            };
-            if let Some(code) = exit_code {
-                journal.set_status(phase.name(), code);
-            }
-            journal.transition(
-                crate::time::now_iso(),
-                to,
-                Some(phase.name()),
-                why,
-                exit_code,
-            );
+            journal_phase_finished(journal, crate::time::now_iso(), record, abort);
             if let Some(end) = self.last_command.take() {
                 journal.annotate_last(end);
             }
@@ -581,18 +563,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
 
     fn stopped_before(&mut self, reason: &AbortReason) {
         if let Some(journal) = &mut self.journal {
-            let why = match reason {
-                AbortReason::Cancelled { .. } => Why::Cancel,
-                AbortReason::Shutdown { .. } => Why::Shutdown,
-                _ => Why::AgentError,
-            };
-            journal.transition(
-                crate::time::now_iso(),
-                "Aborted",
-                Some(reason.phase().name()),
-                why,
-                None,
-            );
+            journal_stopped_before(journal, crate::time::now_iso(), reason);
             self.save_journal();
         }
         if let AbortReason::Cancelled { .. } = reason {
@@ -1003,6 +974,68 @@ pub fn save_journal(
     })
 }
 
+// What the journal records at each step of a job, as pure functions of the journal: the
+// executor writes the result durably after each, and the exhaustive lifecycle check
+// (tests/it/lifecycle_paths.rs) drives the same functions from a scripted runner, so the
+// journal a crash leaves behind on any path is the one these write.
+
+/// A phase is about to start: it is the phase running now and, for cleanup, one more start
+/// is counted (on disk before cleanup starts: however often the agent dies, a restart knows
+/// how many times cleanup was started). A skipped phase starts nothing and changes nothing.
+/// Returns whether the journal changed.
+pub fn journal_phase_starting(
+    journal: &mut Journal,
+    phase: Phase,
+    skip: Option<SkipReason>,
+) -> bool {
+    if skip.is_some() {
+        return false;
+    }
+    journal.phase = Some(phase.name().to_owned());
+    if phase == Phase::Cleanup {
+        journal.cleanup_attempts += 1;
+    }
+    true
+}
+
+/// The phase's command has started: its process group and phase token, for a restart to
+/// kill what is left of it (the token is on disk already: it is written just before the
+/// command spawns; the group goes with the next write).
+pub fn journal_command_spawned(journal: &mut Journal, pgid: i32, token: &str) {
+    journal.pgid = Some(pgid);
+    journal.token = Some(token.to_owned());
+}
+
+/// A phase ended (or was skipped): its exit code and the transition it took, at `at`.
+pub fn journal_phase_finished(
+    journal: &mut Journal,
+    at: String,
+    record: &PhaseRecord,
+    abort: Option<&AbortReason>,
+) {
+    let phase = record.phase;
+    let to = state_after(phase, abort.is_some());
+    let (why, exit_code) = match record.status {
+        PhaseStatus::Skipped(_) => (Why::Skipped, None),
+        PhaseStatus::Ran(result) => (why_of(result.end), Some(result.exit_code)),
+    };
+    if let Some(code) = exit_code {
+        journal.set_status(phase.name(), code);
+    }
+    journal.transition(at, to, Some(phase.name()), why, exit_code);
+}
+
+/// A stop seen before a phase ended the forward path, at `at`.
+pub fn journal_stopped_before(journal: &mut Journal, at: String, reason: &AbortReason) {
+    let why = match reason {
+        AbortReason::Cancelled { .. } => Why::Cancel,
+        AbortReason::Shutdown { .. } => Why::Shutdown,
+        AbortReason::StorageFailed { .. } => Why::StorageFailed,
+        _ => Why::AgentError,
+    };
+    journal.transition(at, "Aborted", Some(reason.phase().name()), why, None);
+}
+
 /// The lifecycle state after `phase` ended (as named in [`crate::lifecycle::TRANSITIONS`]).
 fn state_after(phase: Phase, aborted: bool) -> &'static str {
     use crate::lifecycle::{EdgeKind, TRANSITIONS};
@@ -1190,9 +1223,9 @@ impl OutputSink for PhaseSink<'_> {
 
     /// The group id goes to disk with the next journal write (the refresh while output
     /// flows, or the phase's end): recovery finds the tree by the token, already on disk.
-    fn spawned(&mut self, pgid: i32, _token: &str) {
+    fn spawned(&mut self, pgid: i32, token: &str) {
         if let Some(journal) = &mut self.journal {
-            journal.pgid = Some(pgid);
+            journal_command_spawned(journal, pgid, token);
         }
     }
 

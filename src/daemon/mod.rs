@@ -8,6 +8,7 @@ mod states;
 mod trails;
 
 pub use lock::{AgentLock, LockError};
+pub use recovery::{begin_recovery, conclude_recovery, RecoveryStart, MAX_CLEANUP_ATTEMPTS};
 pub use run::{deliver, Daemon, DaemonError, DaemonExit, DeliverError};
 pub use states::{
     daemon_machine, DaemonEvent, DaemonMachine, DaemonState, NoEdge, DAEMON_TRANSITIONS,

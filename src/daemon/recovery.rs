@@ -8,7 +8,7 @@
 
 use super::spool::{self, save_pending};
 use crate::config::Config;
-use crate::executor::PhaseExecutor;
+use crate::executor::{AgentRequest, PhaseExecutor};
 use crate::job::JobSpec;
 use crate::journal::{self, Journal, JournalError, Why};
 use crate::lifecycle::{Job, PhaseRecord, PhaseResult, PhaseStatus, Plan, TRANSITIONS};
@@ -29,7 +29,11 @@ use std::path::Path;
 pub const MAX_CLEANUP_ATTEMPTS: u32 = 2;
 
 /// Recovers every run directory in `execution_basedir`, oldest first, then spools it.
-pub fn recover_interrupted(config: &Config, stop: &StopSignal) {
+/// Returns the request to take the device offline when a recovered cleanup exited 46: no
+/// one else has seen that exit (recovery is local), so the daemon posts it and is held
+/// (PROTOCOL §5.4).
+pub fn recover_interrupted(config: &Config, stop: &StopSignal) -> Option<AgentRequest> {
+    let mut offline = None;
     spool::recover_interrupted(&config.execution_basedir, &config.results_basedir, |dir| {
         match journal::read(dir) {
             Ok(journal) if journal.finished => log::info!(
@@ -37,7 +41,11 @@ pub fn recover_interrupted(config: &Config, stop: &StopSignal) {
                 dir.display(),
                 journal.job_id
             ),
-            Ok(journal) => recover_job(config, stop, dir, journal),
+            Ok(journal) => {
+                if let Some(request) = recover_job(config, stop, dir, journal) {
+                    offline = Some(request);
+                }
+            }
             Err(JournalError::Missing(_)) => log::warn!(
                 "{} has no job journal (left by an older agent?): its results so far are reported as they are, its cleanup did not run",
                 dir.display()
@@ -48,11 +56,115 @@ pub fn recover_interrupted(config: &Config, stop: &StopSignal) {
             ),
         }
     });
+    offline
+}
+
+/// What recovery does with a job its agent died during, decided from the journal alone
+/// by [`begin_recovery`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryStart {
+    /// The phase the agent died in; `None` when it died between phases.
+    pub interrupted: Option<Phase>,
+    /// How many times cleanup had been started before this recovery.
+    pub cleanup_attempts: u32,
+    /// Cleanup had run: only the outcome is left to finalise.
+    pub already_cleaned: bool,
+    /// The interrupted phase is recorded with exit code 247.
+    pub interrupted_status: bool,
+    /// Cleanup runs (once more): fewer than [`MAX_CLEANUP_ATTEMPTS`] starts so far.
+    pub run_cleanup: bool,
+    /// The phase the job is deemed aborted in: the interrupted one, or the next it would
+    /// have run.
+    pub abort_phase: Phase,
+    /// The phases that ended (the interrupted one with 247 among them), for the recovered
+    /// job's cleanup.
+    pub records: Vec<PhaseRecord>,
+}
+
+/// The start of a job's recovery, as a pure function of its journal (the exhaustive
+/// lifecycle check drives it on every path): decides what [`RecoveryStart`] says and
+/// records it in the journal at `at`: the interrupted phase's 247, the move to `Aborted`
+/// and, when cleanup is not run again, to `Cleaned` with 247. Nothing is killed or run.
+pub fn begin_recovery(journal: &mut Journal, at: &str) -> RecoveryStart {
+    let interrupted = journal.phase.as_deref().and_then(Phase::from_name);
+    let attempts = journal.cleanup_attempts;
+    let run_cleanup = attempts < MAX_CLEANUP_ATTEMPTS;
+    let already_cleaned = journal.state == "Cleaned";
+    let interrupted_status =
+        !already_cleaned && interrupted.is_some_and(|p| p != Phase::Cleanup || !run_cleanup);
+    // The phase the job is deemed aborted in: the interrupted one, or the next it would
+    // have run.
+    let abort_phase = interrupted.unwrap_or_else(|| next_phase(&journal.state));
+    let mut start = RecoveryStart {
+        interrupted,
+        cleanup_attempts: attempts,
+        already_cleaned,
+        interrupted_status,
+        run_cleanup: run_cleanup && !already_cleaned,
+        abort_phase,
+        records: Vec::new(),
+    };
+    if already_cleaned {
+        return start;
+    }
+    if let (true, Some(phase)) = (interrupted_status, interrupted) {
+        journal.set_status(phase.name(), KILLED_EXIT_CODE);
+    }
+    journal.transition(
+        at.to_owned(),
+        "Aborted",
+        Some(abort_phase.name()),
+        Why::CrashRecovery,
+        interrupted_status.then_some(KILLED_EXIT_CODE),
+    );
+    if !run_cleanup {
+        journal.transition(
+            at.to_owned(),
+            "Cleaned",
+            Some(Phase::Cleanup.name()),
+            Why::CrashRecovery,
+            Some(KILLED_EXIT_CODE),
+        );
+        return start;
+    }
+    start.records = journal
+        .statuses
+        .iter()
+        .filter_map(|s| {
+            Some(PhaseRecord {
+                phase: Phase::from_name(&s.phase)?,
+                status: PhaseStatus::Ran(PhaseResult::exited(s.exit_code)),
+            })
+        })
+        .collect();
+    start
+}
+
+/// The end of a job's recovery: the outcome is final. Returns the job's final state:
+/// `cancelled` when the trail shows the job was cancelled (a cancelled job stays
+/// cancelled, also when its agent died afterwards), `complete` otherwise.
+pub fn conclude_recovery(journal: &mut Journal) -> &'static str {
+    journal.finished = true;
+    let cancelled = journal
+        .trail
+        .iter()
+        .any(|entry| entry.why == Why::Cancel && entry.to == "Aborted");
+    if cancelled {
+        "cancelled"
+    } else {
+        "complete"
+    }
 }
 
 /// Ends one job its agent died during: kill, interrupted status, cleanup, final outcome,
-/// record of the output left to send.
-fn recover_job(config: &Config, stop: &StopSignal, dir: &Path, mut journal: Journal) {
+/// record of the output left to send. Returns the request to take the device offline when
+/// the cleanup it ran exited 46.
+fn recover_job(
+    config: &Config,
+    stop: &StopSignal,
+    dir: &Path,
+    mut journal: Journal,
+) -> Option<AgentRequest> {
     let job_id = journal.job_id.clone();
     let interrupted = journal.phase.as_deref().and_then(Phase::from_name);
     let where_ = interrupted.map_or_else(
@@ -81,15 +193,19 @@ fn recover_job(config: &Config, stop: &StopSignal, dir: &Path, mut journal: Jour
         );
     }
 
-    if journal.state == "Cleaned" {
+    // 2. The interrupted phase's status and cleanup (or why not).
+    let start = begin_recovery(&mut journal, &crate::time::now_iso());
+    let offline = if start.already_cleaned {
         // Cleanup had run; the agent died before the outcome was final.
         log::info!("recovering job {job_id}: cleanup had already run");
+        None
     } else {
-        run_recovery_cleanup(config, stop, dir, &mut journal, interrupted, killed);
-    }
+        run_recovery_cleanup(config, stop, dir, &mut journal, &start, killed)
+    };
 
     // 3. The final outcome, and what is left to send of the output.
-    if let Err(err) = OutcomeFile::finalize(dir, "complete") {
+    let final_state = conclude_recovery(&mut journal);
+    if let Err(err) = OutcomeFile::finalize(dir, final_state) {
         log::error!(
             "recovering job {job_id}: cannot finalise {}: {err}",
             outcome::OUTCOME_FILE
@@ -101,35 +217,36 @@ fn recover_job(config: &Config, stop: &StopSignal, dir: &Path, mut journal: Jour
             log::error!("recovering job {job_id}: cannot record the output left to send: {err}");
         }
     }
-    journal.finished = true;
     if let Err(err) = journal.save(dir) {
         log::error!("recovering job {job_id}: cannot write the job journal: {err}");
     }
     super::trails::keep_trail(config, &journal);
-    log::info!("recovering job {job_id}: done; the report goes through the spool");
+    log::info!("recovering job {job_id}: done ({final_state}); the report goes through the spool");
+    offline
 }
 
-/// Records the interrupted phase and runs cleanup (or records why not).
+/// Records what [`begin_recovery`] decided for the interrupted phase (its log line and status) and
+/// runs cleanup (or records why not). Returns the executor's offline request when cleanup
+/// exited 46.
 fn run_recovery_cleanup(
     config: &Config,
     stop: &StopSignal,
     dir: &Path,
     journal: &mut Journal,
-    interrupted: Option<Phase>,
+    start: &RecoveryStart,
     killed: usize,
-) {
+) -> Option<AgentRequest> {
     let job_id = journal.job_id.clone();
-    let attempts = journal.cleanup_attempts;
-    let run_cleanup = attempts < MAX_CLEANUP_ATTEMPTS;
+    let attempts = start.cleanup_attempts;
     let mut outcome = OutcomeFile::open(dir);
     let pid = journal.agent_pid;
-    if let Some(phase) = interrupted {
+    if let Some(phase) = start.interrupted {
         let what = format!(
             "the agent (pid {pid}) died during the {phase} phase; on restart it killed {killed} leftover process(es) of it"
         );
         let line = if phase != Phase::Cleanup {
             format!("\nERROR: {what} and ended the phase with exit code {KILLED_EXIT_CODE}; cleanup runs next.\n")
-        } else if run_cleanup {
+        } else if start.run_cleanup {
             format!(
                 "\nERROR: {what} and runs cleanup once more (attempt {}).\n",
                 attempts + 1
@@ -140,37 +257,17 @@ fn run_recovery_cleanup(
             )
         };
         append_line(dir, phase, &line);
-        if phase != Phase::Cleanup || !run_cleanup {
-            journal.set_status(phase.name(), KILLED_EXIT_CODE);
+        if start.interrupted_status {
             if let Err(err) = outcome.set_status(phase, KILLED_EXIT_CODE) {
                 log::error!("recovering job {job_id}: cannot write the outcome: {err}");
             }
         }
     }
-    // The phase the job is deemed aborted in: the interrupted one, or the next it would
-    // have run.
-    let abort_phase = interrupted.unwrap_or_else(|| next_phase(&journal.state));
-    journal.transition(
-        crate::time::now_iso(),
-        "Aborted",
-        Some(abort_phase.name()),
-        Why::CrashRecovery,
-        interrupted
-            .filter(|&p| p != Phase::Cleanup || !run_cleanup)
-            .map(|_| KILLED_EXIT_CODE),
-    );
-    if !run_cleanup {
+    if !start.run_cleanup {
         log::error!(
             "recovering job {job_id}: cleanup was started {attempts} times and the agent died each time; not running it again"
         );
-        journal.transition(
-            crate::time::now_iso(),
-            "Cleaned",
-            Some(Phase::Cleanup.name()),
-            Why::CrashRecovery,
-            Some(KILLED_EXIT_CODE),
-        );
-        return;
+        return None;
     }
     let spec = fs::read(dir.join(outcome::JOB_FILE))
         .map_err(|err| err.to_string())
@@ -182,7 +279,7 @@ fn run_recovery_cleanup(
                 "recovering job {job_id}: cannot read its {} ({err}); cleanup cannot run",
                 outcome::JOB_FILE
             );
-            return;
+            return None;
         }
     };
     log::warn!(
@@ -190,16 +287,6 @@ fn run_recovery_cleanup(
         attempts + 1
     );
     let server = LocalServer::quiet();
-    let records: Vec<PhaseRecord> = journal
-        .statuses
-        .iter()
-        .filter_map(|s| {
-            Some(PhaseRecord {
-                phase: Phase::from_name(&s.phase)?,
-                status: PhaseStatus::Ran(PhaseResult::exited(s.exit_code)),
-            })
-        })
-        .collect();
     let executor = PhaseExecutor::new(
         config,
         &spec,
@@ -213,8 +300,8 @@ fn run_recovery_cleanup(
         job_id.as_str(),
         Plan::for_job(config, &spec),
         executor,
-        records,
-        abort_phase,
+        start.records.clone(),
+        start.abort_phase,
     );
     let (done, mut executor) = job.cleanup().finish();
     if let Some(updated) = executor.take_journal() {
@@ -229,6 +316,12 @@ fn run_recovery_cleanup(
         Some(code) => log::info!("recovering job {job_id}: cleanup exited {code}"),
         None => log::info!("recovering job {job_id}: no cleanup command; skipped"),
     }
+    // Exit 46 made the executor ask for the device to go offline; its post went to the
+    // local server, so the daemon carries it to the real one.
+    executor
+        .deferred
+        .take()
+        .filter(|request| request.state == "offline")
 }
 
 /// The phase that follows `state` on the forward path (cleanup after the last one).

@@ -315,8 +315,8 @@ impl Daemon {
         );
         // Before anything is posted or polled: finish the jobs a dead agent left behind
         // (kill what is left, run their cleanup), locally, whether the server is up or not.
-        super::recovery::recover_interrupted(&self.config, &self.stop);
-        let exit = match self.come_up() {
+        let recovered_offline = super::recovery::recover_interrupted(&self.config, &self.stop);
+        let exit = match self.come_up(recovered_offline) {
             Some(exit) => exit,
             None => loop {
                 if self.stopping() {
@@ -346,8 +346,10 @@ impl Daemon {
     /// Start-up (PROTOCOL §14.3): read the agent record before posting anything, then come
     /// up `waiting`, or held in an administrator's `offline` or `maintenance` with its
     /// comment. While the record cannot be read the agent posts nothing and asks again.
-    /// `Some` when a stop arrived first.
-    fn come_up(&mut self) -> Option<DaemonExit> {
+    /// `recovered_offline`: a recovered job's cleanup exited 46, so the agent comes up
+    /// `offline` unless an administrator's hold is already there. `Some` when a stop arrived
+    /// first.
+    fn come_up(&mut self, recovered_offline: Option<AgentRequest>) -> Option<DaemonExit> {
         let record = loop {
             if self.stopping() {
                 return Some(DaemonExit::Stopped);
@@ -366,6 +368,9 @@ impl Daemon {
         };
         self.unreachable_streak = 0;
         self.held = record.as_ref().and_then(admin_hold);
+        if self.held.is_none() {
+            self.held = recovered_offline;
+        }
         match self.held.clone() {
             Some(hold) => {
                 self.fire(Self::hold_event(&hold.state), "");

@@ -115,7 +115,7 @@ mod scripted;
 pub mod states;
 mod transitions;
 
-pub use scripted::ScriptedRunner;
+pub use scripted::{Call, ScriptedRunner};
 pub use states::{
     Aborted, Allocated, Cleaned, FirmwareUpdated, Polled, Provisioned, Reserved, Setup, State,
     Tested,

@@ -23,6 +23,9 @@ use std::time::Duration;
 const MAX_ANSWER: u64 = 64 * 1024 * 1024;
 /// How much of an error answer is kept for messages.
 const MAX_DETAIL: u64 = 8 * 1024;
+/// The most of an unneeded success answer read to reuse its connection (see
+/// [`Reply::discard`]).
+const MAX_DISCARDED: u64 = 64 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Method {
     Get,
@@ -154,6 +157,16 @@ impl Reply {
         match &self.body {
             ReplyBody::Detail(d) => d,
             ReplyBody::Stream(_) => "",
+        }
+    }
+
+    /// Done with a success answer whose body is not needed (`{}`, `OK`): reads what is left
+    /// of it, at most [`MAX_DISCARDED`] bytes, so that its connection goes back to the pool.
+    /// A body dropped unread closes the connection, and the next request opens a new one
+    /// (over HTTPS, with a new TLS handshake): several per phase.
+    pub(super) fn discard(self) {
+        if let ReplyBody::Stream(body) = self.body {
+            let _ = io::copy(&mut body.into_reader().take(MAX_DISCARDED), &mut io::sink());
         }
     }
 
@@ -371,7 +384,10 @@ impl Core {
     ) -> Result<(), ServerError> {
         let req = Req::post_json(path, body).repeat(repeat);
         match self.expect_success(&req) {
-            Ok(_) => Ok(()),
+            Ok(reply) => {
+                reply.discard();
+                Ok(())
+            }
             Err(e) if e.kind == ServerErrorKind::Unavailable => Err(e),
             Err(e) => {
                 log::warn!("{e}");

@@ -4,7 +4,7 @@
 //! through [`super::stream`].
 
 use super::backoff;
-use super::client::{detail_of, seg, Core, Method, Payload, Repeat, Req, SaveError};
+use super::client::{detail_of, seg, Core, Method, Payload, Repeat, Reply, Req, SaveError};
 pub use super::settings::{HttpSettings, Timeouts, FRAGMENT_SIZE};
 use super::stream::{self, Streamer};
 pub use super::stream::{PendingOutput, PendingPhase};
@@ -103,7 +103,11 @@ impl HttpServer {
             .timeout(self.core.settings.timeouts.health)
             .attempts(1)
             .without_auth();
-        self.core.call(&req).map(|reply| reply.status)
+        self.core.call(&req).map(|reply| {
+            let status = reply.status;
+            reply.discard();
+            status
+        })
     }
 
     /// Reads the refresh-token file and exchanges the token once for an access token,
@@ -318,7 +322,7 @@ impl HttpServer {
 impl Server for HttpServer {
     fn post_result(&self, job_id: &str, body: &Value) -> Result<(), ServerError> {
         let req = Req::post_json(format!("/v1/result/{}", seg(job_id)), body);
-        self.core.expect_success(&req).map(drop)
+        self.core.expect_success(&req).map(Reply::discard)
     }
 
     fn job_state(&self, job_id: &str) -> Result<Option<String>, ServerError> {
@@ -448,7 +452,7 @@ impl Server for HttpServer {
         // webhook answers 500 to every event, which must not cost five requests each.
         let req =
             Req::post_json(format!("/v1/job/{}/events", seg(job_id)), body).repeat(Repeat::Once);
-        self.core.expect_success(&req).map(drop)
+        self.core.expect_success(&req).map(Reply::discard)
     }
 
     fn upload_artifacts(&self, job_id: &str, tarball: &Path) -> Result<(), ServerError> {
@@ -466,7 +470,7 @@ impl Server for HttpServer {
             ..Req::get(format!("/v1/result/{}/artifact", seg(job_id)))
         }
         .timeout(self.core.settings.timeouts.transfer);
-        self.core.expect_success(&req).map(drop)
+        self.core.expect_success(&req).map(Reply::discard)
     }
 
     fn agent_state(&self) -> Option<(String, String)> {

@@ -629,7 +629,10 @@ enum Posted {
 
 fn post(core: &Core, req: &Req) -> Posted {
     match core.call(req) {
-        Ok(reply) if (200..300).contains(&reply.status) => Posted::Accepted,
+        Ok(reply) if (200..300).contains(&reply.status) => {
+            reply.discard();
+            Posted::Accepted
+        }
         Ok(reply) if core.is_auth_refusal(&reply) => {
             Posted::Failed(core.answer_error(req, &reply).detail)
         }
@@ -740,6 +743,7 @@ pub(super) fn send_file(
         let req = core.fragment_request(job_id, log_type, *number, phase, &text);
         match core.call(&req) {
             Ok(reply) if (200..300).contains(&reply.status) => {
+                reply.discard();
                 *offset += consumed;
                 *number += 1;
             }

@@ -484,4 +484,71 @@ fn a_recovered_report_the_server_refuses_stays_in_the_spool() {
     assert_eq!(count_lines(&count), 1, "and only once");
 }
 
+#[test]
+fn a_cancelled_job_whose_agent_died_in_cleanup_stays_cancelled() {
+    let server = FakeServer::start();
+    let s = Scratch::new("crash-cancelled");
+    let name = format!("crash-cancelled-{}", std::process::id());
+    let count = s.path("cleanup-count");
+    let id = server.submit_job(json!({"job_queue": "nobody-polls-this"}));
+    // Cancelled before setup, then the agent died during cleanup's first run.
+    let mut journal = Journal::taken(&id, "2026-01-01T00:00:00+00:00".into());
+    journal.agent_pid = 1;
+    journal.transition("t".into(), "Aborted", Some("setup"), Why::Cancel, None);
+    journal.phase = Some("cleanup".into());
+    journal.cleanup_attempts = 1;
+    let rundir = left_over_rundir(&s, &id, Some(&journal.to_bytes()));
+    std::fs::write(rundir.join("testflinger-outcome.json"), r#"{"status":{}}"#).expect("write");
+    let config = commands(None, "0", &count);
+    let _agent = Agent::start(&server, &s, &name, &config);
+    wait_for(&server, "the recovered report", |srv| finished(srv, &id));
+    assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
+    assert_eq!(server.result_data(&id)["status"], json!({"cleanup": 0}));
+    assert_eq!(count_lines(&count), 1, "cleanup ran once more");
+}
+
+#[test]
+fn a_recovered_cleanup_that_exits_46_takes_the_device_offline() {
+    let server = FakeServer::start();
+    let s = Scratch::new("crash-46");
+    let name = format!("crash-46-{}", std::process::id());
+    let count = s.path("cleanup-count");
+    let id = server.submit_job(json!({"job_queue": "nobody-polls-this"}));
+    // The agent died during test; the restart's cleanup cannot recover the device.
+    let mut journal = Journal::taken(&id, "2026-01-01T00:00:00+00:00".into());
+    journal.agent_pid = 1;
+    journal.phase = Some("test".into());
+    left_over_rundir(&s, &id, Some(&journal.to_bytes()));
+    let config = format!(
+        "test_command: echo test\ncleanup_command: {}\n",
+        yaml_string(&format!("echo cleanup >> {}; exit 46", count.display()))
+    );
+    let _agent = Agent::start(&server, &s, &name, &config);
+    wait_for(&server, "the recovered report", |srv| finished(srv, &id));
+    assert_eq!(server.result_data(&id)["status"]["cleanup"], json!(46));
+    let record = server.agent_record(&name).expect("the agent's record");
+    assert_eq!(record["state"], json!("offline"), "{record}");
+    assert_eq!(
+        record["comment"],
+        json!(format!(
+            "Set to offline by agent. Recovery failed during job '{id}' execution."
+        )),
+        "{record}"
+    );
+    // Held: cycles pass (polling_interval 1 s) and the agent's queue is left alone.
+    let next =
+        server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    let reads = server.request_count(&Route::AgentDataGet);
+    wait_for(&server, "three more record reads", |srv| {
+        srv.request_count(&Route::AgentDataGet) >= reads + 3
+    });
+    assert_eq!(server.job_state(&next).as_deref(), Some("waiting"));
+    assert_eq!(
+        server.request_count(&Route::JobPoll),
+        0,
+        "a held agent does not poll"
+    );
+    assert_eq!(count_lines(&count), 1);
+}
+
 use std::os::unix::process::CommandExt;

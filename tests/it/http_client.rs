@@ -963,3 +963,24 @@ fn send_pending_by_reference_resumes_where_a_failed_call_stopped() {
     assert_delivered_once_from_4(&server, &job, &text);
     assert_no_server_panics(&server);
 }
+
+#[test]
+fn answers_not_needed_are_read_so_the_connection_is_reused() {
+    let server = FakeServer::start();
+    let scratch = Scratch::new("reuse");
+    let client = HttpServer::new(settings(&server.url(), &scratch));
+    let job = new_job(&server);
+    for n in 0..10 {
+        client
+            .post_result(&job, &json!({"job_state": "test"}))
+            .expect("result post");
+        client
+            .post_agent_state("test", &format!("post {n}"))
+            .expect("agent state post");
+    }
+    assert!(client.health());
+    // The token exchange and the posts: one connection (two if the pool lost a race), not
+    // one per request.
+    let accepted = server.connections_accepted();
+    assert!(accepted <= 2, "{accepted} connections for 21 requests");
+}

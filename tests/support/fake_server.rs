@@ -346,6 +346,12 @@ impl FakeServer {
         self.wire.port()
     }
 
+    /// How many TCP connections the server accepted so far (a client that reuses its
+    /// connections opens few).
+    pub fn connections_accepted(&self) -> u64 {
+        self.wire.connections_accepted()
+    }
+
     pub fn config(&self) -> &FakeConfig {
         &self.shared.config
     }

@@ -156,6 +156,11 @@ impl WireServer {
         self.inner.port
     }
 
+    /// How many connections were accepted so far.
+    pub fn connections_accepted(&self) -> u64 {
+        lock(&self.inner.conns).next_id
+    }
+
     pub fn is_listening(&self) -> bool {
         lock(&self.epoch).is_some()
     }

@@ -7,4 +7,5 @@ pub mod iso_time;
 pub mod multipart;
 pub mod schema;
 pub mod scratch;
+pub mod soak;
 pub mod tls_front;

@@ -13,8 +13,13 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new(name: &str) -> Scratch {
+        Scratch::new_in(&std::env::temp_dir(), name)
+    }
+
+    /// A scratch directory under `base` (e.g. a tmpfs, where fsync costs nothing).
+    pub fn new_in(base: &Path, name: &str) -> Scratch {
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
+        let dir = base.join(format!(
             "tf-it-{name}-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
