@@ -277,14 +277,22 @@ fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> E
 }
 
 /// What `run-job` and the daemon share: the agent log (config keys logging_basedir,
-/// logging_level, logging_quiet, logging_format), the config's warnings, and the signal
-/// thread that turns SIGTERM/SIGINT into stop requests.
+/// logging_level, logging_quiet, logging_format, logging_syslog, logging_syslog_socket),
+/// the config's warnings, and the signal thread that turns SIGTERM/SIGINT into stop
+/// requests.
 fn start(config: &Config) -> Result<StopSignal, ExitCode> {
     if let Err(err) = logging::init(&logging::LogSettings {
         level: config.logging_level,
         quiet: config.logging_quiet,
         dir: config.logging_basedir.clone(),
         python_format: config.logging_python_format,
+        syslog: config
+            .logging_syslog
+            .as_ref()
+            .map(|facility| logging::SyslogSettings {
+                facility: facility.clone(),
+                socket: config.logging_syslog_socket.clone(),
+            }),
     }) {
         eprintln!(
             "testflinger-agent: cannot open the agent log in {} (config key logging_basedir): {err}",
