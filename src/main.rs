@@ -93,6 +93,8 @@ const STARTUP_FAILURE_DELAY: Duration = Duration::from_secs(10);
 const STARTUP_FAILURE_DELAY_VAR: &str = "TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY";
 
 fn main() -> ExitCode {
+    // First, while the process has one thread: systemd's variables leave the environment.
+    let notify_problem = testflinger_agent::notify::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
@@ -121,7 +123,12 @@ fn main() -> ExitCode {
             machine,
             write,
         }) => diagram(format, &machine, write.as_deref()),
-        None => daemon(&cli.config, &cli.token_file, cli.metrics_port),
+        None => daemon(
+            &cli.config,
+            &cli.token_file,
+            cli.metrics_port,
+            notify_problem,
+        ),
     }
 }
 
@@ -248,7 +255,12 @@ fn startup_failure(stop: Option<&StopSignal>) -> ExitCode {
     ExitCode::from(EXIT_BAD_INPUT)
 }
 
-fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> ExitCode {
+fn daemon(
+    config_path: &Path,
+    token_file: &Path,
+    metrics_port: Option<u16>,
+    notify_problem: Option<String>,
+) -> ExitCode {
     let mut config = match load_config(config_path) {
         Ok(config) => config,
         Err(_) => return startup_failure(None),
@@ -262,6 +274,9 @@ fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> E
         Err(code) if code == ExitCode::from(EXIT_BAD_INPUT) => return startup_failure(None),
         Err(code) => return code,
     };
+    if let Some(problem) = notify_problem {
+        log::warn!("{problem}");
+    }
     let daemon = match Daemon::new(config, stop.clone()) {
         Ok(daemon) => daemon,
         Err(err) => {
