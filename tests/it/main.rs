@@ -15,4 +15,5 @@ mod metrics_endpoint;
 mod process_tree;
 mod run_job;
 mod supervisord;
+mod systemd;
 mod tls;
