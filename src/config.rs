@@ -46,7 +46,19 @@ pub enum KeyType {
     ImageMap,
     /// An `oom_score_adj` value: a whole number from -1000 to 1000.
     OomScore,
+    /// `false`, `true` (the `daemon` facility) or a syslog facility name
+    /// ([`SYSLOG_FACILITIES`]); kept as `false` or the facility's name.
+    Syslog,
 }
+
+/// The syslog facilities `logging_syslog` accepts.
+pub const SYSLOG_FACILITIES: &[&str] = &[
+    "user", "daemon", "local0", "local1", "local2", "local3", "local4", "local5", "local6",
+    "local7",
+];
+
+/// The facility `logging_syslog: true` means.
+pub const DEFAULT_SYSLOG_FACILITY: &str = "daemon";
 
 impl KeyType {
     /// The short type shown in the reference table.
@@ -65,6 +77,7 @@ impl KeyType {
             KeyType::TextMap => "map string→string",
             KeyType::ImageMap => "map queue→map image→string",
             KeyType::OomScore => "int (-1000 to 1000)",
+            KeyType::Syslog => "bool or string (facility)",
         }
     }
 
@@ -83,6 +96,7 @@ impl KeyType {
             KeyType::TextMap => "a mapping of strings to strings",
             KeyType::ImageMap => "a mapping of queue names to mappings of image names to strings",
             KeyType::OomScore => "a whole number from -1000 to 1000",
+            KeyType::Syslog => "true, false or a syslog facility (user, daemon, local0 to local7)",
         }
     }
 }
@@ -258,6 +272,10 @@ pub const KEYS: &[KeySpec] = &[
         "Address the metrics endpoint binds to, such as `127.0.0.1` or `::`"),
     key("logging_format", Choice(&["agent", "python"]), DText("agent"), ThisAgent,
         "Layout of the agent's log lines: `agent` (UTC timestamp, level, message) or `python` (the Python agent's `[YY-MM-DD HH:MM:SS]   LEVEL: (file:line)| message`, local time)"),
+    key("logging_syslog", Syslog, DBool(false), ThisAgent,
+        "Also send the agent's log to syslog: `true` (facility `daemon`) or a facility, `user`, `daemon`, `local0` to `local7`; when the socket is absent the agent warns once and logs to stderr and the file"),
+    key("logging_syslog_socket", Text, DText("/dev/log"), ThisAgent,
+        "The syslog daemon's Unix socket, for `logging_syslog`"),
     key("termination_grace_period", Seconds, Int(10), ThisAgent,
         "Seconds between SIGTERM and SIGKILL when a phase command's process group is stopped"),
     key("shutdown_cleanup_timeout", Seconds, Int(300), ThisAgent,
@@ -347,6 +365,10 @@ pub struct Config {
     pub metrics_endpoint_address: Option<String>,
     /// The Python agent's log line layout instead of ours.
     pub logging_python_format: bool,
+    /// The syslog facility the log also goes to (`logging_syslog`), when on.
+    pub logging_syslog: Option<String>,
+    /// The syslog socket (`logging_syslog_socket`).
+    pub logging_syslog_socket: PathBuf,
     /// Seconds between SIGTERM and SIGKILL when a command is stopped.
     pub termination_grace_period: u64,
     /// Milliseconds to wait for background processes holding a finished command's output.
@@ -510,6 +532,8 @@ impl Config {
             metrics_endpoint_port: int("metrics_endpoint_port").and_then(|p| u16::try_from(p).ok()),
             metrics_endpoint_address: text("metrics_endpoint_address"),
             logging_python_format: text("logging_format").as_deref() == Some("python"),
+            logging_syslog: text("logging_syslog"),
+            logging_syslog_socket: path("logging_syslog_socket")?,
             termination_grace_period: defaulted_int("termination_grace_period")?,
             straggler_wait_ms: defaulted_int("straggler_wait_ms")?,
             shutdown_cleanup_timeout: defaulted_int("shutdown_cleanup_timeout")?,
@@ -712,6 +736,29 @@ fn check_value(
             Ok(value.clone())
         }
         ImageMap => normalise_images(spec, value, warnings),
+        Syslog => {
+            let on = match value {
+                Value::Bool(b) => Some(*b),
+                Value::String(s) => yaml11_bool(s),
+                _ => return Err(wrong(value)),
+            };
+            match on {
+                Some(false) => Ok(Value::Bool(false)),
+                Some(true) => Ok(Value::String(DEFAULT_SYSLOG_FACILITY.to_owned())),
+                None => {
+                    let s = value.as_str().unwrap_or_default();
+                    let lower = s.to_ascii_lowercase();
+                    if SYSLOG_FACILITIES.contains(&lower.as_str()) {
+                        Ok(Value::String(lower))
+                    } else {
+                        Err(invalid(format!(
+                            "must be true, false or one of {}, found {s:?}",
+                            SYSLOG_FACILITIES.join(", ")
+                        )))
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -1112,6 +1159,43 @@ output_bytes: 10485760
     }
 
     #[test]
+    fn logging_syslog_is_off_true_or_a_facility() {
+        let c = load(MINIMAL);
+        assert_eq!(c.logging_syslog, None);
+        assert_eq!(c.logging_syslog_socket, PathBuf::from("/dev/log"));
+        assert_eq!(c.get("logging_syslog"), Some(&json!(false)));
+        for (value, facility) in [
+            ("true", Some("daemon")),
+            ("yes", Some("daemon")),
+            ("false", None),
+            ("off", None),
+            ("user", Some("user")),
+            ("LOCAL7", Some("local7")),
+            ("daemon", Some("daemon")),
+        ] {
+            let c = load(&format!("{MINIMAL}logging_syslog: {value}\n"));
+            assert_eq!(c.logging_syslog.as_deref(), facility, "{value}");
+            // What check-config prints loads to the same setting.
+            let again = Config::from_yaml(&c.effective_yaml()).expect("reloads");
+            assert_eq!(again.logging_syslog, c.logging_syslog, "{value}");
+        }
+        let c = load(&format!(
+            "{MINIMAL}logging_syslog: local0\nlogging_syslog_socket: /run/log.sock\n"
+        ));
+        assert_eq!(c.logging_syslog_socket, PathBuf::from("/run/log.sock"));
+        assert_eq!(
+            error(&format!("{MINIMAL}logging_syslog: kern\n")),
+            "config key logging_syslog: must be true, false or one of user, daemon, local0, \
+             local1, local2, local3, local4, local5, local6, local7, found \"kern\""
+        );
+        assert_eq!(
+            error(&format!("{MINIMAL}logging_syslog: 3\n")),
+            "config key logging_syslog: expected true, false or a syslog facility (user, \
+             daemon, local0 to local7), found the integer 3"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_a_suggestion() {
         let e = error(&format!("{MINIMAL}poling_interval: 5\n"));
         assert_eq!(
@@ -1476,6 +1560,8 @@ output_bytes: 10485760
                     TextList => json!([text]),
                     TextMap => json!({"k": text}),
                     ImageMap => json!({"q": {"img": text}}),
+                    Syslog if number % 3 == 0 => json!(number % 2 == 0),
+                    Syslog => json!(SYSLOG_FACILITIES[number as usize % SYSLOG_FACILITIES.len()]),
                     AgentId => continue,
                 };
                 doc.insert(spec.name.to_owned(), value);

@@ -22,6 +22,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod mask;
 pub mod metrics;
+pub mod notify;
 pub mod outcome;
 pub mod phase;
 pub mod process;

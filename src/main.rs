@@ -25,6 +25,8 @@ const STARTUP_FAILURE_DELAY: Duration = Duration::from_secs(10);
 const STARTUP_FAILURE_DELAY_VAR: &str = "TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY";
 
 fn main() -> ExitCode {
+    // First, while the process has one thread: systemd's variables leave the environment.
+    let notify_problem = testflinger_agent::notify::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
@@ -64,7 +66,12 @@ fn main() -> ExitCode {
             write,
         }) => diagram(format, &machine, write.as_deref()),
         Some(Command::Explain { path, format }) => explain(&path, format),
-        None => daemon(&cli.config, &cli.token_file, cli.metrics_port),
+        None => daemon(
+            &cli.config,
+            &cli.token_file,
+            cli.metrics_port,
+            notify_problem,
+        ),
     }
 }
 
@@ -211,7 +218,12 @@ fn startup_failure(stop: Option<&StopSignal>) -> ExitCode {
     ExitCode::from(EXIT_BAD_INPUT)
 }
 
-fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> ExitCode {
+fn daemon(
+    config_path: &Path,
+    token_file: &Path,
+    metrics_port: Option<u16>,
+    notify_problem: Option<String>,
+) -> ExitCode {
     let mut config = match load_config(config_path) {
         Ok(config) => config,
         Err(_) => return startup_failure(None),
@@ -225,6 +237,9 @@ fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> E
         Err(code) if code == ExitCode::from(EXIT_BAD_INPUT) => return startup_failure(None),
         Err(code) => return code,
     };
+    if let Some(problem) = notify_problem {
+        log::warn!("{problem}");
+    }
     let daemon = match Daemon::new(config, stop.clone()) {
         Ok(daemon) => daemon,
         Err(err) => {
@@ -240,14 +255,22 @@ fn daemon(config_path: &Path, token_file: &Path, metrics_port: Option<u16>) -> E
 }
 
 /// What `run-job` and the daemon share: the agent log (config keys logging_basedir,
-/// logging_level, logging_quiet, logging_format), the config's warnings, and the signal
-/// thread that turns SIGTERM/SIGINT into stop requests.
+/// logging_level, logging_quiet, logging_format, logging_syslog, logging_syslog_socket),
+/// the config's warnings, and the signal thread that turns SIGTERM/SIGINT into stop
+/// requests.
 fn start(config: &Config) -> Result<StopSignal, ExitCode> {
     if let Err(err) = logging::init(&logging::LogSettings {
         level: config.logging_level,
         quiet: config.logging_quiet,
         dir: config.logging_basedir.clone(),
         python_format: config.logging_python_format,
+        syslog: config
+            .logging_syslog
+            .as_ref()
+            .map(|facility| logging::SyslogSettings {
+                facility: facility.clone(),
+                socket: config.logging_syslog_socket.clone(),
+            }),
     }) {
         eprintln!(
             "testflinger-agent: cannot open the agent log in {} (config key logging_basedir): {err}",

@@ -47,6 +47,8 @@ pub fn spawn(stop: StopSignal) -> std::io::Result<()> {
                         log::warn!(
                             "signal {signal}: finishing the current phase, running cleanup, then exiting (send it again to kill at once)"
                         );
+                        // systemd: stopping, before the phase ends and cleanup runs.
+                        crate::notify::stopping();
                         stop.request(StopKind::Shutdown);
                     }
                 }

@@ -33,6 +33,9 @@ const UNREACHABLE_BACKOFF_CAP: Duration = Duration::from_secs(180);
 const HEARTBEAT_AGE: Duration = Duration::from_secs(86_400);
 /// The agent's own `oom_score_adj` when it may lower it (as root).
 const AGENT_OOM_SCORE_ADJ: i32 = -500;
+/// How often the loop beats while it waits between cycles (`metrics::beat()`, which the
+/// systemd watchdog pings on).
+const PAUSE_BEAT: Duration = Duration::from_millis(100);
 /// The comment of a restart asked for by SIGUSR1 (the Python agent's words).
 const RESTART_SIGNAL_COMMENT: &str = "Restart signal detected from supervisor process";
 /// Comments of `offline` states that an agent posted itself on a stop or a restart, not an
@@ -202,10 +205,17 @@ impl Daemon {
         self.stop.is_shutting_down()
     }
 
-    /// Sleeps up to `period`, waking early when a stop is requested.
+    /// Sleeps up to `period`, waking early when a stop is requested; beats all along (the
+    /// loop is healthy while it waits).
     fn pause(&self, period: Duration) {
-        crate::metrics::beat();
-        self.stop.sleep_unless_shutdown(period);
+        let deadline = Instant::now() + period;
+        loop {
+            crate::metrics::beat();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !self.stop.sleep_unless_shutdown(left.min(PAUSE_BEAT)) {
+                break;
+            }
+        }
         crate::metrics::beat();
     }
 
@@ -238,12 +248,13 @@ impl Daemon {
         }
     }
 
-    /// The daemon state the health endpoint reports.
+    /// The daemon state the health endpoint reports, and systemd's `STATUS=`.
     fn show_state(&self, state: &str, job_id: &str) {
         if let Some(metrics) = crate::metrics::get() {
             metrics.health().set_state(state, job_id);
             metrics.health().beat();
         }
+        crate::notify::state(state, job_id);
     }
 
     fn post_agent(&self, body: Value) {
@@ -313,20 +324,27 @@ impl Daemon {
             self.config.server_address,
             self.config.job_queues
         );
+        self.show_state("starting", "");
+        self.watch();
         // Before anything is posted or polled: finish the jobs a dead agent left behind
         // (kill what is left, run their cleanup), locally, whether the server is up or not.
         let recovered_offline = super::recovery::recover_interrupted(&self.config, &self.stop);
         let exit = match self.come_up(recovered_offline) {
             Some(exit) => exit,
-            None => loop {
-                if self.stopping() {
-                    break DaemonExit::Stopped;
+            None => {
+                // systemd: up (it may have been said already, see `come_up`).
+                crate::notify::ready();
+                loop {
+                    if self.stopping() {
+                        break DaemonExit::Stopped;
+                    }
+                    if let Some(exit) = self.cycle() {
+                        break exit;
+                    }
                 }
-                if let Some(exit) = self.cycle() {
-                    break exit;
-                }
-            },
+            }
         };
+        crate::notify::stopping();
         match (exit, self.machine.state()) {
             (_, DaemonState::Stopped) => {}
             (DaemonExit::Restart, _) => self.fire(DaemonEvent::Exited, ""),
@@ -343,13 +361,38 @@ impl Daemon {
         exit
     }
 
+    /// The systemd watchdog pings on the main loop's beats (see `notify`); a `WatchdogSec=`
+    /// shorter than the health endpoint's stall limit may restart a healthy agent in the
+    /// middle of a long upload.
+    fn watch(&self) {
+        let Some(metrics) = crate::metrics::get() else {
+            return;
+        };
+        if let Some(timeout) = crate::notify::watchdog_timeout() {
+            let limit = stall_limit(&self.config);
+            if timeout < limit {
+                log::warn!(
+                    "systemd's watchdog timeout ({}s, WatchdogSec=) is shorter than the health \
+                     endpoint's stall limit ({}s): the main loop may go longer than that without \
+                     a beat in one call to the server (an artifact upload may take 600s), and \
+                     systemd would then restart a busy agent",
+                    timeout.as_secs_f64(),
+                    limit.as_secs()
+                );
+            }
+        }
+        crate::notify::watch(|| metrics.health().since_last_beat());
+    }
+
     /// Start-up (PROTOCOL §14.3): read the agent record before posting anything, then come
     /// up `waiting`, or held in an administrator's `offline` or `maintenance` with its
-    /// comment. While the record cannot be read the agent posts nothing and asks again.
-    /// `recovered_offline`: a recovered job's cleanup exited 46, so the agent comes up
-    /// `offline` unless an administrator's hold is already there. `Some` when a stop arrived
-    /// first.
+    /// comment. While the record cannot be read the agent posts nothing and asks again;
+    /// systemd is told it is ready anyway at the first failure [`crate::notify::ready_wait`]
+    /// after the first try. `recovered_offline`: a recovered job's cleanup exited 46, so the
+    /// agent comes up `offline` unless an administrator's hold is already there. `Some` when
+    /// a stop arrived first.
     fn come_up(&mut self, recovered_offline: Option<AgentRequest>) -> Option<DaemonExit> {
+        let first_try = Instant::now();
         let record = loop {
             if self.stopping() {
                 return Some(DaemonExit::Stopped);
@@ -362,6 +405,19 @@ impl Daemon {
                     log::warn!(
                         "cannot read this agent's record before starting (next try in {wait:?}): {err}"
                     );
+                    if first_try.elapsed() >= crate::notify::ready_wait()
+                        && !crate::notify::is_ready()
+                    {
+                        crate::notify::status("starting: the server has not answered yet");
+                        if crate::notify::ready() {
+                            log::warn!(
+                                "the server has not answered for {}s: telling systemd the agent \
+                                 is up anyway; it keeps asking, and posts nothing and takes no job \
+                                 until the server answers",
+                                first_try.elapsed().as_secs()
+                            );
+                        }
+                    }
                     self.pause(wait);
                 }
             }
@@ -400,6 +456,7 @@ impl Daemon {
             return Some(DaemonExit::Restart);
         }
         crate::metrics::beat();
+        crate::notify::test_stall();
         self.retry_spool();
         let record = self.server.agent_record();
         self.heartbeat(&record);

@@ -55,6 +55,17 @@ impl Health {
         self.last_beat.store(nanos, Ordering::Relaxed);
     }
 
+    /// How long ago the last beat was (the systemd watchdog's measure).
+    pub fn since_last_beat(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_beat.load(Ordering::Relaxed));
+        self.origin.elapsed().saturating_sub(last)
+    }
+
+    /// The current stall limit.
+    pub fn stall_limit(&self) -> Duration {
+        Duration::from_millis(self.stall_limit_ms.load(Ordering::Relaxed))
+    }
+
     /// How long without a beat counts as stalled.
     pub fn set_stall_limit(&self, limit: Duration) {
         self.stall_limit_ms.store(millis(limit), Ordering::Relaxed);
@@ -64,10 +75,8 @@ impl Health {
     /// `{"status":"ok"|"stalled","state":..,"job_id":..,"last_cycle_seconds_ago":..,
     /// "stall_limit_seconds":..}`.
     pub fn report(&self) -> (bool, String) {
-        let now = self.origin.elapsed();
-        let last = Duration::from_nanos(self.last_beat.load(Ordering::Relaxed));
-        let ago = now.saturating_sub(last);
-        let limit = Duration::from_millis(self.stall_limit_ms.load(Ordering::Relaxed));
+        let ago = self.since_last_beat();
+        let limit = self.stall_limit();
         let ok = ago <= limit;
         let (state, job_id) = {
             let guard = self

@@ -23,4 +23,5 @@ mod process_tree;
 mod run_job;
 mod soak;
 mod supervisord;
+mod systemd;
 mod tls;

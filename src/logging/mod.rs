@@ -33,7 +33,20 @@
 //! in UTC; `python` (config `logging_format: python`), the Python agent's
 //! `[%y-%m-%d %H:%M:%S] %(levelname)+7.7s: (%(filename)s:%(lineno)d)| %(message)s` in local
 //! time, e.g. `[25-11-30 14:02:11]    INFO: (run.rs:147)| message`. Both outputs get the same
-//! line.
+//! line, except under journald.
+//!
+//! **Under journald** (systemd set `JOURNAL_STREAM` to the `device:inode` of the agent's
+//! stderr, as `systemd.exec(5)` describes) the journal stamps each line itself, so stderr
+//! lines lose their timestamp and start with the `sd-daemon(3)` priority prefix instead:
+//! `<3>` error, `<4>` warning, `<6>` info, `<7>` debug and trace, on every line of a
+//! multi-line message, e.g. `<6>INFO  job 7: starting`. The log file keeps its layout.
+//!
+//! **Syslog** (config `logging_syslog`): every line also goes, as RFC 3164 with the
+//! message alone, to the syslog socket (`logging_syslog_socket`, `/dev/log` by default)
+//! through the `syslog` crate, which stays in [`syslog`]. A socket that is absent at start-up
+//! is one warning, and the agent goes on with stderr and the file.
+
+mod syslog;
 
 use crate::time::{local_time, log_stamp_at, next_local_midnight};
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -85,14 +98,28 @@ pub enum LogError {
 }
 
 /// How the agent's log is set up (config keys `logging_level`, `logging_quiet`,
-/// `logging_basedir`, `logging_format`).
+/// `logging_basedir`, `logging_format`, `logging_syslog`, `logging_syslog_socket`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogSettings {
     pub level: LevelFilter,
     pub quiet: bool,
     pub dir: PathBuf,
     pub python_format: bool,
+    /// Also to syslog, when set.
+    pub syslog: Option<SyslogSettings>,
 }
+
+/// Where syslog lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyslogSettings {
+    /// The facility's name: `user`, `daemon`, `local0` to `local7`.
+    pub facility: String,
+    /// The syslog daemon's datagram (or stream) socket.
+    pub socket: PathBuf,
+}
+
+/// The variable systemd sets to the `device:inode` of the stream its journal reads.
+pub const JOURNAL_STREAM_VAR: &str = "JOURNAL_STREAM";
 
 /// The layout of a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,19 +133,25 @@ pub enum Format {
 /// `record` as one line (with its newline) in `format`, stamped `at`.
 pub fn format_line(format: Format, at: SystemTime, record: &Record<'_>) -> String {
     match format {
-        Format::Agent => format!(
-            "{} {:<5} {}\n",
-            log_stamp_at(at),
-            record.level(),
-            record.args()
+        Format::Agent => format!("{} {}\n", log_stamp_at(at), unstamped(format, record)),
+        Format::Python => format!(
+            "[{}] {}\n",
+            local_time(at).python_stamp(),
+            unstamped(format, record)
         ),
+    }
+}
+
+/// `record` in `format` without its timestamp and newline.
+fn unstamped(format: Format, record: &Record<'_>) -> String {
+    match format {
+        Format::Agent => format!("{:<5} {}", record.level(), record.args()),
         Format::Python => {
             let file = record
                 .file()
                 .map_or("?", |f| f.rsplit_once('/').map_or(f, |(_, base)| base));
             format!(
-                "[{}] {}: ({}:{})| {}\n",
-                local_time(at).python_stamp(),
+                "{}: ({}:{})| {}",
                 python_level(record.level()),
                 file,
                 record.line().unwrap_or(0),
@@ -126,6 +159,59 @@ pub fn format_line(format: Format, at: SystemTime, record: &Record<'_>) -> Strin
             )
         }
     }
+}
+
+/// The syslog priority (severity) of `level`: error 3, warning 4, info 6, debug and trace 7.
+pub fn syslog_priority(level: Level) -> u8 {
+    match level {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    }
+}
+
+/// `record` as stderr lines for journald: no timestamp (the journal has its own), every
+/// line opened by its `<priority>` prefix.
+pub fn journal_line(format: Format, record: &Record<'_>) -> String {
+    let prefix = format!("<{}>", syslog_priority(record.level()));
+    let body = unstamped(format, record);
+    // Python's right-aligned level name would open the line with spaces.
+    let body = body.trim_start();
+    let mut out = String::with_capacity(body.len() + prefix.len() + 1);
+    for line in body.split('\n') {
+        out.push_str(&prefix);
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether `JOURNAL_STREAM` (`device:inode`, decimal) names the agent's stderr: then
+/// systemd connected stderr to the journal. A stderr redirected elsewhere by a wrapper
+/// does not match, and keeps the timestamps.
+pub fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(wanted) = std::env::var(JOURNAL_STREAM_VAR)
+        .ok()
+        .as_deref()
+        .and_then(parse_journal_stream)
+    else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    File::from(fd)
+        .metadata()
+        .is_ok_and(|m| (m.dev(), m.ino()) == wanted)
+}
+
+/// `device:inode` as systemd writes it.
+pub fn parse_journal_stream(value: &str) -> Option<(u64, u64)> {
+    let (dev, ino) = value.trim().split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
 }
 
 /// Python's level name for `level` in `%(levelname)+7.7s`.
@@ -371,12 +457,24 @@ fn open_period(path: &Path, now: SystemTime) -> Result<(File, SystemTime), LogEr
     Ok((file, next_local_midnight(began)))
 }
 
+/// Where and how stderr lines go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Console {
+    /// `logging_quiet`: none.
+    Off,
+    /// The same line as the file.
+    Plain,
+    /// journald: [`journal_line`].
+    Journal,
+}
+
 struct Logger {
     level: LevelFilter,
-    console: bool,
+    console: Console,
     format: Format,
     clock: fn() -> SystemTime,
     file: Mutex<RotatingFile>,
+    syslog: Option<Mutex<syslog::Sink>>,
 }
 
 static LOGGER: OnceLock<Logger> = OnceLock::new();
@@ -390,9 +488,16 @@ pub fn init(settings: &LogSettings) -> Result<PathBuf, LogError> {
     })?;
     let path = settings.dir.join(LOG_FILE);
     let file = RotatingFile::open(&path, SystemTime::now())?;
+    let mut syslog_problem = None;
     let logger = LOGGER.get_or_init(|| Logger {
         level: settings.level,
-        console: !settings.quiet,
+        console: if settings.quiet {
+            Console::Off
+        } else if stderr_is_journal() {
+            Console::Journal
+        } else {
+            Console::Plain
+        },
         format: if settings.python_format {
             Format::Python
         } else {
@@ -400,9 +505,23 @@ pub fn init(settings: &LogSettings) -> Result<PathBuf, LogError> {
         },
         clock: SystemTime::now,
         file: Mutex::new(file),
+        syslog: settings.syslog.as_ref().and_then(|s| {
+            match syslog::Sink::connect(&s.facility, &s.socket) {
+                Ok(sink) => Some(Mutex::new(sink)),
+                Err(err) => {
+                    syslog_problem = Some(err);
+                    None
+                }
+            }
+        }),
     });
     if log::set_logger(logger).is_ok() {
         log::set_max_level(settings.level);
+    }
+    if let Some(problem) = syslog_problem {
+        log::warn!(
+            "{problem}; logging to stderr and the log file only (config key logging_syslog)"
+        );
     }
     Ok(path)
 }
@@ -435,8 +554,19 @@ impl Log for Logger {
             file.write_line(now, line.as_bytes());
             line
         };
-        if self.console {
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        match self.console {
+            Console::Off => {}
+            Console::Plain => {
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            }
+            Console::Journal => {
+                let line = journal_line(self.format, record);
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            }
+        }
+        if let Some(sink) = &self.syslog {
+            let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+            sink.send(record.level(), &record.args().to_string(), (self.clock)());
         }
     }
 
@@ -724,6 +854,51 @@ mod tests {
         assert_eq!(line, "2026-01-05 10:00:00.123Z ERROR the message: 42\n");
     }
 
+    #[test]
+    fn journal_lines_have_a_priority_and_no_stamp() {
+        let record = |level| {
+            journal_line(
+                Format::Agent,
+                &Record::builder()
+                    .level(level)
+                    .args(format_args!("first\nsecond"))
+                    .build(),
+            )
+        };
+        assert_eq!(record(Level::Error), "<3>ERROR first\n<3>second\n");
+        assert_eq!(record(Level::Warn), "<4>WARN  first\n<4>second\n");
+        assert_eq!(record(Level::Info), "<6>INFO  first\n<6>second\n");
+        assert_eq!(record(Level::Debug), "<7>DEBUG first\n<7>second\n");
+        assert_eq!(record(Level::Trace), "<7>TRACE first\n<7>second\n");
+        let python = journal_line(
+            Format::Python,
+            &Record::builder()
+                .level(Level::Warn)
+                .file(Some("src/daemon/run.rs"))
+                .line(Some(9))
+                .args(format_args!("careful"))
+                .build(),
+        );
+        assert_eq!(python, "<4>WARNING: (run.rs:9)| careful\n");
+        let python = journal_line(
+            Format::Python,
+            &Record::builder()
+                .level(Level::Info)
+                .args(format_args!("fine"))
+                .build(),
+        );
+        assert_eq!(python, "<6>INFO: (?:0)| fine\n");
+    }
+
+    #[test]
+    fn journal_stream_values() {
+        assert_eq!(parse_journal_stream("8:12345"), Some((8, 12345)));
+        assert_eq!(parse_journal_stream(" 0:1\n"), Some((0, 1)));
+        assert_eq!(parse_journal_stream("8"), None);
+        assert_eq!(parse_journal_stream("a:1"), None);
+        assert_eq!(parse_journal_stream("1:-2"), None);
+    }
+
     /// The concurrency test's clock: one millisecond later at every reading.
     static RACE_NOW_MS: AtomicI64 = AtomicI64::new(0);
 
@@ -744,10 +919,11 @@ mod tests {
         RACE_NOW_MS.store(first_ms, Ordering::SeqCst);
         let logger = Logger {
             level: LevelFilter::Trace,
-            console: false,
+            console: Console::Off,
             format: Format::Python,
             clock: race_clock,
             file: Mutex::new(RotatingFile::open(&dir.log(), start).expect("opens")),
+            syslog: None,
         };
         std::thread::scope(|s| {
             for t in 0..THREADS {
