@@ -149,17 +149,18 @@ fn read_refresh_token(path: &Path) -> Result<String, RefreshError> {
             path.display()
         )
     })?;
-    let parsed: TokenFile = serde_json::from_slice(&text).map_err(|e| {
-        format!(
-            "the refresh-token file {} is not a JSON object with a string \"refresh_token\": {e}",
-            path.display()
-        )
-    })?;
+    parse_token_file(&text)
+        .map_err(|why| format!("the refresh-token file {} {why}", path.display()))
+}
+
+/// The refresh token of a refresh-token file's content: a JSON object with a non-empty
+/// string `refresh_token` (other keys, e.g. `obtained_at`, are ignored). The error says
+/// what is wrong with the content, to follow the file's name.
+pub(crate) fn parse_token_file(text: &[u8]) -> Result<String, String> {
+    let parsed: TokenFile = serde_json::from_slice(text)
+        .map_err(|e| format!("is not a JSON object with a string \"refresh_token\": {e}"))?;
     if parsed.refresh_token.trim().is_empty() {
-        return Err(format!(
-            "the refresh-token file {} has an empty \"refresh_token\"",
-            path.display()
-        ));
+        return Err("has an empty \"refresh_token\"".to_string());
     }
     Ok(parsed.refresh_token)
 }
