@@ -59,7 +59,9 @@ fn touch_job(job: &JobSpec) {
 
 /// The masker. Layout: byte 0 = number of secrets (mod 4); then per secret one length byte
 /// (mod 8) and that many bytes; then one byte of split stride; the rest is the stream. The
-/// stream is masked in pieces and at once, and the two results must be equal.
+/// stream is masked at once, in pieces of that stride with one masker, and in pieces that
+/// each start afresh where the previous one stopped (as a log file is sent): all three must
+/// give the same bytes.
 pub fn mask(data: &[u8]) {
     let mut rest = data;
     let mut take = |n: usize| {
@@ -88,6 +90,25 @@ pub fn mask(data: &[u8]) {
     assert_eq!(
         pieces, whole,
         "masking in pieces of {stride} differs from masking at once"
+    );
+    // As a log file is sent: pieces of `stride` bytes (more when all undecided), each
+    // masked afresh from where the previous one stopped.
+    let mut fresh = Vec::new();
+    let (mut from, mut want) = (0, stride);
+    while from < stream.len() {
+        let to = (from + want).min(stream.len());
+        let (masked, used) = masker.mask_prefix(&stream[from..to], to == stream.len());
+        if used == 0 {
+            want += 1;
+            continue;
+        }
+        fresh.extend(masked);
+        from += used;
+        want = stride;
+    }
+    assert_eq!(
+        fresh, whole,
+        "masking afresh in pieces of {stride} differs from masking at once"
     );
 }
 
