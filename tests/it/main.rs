@@ -14,5 +14,6 @@ mod inputs;
 mod metrics_endpoint;
 mod process_tree;
 mod run_job;
+mod stream_props;
 mod supervisord;
 mod tls;
