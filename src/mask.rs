@@ -76,7 +76,7 @@ impl Masker {
             return;
         }
         self.pending.extend_from_slice(chunk);
-        let consumed = self.scan(out, false);
+        let consumed = self.scan(&self.pending, out, false);
         self.pending.drain(..consumed);
     }
 
@@ -89,7 +89,7 @@ impl Masker {
 
     /// Like [`Masker::finish`], appending to `out`.
     pub fn finish_into(&mut self, out: &mut Vec<u8>) {
-        let consumed = self.scan(out, true);
+        let consumed = self.scan(&self.pending, out, true);
         debug_assert_eq!(consumed, self.pending.len());
         self.pending.clear();
     }
@@ -113,23 +113,18 @@ impl Masker {
     /// the bytes [`Masker::mask_all`] gives, so each piece can be sent (and sent again)
     /// on its own.
     pub fn mask_prefix(&self, piece: &[u8], last: bool) -> (Vec<u8>, usize) {
-        let mut masker = Masker {
-            pending: Vec::new(),
-            ..self.clone()
-        };
-        let mut out = masker.mask(piece);
-        if last {
-            masker.finish_into(&mut out);
-            (out, piece.len())
-        } else {
-            (out, piece.len() - masker.pending.len())
+        let mut out = Vec::with_capacity(piece.len());
+        if self.secrets.is_empty() {
+            out.extend_from_slice(piece);
+            return (out, piece.len());
         }
+        let used = self.scan(piece, &mut out, last);
+        (out, used)
     }
 
-    /// Scans `pending` left to right, writing decided output; returns how many bytes of
-    /// `pending` were decided. At the end of the stream (`last`) everything is decided.
-    fn scan(&self, out: &mut Vec<u8>, last: bool) -> usize {
-        let data = &self.pending;
+    /// Scans `data` left to right, writing decided output; returns how many bytes of
+    /// `data` were decided. At the end of the stream (`last`) everything is decided.
+    fn scan(&self, data: &[u8], out: &mut Vec<u8>, last: bool) -> usize {
         let mut at = 0;
         let mut copied = 0; // data[copied..at] is plain text not yet written
         while at < data.len() {
