@@ -303,7 +303,9 @@ mod tests {
                     } else {
                         tar::EntryType::Link
                     });
-                    h.set_link_name(t).expect("link name");
+                    // Raw, like the name: hostile targets are written as given.
+                    let gnu = h.as_gnu_mut().expect("gnu header");
+                    gnu.linkname[..t.len()].copy_from_slice(t.as_bytes());
                     (n, &[])
                 }
                 Member::Fifo(n) => {
@@ -438,6 +440,55 @@ mod tests {
                     prop_assert!(PHASE_FOLDERS.contains(&depth[0].as_str()));
                 }
             }
+        }
+    }
+
+    /// A member for [`archive`]: kind (0 file, 1 folder, 2 symlink, 3 hard link, 4 FIFO),
+    /// path and link target. Hostile paths and targets come from [`arb_component`];
+    /// most are plain names under a phase folder, so that many archives are accepted.
+    fn arb_member() -> impl Strategy<Value = (u8, String, String)> {
+        let hostile = || prop::collection::vec(arb_component(), 0..4).prop_map(|p| p.join("/"));
+        let plain = || prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 1..3);
+        let phase = || prop::sample::select(PHASE_FOLDERS.to_vec());
+        let path = prop_oneof![
+            1 => hostile(),
+            3 => (phase(), plain()).prop_map(|(f, p)| format!("{f}/{}", p.join("/"))),
+        ];
+        let target = prop_oneof![
+            1 => hostile(),
+            1 => plain().prop_map(|p| p.join("/")),
+            2 => (0usize..4, phase(), plain())
+                .prop_map(|(up, f, p)| format!("{}{f}/{}", "../".repeat(up), p.join("/"))),
+        ];
+        let kind =
+            prop_oneof![3 => Just(0u8), 2 => Just(1), 3 => Just(2), 1 => Just(3), 1 => Just(4)];
+        (kind, path, target)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Whole archives of random members with hostile paths and link targets, unpacked
+        /// by the fuzz target's harness: whatever is accepted, nothing is written outside
+        /// the root, nothing under it but folders, single-link files and symlinks that
+        /// resolve under a phase folder; a refused archive writes nothing.
+        #[test]
+        fn unpacked_archives_stay_in_their_root(
+            members in prop::collection::vec(arb_member(), 1..5),
+        ) {
+            let dir = tempdir("prop");
+            let built: Vec<Member<'_>> = members
+                .iter()
+                .map(|(kind, path, target)| match kind {
+                    0 => Member::File(path, b"data", 0o4777),
+                    1 => Member::Dir(path),
+                    2 => Member::Link(path, target),
+                    3 => Member::Hard(path, target),
+                    _ => Member::Fifo(path),
+                })
+                .collect();
+            let bytes = fs::read(archive(&dir, &built)).expect("read the archive");
+            let _ = fs::remove_dir_all(&dir);
+            crate::fuzz_api::attachments(&bytes);
         }
     }
 

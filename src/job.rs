@@ -311,6 +311,28 @@ fn wrong(field: impl Into<String>, expected: &'static str, found: &Value) -> Job
     }
 }
 
+/// The secret values of `phase` (`<phase>_data.secrets`) in a stored job document (the
+/// bytes of `testflinger.json`), read loosely: whatever is a string there, even when the
+/// rest of the document would not pass [`JobSpec::from_json`]. For masking what is sent
+/// from a run directory after its job ended; nothing when it is not JSON.
+pub fn secret_values(document: &[u8], phase: Phase) -> Vec<String> {
+    let Ok(Value::Object(document)) = serde_json::from_slice::<Value>(document) else {
+        return Vec::new();
+    };
+    phase
+        .data_key()
+        .and_then(|key| document.get(key))
+        .and_then(|data| data.get("secrets"))
+        .and_then(Value::as_object)
+        .map(|secrets| {
+            secrets
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Refuses ids that are not one plain directory name: empty, longer than
 /// [`MAX_JOB_ID_LEN`] bytes, holding anything but ASCII letters, digits, `-`, `_` and `.`, or
 /// starting with `.` (so never `.`, `..` or a hidden name).
@@ -819,5 +841,15 @@ mod tests {
         let e = JobSpec::load(&missing).expect_err("missing").to_string();
         assert!(e.contains("missing.json"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn secret_values_are_read_loosely_from_the_stored_document() {
+        let doc = br#"{"job_id": "not checked here", "test_data": {"secrets": {"A": "x1", "B": 2, "C": ""}},
+                      "provision_data": {"secrets": ["y"]}}"#;
+        assert_eq!(secret_values(doc, Phase::Test), ["x1", ""]);
+        assert!(secret_values(doc, Phase::Provision).is_empty());
+        assert!(secret_values(doc, Phase::Setup).is_empty());
+        assert!(secret_values(b"not json", Phase::Test).is_empty());
     }
 }

@@ -76,7 +76,7 @@ impl Masker {
             return;
         }
         self.pending.extend_from_slice(chunk);
-        let consumed = self.scan(out, false);
+        let consumed = self.scan(&self.pending, out, false);
         self.pending.drain(..consumed);
     }
 
@@ -89,7 +89,7 @@ impl Masker {
 
     /// Like [`Masker::finish`], appending to `out`.
     pub fn finish_into(&mut self, out: &mut Vec<u8>) {
-        let consumed = self.scan(out, true);
+        let consumed = self.scan(&self.pending, out, true);
         debug_assert_eq!(consumed, self.pending.len());
         self.pending.clear();
     }
@@ -105,10 +105,26 @@ impl Masker {
         out
     }
 
-    /// Scans `pending` left to right, writing decided output; returns how many bytes of
-    /// `pending` were decided. At the end of the stream (`last`) everything is decided.
-    fn scan(&self, out: &mut Vec<u8>, last: bool) -> usize {
-        let data = &self.pending;
+    /// Masks `piece`, the start of what is left of a stream, afresh (whatever this masker
+    /// holds back is not used): returns the masked bytes and how many bytes of `piece` they
+    /// stand for. The bytes after those could still begin a secret and must start the next
+    /// piece; at the end of the stream (`last`) every byte is decided. A stream masked
+    /// piece by piece this way, each piece starting where the previous one stopped, gives
+    /// the bytes [`Masker::mask_all`] gives, so each piece can be sent (and sent again)
+    /// on its own.
+    pub fn mask_prefix(&self, piece: &[u8], last: bool) -> (Vec<u8>, usize) {
+        let mut out = Vec::with_capacity(piece.len());
+        if self.secrets.is_empty() {
+            out.extend_from_slice(piece);
+            return (out, piece.len());
+        }
+        let used = self.scan(piece, &mut out, last);
+        (out, used)
+    }
+
+    /// Scans `data` left to right, writing decided output; returns how many bytes of
+    /// `data` were decided. At the end of the stream (`last`) everything is decided.
+    fn scan(&self, data: &[u8], out: &mut Vec<u8>, last: bool) -> usize {
         let mut at = 0;
         let mut copied = 0; // data[copied..at] is plain text not yet written
         while at < data.len() {
@@ -311,6 +327,39 @@ mod tests {
         out
     }
 
+    /// Masks `data` in pieces of `size` bytes (more when a piece is all undecided), each
+    /// with [`Masker::mask_prefix`] and starting where the previous one stopped.
+    fn mask_in_fresh_pieces(masker: &Masker, data: &[u8], size: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        let mut want = size;
+        while from < data.len() {
+            let to = (from + want).min(data.len());
+            let (masked, used) = masker.mask_prefix(&data[from..to], to == data.len());
+            if used == 0 {
+                want += 1;
+                continue;
+            }
+            assert!(!masked.is_empty(), "bytes decided into nothing");
+            out.push(masked);
+            from += used;
+            want = size;
+        }
+        out
+    }
+
+    #[test]
+    fn mask_prefix_stops_before_an_undecided_secret() {
+        let m = Masker::new(["hunter2"]);
+        let (out, used) = m.mask_prefix(b"log: hunt", false);
+        assert_eq!((out.as_slice(), used), (&b"log: "[..], 5));
+        let (out, used) = m.mask_prefix(b"hunter2 ok", false);
+        assert_eq!(out, format!("{} ok", replacement(b"hunter2")).as_bytes());
+        assert_eq!(used, 10);
+        assert_eq!(m.mask_prefix(b"hun", false), (Vec::new(), 0));
+        assert_eq!(m.mask_prefix(b"hun", true), (b"hun".to_vec(), 3));
+    }
+
     fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         haystack.windows(needle.len()).any(|w| w == needle)
     }
@@ -408,6 +457,14 @@ mod tests {
             for secret in &secrets {
                 prop_assert!(!contains(&whole, secret.as_bytes()), "{:?} in {:?}", secret, String::from_utf8_lossy(&whole));
             }
+            // Pieces masked afresh (as log fragments sent from a file are), of every size.
+            for size in 1..=8 {
+                let fragments = mask_in_fresh_pieces(&masker, &data, size);
+                prop_assert_eq!(fragments.concat(), whole.clone(), "pieces of {}", size);
+                for (fragment, secret) in fragments.iter().flat_map(|f| secrets.iter().map(move |s| (f, s))) {
+                    prop_assert!(!contains(fragment, secret.as_bytes()), "{:?} in {:?}", secret, String::from_utf8_lossy(fragment));
+                }
+            }
         }
 
         /// Any bytes, any secrets: streaming never differs from masking at once, and the
@@ -420,6 +477,8 @@ mod tests {
         ) {
             let masker = Masker::new(&secrets);
             prop_assert_eq!(mask_in_pieces(&masker, &data, &cuts), masker.mask_all(&data));
+            let size = cuts.first().map_or(1, |c| c % 6 + 1);
+            prop_assert_eq!(mask_in_fresh_pieces(&masker, &data, size).concat(), masker.mask_all(&data));
             let mut m = masker.clone();
             for byte in &data {
                 m.mask(&[*byte]);

@@ -92,12 +92,17 @@ pub fn reset_connector_error(rundir: &Path) -> io::Result<()> {
 /// Connectors append one JSON object per failure, so the file may hold several objects
 /// back to back; the last one that describes `phase` wins. Anything unparsable is ignored.
 pub fn connector_error_detail(rundir: &Path, phase: Phase) -> String {
-    let Ok(text) = fs::read(rundir.join(CONNECTOR_ERROR_FILE)) else {
-        return String::new();
-    };
+    match fs::read(rundir.join(CONNECTOR_ERROR_FILE)) {
+        Ok(text) => parse_connector_error(&text, phase),
+        Err(_) => String::new(),
+    }
+}
+
+/// [`connector_error_detail`] of the file's content `text`.
+pub fn parse_connector_error(text: &[u8], phase: Phase) -> String {
     let key = format!("{phase}_exception_info");
     let mut detail = String::new();
-    for value in serde_json::Deserializer::from_slice(&text).into_iter::<Value>() {
+    for value in serde_json::Deserializer::from_slice(text).into_iter::<Value>() {
         let Ok(value) = value else { break };
         let Some(info) = value.get(&key) else {
             continue;
@@ -120,16 +125,22 @@ pub fn connector_error_detail(rundir: &Path, phase: Phase) -> String {
 /// The content of `device-info.json` when the connector wrote a JSON object there.
 pub fn read_device_info(rundir: &Path) -> Option<Value> {
     let text = fs::read(rundir.join(DEVICE_INFO_FILE)).ok()?;
-    match serde_json::from_slice::<Value>(&text) {
+    let info = parse_device_info(&text);
+    if info.is_none() {
+        log::warn!(
+            "{} in {} is not a JSON object; not posted",
+            DEVICE_INFO_FILE,
+            rundir.display()
+        );
+    }
+    info
+}
+
+/// The content `text` of `device-info.json` when it is a JSON object.
+pub fn parse_device_info(text: &[u8]) -> Option<Value> {
+    match serde_json::from_slice::<Value>(text) {
         Ok(value @ Value::Object(_)) => Some(value),
-        Ok(_) | Err(_) => {
-            log::warn!(
-                "{} in {} is not a JSON object; not posted",
-                DEVICE_INFO_FILE,
-                rundir.display()
-            );
-            None
-        }
+        Ok(_) | Err(_) => None,
     }
 }
 

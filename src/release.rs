@@ -273,7 +273,17 @@ fn device_ip(rundir: &Path) -> Result<Option<String>, ReleaseError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(bad(e.to_string())),
     };
-    let value: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON ({e})")))?;
+    parse_device_ip(&text, &path.display().to_string())
+}
+
+/// [`device_ip`] of the content `text` of `device-info.json` (at most its first MiB);
+/// `path` names the file in errors.
+pub fn parse_device_ip(text: &[u8], path: &str) -> Result<Option<String>, ReleaseError> {
+    let bad = |reason: String| ReleaseError::DeviceInfo {
+        path: path.to_owned(),
+        reason,
+    };
+    let value: Value = serde_json::from_slice(text).map_err(|e| bad(format!("not JSON ({e})")))?;
     let info = match value.get("device_info") {
         _ if !value.is_object() => return Err(bad("not a JSON object".to_string())),
         None | Some(Value::Null) => return Ok(None),
@@ -293,7 +303,7 @@ fn device_ip(rundir: &Path) -> Result<Option<String>, ReleaseError> {
 
 /// Refuses an ip (`is_ip`) or a user that ssh could read as an option or that would change
 /// the destination: only letters, digits and `. _ -` (and `: %` in an ip), no leading `-`.
-fn check(value: &str, is_ip: bool) -> Result<(), ReleaseError> {
+pub(crate) fn check(value: &str, is_ip: bool) -> Result<(), ReleaseError> {
     let (extra, key) = if is_ip {
         ("._-:%", IP_KEY)
     } else {

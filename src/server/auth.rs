@@ -162,14 +162,33 @@ pub(crate) fn load_refresh_token(path: &Path) -> Result<String, TokenFileError> 
         path: path.to_owned(),
         source,
     })?;
-    let parsed: TokenFile = serde_json::from_slice(&text).map_err(|e| TokenFileError::NotJson {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
-    if parsed.refresh_token.trim().is_empty() {
-        return Err(TokenFileError::Empty {
+    parse_token_file(&text).map_err(|problem| match problem {
+        TokenContentError::NotJson(reason) => TokenFileError::NotJson {
             path: path.to_owned(),
-        });
+            reason,
+        },
+        TokenContentError::Empty => TokenFileError::Empty {
+            path: path.to_owned(),
+        },
+    })
+}
+
+/// What is wrong with a refresh-token file's content.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum TokenContentError {
+    /// Not a JSON object with a string `refresh_token` (the parser's reason).
+    NotJson(String),
+    /// The `refresh_token` is empty or blank.
+    Empty,
+}
+
+/// The refresh token of a refresh-token file's content: a JSON object with a non-empty
+/// string `refresh_token` (other keys, e.g. `obtained_at`, are ignored).
+pub(crate) fn parse_token_file(text: &[u8]) -> Result<String, TokenContentError> {
+    let parsed: TokenFile =
+        serde_json::from_slice(text).map_err(|e| TokenContentError::NotJson(e.to_string()))?;
+    if parsed.refresh_token.trim().is_empty() {
+        return Err(TokenContentError::Empty);
     }
     Ok(parsed.refresh_token)
 }

@@ -210,41 +210,47 @@ impl Reply {
         Ok(total)
     }
 
-    /// The `job_state` of a `GET /v1/result/<id>` answer, parsed as a stream: the answer
-    /// carries the job's whole output, which need not fit in memory. Reading stops as soon
-    /// as `job_state` has been seen (the real server sorts the keys, so it comes before the
-    /// `provision_`, `setup_` and `test_` logs); the rest of the answer is dropped with the
-    /// connection.
+    /// The `job_state` of a `GET /v1/result/<id>` answer (see [`parse_job_state`]).
     pub(super) fn job_state(self, what: &str) -> Result<Option<String>, ServerError> {
         let ReplyBody::Stream(body) = self.body else {
             return Ok(None);
         };
-        let mut counted = Counted {
-            inner: body.into_reader(),
-            seen_non_space: false,
-        };
-        let found = std::cell::RefCell::new(None);
-        // serde_json reads byte by byte: give it large blocks.
-        let buffered = io::BufReader::with_capacity(64 * 1024, &mut counted);
-        let mut de = serde_json::Deserializer::from_reader(buffered);
-        let parsed = serde::Deserializer::deserialize_map(&mut de, JobStateOnly { found: &found });
-        if let Some(state) = found.into_inner() {
-            return Ok(state);
-        }
-        match parsed {
-            Ok(()) => Ok(None),
-            Err(e) if !counted.seen_non_space && e.is_eof() => Ok(None),
-            Err(e) if e.is_io() => Err(ServerError::new(
-                ServerErrorKind::Unavailable,
-                what,
-                format!("reading the answer failed: {e}"),
-            )),
-            Err(e) => Err(ServerError::new(
-                ServerErrorKind::Malformed,
-                what,
-                format!("the answer is not a JSON object with a job_state: {e}"),
-            )),
-        }
+        parse_job_state(body.into_reader(), what)
+    }
+}
+
+/// The `job_state` of a `GET /v1/result/<id>` answer, parsed as a stream: the answer
+/// carries the job's whole output, which need not fit in memory. Reading stops as soon as
+/// `job_state` has been seen (the real server sorts the keys, so it comes before the
+/// `provision_`, `setup_` and `test_` logs); the rest of the answer is left unread.
+/// `Ok(None)` for an empty answer, an object without `job_state` or a `job_state` that is
+/// not a string; an error for anything else that is not a JSON object.
+pub(crate) fn parse_job_state(body: impl Read, what: &str) -> Result<Option<String>, ServerError> {
+    let mut counted = Counted {
+        inner: body,
+        seen_non_space: false,
+    };
+    let found = std::cell::RefCell::new(None);
+    // serde_json reads byte by byte: give it large blocks.
+    let buffered = io::BufReader::with_capacity(64 * 1024, &mut counted);
+    let mut de = serde_json::Deserializer::from_reader(buffered);
+    let parsed = serde::Deserializer::deserialize_map(&mut de, JobStateOnly { found: &found });
+    if let Some(state) = found.into_inner() {
+        return Ok(state);
+    }
+    match parsed {
+        Ok(()) => Ok(None),
+        Err(e) if !counted.seen_non_space && e.is_eof() => Ok(None),
+        Err(e) if e.is_io() => Err(ServerError::new(
+            ServerErrorKind::Unavailable,
+            what,
+            format!("reading the answer failed: {e}"),
+        )),
+        Err(e) => Err(ServerError::new(
+            ServerErrorKind::Malformed,
+            what,
+            format!("the answer is not a JSON object with a job_state: {e}"),
+        )),
     }
 }
 
@@ -563,24 +569,15 @@ impl Core {
         .timeout(self.settings.timeouts.refresh)
         .without_auth();
         let what = req.what();
-        let malformed = |detail: String| RefreshCheckError::Refused {
-            status: 200,
-            detail: format!("{what} {detail}"),
-        };
         match self.once(&req, None) {
             Ok(reply) if reply.status == 200 => {
                 let bytes = reply
                     .read_all(&what)
                     .map_err(|e| RefreshCheckError::Unavailable(e.to_string()))?;
-                let parsed: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                    malformed(format!("answered 200 with a body that is not JSON: {e}"))
-                })?;
-                match parsed.get("access_token") {
-                    Some(Value::String(t)) if !t.is_empty() => Ok(t.clone()),
-                    _ => Err(malformed(
-                        "answered 200 without an access_token".to_string(),
-                    )),
-                }
+                parse_refresh_answer(&bytes, &what).map_err(|detail| RefreshCheckError::Refused {
+                    status: 200,
+                    detail,
+                })
             }
             Ok(reply) => Err(RefreshCheckError::Refused {
                 status: reply.status,
@@ -716,6 +713,17 @@ impl Core {
     /// authentication failure.
     pub(super) fn is_auth_refusal(&self, reply: &Reply) -> bool {
         reply.status == 401 || (reply.status == 403 && self.auth.configured())
+    }
+}
+
+/// The access token of a 200 answer to `POST /v1/oauth2/refresh`: a JSON object with a
+/// non-empty string `access_token` (other keys, e.g. `refresh_token`, are ignored).
+pub(crate) fn parse_refresh_answer(body: &[u8], what: &str) -> Result<String, String> {
+    let parsed: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("{what} answered 200 with a body that is not JSON: {e}"))?;
+    match parsed.get("access_token") {
+        Some(Value::String(t)) if !t.is_empty() => Ok(t.clone()),
+        _ => Err(format!("{what} answered 200 without an access_token")),
     }
 }
 
@@ -874,8 +882,8 @@ pub(super) fn seg(segment: &str) -> String {
 }
 
 /// A short rendering of an error body: `message` and `detail` of a JSON error, else the
-/// text, truncated.
-pub(super) fn detail_of(body: &[u8]) -> String {
+/// text, truncated to 500 bytes (and an ellipsis); never empty.
+pub(crate) fn detail_of(body: &[u8]) -> String {
     const MAX: usize = 500;
     if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
         let message = map.get("message").and_then(Value::as_str);

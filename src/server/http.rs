@@ -139,17 +139,9 @@ impl HttpServer {
             return Err(self.core.answer_error(&req, &reply));
         }
         let bytes = reply.read_all(&what)?;
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(Some(parse_agent_record(&map))),
-            Ok(_) | Err(_) => Err(ServerError::new(
-                ServerErrorKind::Malformed,
-                what,
-                format!(
-                    "answered something that is not a JSON object ({})",
-                    detail_of(&bytes)
-                ),
-            )),
-        }
+        parse_agent_record(&bytes)
+            .map(Some)
+            .map_err(|why| ServerError::new(ServerErrorKind::Malformed, what, why))
     }
 
     /// `GET /v1/agents/data/<agent>` (PROTOCOL §3.4) once a cycle. Any failure gives the
@@ -194,11 +186,7 @@ impl HttpServer {
         if reply.status == 204 {
             return Ok(None);
         }
-        let body = reply.read_all(&what)?;
-        if body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(None);
-        }
-        Ok(Some(body))
+        Ok(parse_job_poll(reply.read_all(&what)?))
     }
 
     /// `GET /v1/job/<id>/attachments` into `dest` (PROTOCOL §3.8), streamed. A 204 (no
@@ -483,7 +471,29 @@ impl Server for HttpServer {
     }
 }
 
-fn parse_agent_record(map: &serde_json::Map<String, Value>) -> AgentRecord {
+/// The body of a 200 answer to `GET /v1/job`: the job document as received, `None` when
+/// it is empty or only whitespace (no job). The daemon parses the document itself.
+pub(crate) fn parse_job_poll(body: Vec<u8>) -> Option<Vec<u8>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(body)
+    }
+}
+
+/// The body of a 200 answer to `GET /v1/agents/data/<agent>`; an error (the text for the
+/// message) when it is not a JSON object.
+pub(crate) fn parse_agent_record(body: &[u8]) -> Result<AgentRecord, String> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(agent_record_of(&map)),
+        Ok(_) | Err(_) => Err(format!(
+            "answered something that is not a JSON object ({})",
+            detail_of(body)
+        )),
+    }
+}
+
+fn agent_record_of(map: &serde_json::Map<String, Value>) -> AgentRecord {
     let text = |key: &str| map.get(key).and_then(Value::as_str).map(str::to_string);
     let restricted_to = match map.get("restricted_to") {
         Some(Value::Object(queues)) => queues.keys().cloned().collect(),
@@ -508,20 +518,32 @@ mod tests {
 
     #[test]
     fn agent_record_fields() {
-        let v: Value = serde_json::from_str(
-            r#"{"state": "offline", "comment": "why", "updated_at": "2026-01-05T10:00:00Z",
+        let r = parse_agent_record(
+            br#"{"state": "offline", "comment": "why", "updated_at": "2026-01-05T10:00:00Z",
                 "restricted_to": {"q1": ["alice"], "q2": ["bob"]}, "name": "a"}"#,
         )
-        .expect("valid json");
-        let Value::Object(map) = v else {
-            panic!("object")
-        };
-        let r = parse_agent_record(&map);
+        .expect("an object");
         assert_eq!(r.state.as_deref(), Some("offline"));
         assert_eq!(r.comment, "why");
         assert_eq!(r.updated_at.as_deref(), Some("2026-01-05T10:00:00Z"));
         assert_eq!(r.restricted_to, ["q1", "q2"]);
-        let r = parse_agent_record(&serde_json::Map::new());
-        assert_eq!(r, AgentRecord::default());
+        let r = parse_agent_record(br#"{"restricted_to": ["q3", 4, "q4"], "state": 1}"#)
+            .expect("an object");
+        assert_eq!(
+            (r.state, r.restricted_to),
+            (None, vec!["q3".into(), "q4".into()])
+        );
+        assert_eq!(parse_agent_record(b"{}"), Ok(AgentRecord::default()));
+        for bad in [&b"[]"[..], b"", b"null", b"{\"state\""] {
+            let why = parse_agent_record(bad).expect_err("not an object");
+            assert!(why.contains("not a JSON object"), "{why}");
+        }
+    }
+
+    #[test]
+    fn job_poll_bodies() {
+        assert_eq!(parse_job_poll(b" \n\t".to_vec()), None);
+        assert_eq!(parse_job_poll(Vec::new()), None);
+        assert_eq!(parse_job_poll(b"{}".to_vec()), Some(b"{}".to_vec()));
     }
 }

@@ -10,6 +10,12 @@ mod settings;
 pub mod stream;
 mod tls;
 
+// The pure parsers of every answer the agent reads from the server (and of the
+// refresh-token file), for `crate::fuzz_api`; the request code calls these same functions.
+pub(crate) use auth::parse_token_file;
+pub(crate) use client::{detail_of, parse_job_state, parse_refresh_answer};
+pub(crate) use http::{parse_agent_record, parse_job_poll};
+
 use crate::phase::Phase;
 use serde_json::Value;
 use std::path::Path;

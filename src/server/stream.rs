@@ -9,13 +9,20 @@
 //!
 //! Numbering is gap-free: one `output` counter per job, across phases, that moves only when
 //! the server accepted a fragment; a fragment that failed is sent again with the same
-//! number and the same bytes. A later phase's bytes never go out before an earlier
+//! number from the same byte of the log (extended by what the log gained meanwhile, up to
+//! the fragment size). A later phase's bytes never go out before an earlier
 //! phase's. A fragment ends at the last complete UTF-8 character, unless its phase has
 //! ended, so a character split across reads never turns into U+FFFD on the server.
+//!
+//! Serial logs (`<phase>-serial.log`, written by the device connector) are sent whole
+//! after their phase by [`send_file`], masked fragment by fragment with the phase's
+//! secrets from the run directory's `testflinger.json`; each fragment ends where the
+//! masker has decided every byte, so a resend, even after a restart, is the same fragment.
 
 use super::auth::human;
 use super::client::{Core, Req};
 use super::{LogType, ServerError, ServerErrorKind};
+use crate::mask::Masker;
 use crate::phase::Phase;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
@@ -656,23 +663,38 @@ enum Piece {
 /// Reads bytes `start..end` of `path`, at most `max`, ending at the last complete UTF-8
 /// character unless `finished` and the read reaches `end`; decodes lossily.
 fn read_piece(path: &Path, start: u64, end: u64, max: usize, finished: bool) -> Piece {
+    match read_bytes(path, start, end, max, finished) {
+        Ok((bytes, _)) => Piece::Text {
+            consumed: bytes.len() as u64,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        },
+        Err(piece) => piece,
+    }
+}
+
+/// The bytes [`read_piece`] decodes, and whether they reach `end`; `Err` is the piece to
+/// return instead (nothing complete, or unreadable).
+fn read_bytes(
+    path: &Path,
+    start: u64,
+    end: u64,
+    max: usize,
+    finished: bool,
+) -> Result<(Vec<u8>, bool), Piece> {
     let want = end.saturating_sub(start).min(max as u64);
-    let mut file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) => return Piece::Unreadable(format!("cannot open {}: {e}", path.display())),
-    };
-    if let Err(e) = file.seek(SeekFrom::Start(start)) {
-        return Piece::Unreadable(format!("cannot seek in {}: {e}", path.display()));
-    }
+    let mut file = File::open(path)
+        .map_err(|e| Piece::Unreadable(format!("cannot open {}: {e}", path.display())))?;
+    file.seek(SeekFrom::Start(start))
+        .map_err(|e| Piece::Unreadable(format!("cannot seek in {}: {e}", path.display())))?;
     let mut buf = Vec::with_capacity(want as usize);
-    if let Err(e) = file.take(want).read_to_end(&mut buf) {
-        return Piece::Unreadable(format!("cannot read {}: {e}", path.display()));
-    }
+    file.take(want)
+        .read_to_end(&mut buf)
+        .map_err(|e| Piece::Unreadable(format!("cannot read {}: {e}", path.display())))?;
     if buf.is_empty() {
-        return Piece::Unreadable(format!(
+        return Err(Piece::Unreadable(format!(
             "{} ends at byte {start}, before the {end} bytes recorded",
             path.display()
-        ));
+        )));
     }
     let reaches_end = start + buf.len() as u64 >= end;
     let keep = if finished && reaches_end {
@@ -681,13 +703,40 @@ fn read_piece(path: &Path, start: u64, end: u64, max: usize, finished: bool) -> 
         complete_prefix(&buf)
     };
     if keep == 0 {
-        return Piece::Incomplete;
+        return Err(Piece::Incomplete);
     }
+    let last = reaches_end && keep == buf.len();
     buf.truncate(keep);
-    Piece::Text {
-        text: String::from_utf8_lossy(&buf).into_owned(),
-        consumed: keep as u64,
+    Ok((buf, last))
+}
+
+/// The next fragment of the finished file `path` from `start` (of `end` bytes), masked:
+/// about `max` bytes of the file, ending where `masker` has decided every byte, so that the
+/// next fragment starts afresh there (see [`Masker::mask_prefix`]) and a fragment sent
+/// again after a failure is the same. `consumed` counts bytes of the file.
+fn masked_piece(path: &Path, start: u64, end: u64, max: usize, masker: &Masker) -> Piece {
+    if masker.is_empty() {
+        return read_piece(path, start, end, max, true);
     }
+    // When all of `max` bytes could still begin a secret, read on by the longest secret
+    // (and a cut character): then at least one byte is decided.
+    for want in [max, max.saturating_add(masker.max_len() + 4)] {
+        let (bytes, last) = match read_bytes(path, start, end, want, true) {
+            Ok(read) => read,
+            Err(piece) => return piece,
+        };
+        let (masked, used) = masker.mask_prefix(&bytes, last);
+        if used > 0 {
+            return Piece::Text {
+                text: String::from_utf8_lossy(&masked).into_owned(),
+                consumed: used as u64,
+            };
+        }
+    }
+    Piece::Unreadable(format!(
+        "{}: no byte from {start} could be masked (a bug)",
+        path.display()
+    ))
 }
 
 /// The length of `bytes` without a trailing incomplete UTF-8 sequence (invalid bytes
@@ -707,7 +756,9 @@ fn complete_prefix(bytes: &[u8]) -> usize {
 
 /// Sends `path` from `*offset` to its end as fragments of `log_type`, synchronously, each
 /// retried as the policy allows; `*offset` and `*number` follow what the server accepted.
-/// A refused fragment is logged and skipped (its number is reused).
+/// A refused fragment is logged and skipped (its number is reused). A serial log is masked
+/// fragment by fragment with the secrets of `phase` from the job file beside it (see
+/// [`serial_masker`], [`masked_piece`]); a phase log was masked as it was written.
 pub(super) fn send_file(
     core: &Core,
     job_id: &str,
@@ -717,6 +768,10 @@ pub(super) fn send_file(
     offset: &mut u64,
     number: &mut u64,
 ) -> Result<(), ServerError> {
+    let masker = match (log_type, path.parent()) {
+        (LogType::Serial, Some(rundir)) => serial_masker(rundir, phase),
+        _ => Masker::default(),
+    };
     let what = format!(
         "sending the {} log of {phase} of job {job_id}",
         log_type.name()
@@ -733,7 +788,7 @@ pub(super) fn send_file(
     let mut refused = None;
     while *offset < len {
         let (text, consumed) =
-            match read_piece(path, *offset, len, core.settings.fragment_size, true) {
+            match masked_piece(path, *offset, len, core.settings.fragment_size, &masker) {
                 Piece::Text { text, consumed } => (text, consumed),
                 Piece::Incomplete => break,
                 Piece::Unreadable(why) => {
@@ -839,6 +894,16 @@ fn send_queue(
     Ok(())
 }
 
+/// The masker for the serial log of `phase` in `rundir`: the phase's secrets, read from
+/// the job document the run directory holds (`testflinger.json`, exactly as the server
+/// sent it), so that a serial log sent from the spool or after a restart is masked like
+/// one sent at the end of its phase. A document that cannot be read masks nothing (its
+/// job never ran a phase).
+fn serial_masker(rundir: &Path, phase: Phase) -> Masker {
+    let document = std::fs::read(rundir.join(crate::outcome::JOB_FILE)).unwrap_or_default();
+    Masker::new(crate::job::secret_values(&document, phase))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -931,6 +996,58 @@ mod tests {
             Piece::Unreadable(_)
         ));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// A serial log sent fragment by fragment from its file, each masked afresh where
+        /// the previous one stopped, whatever the fragment size: no fragment holds a
+        /// secret, and together they are the whole file masked at once and decoded.
+        #[test]
+        fn masked_fragments_hold_no_secret_and_add_up_to_the_whole(
+            secrets in proptest::collection::vec("[g-k]{1,5}|é[g-k]{0,3}", 1..4),
+            parts in proptest::collection::vec(("[g-k €é\n]{0,8}", 0usize..4), 0..16),
+            max in 4usize..24,
+        ) {
+            let mut data = Vec::new();
+            for (filler, pick) in &parts {
+                data.extend_from_slice(filler.as_bytes());
+                if let Some(secret) = secrets.get(*pick) {
+                    data.extend_from_slice(secret.as_bytes());
+                }
+            }
+            let dir = std::env::temp_dir().join(format!(
+                "tf-stream-mask-{}-{}",
+                std::process::id(),
+                super::super::backoff::random_u64()
+            ));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let path = dir.join("test-serial.log");
+            std::fs::write(&path, &data).expect("write");
+            let masker = Masker::new(&secrets);
+            let mut sent = String::new();
+            let mut offset = 0u64;
+            while offset < data.len() as u64 {
+                match masked_piece(&path, offset, data.len() as u64, max, &masker) {
+                    Piece::Text { text, consumed } => {
+                        for secret in &secrets {
+                            proptest::prop_assert!(!text.contains(secret.as_str()), "{:?} in {:?}", secret, text);
+                        }
+                        proptest::prop_assert!(consumed > 0);
+                        sent.push_str(&text);
+                        offset += consumed;
+                    }
+                    Piece::Incomplete => proptest::prop_assert!(false, "incomplete at {}", offset),
+                    Piece::Unreadable(why) => proptest::prop_assert!(false, "{}", why),
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            for secret in &secrets {
+                proptest::prop_assert!(!sent.contains(secret.as_str()), "{:?} in {:?}", secret, sent);
+            }
+            let whole = String::from_utf8_lossy(&masker.mask_all(&data)).into_owned();
+            proptest::prop_assert_eq!(sent, whole);
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use testflinger_agent::server::{Server, ServerErrorKind};
 const AGENT: &str = "agent-under-test";
 
 /// Settings with millisecond intervals, a token file for the fake's default refresh token.
-fn settings(url: &str, scratch: &Scratch) -> HttpSettings {
+pub(crate) fn settings(url: &str, scratch: &Scratch) -> HttpSettings {
     let token = scratch.write(
         "refresh_token",
         &json!({"refresh_token": DEFAULT_REFRESH_TOKEN, "obtained_at": "2026-01-05T10:00:00+00:00"})
@@ -49,13 +49,13 @@ fn settings(url: &str, scratch: &Scratch) -> HttpSettings {
     s
 }
 
-fn new_job(server: &FakeServer) -> String {
+pub(crate) fn new_job(server: &FakeServer) -> String {
     server.submit_job(json!({"job_queue": "q-one"}))
 }
 
 /// A phase log the test appends to, telling the server about each chunk as the executor
 /// does.
-struct PhaseLog {
+pub(crate) struct PhaseLog {
     path: PathBuf,
     phase: Phase,
     len: u64,
@@ -63,7 +63,7 @@ struct PhaseLog {
 }
 
 impl PhaseLog {
-    fn new(dir: &Path, phase: Phase) -> PhaseLog {
+    pub(crate) fn new(dir: &Path, phase: Phase) -> PhaseLog {
         let path = dir.join(format!("{}.log", phase.name()));
         std::fs::write(&path, b"").expect("create the phase log");
         PhaseLog {
@@ -74,7 +74,7 @@ impl PhaseLog {
         }
     }
 
-    fn append(&mut self, server: &HttpServer, job: &str, chunk: &[u8]) {
+    pub(crate) fn append(&mut self, server: &HttpServer, job: &str, chunk: &[u8]) {
         let mut f = OpenOptions::new()
             .append(true)
             .open(&self.path)
@@ -85,7 +85,7 @@ impl PhaseLog {
         server.output(job, self.phase, chunk, &self.path, self.len);
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.all).into_owned()
     }
 }
@@ -112,7 +112,7 @@ fn log_posts(server: &FakeServer) -> usize {
     server.request_count(&Route::LogPost)
 }
 
-fn assert_no_server_panics(server: &FakeServer) {
+pub(crate) fn assert_no_server_panics(server: &FakeServer) {
     assert!(
         server.server_errors().is_empty(),
         "fake server errors: {:?}",
@@ -759,6 +759,60 @@ fn serial_logs_over_1_mib_go_in_numbered_fragments() {
         frags.last().map(|f| f.log_data.as_str()),
         Some("test serial\n")
     );
+    assert_no_server_panics(&server);
+}
+
+#[test]
+fn serial_logs_are_masked_with_their_phase_secrets_also_when_sent_from_the_spool() {
+    let server = FakeServer::start();
+    let scratch = Scratch::new("http-serial-mask");
+    let mut s = settings(&server.url(), &scratch);
+    s.fragment_size = 16;
+    let client = HttpServer::new(s.clone());
+    let job = new_job(&server);
+    let rundir = scratch.path("run");
+    std::fs::create_dir_all(&rundir).expect("run dir");
+    std::fs::write(
+        rundir.join("testflinger.json"),
+        json!({"job_id": job, "test_data": {"test_cmds": "true",
+               "secrets": {"TOKEN": "hunter2-very-long-secret", "OTHER": "pw"}}})
+        .to_string(),
+    )
+    .expect("job file");
+    // Secrets across every 16-byte boundary, one longer than a fragment.
+    let text = "boot: pw ok\nlogin hunter2-very-long-secret\n$ echo hunter2-very-long-secretpw\n";
+    let path = rundir.join("test-serial.log");
+    std::fs::write(&path, text).expect("serial log");
+    client
+        .post_serial_log(&job, Phase::Test, &path)
+        .expect("serial log");
+    // Setup has no secrets: its serial log goes as it is.
+    let setup = rundir.join("setup-serial.log");
+    std::fs::write(&setup, "pw\n").expect("serial log");
+    client
+        .post_serial_log(&job, Phase::Setup, &setup)
+        .expect("serial log");
+    let masker = testflinger_agent::mask::Masker::new(["hunter2-very-long-secret", "pw"]);
+    let masked = String::from_utf8_lossy(&masker.mask_all(text.as_bytes())).into_owned();
+    assert!(!masked.contains("pw") && masked.contains("**"), "{masked}");
+    assert_eq!(server.log_text(&job, "serial"), format!("{masked}pw\n"));
+    for f in server.fragments(&job, "serial") {
+        assert!(!f.log_data.contains("hunter2"), "{f:?}");
+    }
+
+    // The same log, left for the report (as after a restart): masked the same way.
+    let job2 = new_job(&server);
+    let pending: PendingOutput = serde_json::from_value(json!({
+        "next_fragment": 0, "phases": [], "next_serial_fragment": 5,
+        "serial": [{"phase": "test", "log_file": "test-serial.log", "sent": 0}],
+    }))
+    .expect("record");
+    let client = HttpServer::new(s);
+    server.fail_next(Route::LogPost, 2, 503);
+    client
+        .send_pending(&job2, &rundir, &pending)
+        .expect("send the rest");
+    assert_eq!(server.log_text(&job2, "serial"), masked);
     assert_no_server_panics(&server);
 }
 

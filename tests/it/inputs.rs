@@ -32,12 +32,15 @@ type Target = (&'static str, fn(&[u8]));
 /// Feeds every corpus and artifact file of each fuzz target to its `fuzz_api` function.
 #[test]
 fn fuzz_corpus_and_regressions_replay() {
-    let targets: [Target; 5] = [
+    let targets: [Target; 8] = [
         ("config", fuzz_api::config),
         ("job_json", fuzz_api::job_json),
         ("job_yaml", fuzz_api::job_yaml),
         ("mask", fuzz_api::mask),
         ("journal", fuzz_api::journal),
+        ("attachments", fuzz_api::attachments),
+        ("server_answer", fuzz_api::server_answer),
+        ("device_files", fuzz_api::device_files),
     ];
     for (target, run) in targets {
         let corpus = inputs("corpus", target);

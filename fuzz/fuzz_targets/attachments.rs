@@ -1,0 +1,3 @@
+//! Fuzz target: `testflinger_agent::fuzz_api::attachments` on arbitrary bytes.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| testflinger_agent::fuzz_api::attachments(data));
