@@ -458,7 +458,20 @@ impl Daemon {
         crate::metrics::beat();
         crate::notify::test_stall();
         self.retry_spool();
-        let record = self.server.agent_record();
+        let record = match self.server.read_agent_record() {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                // The start-up posts were lost or refused (or the record was deleted): say
+                // again who this agent is, or it never shows on the server.
+                log::warn!("the server has no record of this agent (404); announcing it again");
+                self.announce();
+                AgentRecord::default()
+            }
+            Err(err) => {
+                log::warn!("could not read the agent record, treating its state as unknown: {err}");
+                AgentRecord::default()
+            }
+        };
         self.heartbeat(&record);
         // An administrator's offline or maintenance holds the agent; a restart request (the
         // server's `restart` state or SIGUSR1) waits until it is released (PROTOCOL §14.3).

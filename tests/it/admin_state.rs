@@ -259,3 +259,23 @@ fn a_second_agent_with_the_same_id_exits_2_naming_the_first() {
     });
     assert_eq!(next.stop(), Some(0));
 }
+
+/// The start-up posts are refused (a token problem on the server's side, say): the server
+/// has no record of the agent, so the next cycle announces it again and it shows up
+/// `waiting`, with its queues, and takes a job.
+#[test]
+fn an_agent_the_server_does_not_know_announces_itself_again() {
+    let server = FakeServer::start();
+    let s = Scratch::new("admin-reannounce");
+    let name = format!("admin-reannounce-{}", std::process::id());
+    server.fail_next(Route::AgentDataPost, 3, 403);
+    let _agent = Agent::start(&server, &s, &name, "test_command: echo ran\n");
+    wait_for(&server, "the agent to be known", |srv| {
+        srv.agent_record(&name)
+            .is_some_and(|r| r["state"] == json!("waiting"))
+    });
+    let record = server.agent_record(&name).unwrap_or_default();
+    assert_eq!(record["queues"], json!([queue(&name)]), "{record}");
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the job", |srv| finished(srv, &id));
+}
