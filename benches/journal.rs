@@ -1,5 +1,6 @@
 //! Crash-recovery figures: the cost of one durable journal write (median and p99 over 1000
-//! writes of a full 7-phase journal on the scratch filesystem), and the time from starting
+//! writes of a full 7-phase journal on the scratch filesystem), of the live write before a
+//! command spawns, and of a phase's two together, and the time from starting
 //! the agent over a run directory left by a dead agent to its old tree dead and its cleanup
 //! started.
 //!
@@ -69,6 +70,37 @@ fn write_cost(scratch: &Scratch) {
         times[990].as_secs_f64() * 1e3,
         times[999].as_secs_f64() * 1e3,
         dir.display()
+    );
+}
+
+/// The write before each phase command spawns (phase and token, not fsynced), and what a
+/// phase that runs a command costs in all: that write plus the durable one at its end.
+fn live_write_cost(scratch: &Scratch) {
+    let dir = scratch.path("rundir-live");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let journal = full_journal();
+    let measure = |f: &dyn Fn()| {
+        let mut times: Vec<Duration> = (0..1000)
+            .map(|_| {
+                let started = Instant::now();
+                f();
+                started.elapsed()
+            })
+            .collect();
+        times.sort();
+        times
+    };
+    let live = measure(&|| journal.save_live(&dir).expect("live write"));
+    let phase = measure(&|| {
+        journal.save_live(&dir).expect("live write");
+        journal.save(&dir).expect("journal write");
+    });
+    println!(
+        "live write (phase and token, renamed, not fsynced): median {:.3} ms, p99 {:.3} ms; a phase's journal writes (live + durable): median {:.3} ms, p99 {:.3} ms",
+        live[500].as_secs_f64() * 1e3,
+        live[990].as_secs_f64() * 1e3,
+        phase[500].as_secs_f64() * 1e3,
+        phase[990].as_secs_f64() * 1e3,
     );
 }
 
@@ -159,5 +191,6 @@ fn restart_to_cleanup(scratch: &Scratch) {
 fn main() {
     let scratch = Scratch::new("bench-journal");
     write_cost(&scratch);
+    live_write_cost(&scratch);
     restart_to_cleanup(&scratch);
 }

@@ -1217,7 +1217,16 @@ impl OutputSink for PhaseSink<'_> {
     fn spawning(&mut self, token: &str) {
         if let Some(journal) = &mut self.journal {
             journal.token = Some(token.to_owned());
-            self.save_journal();
+            if let Err(err) = journal.save_live(self.rundir) {
+                log::error!(
+                    "job {}: cannot write {} in {}: {err}",
+                    self.job_id,
+                    crate::journal::LIVE_FILE,
+                    self.rundir.display()
+                );
+                self.journal_failed
+                    .get_or_insert_with(|| format!("cannot write the job journal: {err}"));
+            }
         }
     }
 

@@ -288,6 +288,60 @@ impl Journal {
     pub fn save(&self, rundir: &Path) -> io::Result<()> {
         write_durable(&rundir.join(JOURNAL_FILE), &self.to_bytes())
     }
+
+    /// Records the phase command about to start, its phase and token, in [`LIVE_FILE`]
+    /// beside the journal: whole (temporary file and rename) but not fsynced, so it costs
+    /// tens of microseconds instead of a durable write. Durability is not needed: the tree
+    /// it finds can only outlive an agent whose kernel lived on (a SIGKILL, the OOM killer),
+    /// and then the page cache holds the file; after a power cut there is no tree to find,
+    /// and a damaged file is ignored. [`read`] takes it into the journal while no transition
+    /// followed it. Does nothing without a running phase and a token.
+    pub fn save_live(&self, rundir: &Path) -> io::Result<()> {
+        let (Some(phase), Some(token)) = (&self.phase, &self.token) else {
+            return Ok(());
+        };
+        let live = Live {
+            job_id: self.job_id.clone(),
+            trail_len: self.trail.len(),
+            phase: phase.clone(),
+            token: token.clone(),
+        };
+        let bytes = serde_json::to_vec(&live).expect("plain data always serialises");
+        let path = rundir.join(LIVE_FILE);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        if let Err(err) = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, &path)) {
+            let _ = fs::remove_file(&tmp);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Takes in the phase and token of `live` when it was written after the journal's last
+    /// transition (a stale one, from an earlier phase, has a shorter trail).
+    fn merge_live(&mut self, live: Live) {
+        if live.job_id == self.job_id
+            && live.trail_len == self.trail.len()
+            && self.token.is_none()
+            && self.phase.as_ref().is_none_or(|phase| *phase == live.phase)
+        {
+            self.phase = Some(live.phase);
+            self.token = Some(live.token);
+        }
+    }
+}
+
+/// The running phase command's token, beside the journal (see [`Journal::save_live`]).
+pub const LIVE_FILE: &str = ".agent-journal-live.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Live {
+    job_id: String,
+    /// The journal's trail length when the command started.
+    trail_len: usize,
+    phase: String,
+    token: String,
 }
 
 /// How the command of the trail's last transition ended.
@@ -366,7 +420,15 @@ pub fn read(rundir: &Path) -> Result<Journal, JournalError> {
         }
         Err(source) => return Err(JournalError::Read { path, source }),
     };
-    Journal::from_bytes(&bytes)
+    let mut journal = Journal::from_bytes(&bytes)?;
+    // The live file is best-effort: missing or damaged, the journal alone is what is known.
+    if let Some(live) = fs::read(rundir.join(LIVE_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Live>(&bytes).ok())
+    {
+        journal.merge_live(live);
+    }
+    Ok(journal)
 }
 
 /// Writes `data` to `path` so that after a crash or a power cut the file holds either the
@@ -408,6 +470,34 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("temp dir is writable");
         dir
+    }
+
+    #[test]
+    fn the_live_file_gives_the_running_command_until_the_next_transition() {
+        let dir = tempdir("live");
+        let mut journal = Journal::taken("job-1", "t0".into());
+        journal.save(&dir).expect("saved");
+        journal.phase = Some("setup".into());
+        journal.token = Some("tok-1".into());
+        journal.save_live(&dir).expect("live");
+        let read_back = read(&dir).expect("reads");
+        assert_eq!(read_back.phase.as_deref(), Some("setup"));
+        assert_eq!(read_back.token.as_deref(), Some("tok-1"));
+        // The phase ended: the journal's next write makes the live file stale.
+        journal.transition("t1".into(), "Setup", Some("setup"), Why::Exit, Some(0));
+        journal.save(&dir).expect("saved");
+        let read_back = read(&dir).expect("reads");
+        assert_eq!((read_back.phase, read_back.token), (None, None));
+        // Damaged or another job's: ignored.
+        fs::write(dir.join(LIVE_FILE), b"{garbage").expect("write");
+        assert!(read(&dir).expect("reads").token.is_none());
+        let mut other = Journal::taken("job-2", "t0".into());
+        other.trail = journal.trail.clone();
+        other.phase = Some("provision".into());
+        other.token = Some("tok-2".into());
+        other.save_live(&dir).expect("live");
+        assert!(read(&dir).expect("reads").token.is_none());
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

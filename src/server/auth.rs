@@ -31,6 +31,10 @@ struct State {
     failures: u32,
     /// No refresh is attempted before this instant.
     retry_at: Option<Instant>,
+    /// When the cached token should be replaced, shortly before it expires (from its own
+    /// `exp` and `iat` claims); `None` when the token does not say (it is then renewed
+    /// after the server refuses it).
+    renew_at: Option<Instant>,
 }
 
 /// Holds the access token and decides when to refresh it.
@@ -69,8 +73,13 @@ impl TokenSource {
         self.file.as_ref()?;
         {
             let state = lock(&self.state);
-            if state.token.is_some() {
-                return state.token.clone();
+            if let Some(token) = &state.token {
+                if state.renew_at.is_some_and(|at| Instant::now() >= at) {
+                    let token = token.clone();
+                    drop(state);
+                    return self.renew_early(token, exchange);
+                }
+                return Some(token.clone());
             }
             if state.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
@@ -84,6 +93,51 @@ impl TokenSource {
     pub(crate) fn renew(&self, rejected: Option<&str>, exchange: Exchange<'_>) -> Option<String> {
         self.file.as_ref()?;
         self.refresh(Some(rejected), exchange)
+    }
+
+    /// The cached `current` token is about to expire: get a new one now, so that no request
+    /// goes out only to come back 401. If that fails, `current` is kept for as long as it
+    /// lasts (the server's 401 then renews it the usual way) and the early renewal is tried
+    /// again after the back-off.
+    fn renew_early(&self, current: String, exchange: Exchange<'_>) -> Option<String> {
+        let Some(path) = self.file.as_ref() else {
+            return Some(current);
+        };
+        let _one_at_a_time = lock(&self.refreshing);
+        {
+            let state = lock(&self.state);
+            // Another thread renewed it while this one waited.
+            if state.token.as_deref() != Some(current.as_str())
+                || state.renew_at.is_none_or(|at| Instant::now() < at)
+            {
+                return state.token.clone();
+            }
+        }
+        let outcome = read_refresh_token(path).and_then(|refresh| exchange(&refresh));
+        let mut state = lock(&self.state);
+        match outcome {
+            Ok(token) => {
+                if let Some(metrics) = crate::metrics::get() {
+                    metrics.token_refreshed();
+                }
+                log::debug!("renewed the access token before it expires");
+                state.renew_at = renewal_time(&token);
+                state.token = Some(token);
+                state.failures = 0;
+                state.retry_at = None;
+                state.token.clone()
+            }
+            Err(why) => {
+                state.failures = state.failures.saturating_add(1);
+                let wait = self.backoff.delay(state.failures);
+                state.renew_at = Some(Instant::now() + wait);
+                log::warn!(
+                    "could not renew the access token before it expires ({why}); using it while it lasts; next attempt in {}",
+                    human(wait)
+                );
+                Some(current)
+            }
+        }
     }
 
     /// Refreshes unless another thread did meanwhile or a back-off is running.
@@ -120,6 +174,7 @@ impl TokenSource {
                 } else {
                     log::debug!("obtained an access token");
                 }
+                state.renew_at = renewal_time(&token);
                 state.token = Some(token);
                 state.failures = 0;
                 state.retry_at = None;
@@ -139,6 +194,51 @@ impl TokenSource {
             }
         }
     }
+}
+
+/// When to renew an access token just obtained: its lifetime, from the `exp` and `iat`
+/// claims of the JWT it is (the server's own clock on both, so no clock skew enters), less a
+/// margin of a tenth of it (at least 1 s, at most 60 s). `None` for a token that is no JWT
+/// or carries no usable claims: it is then renewed after a 401.
+fn renewal_time(token: &str) -> Option<Instant> {
+    let lifetime = jwt_lifetime(token)?;
+    let margin = (lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    Some(Instant::now() + lifetime.checked_sub(margin)?)
+}
+
+/// `exp - iat` of a JWT's payload (unverified: only the agent's own timing depends on it).
+pub(crate) fn jwt_lifetime(token: &str) -> Option<Duration> {
+    let payload = token.split('.').nth(1)?;
+    let claims: serde_json::Value = serde_json::from_slice(&base64url_decode(payload)?).ok()?;
+    let seconds = |key: &str| claims.get(key).and_then(serde_json::Value::as_f64);
+    let lifetime = seconds("exp")? - seconds("iat")?;
+    (lifetime.is_finite() && lifetime > 0.0 && lifetime < 1e9)
+        .then(|| Duration::from_secs_f64(lifetime))
+}
+
+/// Decodes unpadded (or padded) base64url; `None` on any other character.
+fn base64url_decode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut bits: u32 = 0;
+    let mut count = 0;
+    for byte in text.trim_end_matches('=').bytes() {
+        let value = match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(value);
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+            bits &= (1 << count) - 1;
+        }
+    }
+    Some(out)
 }
 
 /// Why the refresh-token file gives no refresh token.
@@ -232,6 +332,117 @@ mod tests {
         base: Duration::from_millis(20),
         cap: Duration::from_millis(40),
     };
+
+    fn b64url(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b))
+                << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            }
+        }
+        out
+    }
+
+    /// A JWT-shaped token with these claims (the signature is not looked at).
+    fn jwt(claims: &str, n: usize) -> String {
+        format!(
+            "{}.{}.sig{n}",
+            b64url(br#"{"alg":"HS256"}"#),
+            b64url(claims.as_bytes())
+        )
+    }
+
+    #[test]
+    fn a_jwts_lifetime_comes_from_its_claims() {
+        for text in [
+            "",
+            "f",
+            "fo",
+            "foo",
+            "foob",
+            "fooba",
+            "foobar",
+            "{\"exp\": 1}",
+        ] {
+            assert_eq!(
+                base64url_decode(&b64url(text.as_bytes())).as_deref(),
+                Some(text.as_bytes())
+            );
+        }
+        assert_eq!(base64url_decode("a+b"), None);
+        assert_eq!(
+            jwt_lifetime(&jwt(
+                r#"{"exp": 1700000020, "iat": 1700000000, "sub": "x"}"#,
+                0
+            )),
+            Some(Duration::from_secs(20))
+        );
+        for claims in [
+            r#"{"exp": 1700000000, "iat": 1700000020}"#,
+            r#"{"exp": 1700000020}"#,
+            r#"{"exp": "soon", "iat": 1}"#,
+            "not json",
+        ] {
+            assert_eq!(jwt_lifetime(&jwt(claims, 0)), None, "{claims}");
+        }
+        assert_eq!(jwt_lifetime("opaque-token"), None);
+        assert_eq!(jwt_lifetime("a.%%%.c"), None);
+    }
+
+    #[test]
+    fn a_token_about_to_expire_is_renewed_before_the_server_refuses_it() {
+        let dir = tempdir("early");
+        let path = token_file(&dir, r#"{"refresh_token": "r1"}"#);
+        let source = TokenSource::new(Some(path), FAST);
+        let calls = AtomicU32::new(0);
+        // Lifetime 2 s: renewed 1 s before it ends (the margin's floor).
+        let exchange = |_: &str| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) as usize;
+            Ok(jwt(r#"{"exp": 1700000002, "iat": 1700000000}"#, n))
+        };
+        let first = source.token(&exchange);
+        assert_eq!(source.token(&exchange), first, "cached while fresh");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        std::thread::sleep(Duration::from_millis(1500));
+        let second = source.token(&exchange);
+        assert_ne!(second, first, "renewed before it expires");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(source.token(&exchange), second);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_failed_early_renewal_keeps_the_token_and_waits_for_the_back_off() {
+        let dir = tempdir("early-fail");
+        let path = token_file(&dir, r#"{"refresh_token": "r1"}"#);
+        let slow = Backoff {
+            base: Duration::from_secs(30),
+            cap: Duration::from_secs(30),
+        };
+        let source = TokenSource::new(Some(path), slow);
+        let calls = AtomicU32::new(0);
+        let exchange = |_: &str| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) as usize;
+            if n == 0 {
+                Ok(jwt(r#"{"exp": 1700000002, "iat": 1700000000}"#, n))
+            } else {
+                Err("server down".to_string())
+            }
+        };
+        let first = source.token(&exchange);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(source.token(&exchange), first, "kept while it lasts");
+        assert_eq!(source.token(&exchange), first);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "one attempt, then the back-off"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn no_file_means_no_token_and_no_exchange() {

@@ -258,6 +258,38 @@ fn an_expired_token_is_refreshed_mid_job() {
     );
 }
 
+/// Access tokens that live 3 s (their `exp` and `iat` claims say so, as the real server's
+/// do): through a job with a silent 7 s test phase, the agent renews each token before it
+/// expires, so no request comes back 401.
+#[test]
+fn short_lived_tokens_are_renewed_before_the_server_refuses_them() {
+    let server = FakeServer::start_with(crate::support::fake_server::FakeConfig {
+        access_token_ttl: Duration::from_secs(3),
+        ..Default::default()
+    });
+    let s = Scratch::new("daemon-token-early");
+    let name = format!("token-early-{}", std::process::id());
+    let commands = "test_command: |\n  echo before\n  sleep 7\n  echo after\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the job to complete", |srv| finished(srv, &id));
+    assert!(server.log_text(&id, "output").contains("after"));
+    let refused: Vec<String> = server
+        .requests()
+        .iter()
+        .filter(|r| r.status == 401)
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "requests refused for an expired token: {refused:?}"
+    );
+    assert!(
+        server.request_count(&Route::Refresh) >= 3,
+        "tokens were renewed along the way"
+    );
+}
+
 #[test]
 fn sigterm_mid_phase_kills_the_tree_runs_cleanup_reports_and_exits_0() {
     let server = FakeServer::start();

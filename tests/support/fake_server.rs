@@ -1153,8 +1153,15 @@ impl Shared {
 
     fn issue_token(&self, st: &mut State) -> String {
         st.counter += 1;
+        // Shaped like the real server's tokens (a JWT whose `exp` and `iat` claims say its
+        // lifetime), unsigned; the server itself only looks the whole string up.
+        let now = now_micros() / 1_000_000;
+        let ttl = self.config.access_token_ttl.as_secs_f64();
+        let claims = json!({"exp": now as f64 + ttl, "iat": now, "sub": "agent"}).to_string();
         let token = format!(
-            "fake-access-{}-{}-{:x}",
+            "{}.{}.fake-{}-{}-{:x}",
+            base64url(br#"{"alg":"none","typ":"JWT"}"#),
+            base64url(claims.as_bytes()),
             self.port,
             st.counter,
             now_micros()
@@ -1862,4 +1869,18 @@ fn take_fault(st: &mut State, req: &WireRequest, route: Option<&Route>) -> Optio
     let kind = fault.kind;
     st.faults.retain(|f| f.remaining > 0);
     Some(kind)
+}
+
+/// Unpadded base64url, for the fake access tokens' JWT parts.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n =
+            chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
 }
