@@ -150,6 +150,9 @@ pub fn run(mut config: Config, options: &Options) -> (Config, Report) {
     ] {
         report.checks.push(check_dir(key, dir, &user.name));
     }
+    report
+        .checks
+        .push(check_lock(&config.execution_basedir, &config.agent_id));
     let token = check_token(&token_file, &user.name);
     let token_ok = token.verdict == Verdict::Ok;
     report.checks.push(token);
@@ -166,6 +169,24 @@ pub fn run(mut config: Config, options: &Options) -> (Config, Report) {
         report.note("server: not contacted; --server checks it answers and the token refreshes");
     }
     (config, report)
+}
+
+/// Whether an agent with this `agent_id` already runs on this host (it holds the lock in
+/// `execution_basedir` that a second copy would exit 2 on).
+fn check_lock(dir: &Path, agent_id: &str) -> Check {
+    let subject = format!("agent_id {agent_id}");
+    match crate::daemon::lock_holder(dir, agent_id) {
+        Ok(None) => Check::ok(subject, "no agent with this id runs on this host"),
+        Ok(Some(pid)) => Check::failed(
+            subject,
+            format!(
+                "an agent with this id already runs here (pid {}); a second copy would exit 2: stop it first, or give this config another agent_id",
+                pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+            ),
+        ),
+        // No execution_basedir yet, or unreadable: its own check says what to fix.
+        Err(_) => Check::ok(subject, "no lock to look at yet"),
+    }
 }
 
 /// Who runs the check, for the fix texts.

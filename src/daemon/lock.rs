@@ -75,6 +75,27 @@ impl AgentLock {
     }
 }
 
+/// Whether an agent holds the lock of `agent_id` in `dir` now, without taking it or
+/// creating anything: `Some(pid)` when one does (`pid` as it wrote it, if readable),
+/// `None` when none does (for `check-config`).
+pub fn holder(dir: &Path, agent_id: &str) -> std::io::Result<Option<Option<u32>>> {
+    let path = dir.join(format!(".testflinger-agent-{agent_id}.lock"));
+    let mut file = match File::open(&path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(None),
+        Err(TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            Ok(Some(text.trim().parse().ok()))
+        }
+        Err(TryLockError::Error(err)) => Err(err),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,7 +115,13 @@ mod tests {
         drop(first);
         let again = AgentLock::acquire(&dir, "dut-1").expect("free once dropped");
         assert!(again.path().ends_with(".testflinger-agent-dut-1.lock"));
+        assert_eq!(
+            holder(&dir, "dut-1").expect("readable"),
+            Some(Some(std::process::id()))
+        );
+        assert_eq!(holder(&dir, "dut-3").expect("no file"), None);
         drop((again, other_id));
+        assert_eq!(holder(&dir, "dut-1").expect("readable"), None, "released");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -7,7 +7,7 @@ mod spool;
 mod states;
 mod trails;
 
-pub use lock::{AgentLock, LockError};
+pub use lock::{holder as lock_holder, AgentLock, LockError};
 pub use recovery::{begin_recovery, conclude_recovery, RecoveryStart, MAX_CLEANUP_ATTEMPTS};
 pub use run::{deliver, Daemon, DaemonError, DaemonExit, DeliverError};
 pub use states::{

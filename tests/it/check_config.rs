@@ -303,6 +303,36 @@ fn token_file_failures_say_how_to_write_it() {
     );
 }
 
+/// Another agent with the same id runs on this host (it holds the lock a second copy
+/// would exit 2 on): the check names its pid; once it is gone the line is ok again.
+#[test]
+fn a_running_agent_with_the_same_id_is_named() {
+    let s = Scratch::new("check-lock");
+    let dir = s.path("d");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (config, token) = files(&s, "http://127.0.0.1:9", [&dir, &dir, &dir], "");
+    let args = [
+        os("-c"),
+        config.as_os_str(),
+        os("--token-file"),
+        token.as_os_str(),
+    ];
+    let out = run(&args, false);
+    out.assert_ok("agent_id check-agent");
+    let lock = testflinger_agent::daemon::AgentLock::acquire(&dir, "check-agent").expect("lock");
+    let out = run(&args, false);
+    out.assert_failed(
+        "agent_id check-agent",
+        &[
+            &format!("pid {}", std::process::id()),
+            "stop it first",
+            "another agent_id",
+        ],
+    );
+    drop(lock);
+    run(&args, false).assert_ok("agent_id check-agent");
+}
+
 #[test]
 fn a_port_in_use_names_its_holder() {
     let s = Scratch::new("check-port");
