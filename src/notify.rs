@@ -17,7 +17,8 @@
 //!   a thread of its own, but only while the main loop's last beat (`metrics::beat()`) is
 //!   younger than `WatchdogSec`: a loop stuck in a blocking call stops the pings, and
 //!   systemd restarts the agent between `WatchdogSec` and twice that after the last beat.
-//!   The loop beats at every cycle and every 100 ms of its waits; while a phase runs, the
+//!   The loop beats at every cycle and every quarter `WatchdogSec` of its waits (at most
+//!   every 100 ms; without a watchdog a wait is one sleep); while a phase runs, the
 //!   executor's watcher beats every `cancel_check_interval`. `$WATCHDOG_PID`, when set,
 //!   must be this process.
 //! - `EXTEND_TIMEOUT_USEC=` on the same ticks, only before `READY=1`: the start-up (crash

@@ -33,9 +33,11 @@ const UNREACHABLE_BACKOFF_CAP: Duration = Duration::from_secs(180);
 const HEARTBEAT_AGE: Duration = Duration::from_secs(86_400);
 /// The agent's own `oom_score_adj` when it may lower it (as root).
 const AGENT_OOM_SCORE_ADJ: i32 = -500;
-/// How often the loop beats while it waits between cycles (`metrics::beat()`, which the
-/// systemd watchdog pings on).
-const PAUSE_BEAT: Duration = Duration::from_millis(100);
+/// How often, at most, the loop beats while it waits between cycles under a systemd
+/// watchdog (`metrics::beat()`, which the pings follow): a quarter of `WatchdogSec`, never
+/// more often than this. Without a watchdog a wait is one sleep: an idle agent wakes only
+/// for its cycles.
+const PAUSE_BEAT_MIN: Duration = Duration::from_millis(100);
 /// The comment of a restart asked for by SIGUSR1 (the Python agent's words).
 const RESTART_SIGNAL_COMMENT: &str = "Restart signal detected from supervisor process";
 /// Comments of `offline` states that an agent posted itself on a stop or a restart, not an
@@ -209,10 +211,12 @@ impl Daemon {
     /// loop is healthy while it waits).
     fn pause(&self, period: Duration) {
         let deadline = Instant::now() + period;
+        let step = crate::notify::watchdog_timeout()
+            .map_or(period, |timeout| (timeout / 4).max(PAUSE_BEAT_MIN));
         loop {
             crate::metrics::beat();
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !self.stop.sleep_unless_shutdown(left.min(PAUSE_BEAT)) {
+            if left.is_zero() || !self.stop.sleep_unless_shutdown(left.min(step)) {
                 break;
             }
         }
@@ -579,9 +583,9 @@ impl Daemon {
         None
     }
 
-    /// Whether `execution_basedir` can take a job: a probe of [`ROOM_PROBE_BYTES`] is
-    /// written and removed. A job taken without room would only fail at once; instead the
-    /// job waits on the server until there is room again. Said once each way in the log.
+    /// Whether `execution_basedir` can take a job (see [`probe_room`]). A job taken without
+    /// room would only fail at once; instead the job waits on the server until there is
+    /// room again. Said once each way in the log.
     fn room_for_a_job(&mut self) -> bool {
         match probe_room(&self.config.execution_basedir) {
             Ok(()) => {
@@ -1076,18 +1080,34 @@ fn loose_job_id(body: &[u8]) -> Option<String> {
     Some(id.to_owned())
 }
 
-/// How much [`Daemon::room_for_a_job`] writes to find out whether a job could be recorded.
-const ROOM_PROBE_BYTES: usize = 64 * 1024;
+/// The free space [`Daemon::room_for_a_job`] asks for: enough for the first files and log
+/// lines of a job. (A full disk later in the job is handled where the write fails.)
+const ROOM_FOR_A_JOB: u64 = 64 * 1024;
 
+/// Whether `dir` can take a job: writable for this process, on a filesystem mounted
+/// read-write with [`ROOM_FOR_A_JOB`] free for it. Two system calls, nothing written: the
+/// check runs every cycle of an idle agent.
 fn probe_room(dir: &Path) -> std::io::Result<()> {
-    use std::io::Write;
-    let probe = dir.join(format!(".room-probe-{}", std::process::id()));
-    // No fsync: a full tmpfs or ext4 refuses the write itself, and the probe runs every
-    // cycle of an idle agent.
-    let written =
-        fs::File::create(&probe).and_then(|mut file| file.write_all(&[0u8; ROOM_PROBE_BYTES]));
-    let removed = fs::remove_file(&probe);
-    written.and(removed)
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let stats = statvfs(dir).map_err(std::io::Error::from)?;
+    if stats.flags().contains(FsFlags::ST_RDONLY) {
+        return Err(std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem));
+    }
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).map_err(std::io::Error::from)?;
+    // Root may use the blocks reserved for it; others only the available ones.
+    let blocks = if nix::unistd::geteuid().is_root() {
+        stats.blocks_free()
+    } else {
+        stats.blocks_available()
+    };
+    let free = blocks.saturating_mul(stats.fragment_size());
+    if free < ROOM_FOR_A_JOB {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!("{free} bytes free, a job needs at least {ROOM_FOR_A_JOB}"),
+        ));
+    }
+    Ok(())
 }
 
 fn ensure_writable_dir(dir: &Path) -> std::io::Result<()> {

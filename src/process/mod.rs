@@ -310,9 +310,10 @@ impl StopSignal {
         self.is_requested(StopKind::Shutdown) || self.is_requested(StopKind::KillNow)
     }
 
-    /// Sleeps `period`, waking within 100 ms of a shutdown request; `false` when the agent
-    /// is shutting down. For waits between commands (polling, allocation); a command's own
-    /// waits use the wake pipe.
+    /// Sleeps `period`, waking at once on a shutdown request (it blocks on the wake pipe,
+    /// with no periodic wake-up); `false` when the agent is shutting down. For waits
+    /// between commands (polling, allocation), which must not run beside a command of the
+    /// same signal: the wait empties the pipe.
     pub fn sleep_unless_shutdown(&self, period: Duration) -> bool {
         let deadline = std::time::Instant::now() + period;
         loop {
@@ -323,7 +324,7 @@ impl StopSignal {
             if now >= deadline {
                 return true;
             }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+            self.inner.wake.wait(deadline - now);
         }
     }
 
@@ -443,6 +444,41 @@ mod tests {
             shutdown_budget: None,
             oom_score_adj: None,
         }
+    }
+
+    /// A wait between commands ends on a shutdown request from another thread, not on a
+    /// cancel, and otherwise runs its whole period (no busy loop: it blocks on the pipe).
+    #[test]
+    fn a_wait_ends_on_shutdown_only() {
+        let stop = StopSignal::new().expect("pipe");
+        let started = std::time::Instant::now();
+        assert!(stop.sleep_unless_shutdown(Duration::from_millis(50)));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        let waker = stop.clone();
+        let thread = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            waker.request(StopKind::Cancel);
+            std::thread::sleep(Duration::from_millis(50));
+            waker.request(StopKind::Shutdown);
+        });
+        let started = std::time::Instant::now();
+        assert!(
+            !stop.sleep_unless_shutdown(Duration::from_secs(60)),
+            "ended by the shutdown"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(100),
+            "not by the cancel"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "well before its period"
+        );
+        thread.join().expect("thread");
+        assert!(
+            !stop.sleep_unless_shutdown(Duration::from_secs(60)),
+            "sticky"
+        );
     }
 
     #[test]

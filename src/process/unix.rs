@@ -80,6 +80,18 @@ impl WakePipe {
         let _ = write(&self.write, &[1]);
     }
 
+    /// Blocks until the pipe is woken or `timeout` passes, then empties it. For a waiter
+    /// between commands (no runner polls the pipe at the same time).
+    pub fn wait(&self, timeout: Duration) {
+        let now = Instant::now();
+        let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
+        if let Ok(n) = poll(&mut fds, poll_timeout(now, Some(later(now, timeout)))) {
+            if n > 0 {
+                self.drain();
+            }
+        }
+    }
+
     /// Empties the pipe so that the next `poll()` blocks again.
     fn drain(&self) {
         let mut buf = [0u8; 64];
