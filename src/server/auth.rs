@@ -37,6 +37,20 @@ struct State {
     renew_at: Option<Instant>,
 }
 
+impl State {
+    /// A new access token was obtained: cache it, note when to renew it, end any back-off.
+    fn took(&mut self, token: String) -> Option<String> {
+        if let Some(metrics) = crate::metrics::get() {
+            metrics.token_refreshed();
+        }
+        self.renew_at = renewal_time(&token);
+        self.token = Some(token);
+        self.failures = 0;
+        self.retry_at = None;
+        self.token.clone()
+    }
+}
+
 /// Holds the access token and decides when to refresh it.
 #[derive(Debug)]
 pub(crate) struct TokenSource {
@@ -117,15 +131,8 @@ impl TokenSource {
         let mut state = lock(&self.state);
         match outcome {
             Ok(token) => {
-                if let Some(metrics) = crate::metrics::get() {
-                    metrics.token_refreshed();
-                }
                 log::debug!("renewed the access token before it expires");
-                state.renew_at = renewal_time(&token);
-                state.token = Some(token);
-                state.failures = 0;
-                state.retry_at = None;
-                state.token.clone()
+                state.took(token)
             }
             Err(why) => {
                 state.failures = state.failures.saturating_add(1);
@@ -163,9 +170,6 @@ impl TokenSource {
         let mut state = lock(&self.state);
         match outcome {
             Ok(token) => {
-                if let Some(metrics) = crate::metrics::get() {
-                    metrics.token_refreshed();
-                }
                 if state.failures > 0 {
                     log::info!(
                         "obtained an access token after {} failed attempt(s)",
@@ -174,11 +178,7 @@ impl TokenSource {
                 } else {
                     log::debug!("obtained an access token");
                 }
-                state.renew_at = renewal_time(&token);
-                state.token = Some(token);
-                state.failures = 0;
-                state.retry_at = None;
-                state.token.clone()
+                state.took(token)
             }
             Err(why) => {
                 state.failures = state.failures.saturating_add(1);
