@@ -307,15 +307,7 @@ impl Journal {
             token: token.clone(),
         };
         let bytes = serde_json::to_vec(&live).expect("plain data always serialises");
-        let path = rundir.join(LIVE_FILE);
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        if let Err(err) = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, &path)) {
-            let _ = fs::remove_file(&tmp);
-            return Err(err);
-        }
-        Ok(())
+        crate::outcome::write_atomic(&rundir.join(LIVE_FILE), &bytes)
     }
 
     /// Takes in the phase and token of `live` when it was written after the journal's last

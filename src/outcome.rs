@@ -77,8 +77,12 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    fs::write(&tmp, data)?;
-    fs::rename(&tmp, path)
+    let written = fs::write(&tmp, data).and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        // A full disk must not keep the half-written copy either.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Empties `device-connector-error.json` at job start.

@@ -243,12 +243,22 @@ impl Daemon {
         }
     }
 
-    /// A hold by the server's state (`offline` or `maintenance`), as an event.
-    fn hold_event(state: &str) -> DaemonEvent {
+    /// A hold (`offline` or `maintenance`, by the server's state or the marker file): its
+    /// event, and the state it holds the daemon in.
+    fn hold_of(state: &str) -> (DaemonEvent, DaemonState) {
         if state == "maintenance" {
-            DaemonEvent::HeldMaintenance
+            (DaemonEvent::HeldMaintenance, DaemonState::Maintenance)
         } else {
-            DaemonEvent::HeldOffline
+            (DaemonEvent::HeldOffline, DaemonState::Offline)
+        }
+    }
+
+    /// Enters the hold `state` names, unless the daemon is held so already (a hold is seen
+    /// again every cycle while it lasts).
+    fn hold(&mut self, state: &str) {
+        let (event, held) = Self::hold_of(state);
+        if self.machine.state() != held {
+            self.fire(event, "");
         }
     }
 
@@ -433,7 +443,7 @@ impl Daemon {
         }
         match self.held.clone() {
             Some(hold) => {
-                self.fire(Self::hold_event(&hold.state), "");
+                self.hold(&hold.state);
                 log::warn!(
                     "the server holds this agent {} ({:?}); no job is taken until an administrator changes it",
                     hold.state,
@@ -497,15 +507,7 @@ impl Daemon {
                 state: server_state.unwrap_or_default().to_owned(),
                 comment: record.comment.clone(),
             });
-            let event = Self::hold_event(server_state.unwrap_or_default());
-            let target = if event == DaemonEvent::HeldMaintenance {
-                DaemonState::Maintenance
-            } else {
-                DaemonState::Offline
-            };
-            if self.machine.state() != target {
-                self.fire(event, "");
-            }
+            self.hold(server_state.unwrap_or_default());
             self.pause(self.config.polling_period());
             return None;
         }
@@ -537,9 +539,7 @@ impl Daemon {
                 "offline marker {} exists; not taking jobs",
                 marker.display()
             );
-            if self.machine.state() != DaemonState::Offline {
-                self.fire(DaemonEvent::HeldOffline, "");
-            }
+            self.hold("offline");
             self.pause(self.config.polling_period());
             return None;
         }
@@ -738,7 +738,7 @@ impl Daemon {
         let event = match deferred {
             _ if self.machine.state() == DaemonState::Draining => DaemonEvent::Drained,
             Some(request) if request.state == "restart" => DaemonEvent::RestartAsked,
-            Some(request) => Self::hold_event(&request.state),
+            Some(request) => Self::hold_of(&request.state).0,
             None => DaemonEvent::JobDone,
         };
         self.fire(event, "");
