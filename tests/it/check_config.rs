@@ -58,10 +58,22 @@ impl Run {
     }
 }
 
-fn run(args: &[&std::ffi::OsStr], unprivileged: bool) -> Run {
-    let mut command = Command::new(BIN);
+/// Runs `check-config` with `args`; with `unprivileged` (the test's scratch) and when the
+/// tests run as root, as [`NOBODY`], from a link to the binary in that scratch: the build's
+/// own path may lie under a directory only root can enter (a clone in `mktemp -d`).
+fn run(args: &[&std::ffi::OsStr], unprivileged: Option<&Scratch>) -> Run {
+    let mut bin = PathBuf::from(BIN);
+    let as_nobody = unprivileged.filter(|_| nix::unistd::geteuid().is_root());
+    if let Some(scratch) = as_nobody {
+        let link = scratch.path("testflinger-agent-bin");
+        if !link.exists() && std::fs::hard_link(BIN, &link).is_err() {
+            std::fs::copy(BIN, &link).expect("copy the binary for the unprivileged user");
+        }
+        bin = link;
+    }
+    let mut command = Command::new(&bin);
     command.arg("check-config").args(args);
-    if unprivileged && nix::unistd::geteuid().is_root() {
+    if as_nobody.is_some() {
         command.uid(NOBODY).gid(NOBODY);
     }
     let Output {
@@ -129,7 +141,7 @@ fn all_ok_against_the_server_leaves_nothing_behind_and_posts_nothing() {
             os(&port),
             os("--server"),
         ],
-        false,
+        None,
     );
     assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
     for subject in [
@@ -197,7 +209,7 @@ fn directory_failures_name_the_key_and_the_fix() {
             os("--token-file"),
             token.as_os_str(),
         ],
-        true,
+        Some(&s),
     );
     out.assert_failed(
         "execution_basedir",
@@ -233,7 +245,7 @@ fn directory_failures_name_the_key_and_the_fix() {
             os("--token-file"),
             token.as_os_str(),
         ],
-        true,
+        Some(&s),
     );
     out.assert_failed(
         "execution_basedir",
@@ -252,7 +264,7 @@ fn token_file_failures_say_how_to_write_it() {
     let s = Scratch::new("check-token");
     let dir = s.path("d");
     let (config, _) = files(&s, "http://127.0.0.1:9", [&dir, &dir, &dir], "");
-    let check = |token: &Path, unprivileged: bool| {
+    let check = |token: &Path, unprivileged: Option<&Scratch>| {
         run(
             &[
                 os("-c"),
@@ -263,14 +275,14 @@ fn token_file_failures_say_how_to_write_it() {
             unprivileged,
         )
     };
-    let out = check(&s.path("absent"), false);
+    let out = check(&s.path("absent"), None);
     out.assert_failed(
         "token file",
         &["absent", "{\"refresh_token\": \"...\"}", "--token-file"],
     );
-    let out = check(&s.write("garbled", "refresh_token=abc"), false);
+    let out = check(&s.write("garbled", "refresh_token=abc"), None);
     out.assert_failed("token file", &["not a JSON object", "rewrite it as"]);
-    let out = check(&s.write("empty", "{\"refresh_token\": \" \"}"), false);
+    let out = check(&s.write("empty", "{\"refresh_token\": \" \"}"), None);
     out.assert_failed(
         "token file",
         &["is empty", "write the agent's refresh token"],
@@ -278,7 +290,7 @@ fn token_file_failures_say_how_to_write_it() {
     let private = s.write("private", "{\"refresh_token\": \"x\"}");
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o000)).expect("chmod");
     // Root reads it regardless; another user cannot.
-    let out = check(&private, true);
+    let out = check(&private, Some(&s));
     out.assert_failed("token file", &["cannot read it", "chown", "chmod 600"]);
     // Without --token-file the daemon's default is checked, and a config key that the
     // daemon would not use is pointed out.
@@ -288,7 +300,7 @@ fn token_file_failures_say_how_to_write_it() {
         [&dir, &dir, &dir],
         "token_file: /elsewhere\n",
     );
-    let out = run(&[os("-c"), config.as_os_str()], false);
+    let out = run(&[os("-c"), config.as_os_str()], None);
     assert!(
         out.line("token file")
             .contains(testflinger_agent::cli::DEFAULT_TOKEN_FILE),
@@ -317,10 +329,10 @@ fn a_running_agent_with_the_same_id_is_named() {
         os("--token-file"),
         token.as_os_str(),
     ];
-    let out = run(&args, false);
+    let out = run(&args, None);
     out.assert_ok("agent_id check-agent");
     let lock = testflinger_agent::daemon::AgentLock::acquire(&dir, "check-agent").expect("lock");
-    let out = run(&args, false);
+    let out = run(&args, None);
     out.assert_failed(
         "agent_id check-agent",
         &[
@@ -330,7 +342,7 @@ fn a_running_agent_with_the_same_id_is_named() {
         ],
     );
     drop(lock);
-    run(&args, false).assert_ok("agent_id check-agent");
+    run(&args, None).assert_ok("agent_id check-agent");
 }
 
 #[test]
@@ -352,7 +364,7 @@ fn a_port_in_use_names_its_holder() {
             os("--token-file"),
             token.as_os_str(),
         ],
-        false,
+        None,
     );
     out.assert_failed(
         "metrics port",
@@ -374,7 +386,7 @@ fn a_port_in_use_names_its_holder() {
             os("-p"),
             os(&free),
         ],
-        false,
+        None,
     );
     out.assert_ok(&format!("metrics port {free}"));
     assert_eq!(out.code, Some(0), "{}", out.stdout);
@@ -395,7 +407,7 @@ fn server_failures_say_what_to_fix() {
         token.as_os_str(),
         os("--server"),
     ];
-    let out = run(&args, false);
+    let out = run(&args, None);
     out.assert_failed("server", &["GET /v1", "check server_address"]);
     assert!(
         out.stdout
@@ -415,7 +427,7 @@ fn server_failures_say_what_to_fix() {
         token.as_os_str(),
         os("--server"),
     ];
-    let out = run(&args, false);
+    let out = run(&args, None);
     out.assert_ok("server");
     out.assert_failed(
         "token refresh",
@@ -434,11 +446,11 @@ fn server_failures_say_what_to_fix() {
     )
     .expect("write");
     server.fail_next(Route::AgentDataGet, 2, 403);
-    let out = run(&args, false);
+    let out = run(&args, None);
     out.assert_ok("token refresh");
     out.assert_failed("agent record", &["answered 403", "needs the agent role"]);
 
     // Once the fault is used up, all is well.
-    let out = run(&args, false);
+    let out = run(&args, None);
     assert_eq!(out.code, Some(0), "{}", out.stdout);
 }
