@@ -435,6 +435,11 @@ impl PhaseRunner for PhaseExecutor<'_> {
             write_failed: None,
             lost: 0,
             journal_failed: None,
+            direct_allowed: self.storage_failed.is_none(),
+            direct: false,
+            room_checked: Instant::now(),
+            len_at_room_check: 0,
+            grew_before_check: false,
         };
         for line in banner(phase, &self.config.agent_id) {
             sink.output(line.as_bytes());
@@ -949,6 +954,10 @@ fn append_agent_line(
     }
 }
 
+/// With direct capture, how often the disk is looked at (the runner follows the log at
+/// least once a second).
+const ROOM_CHECK: Duration = Duration::from_millis(900);
+
 /// How often a phase that keeps printing refreshes the journal's live-output progress, so
 /// that a restart after the agent's death resends little output twice.
 const JOURNAL_REFRESH: Duration = Duration::from_secs(5);
@@ -1123,6 +1132,16 @@ struct PhaseSink<'a> {
     lost: u64,
     /// Why the journal could not be written during the command.
     journal_failed: Option<String>,
+    /// Whether the command may write into the log itself ([`OutputSink::direct_output`]):
+    /// not once the job could not be recorded (cleanup then marks every hole).
+    direct_allowed: bool,
+    /// Whether it does: the log grows without the sink, which catches up in `follow`.
+    direct: bool,
+    /// Direct capture: when the disk was last looked at, the log's length then, and
+    /// whether it had grown since the look before.
+    room_checked: Instant,
+    len_at_room_check: u64,
+    grew_before_check: bool,
 }
 
 impl PhaseSink<'_> {
@@ -1189,10 +1208,56 @@ impl PhaseSink<'_> {
             }
             return false;
         }
+        if self.direct {
+            // The command writes into the same file: its order is the file's.
+            self.catch_up();
+            return true;
+        }
         self.len += data.len() as u64;
         self.server
             .output(self.job_id, self.phase, data, self.path, self.len);
         true
+    }
+
+    /// Direct capture: hands what the log gained since `len` to the live output. When it
+    /// grew: when it was last written.
+    fn catch_up(&mut self) -> Option<std::time::SystemTime> {
+        let meta = self.file.as_ref().and_then(|f| f.metadata().ok())?;
+        if meta.len() <= self.len {
+            return None;
+        }
+        let from = std::mem::replace(&mut self.len, meta.len());
+        self.server
+            .output_written(self.job_id, self.phase, self.path, from, meta.len());
+        Some(
+            meta.modified()
+                .unwrap_or_else(|_| std::time::SystemTime::now()),
+        )
+    }
+
+    /// Direct capture: a write the command makes into a full disk fails without the agent
+    /// seeing it. Output that was flowing and stopped while the file system has no block
+    /// left for the agent is taken as output that can no longer be recorded.
+    fn check_room(&mut self) {
+        self.room_checked = Instant::now();
+        let grew = self.len != self.len_at_room_check;
+        let was_flowing = std::mem::replace(&mut self.grew_before_check, grew);
+        self.len_at_room_check = self.len;
+        if grew || !was_flowing || self.write_failed.is_some() {
+            return;
+        }
+        let Some(file) = &self.file else { return };
+        if crate::outcome::has_room(file) {
+            return;
+        }
+        let err = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        log::error!(
+            "job {}: the {} command's output stopped and {} has no room left: {err}",
+            self.job_id,
+            self.phase,
+            self.path.display()
+        );
+        self.write_failed = Some(format!("cannot write {}: {err}", self.path.display()));
     }
 
     fn save_journal(&mut self) {
@@ -1236,6 +1301,36 @@ impl OutputSink for PhaseSink<'_> {
         if let Some(journal) = &mut self.journal {
             journal_command_spawned(journal, pgid, token);
         }
+    }
+
+    fn direct_output(&mut self) -> Option<File> {
+        if !self.direct_allowed
+            || !self.masker.is_empty()
+            || self.write_failed.is_some()
+            || self.file.is_none()
+        {
+            return None;
+        }
+        // A description of the command's own: the runner watches for its last close.
+        let file = OpenOptions::new().append(true).open(self.path).ok()?;
+        self.direct = true;
+        self.catch_up();
+        self.len_at_room_check = self.len;
+        Some(file)
+    }
+
+    fn follow(&mut self) -> Option<std::time::SystemTime> {
+        let grew = self.catch_up();
+        if self.room_checked.elapsed() >= ROOM_CHECK {
+            self.check_room();
+        }
+        if grew.is_some()
+            && self.journal.is_some()
+            && self.journal_saved.elapsed() >= JOURNAL_REFRESH
+        {
+            self.save_journal();
+        }
+        grew
     }
 
     fn unrecordable(&self) -> bool {

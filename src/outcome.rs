@@ -71,6 +71,23 @@ impl OutcomeFile {
     }
 }
 
+/// Bytes this process may still write on the file system `stats` describes: root may use
+/// the blocks reserved for it, others only the available ones.
+pub fn free_bytes(stats: &nix::sys::statvfs::Statvfs) -> u64 {
+    let blocks = if nix::unistd::geteuid().is_root() {
+        stats.blocks_free()
+    } else {
+        stats.blocks_available()
+    };
+    blocks.saturating_mul(stats.fragment_size())
+}
+
+/// Whether the file system holding `file` has a block left for this process (`true` when
+/// it cannot be asked).
+pub fn has_room(file: &fs::File) -> bool {
+    nix::sys::statvfs::fstatvfs(file).map_or(true, |stats| free_bytes(&stats) > 0)
+}
+
 /// Writes `data` to `path` through a temporary file and a rename, so a reader (or a crash)
 /// never sees half a file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {

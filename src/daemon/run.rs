@@ -1094,13 +1094,7 @@ fn probe_room(dir: &Path) -> std::io::Result<()> {
         return Err(std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem));
     }
     nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).map_err(std::io::Error::from)?;
-    // Root may use the blocks reserved for it; others only the available ones.
-    let blocks = if nix::unistd::geteuid().is_root() {
-        stats.blocks_free()
-    } else {
-        stats.blocks_available()
-    };
-    let free = blocks.saturating_mul(stats.fragment_size());
+    let free = crate::outcome::free_bytes(&stats);
     if free < ROOM_FOR_A_JOB {
         return Err(std::io::Error::new(
             std::io::ErrorKind::StorageFull,

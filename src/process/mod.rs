@@ -241,6 +241,22 @@ pub trait OutputSink {
     fn unrecordable(&self) -> bool {
         false
     }
+
+    /// Direct capture: a file the command's stdout and stderr are connected to, so that its
+    /// output never passes through the agent. It must be a description of its own (opened
+    /// anew, for append), not a duplicate of one the agent keeps: the runner takes its last
+    /// close as the sign that no process holds the output any more. `None` (the default):
+    /// the output comes through a pipe, to [`OutputSink::output`].
+    fn direct_output(&mut self) -> Option<std::fs::File> {
+        None
+    }
+
+    /// Direct capture: a look at the file, now and then while the command runs. The sink
+    /// takes what is new (and notices when no more can be written, for
+    /// [`OutputSink::unrecordable`]). When the file grew: when it was last written.
+    fn follow(&mut self) -> Option<std::time::SystemTime> {
+        None
+    }
 }
 
 impl<F: FnMut(&[u8])> OutputSink for F {

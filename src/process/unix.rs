@@ -1,9 +1,11 @@
 //! The Unix side of the process runner: nix calls, process groups, the subreaper sweep.
 //!
 //! One command is `/bin/sh -c CMD` in a new process group whose stdout and stderr share
-//! one pipe. The runner blocks in `poll()` on that pipe, the [`StopSignal`]'s wake pipe
-//! and a pidfd of the shell (readable when it exits), with the timeout computed from the
-//! nearest deadline. A [`ProcessGroupGuard`] owns the group from spawn to reap: its final
+//! one pipe, or, when the sink offers a file ([`OutputSink::direct_output`]), that file:
+//! the command then writes its log itself and the runner follows the file (see
+//! [`Capture`]). The runner blocks in `poll()` on the pipe (or the file's inotify watch),
+//! the [`StopSignal`]'s wake pipe and a pidfd of the shell (readable when it exits), with
+//! the timeout computed from the nearest deadline. A [`ProcessGroupGuard`] owns the group from spawn to reap: its final
 //! sweep (also run from `Drop`) kills the group and every process carrying the phase token.
 //!
 //! Stopping a command sends SIGTERM to the group and, right after, to every process of the
@@ -25,6 +27,7 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::libc;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpid, pipe2, read, write, Pid};
@@ -46,6 +49,13 @@ const PIPE_SIZE: i32 = 1 << 20;
 const SWEEP_BOUND: Duration = Duration::from_secs(2);
 /// After the sweep, how long to wait for the output pipe to report EOF.
 const DRAIN_BOUND: Duration = Duration::from_millis(500);
+/// With direct capture, how often the runner asks the sink to look at the file: every
+/// `FOLLOW_FIRST` while it grows, backing off (doubling) to `FOLLOW_MAX` while it does
+/// not. A watch on every write would cost the command more than the look (a wake-up and
+/// an event per write); the file's mtime says when it was last written, so the output
+/// timeout is kept exactly all the same.
+const FOLLOW_FIRST: Duration = Duration::from_millis(20);
+const FOLLOW_MAX: Duration = Duration::from_secs(1);
 /// Without pidfd (Linux < 5.3) the shell's exit is checked this often.
 const NO_PIDFD_TICK: Duration = Duration::from_millis(20);
 /// While terminating, how often the phase's processes are rescanned (to SIGTERM late
@@ -615,19 +625,38 @@ pub fn run_command(
         cwd: spec.cwd.clone(),
         source,
     };
-    let (out_read, out_write) =
-        pipe2(OFlag::O_CLOEXEC).map_err(sys("creating the command's output pipe"))?;
-    let flags = fcntl(&out_read, FcntlArg::F_GETFL).map_err(sys("F_GETFL on the output pipe"))?;
-    fcntl(
-        &out_read,
-        FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK),
-    )
-    .map_err(sys("making the output pipe non-blocking"))?;
-    // Throughput only: a larger pipe means fewer wake-ups. The default 64 KiB still works.
-    let _ = fcntl(&out_read, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
-    // The duplicate is close-on-exec too (F_DUPFD_CLOEXEC), so a command spawned by another
-    // thread cannot inherit it and hold this pipe open.
-    let err_write = out_write.try_clone().map_err(spawn_error)?;
+    // Direct capture when the sink offers a file and the kernel can watch it; else the pipe.
+    let (capture, out_write, err_write) = match sink.direct_output().and_then(watch_direct) {
+        Some((inotify, file)) => {
+            let err = file.try_clone().map_err(spawn_error)?;
+            (
+                Capture::Follow(inotify),
+                Stdio::from(file),
+                Stdio::from(err),
+            )
+        }
+        None => {
+            let (out_read, out_write) =
+                pipe2(OFlag::O_CLOEXEC).map_err(sys("creating the command's output pipe"))?;
+            let flags =
+                fcntl(&out_read, FcntlArg::F_GETFL).map_err(sys("F_GETFL on the output pipe"))?;
+            fcntl(
+                &out_read,
+                FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK),
+            )
+            .map_err(sys("making the output pipe non-blocking"))?;
+            // Throughput only: a larger pipe means fewer wake-ups. The default 64 KiB works.
+            let _ = fcntl(&out_read, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+            // The duplicate is close-on-exec too (F_DUPFD_CLOEXEC), so a command spawned by
+            // another thread cannot inherit it and hold this pipe open.
+            let err_write = out_write.try_clone().map_err(spawn_error)?;
+            (
+                Capture::Pipe(out_read),
+                Stdio::from(out_write),
+                Stdio::from(err_write),
+            )
+        }
+    };
 
     let leader_pid = {
         let mut cmd = Command::new("/bin/sh");
@@ -635,8 +664,8 @@ pub fn run_command(
             .arg(&spec.command)
             .current_dir(&spec.cwd)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(out_write))
-            .stderr(Stdio::from(err_write))
+            .stdout(out_write)
+            .stderr(err_write)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .env(TOKEN_VAR, &token)
             .process_group(0);
@@ -654,7 +683,8 @@ pub fn run_command(
         sink.spawning(&token);
         // std's Child neither kills nor waits on drop; the guard owns the process from here.
         cmd.spawn().map_err(spawn_error)?.id()
-        // `cmd` drops here, closing the agent's copies of the pipe's write end.
+        // `cmd` drops here, closing the agent's copies of the pipe's write end (or of the
+        // command's own description of the log file).
     };
     let start = Instant::now();
     let leader = Pid::from_raw(i32::try_from(leader_pid).expect("a Linux pid fits in i32"));
@@ -663,8 +693,16 @@ pub fn run_command(
     log::debug!("command started: pgid {leader}, cwd {}", spec.cwd.display());
 
     let wake = stop.wake_pipe();
-    let mut buf = vec![0u8; READ_CHUNK];
+    let mut buf = match capture {
+        Capture::Pipe(_) => vec![0u8; READ_CHUNK],
+        Capture::Follow(_) => Vec::new(),
+    };
+    // Until the pipe's EOF, or until the last holder of the command's description of the
+    // log file closed it: background processes still hold the output.
     let mut pipe_open = true;
+    // Direct capture: when the sink next looks at the file, and the pause after that.
+    let mut follow_pause = FOLLOW_FIRST;
+    let mut next_follow = start + follow_pause;
     let mut leader_exit_at: Option<Instant> = None;
     let mut state = CommandState::Running;
     let mut reason: Option<Termination> = None;
@@ -807,13 +845,18 @@ pub fn run_command(
         } else {
             deadline
         };
+        let deadline = match capture {
+            Capture::Follow(_) => earliest(deadline, Some(next_follow)),
+            Capture::Pipe(_) => deadline,
+        };
+        let watch_output = pipe_open;
         let watch_leader = leader_exit_at.is_none();
         let watch_exits = state == CommandState::Terminating;
         let (out_ready, wake_ready, leader_ready, exited) = {
             let mut fds = Vec::with_capacity(3);
             fds.push(PollFd::new(wake.read.as_fd(), PollFlags::POLLIN));
-            if pipe_open {
-                fds.push(PollFd::new(out_read.as_fd(), PollFlags::POLLIN));
+            if watch_output {
+                fds.push(PollFd::new(capture.as_fd(), PollFlags::POLLIN));
             }
             if let (true, Some(pidfd)) = (watch_leader, &guard.pidfd) {
                 fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
@@ -835,7 +878,7 @@ pub fn run_command(
             };
             let mut it = fds.iter();
             let wake_ready = ready(it.next());
-            let out_ready = pipe_open && ready(it.next());
+            let out_ready = watch_output && ready(it.next());
             let leader_ready = watch_leader && guard.pidfd.is_some() && ready(it.next());
             let exited: Vec<usize> = watched
                 .into_iter()
@@ -855,8 +898,8 @@ pub fn run_command(
             leader_exit_at = Some(Instant::now());
         }
         let mut rescan_now = leader_ready || !exited.is_empty();
-        if out_ready {
-            match read(&out_read, &mut buf) {
+        match &capture {
+            Capture::Pipe(out_read) if out_ready => match read(out_read, &mut buf) {
                 Ok(0) => {
                     pipe_open = false;
                     rescan_now = true;
@@ -867,6 +910,24 @@ pub fn run_command(
                 }
                 Err(Errno::EAGAIN | Errno::EINTR) => {}
                 Err(e) => return Err(sys("reading the command's output")(e)),
+            },
+            Capture::Pipe(_) => {}
+            Capture::Follow(inotify) => {
+                if out_ready && last_holder_closed(inotify) {
+                    pipe_open = false;
+                    rescan_now = true;
+                }
+                let now = Instant::now();
+                if now >= next_follow || rescan_now {
+                    match sink.follow() {
+                        Some(written) => {
+                            last_output = instant_of(written, now).max(last_output);
+                            follow_pause = FOLLOW_FIRST;
+                        }
+                        None => follow_pause = (follow_pause * 2).min(FOLLOW_MAX),
+                    }
+                    next_follow = now + follow_pause;
+                }
             }
         }
         // A signalled process exiting, the shell exiting or the output closing: the rest
@@ -904,7 +965,13 @@ pub fn run_command(
             }
             _ => DRAIN_BOUND,
         };
-        drain_output(&out_read, &mut buf, sink, bound)?;
+        if let Capture::Pipe(out_read) = &capture {
+            drain_output(out_read, &mut buf, sink, bound)?;
+        }
+    }
+    if let Capture::Follow(_) = capture {
+        // What the killed processes wrote last.
+        sink.follow();
     }
     let status = guard.reap_leader()?;
     let duration = start.elapsed();
@@ -929,6 +996,67 @@ pub fn run_command(
         escapees_terminated: guard.escapees_terminated(),
         duration,
     })
+}
+
+/// Where the command's output goes.
+enum Capture {
+    /// A pipe the agent reads, chunk by chunk to [`OutputSink::output`].
+    Pipe(OwnedFd),
+    /// The command writes into the sink's file itself ([`OutputSink::direct_output`]); an
+    /// inotify watch on that file wakes the runner when the command's description of it is
+    /// closed for the last time
+    /// (`IN_CLOSE_WRITE`: no process holds the output any more, as the pipe's EOF says).
+    Follow(Inotify),
+}
+
+impl Capture {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Capture::Pipe(fd) => fd.as_fd(),
+            Capture::Follow(inotify) => inotify.as_fd(),
+        }
+    }
+}
+
+/// The [`Instant`] of a wall-clock time in the past (`now` for one in the future).
+fn instant_of(at: std::time::SystemTime, now: Instant) -> Instant {
+    let ago = std::time::SystemTime::now()
+        .duration_since(at)
+        .unwrap_or_default();
+    now.checked_sub(ago).unwrap_or(now)
+}
+
+/// Watches the file a sink offered for direct capture. `None` (the pipe is used) when the
+/// kernel cannot watch it.
+fn watch_direct(file: File) -> Option<(Inotify, File)> {
+    let watched = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).and_then(|i| {
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        i.add_watch(path.as_str(), AddWatchFlags::IN_CLOSE_WRITE)?;
+        Ok(i)
+    });
+    match watched {
+        Ok(inotify) => Some((inotify, file)),
+        Err(err) => {
+            log::debug!("cannot watch the log file ({err}); the output goes through a pipe");
+            None
+        }
+    }
+}
+
+/// Reads the watch's pending events; whether one says the file was closed after writing.
+/// Only the command's tree holds a writable description of its own (the agent's copies
+/// are closed once the command has spawned), so the first close is the last holder's.
+fn last_holder_closed(inotify: &Inotify) -> bool {
+    let mut closed = false;
+    while let Ok(events) = inotify.read_events() {
+        if events.is_empty() {
+            break;
+        }
+        closed |= events
+            .iter()
+            .any(|e| e.mask.contains(AddWatchFlags::IN_CLOSE_WRITE));
+    }
+    closed
 }
 
 /// Reads what the killed processes left in the pipe, until EOF or `bound` (a writer outside

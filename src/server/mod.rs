@@ -115,6 +115,13 @@ pub trait Server: Send + Sync {
     /// now `log_len` bytes long. Must not block on the network.
     fn output(&self, job_id: &str, phase: Phase, chunk: &[u8], log_path: &Path, log_len: u64);
 
+    /// New command output of `phase` that the command wrote into `log_path` itself (direct
+    /// capture): the bytes from `from` to `log_len`. Must not block on the network.
+    fn output_written(&self, job_id: &str, phase: Phase, log_path: &Path, from: u64, log_len: u64) {
+        let _ = from;
+        self.output(job_id, phase, &[], log_path, log_len);
+    }
+
     /// The phase's output is complete: deliver what is pending (bounded wait).
     fn finish_output(&self, job_id: &str, phase: Phase);
 

@@ -6,6 +6,7 @@ mod support;
 
 mod admin_state;
 mod audit;
+mod capture;
 mod charm_metrics;
 mod check_config;
 mod crash_recovery;
