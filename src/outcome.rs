@@ -113,10 +113,36 @@ pub fn reset_connector_error(rundir: &Path) -> io::Result<()> {
 /// Connectors append one JSON object per failure, so the file may hold several objects
 /// back to back; the last one that describes `phase` wins. Anything unparsable is ignored.
 pub fn connector_error_detail(rundir: &Path, phase: Phase) -> String {
-    match fs::read(rundir.join(CONNECTOR_ERROR_FILE)) {
-        Ok(text) => parse_connector_error(&text, phase),
-        Err(_) => String::new(),
+    match read_connector_file(&rundir.join(CONNECTOR_ERROR_FILE)) {
+        Some(text) => parse_connector_error(&text, phase),
+        None => String::new(),
     }
+}
+
+/// The most the agent reads of a file a device connector wrote (`device-info.json`,
+/// `device-connector-error.json`): a server record holds 16 MiB at most, and the agent's
+/// memory stays small whatever a connector leaves behind.
+pub const CONNECTOR_FILE_LIMIT: u64 = 4 << 20;
+
+/// A connector's file, `None` when it is absent, unreadable or over
+/// [`CONNECTOR_FILE_LIMIT`] (said in the log).
+fn read_connector_file(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let file = fs::File::open(path).ok()?;
+    let mut text = Vec::new();
+    if let Err(err) = file.take(CONNECTOR_FILE_LIMIT + 1).read_to_end(&mut text) {
+        log::warn!("cannot read {}: {err}", path.display());
+        return None;
+    }
+    if text.len() as u64 > CONNECTOR_FILE_LIMIT {
+        log::warn!(
+            "{} is over {} MiB; ignored",
+            path.display(),
+            CONNECTOR_FILE_LIMIT >> 20
+        );
+        return None;
+    }
+    Some(text)
 }
 
 /// [`connector_error_detail`] of the file's content `text`.
@@ -145,7 +171,7 @@ pub fn parse_connector_error(text: &[u8], phase: Phase) -> String {
 
 /// The content of `device-info.json` when the connector wrote a JSON object there.
 pub fn read_device_info(rundir: &Path) -> Option<Value> {
-    let text = fs::read(rundir.join(DEVICE_INFO_FILE)).ok()?;
+    let text = read_connector_file(&rundir.join(DEVICE_INFO_FILE))?;
     let info = parse_device_info(&text);
     if info.is_none() {
         log::warn!(
@@ -192,6 +218,25 @@ mod tests {
         outcome.set_status(Phase::Test, 1).expect("write");
         let text = fs::read_to_string(dir.join(OUTCOME_FILE)).expect("read");
         assert_eq!(text, r#"{"status":{"setup":0,"test":1}}"#);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn connector_files_over_the_limit_are_ignored_not_read_whole() {
+        let dir = tempdir("limit");
+        let info = format!(
+            r#"{{"device_ip": "10.0.0.1", "pad": "{}"}}"#,
+            "x".repeat(1000)
+        );
+        fs::write(dir.join(DEVICE_INFO_FILE), &info).expect("write");
+        assert!(read_device_info(&dir).is_some(), "a normal file is read");
+        // Sparse: the size is there without the disk space.
+        let big = fs::File::create(dir.join(DEVICE_INFO_FILE)).expect("create");
+        big.set_len(CONNECTOR_FILE_LIMIT + 1).expect("set_len");
+        assert_eq!(read_device_info(&dir), None);
+        let error = fs::File::create(dir.join(CONNECTOR_ERROR_FILE)).expect("create");
+        error.set_len(CONNECTOR_FILE_LIMIT + 1).expect("set_len");
+        assert_eq!(connector_error_detail(&dir, Phase::Provision), "");
         let _ = fs::remove_dir_all(dir);
     }
 
