@@ -95,14 +95,16 @@ FIGURES += [
     ("fleet_idle_rss_mib", "MiB", "{agents} idle agents, one fake server: total RSS",
      ("<=", 800.0), "≤ 800 MiB (100 agents)", FLEET),
     ("fleet_idle_cpu_s_per_min", "s/min",
-     "{agents} idle agents (polling every {poll_s} s): total CPU", None, "", FLEET),
+     "{agents} idle agents (polling every {poll_s} s): total CPU over {window_s} s "
+     "({method})", None, "", FLEET),
     ("fleet_idle_requests_per_s", "requests/s", "{agents} idle agents: requests a second",
      None, "", FLEET),
     ("fleet_job_peak_rss_mib", "MiB",
      "{agents} agents, one short job each: total peak RSS (VmHWM)",
      ("<=", 800.0), "≤ 800 MiB (100 agents)", FLEET),
     ("fleet_job_cpu_s", "s",
-     "{agents} agents, one short job each: total agent CPU, jobs submitted → all complete",
+     "{agents} agents, one short job each: total CPU of the agents and their commands, "
+     "jobs submitted → all complete ({method})",
      None, "", FLEET),
     ("fleet_job_requests_per_s", "requests/s",
      "{agents} agents, one short job each: requests a second meanwhile", None, "", FLEET),

@@ -31,8 +31,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_testflinger-agent");
 const FRAGMENT: usize = 1024 * 1024;
 
 /// Sizes and windows of one run of the suite.
+#[derive(Clone)]
 struct Plan {
-    smoke: bool,
     dir: PathBuf,
     daemon_bytes: u64,
     daemon_rounds: usize,
@@ -51,7 +51,6 @@ impl Plan {
     fn new(smoke: bool, dir: PathBuf) -> Plan {
         if smoke {
             Plan {
-                smoke,
                 dir,
                 daemon_bytes: 5_000_000,
                 daemon_rounds: 1,
@@ -64,7 +63,6 @@ impl Plan {
             }
         } else {
             Plan {
-                smoke,
                 dir,
                 daemon_bytes: 200_000_000,
                 daemon_rounds: 3,
@@ -175,49 +173,61 @@ fn schedstat_seconds(pid: u32) -> f64 {
     ns as f64 / 1e9
 }
 
-/// The CPU `pid` (and what it starts meanwhile) uses over `window`: perf's task-clock
-/// when perf attaches, else the threads' schedstat before and after. Returns (seconds,
-/// method).
-fn cpu_over(pid: u32, window: Duration) -> (f64, &'static str) {
-    let before = schedstat_seconds(pid);
-    let perf = Command::new("perf")
-        .args([
-            "stat",
-            "-x",
-            ",",
-            "-e",
-            "task-clock",
-            "-p",
-            &pid.to_string(),
-        ])
-        .arg("--")
-        .arg("sleep")
-        .arg(format!("{:.3}", window.as_secs_f64()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output();
-    if let Ok(out) = perf {
-        let text = String::from_utf8_lossy(&out.stderr);
-        let line = text.lines().find(|l| l.contains("task-clock"));
-        let fields: Vec<&str> = line.map(|l| l.split(',').collect()).unwrap_or_default();
-        if out.status.success() && fields.get(1) == Some(&"msec") {
-            // A task that never ran in the window is "<not counted>": no CPU.
-            if fields[0] == "<not counted>" {
-                return (0.0, "perf");
-            }
-            if let Ok(msec) = fields[0].parse::<f64>() {
-                return (msec / 1000.0, "perf");
+/// Measures the CPU that processes (with the threads and children they start meanwhile)
+/// use from `start` to `stop`: perf's task-clock (nanoseconds) when perf attaches, else the
+/// schedstat of their living threads before and after (nanoseconds too, but a thread that
+/// exits in between takes its time with it).
+struct CpuMeter {
+    pids: Vec<u32>,
+    perf: Option<Child>,
+    before: f64,
+}
+
+impl CpuMeter {
+    fn start(pids: &[u32]) -> CpuMeter {
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let perf = Command::new("perf")
+            .args(["stat", "-x", ",", "-e", "task-clock", "-p", &list.join(",")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok();
+        CpuMeter {
+            pids: pids.to_vec(),
+            perf,
+            before: pids.iter().copied().map(schedstat_seconds).sum(),
+        }
+    }
+
+    /// (seconds, method).
+    fn stop(self) -> (f64, &'static str) {
+        if let Some(perf) = self.perf {
+            // perf stat prints its counts when interrupted; it is ours, stopped by its pid.
+            let pid = nix::unistd::Pid::from_raw(perf.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            if let Ok(out) = perf.wait_with_output() {
+                let text = String::from_utf8_lossy(&out.stderr);
+                let line = text.lines().find(|l| l.contains("task-clock"));
+                let fields: Vec<&str> = line.map(|l| l.split(',').collect()).unwrap_or_default();
+                if fields.get(1) == Some(&"msec") {
+                    // Tasks that never ran meanwhile are "<not counted>": no CPU.
+                    if fields[0] == "<not counted>" {
+                        return (0.0, "perf");
+                    }
+                    if let Ok(msec) = fields[0].parse::<f64>() {
+                        return (msec / 1000.0, "perf");
+                    }
+                }
+                eprintln!(
+                    "perf stat gave no task-clock ({}): using schedstat",
+                    text.trim()
+                );
             }
         }
-        eprintln!(
-            "perf stat gave no task-clock ({}): using schedstat",
-            text.trim()
-        );
-    } else {
-        std::thread::sleep(window);
+        let after: f64 = self.pids.iter().copied().map(schedstat_seconds).sum();
+        (after - self.before, "schedstat")
     }
-    (schedstat_seconds(pid) - before, "schedstat")
 }
 
 fn mb_s(bytes: u64, d: Duration) -> f64 {
@@ -379,8 +389,8 @@ fn daemon(plan: &Plan) {
 }
 
 /// The requests a silent test phase makes over `window`, with access tokens that expire
-/// every 20 s.
-fn silent_phase(plan: &Plan, window: Duration) -> (usize, Duration) {
+/// every 20 s, and the window's length; `None` when the phase did not start.
+fn silent_phase(plan: &Plan, window: Duration) -> Option<(usize, Duration)> {
     let ttl = Duration::from_secs(20);
     let server = FakeServer::start_with(FakeConfig {
         access_token_ttl: ttl,
@@ -397,9 +407,13 @@ fn silent_phase(plan: &Plan, window: Duration) -> (usize, Duration) {
     let id =
         server.submit_job(json!({"job_queue": "bench-silent", "test_data": {"test_cmds": "x"}}));
     let mut agent = start_agent(&args);
-    server.wait_until(Duration::from_secs(60), |s| {
+    if !server.wait_until(Duration::from_secs(60), |s| {
         s.log_text(&id, "output").contains("start")
-    });
+    }) {
+        eprintln!("the silent phase did not start within 60 s");
+        stop(&mut agent);
+        return None;
+    }
     std::thread::sleep(plan.settle);
     let before = server.requests().len();
     let started = Instant::now();
@@ -407,13 +421,13 @@ fn silent_phase(plan: &Plan, window: Duration) -> (usize, Duration) {
     let during = server.requests().len() - before;
     let took = started.elapsed();
     stop(&mut agent);
-    (during, took)
+    Some((during, took))
 }
 
 fn idle(plan: &Plan) {
     let window = plan.idle_window;
     let silent = {
-        let plan = Plan::new(plan.smoke, plan.dir.clone());
+        let plan = plan.clone();
         std::thread::spawn(move || silent_phase(&plan, window))
     };
     let server = FakeServer::start();
@@ -425,20 +439,27 @@ fn idle(plan: &Plan) {
         &format!("polling_interval: {}\n", plan.idle_poll),
     );
     let mut agent = start_agent(&args);
-    server.wait_until(Duration::from_secs(60), |s| {
+    let polled = server.wait_until(Duration::from_secs(60), |s| {
         s.request_count(&Route::JobPoll) >= 1
     });
     std::thread::sleep(plan.settle);
     let before = server.requests().len();
     let polls_before = server.request_count(&Route::JobPoll);
     let started = Instant::now();
-    let (cpu, method) = cpu_over(agent.id(), window);
+    let meter = CpuMeter::start(&[agent.id()]);
+    std::thread::sleep(window);
+    let (cpu, method) = meter.stop();
     let took = started.elapsed();
     let requests = server.requests().len() - before;
     let polls = server.request_count(&Route::JobPoll) - polls_before;
     let rss = status_kib(agent.id(), "VmRSS");
     let hwm = status_kib(agent.id(), "VmHWM");
     stop(&mut agent);
+    if !polled {
+        eprintln!("the idle daemon did not poll within 60 s: no idle figures");
+        let _ = silent.join();
+        return;
+    }
     let minutes = took.as_secs_f64() / 60.0;
     println!(
         "idle daemon over {:.1} s (polling_interval {} s): CPU {cpu:.4} s ({method}), {requests} requests in {polls} polling cycles, RSS {rss} KiB, peak {hwm} KiB",
@@ -470,7 +491,7 @@ fn idle(plan: &Plan) {
         eprintln!("no polling cycle in the idle window: no requests-per-cycle figure");
     }
     match silent.join() {
-        Ok((requests, took)) => {
+        Ok(Some((requests, took))) => {
             println!(
                 "silent test phase, access tokens expiring every 20 s: {requests} requests in {:.1} s",
                 took.as_secs_f64()
@@ -482,6 +503,7 @@ fn idle(plan: &Plan) {
                 &format!("window_s={:.0} token_ttl_s=20", took.as_secs_f64()),
             );
         }
+        Ok(None) => {}
         Err(_) => eprintln!("the silent-phase measurement panicked"),
     }
 }
@@ -497,8 +519,8 @@ impl Fleet {
         self.agents.iter().map(Child::id)
     }
 
-    fn cpu(&self) -> f64 {
-        self.pids().map(cpu_seconds).sum()
+    fn meter(&self) -> CpuMeter {
+        CpuMeter::start(&self.pids().collect::<Vec<_>>())
     }
 
     fn kib(&self, field: &str) -> u64 {
@@ -558,19 +580,19 @@ fn fleet(plan: &Plan) {
     std::thread::sleep(plan.settle);
 
     // Idle.
-    let cpu_before = fleet.cpu();
     let requests_before = server.requests().len();
     let started = Instant::now();
+    let meter = fleet.meter();
     std::thread::sleep(plan.fleet_window);
+    let (idle_cpu, method) = meter.stop();
     let idle_took = started.elapsed();
-    let idle_cpu = fleet.cpu() - cpu_before;
     let idle_requests = server.requests().len() - requests_before;
     let idle_rss = fleet.kib("VmRSS");
 
     // One short job each.
-    let cpu_before = fleet.cpu();
     let requests_before = server.requests().len();
     let started = Instant::now();
+    let meter = fleet.meter();
     let ids: Vec<String> = (0..n)
         .map(|i| {
             server.submit_job(
@@ -582,8 +604,8 @@ fn fleet(plan: &Plan) {
         ids.iter()
             .all(|id| s.job_state(id).as_deref() == Some("complete"))
     });
+    let (job_cpu, job_method) = meter.stop();
     let job_took = started.elapsed();
-    let job_cpu = fleet.cpu() - cpu_before;
     let job_requests = server.requests().len() - requests_before;
     let job_hwm = fleet.kib("VmHWM");
     let done = ids
@@ -604,7 +626,10 @@ one job each: {done} done in {:.2} s, CPU {job_cpu:.2} s, {job_requests} request
         job_hwm as f64 / 1024.0
     );
     let details = format!("agents={n} poll_s={}", plan.fleet_poll);
-    let idle_details = format!("{details} window_s={:.0}", idle_took.as_secs_f64());
+    let idle_details = format!(
+        "{details} window_s={:.0} method={method}",
+        idle_took.as_secs_f64()
+    );
     figure(
         "fleet_idle_rss_mib",
         idle_rss as f64 / 1024.0,
@@ -624,7 +649,7 @@ one job each: {done} done in {:.2} s, CPU {job_cpu:.2} s, {job_requests} request
         &idle_details,
     );
     if all_done {
-        let job_details = format!("{details} jobs={n}");
+        let job_details = format!("{details} jobs={n} method={job_method}");
         figure(
             "fleet_job_peak_rss_mib",
             job_hwm as f64 / 1024.0,
