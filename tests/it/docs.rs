@@ -2,6 +2,8 @@
 //! the code defines are copies of its rendering (`UPDATE_GENERATED=1 cargo test --test it
 //! docs::` rewrites them), every `testflinger-agent` command line they show parses, every
 //! metric they name exists, and the supervisord settings they quote are the shipped file's.
+//! README's performance table is likewise the rendering of `bench/results.json`, the JSON
+//! of a full run of `bench/all.sh`.
 
 use clap::Parser;
 use std::path::Path;
@@ -36,11 +38,11 @@ fn check_block(path: &str, name: &str, generated: &str) {
     }
     if std::env::var_os(UPDATE_VAR).is_some_and(|v| v == "1") {
         let updated = format!("{}{generated}{}", &text[..from], &text[to..]);
-        std::fs::write(Path::new(ROOT).join(path), updated).expect("docs/ is writable");
+        std::fs::write(Path::new(ROOT).join(path), updated).expect("the file is writable");
         return;
     }
     panic!(
-        "the {name} table in {path} differs from the code; regenerate with: \
+        "the {name} table in {path} differs from what renders it; regenerate with: \
          {UPDATE_VAR}=1 cargo test --test it docs::"
     );
 }
@@ -212,4 +214,122 @@ fn the_supervisord_settings_quoted_are_the_shipped_ones() {
         }
     }
     assert!(quoted >= 6, "only {quoted} settings quoted");
+}
+
+/// A figure's value as README shows it: three significant digits or so, `×` for a ratio.
+fn shown(value: f64, unit: &str) -> String {
+    let size = value.abs();
+    let whole = value.fract() == 0.0 && matches!(unit, "processes" | "requests");
+    let text = if whole || size >= 100.0 {
+        format!("{value:.0}")
+    } else if size >= 10.0 {
+        format!("{value:.1}")
+    } else if size >= 1.0 {
+        format!("{value:.2}")
+    } else {
+        format!("{value:.3}")
+    };
+    if unit == "ratio" {
+        format!("{text}×")
+    } else {
+        format!("{text} {unit}")
+    }
+}
+
+/// README's performance table, rendered from the suite's JSON.
+fn performance_table(results: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value, key: &str| {
+        v.get(key)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_else(|| panic!("bench/results.json: `{key}` is not a string in {v}"))
+            .to_string()
+    };
+    let cell = |s: String| s.replace('|', "\\|");
+    let host = &results["host"];
+    let mut out = format!(
+        "Generated from `bench/results.json`, the JSON of a {} run of `bench/all.sh` on {} \
+         ({} build, {} cores, kernel {}, load average {} before measuring; tmpfs: {}).",
+        text(results, "mode"),
+        text(results, "date"),
+        text(results, "build"),
+        host["cores"],
+        text(host, "kernel"),
+        text(host, "load_before"),
+        text(results, "tmpfs"),
+    );
+    let note = text(results, "note");
+    if !note.is_empty() {
+        out.push_str(&format!(" {note}"));
+    }
+    out.push_str(
+        "\nTargets are issue 10's; a row \"the limit\" is the physical limit the row above \
+         or below is measured against in the same run.\n\n\
+         | What | Figure | Target | Met? | Command |\n|---|---|---|---|---|\n",
+    );
+    let figures = results["figures"]
+        .as_array()
+        .expect("bench/results.json has a `figures` array");
+    for figure in figures {
+        let value = figure["value"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("bench/results.json: a figure without a number: {figure}"));
+        let target = text(figure, "target");
+        let met = match figure["met"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "—",
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {met} | `{}` |\n",
+            cell(text(figure, "label")),
+            shown(value, &text(figure, "unit")),
+            if target.is_empty() {
+                "—".to_string()
+            } else {
+                cell(target)
+            },
+            text(figure, "source"),
+        ));
+    }
+    out
+}
+
+fn bench_results() -> serde_json::Value {
+    serde_json::from_str(&read("bench/results.json")).expect("bench/results.json is JSON")
+}
+
+#[test]
+fn the_performance_table_is_bench_results_json() {
+    check_block(
+        "README.md",
+        "performance",
+        &performance_table(&bench_results()),
+    );
+}
+
+/// The committed figures come from a whole full run: every figure present, none missing,
+/// no producer failed.
+#[test]
+fn bench_results_json_is_a_complete_full_run() {
+    let results = bench_results();
+    assert_eq!(
+        results["mode"], "full",
+        "bench/results.json is from a --smoke run"
+    );
+    for key in ["missing", "problems", "failed_producers"] {
+        assert_eq!(
+            results[key].as_array().map(Vec::len),
+            Some(0),
+            "bench/results.json: `{key}` is not an empty list: {}",
+            results[key]
+        );
+    }
+    let figures = results["figures"].as_array().expect("a figures array");
+    assert!(figures.len() >= 40, "only {} figures", figures.len());
+    for figure in figures {
+        assert!(
+            figure["value"].as_f64().is_some_and(f64::is_finite),
+            "{figure}"
+        );
+    }
 }
