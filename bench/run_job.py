@@ -100,28 +100,41 @@ test_command: {cmd}
 """,
     )
     write(f"{work}/job.yaml", "job_queue: bench\ntest_data: {test_cmds: x}\n")
+    # A job with a secret: its output comes through the pipe and the masker.
+    write(
+        f"{work}/job-secret.yaml",
+        "job_queue: bench\ntest_data: {test_cmds: x, secrets: {TOKEN: never-printed-s3cret}}\n",
+    )
     agent = [bin_path, "run-job", "-c", f"{work}/agent.yaml", f"{work}/job.yaml"]
+    masked = [bin_path, "run-job", "-c", f"{work}/agent.yaml", f"{work}/job-secret.yaml"]
     shell = ["/bin/sh", "-c", f"{cmd} > {work}/baseline.out"]
     print(f"== throughput: {size} bytes ({cmd}), {rounds} alternating rounds, on {work}")
-    ours, theirs, cpus = [], [], []
+    ours, theirs, cpus, piped, piped_cpus = [], [], [], [], []
     for r in range(1, rounds + 1):
         base_s, _, base_rc = measure(shell)
         os.remove(f"{work}/baseline.out")
         agent_s, agent_cpu, agent_rc = measure(agent)
         logged = logged_bytes(f"{work}/run")
+        masked_s, masked_cpu, masked_rc = measure(masked)
+        masked_logged = logged_bytes(f"{work}/run")
         print(
             f"round {r}: sh -c CMD>file {base_s:.3f} s; run-job {agent_s:.3f} s "
             f"(ratio {agent_s / base_s:.3f}), agent CPU {agent_cpu:.2f} s, "
-            f"test.log {logged} bytes, exit {agent_rc}",
+            f"test.log {logged} bytes, exit {agent_rc}; with a secret (pipe + masking) "
+            f"{masked_s:.3f} s (ratio {masked_s / base_s:.3f}), agent CPU {masked_cpu:.2f} s, "
+            f"test.log {masked_logged} bytes, exit {masked_rc}",
             flush=True,
         )
         # test.log holds the phase banner, then the output byte for byte.
-        if base_rc != 0 or agent_rc != 0 or not size <= logged <= size + 4096:
+        whole = all(size <= n <= size + 4096 for n in (logged, masked_logged))
+        if base_rc != 0 or agent_rc != 0 or masked_rc != 0 or not whole:
             print(f"round {r} failed: no run-job throughput figures", file=sys.stderr)
             return
         ours.append(agent_s)
         theirs.append(base_s)
         cpus.append(agent_cpu)
+        piped.append(masked_s)
+        piped_cpus.append(masked_cpu)
     rss = peak_rss_kib(agent)
     logged_bytes(f"{work}/run")
     print(f"peak RSS (VmHWM every 5 ms, one more round): {rss} KiB")
@@ -130,6 +143,9 @@ test_command: {cmd}
     figure("sh_to_file_s", min(theirs), "s", **details)
     figure("run_job_vs_sh_ratio", min(ours) / min(theirs), "ratio", **details)
     figure("run_job_cpu_s_per_gb", min(cpus) / (size / 1e9), "s/GB", bytes=size)
+    figure("run_job_masked_s", min(piped), "s", **details)
+    figure("run_job_masked_vs_sh_ratio", min(piped) / min(theirs), "ratio", **details)
+    figure("run_job_masked_cpu_s_per_gb", min(piped_cpus) / (size / 1e9), "s/GB", bytes=size)
     figure("run_job_peak_rss_mib", rss / 1024, "MiB", bytes=size)
 
 

@@ -27,7 +27,7 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::libc;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpid, pipe2, read, write, Pid};
@@ -627,13 +627,9 @@ pub fn run_command(
     };
     // Direct capture when the sink offers a file and the kernel can watch it; else the pipe.
     let (capture, out_write, err_write) = match sink.direct_output().and_then(watch_direct) {
-        Some((inotify, file)) => {
+        Some((watch, file)) => {
             let err = file.try_clone().map_err(spawn_error)?;
-            (
-                Capture::Follow(inotify),
-                Stdio::from(file),
-                Stdio::from(err),
-            )
+            (Capture::Follow(watch), Stdio::from(file), Stdio::from(err))
         }
         None => {
             let (out_read, out_write) =
@@ -912,8 +908,8 @@ pub fn run_command(
                 Err(e) => return Err(sys("reading the command's output")(e)),
             },
             Capture::Pipe(_) => {}
-            Capture::Follow(inotify) => {
-                if out_ready && last_holder_closed(inotify) {
+            Capture::Follow(watch) => {
+                if out_ready && last_holder_closed(watch) {
                     pipe_open = false;
                     rescan_now = true;
                 }
@@ -1006,14 +1002,52 @@ enum Capture {
     /// inotify watch on that file wakes the runner when the command's description of it is
     /// closed for the last time
     /// (`IN_CLOSE_WRITE`: no process holds the output any more, as the pipe's EOF says).
-    Follow(Inotify),
+    Follow(Watch),
 }
 
 impl Capture {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
             Capture::Pipe(fd) => fd.as_fd(),
-            Capture::Follow(inotify) => inotify.as_fd(),
+            Capture::Follow(watch) => watch.inotify().as_fd(),
+        }
+    }
+}
+
+/// An inotify instance kept for the next command: closing one waits for the kernel's
+/// SRCU grace period, several milliseconds a phase. Each command takes it (or makes one
+/// while another command holds it) and gives it back with its watch removed.
+static SPARE_INOTIFY: std::sync::Mutex<Option<Inotify>> = std::sync::Mutex::new(None);
+
+/// One command's watch on its log file.
+struct Watch {
+    /// Always `Some` until dropped.
+    inotify: Option<Inotify>,
+    wd: WatchDescriptor,
+}
+
+impl Watch {
+    fn inotify(&self) -> &Inotify {
+        self.inotify
+            .as_ref()
+            .expect("a watch holds its inotify instance until it is dropped")
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let Some(inotify) = self.inotify.take() else {
+            return;
+        };
+        if inotify.rm_watch(self.wd).is_err() {
+            return;
+        }
+        // Events still queued for this watch are told apart by their descriptor.
+        let mut spare = SPARE_INOTIFY
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if spare.is_none() {
+            *spare = Some(inotify);
         }
     }
 }
@@ -1028,14 +1062,25 @@ fn instant_of(at: std::time::SystemTime, now: Instant) -> Instant {
 
 /// Watches the file a sink offered for direct capture. `None` (the pipe is used) when the
 /// kernel cannot watch it.
-fn watch_direct(file: File) -> Option<(Inotify, File)> {
-    let watched = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).and_then(|i| {
+fn watch_direct(file: File) -> Option<(Watch, File)> {
+    let spare = SPARE_INOTIFY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let inotify = match spare {
+        Some(inotify) => Ok(inotify),
+        None => Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC),
+    };
+    let watched = inotify.and_then(|inotify| {
         let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-        i.add_watch(path.as_str(), AddWatchFlags::IN_CLOSE_WRITE)?;
-        Ok(i)
+        let wd = inotify.add_watch(path.as_str(), AddWatchFlags::IN_CLOSE_WRITE)?;
+        Ok(Watch {
+            inotify: Some(inotify),
+            wd,
+        })
     });
     match watched {
-        Ok(inotify) => Some((inotify, file)),
+        Ok(watch) => Some((watch, file)),
         Err(err) => {
             log::debug!("cannot watch the log file ({err}); the output goes through a pipe");
             None
@@ -1046,15 +1091,15 @@ fn watch_direct(file: File) -> Option<(Inotify, File)> {
 /// Reads the watch's pending events; whether one says the file was closed after writing.
 /// Only the command's tree holds a writable description of its own (the agent's copies
 /// are closed once the command has spawned), so the first close is the last holder's.
-fn last_holder_closed(inotify: &Inotify) -> bool {
+fn last_holder_closed(watch: &Watch) -> bool {
     let mut closed = false;
-    while let Ok(events) = inotify.read_events() {
+    while let Ok(events) = watch.inotify().read_events() {
         if events.is_empty() {
             break;
         }
         closed |= events
             .iter()
-            .any(|e| e.mask.contains(AddWatchFlags::IN_CLOSE_WRITE));
+            .any(|e| e.wd == watch.wd && e.mask.contains(AddWatchFlags::IN_CLOSE_WRITE));
     }
     closed
 }
