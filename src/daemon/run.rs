@@ -29,6 +29,10 @@ const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 const QUEUE_REFRESH: Duration = Duration::from_secs(3600);
 /// The longest wait between cycles while the server cannot be reached.
 const UNREACHABLE_BACKOFF_CAP: Duration = Duration::from_secs(180);
+/// How long an empty spool is trusted to stay empty while the agent itself puts nothing
+/// into it (only the agent spools reports; this covers one moved back into
+/// `results_basedir` by hand).
+const SPOOL_RELIST: Duration = Duration::from_secs(3600);
 /// An agent record older than this is re-posted (heartbeat, PROTOCOL §9.4).
 const HEARTBEAT_AGE: Duration = Duration::from_secs(86_400);
 /// The agent's own `oom_score_adj` when it may lower it (as root).
@@ -113,6 +117,9 @@ pub struct Daemon {
     held: Option<AgentRequest>,
     /// Why `execution_basedir` has no room for a job, while it has none (no job is taken).
     no_room: Option<String>,
+    /// When the spool was last listed and found empty, if the agent has spooled nothing
+    /// since: until [`SPOOL_RELIST`] has passed, the cycles need not list it again.
+    spool_empty_since: Option<Instant>,
     /// Where the daemon is; every change of state goes through its table.
     machine: DaemonMachine,
     /// One agent per `agent_id` on this host, for as long as this one lives.
@@ -195,6 +202,7 @@ impl Daemon {
             queues_posted: None,
             unreachable_streak: 0,
             no_room: None,
+            spool_empty_since: None,
             machine: DaemonMachine::default(),
             restart_after_job: false,
             held: None,
@@ -872,8 +880,10 @@ impl Daemon {
 
     /// Moves a finished job's run directory into the spool; `None` when it cannot (it then
     /// stays in `execution_basedir`, and is spooled when the agent next starts).
-    fn spool(&self, job_id: &str, rundir: &Path) -> Option<PathBuf> {
+    fn spool(&mut self, job_id: &str, rundir: &Path) -> Option<PathBuf> {
         let target = spool::unique_path(self.config.results_basedir.join(job_id));
+        // Whatever the move does, the spool is listed again at the next cycle.
+        self.spool_empty_since = None;
         match spool::move_dir(rundir, &target) {
             Ok(()) => {
                 self.count_spool();
@@ -896,8 +906,15 @@ impl Daemon {
     }
 
     /// Retries every spooled report, oldest first; keeps what still fails, and publishes
-    /// how many are left.
-    fn retry_spool(&self) {
+    /// how many are left. An idle agent's spool is empty: once a listing found it so, it
+    /// is not listed again until the agent spools a report (or [`SPOOL_RELIST`] passes).
+    fn retry_spool(&mut self) {
+        if self
+            .spool_empty_since
+            .is_some_and(|at| at.elapsed() < SPOOL_RELIST)
+        {
+            return;
+        }
         let dirs = spool::job_dirs(&self.config.results_basedir);
         let mut left = dirs.len();
         for dir in dirs {
@@ -935,6 +952,7 @@ impl Daemon {
             }
         }
         publish_spooled(left);
+        self.spool_empty_since = (left == 0).then(Instant::now);
     }
 }
 

@@ -8,6 +8,7 @@
 use super::backoff::Backoff;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,9 @@ pub(crate) struct TokenSource {
     state: Mutex<State>,
     /// Serialises refreshes, so that concurrent 401s cause one refresh, not several.
     refreshing: Mutex<()>,
+    /// The server refused a request that any role may make because it carried no token
+    /// (OIDC on): such requests need one too from now on.
+    anonymous_refused: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -73,6 +77,7 @@ impl TokenSource {
             backoff,
             state: Mutex::new(State::default()),
             refreshing: Mutex::new(()),
+            anonymous_refused: AtomicBool::new(false),
         }
     }
 
@@ -100,6 +105,34 @@ impl TokenSource {
             }
         }
         self.refresh(None, exchange)
+    }
+
+    /// The cached token while it is fresh (not yet due for renewal), else `None`; never
+    /// a refresh. For requests the server also answers without a token.
+    pub(crate) fn fresh_token(&self) -> Option<String> {
+        self.file.as_ref()?;
+        let state = lock(&self.state);
+        let token = state.token.as_ref()?;
+        state
+            .renew_at
+            .is_none_or(|at| Instant::now() < at)
+            .then(|| token.clone())
+    }
+
+    /// Whether the server refuses tokenless requests even where any role may read.
+    pub(crate) fn anonymous_refused(&self) -> bool {
+        self.anonymous_refused.load(Ordering::Relaxed)
+    }
+
+    /// `what` went without a token and the server answered `status`: from now on every
+    /// request carries one.
+    pub(crate) fn note_anonymous_refused(&self, what: &str, status: u16) {
+        if !self.anonymous_refused.swap(true, Ordering::Relaxed) {
+            log::info!(
+                "{what} answered {status} without a token (the server has OIDC on): \
+                 reads of the job state and the agent record carry a token from now on"
+            );
+        }
     }
 
     /// The server refused `rejected` (401, or 403 without a token): drop it and try to get
@@ -411,6 +444,34 @@ mod tests {
         assert_ne!(second, first, "renewed before it expires");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(source.token(&exchange), second);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_fresh_token_is_only_ever_the_cached_one_before_it_is_due() {
+        let dir = tempdir("fresh");
+        let path = token_file(&dir, r#"{"refresh_token": "r1"}"#);
+        let source = TokenSource::new(Some(path), FAST);
+        let calls = AtomicU32::new(0);
+        let exchange = |_: &str| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) as usize;
+            Ok(jwt(r#"{"exp": 1700000002, "iat": 1700000000}"#, n))
+        };
+        assert_eq!(
+            source.fresh_token(),
+            None,
+            "nothing cached, nothing obtained"
+        );
+        let first = source.token(&exchange);
+        assert!(first.is_some());
+        assert_eq!(source.fresh_token(), first, "cached and not due");
+        // Lifetime 2 s: due after 1 s.
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_eq!(source.fresh_token(), None, "due: not sent, not renewed");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(!source.anonymous_refused());
+        source.note_anonymous_refused("GET /v1/result/x", 401);
+        assert!(source.anonymous_refused());
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -2,12 +2,14 @@
 //! cookie and bearer token on every request, the 401 refresh-and-replay, retries with
 //! jittered back-off for what is safe to repeat, and the mapping of every answer and
 //! transport failure to a [`ServerError`]. No ureq type leaves this file (and
-//! [`super::tls`], which chooses the trusted roots and words certificate failures).
+//! [`super::tls`], which chooses the trusted roots and words certificate failures, and
+//! [`super::resolve`], which keeps the server's addresses between requests).
 //!
 //! Nothing a server sends (a status, a body, a dropped connection) can panic here; it
 //! becomes a [`ServerError`] whose kind says whether trying again later may help.
 
 use super::auth::{human, load_refresh_token, TokenSource};
+use super::resolve;
 use super::settings::HttpSettings;
 use super::tls;
 use super::{LogType, RefreshCheckError, ServerError, ServerErrorKind};
@@ -17,6 +19,7 @@ use serde_json::{json, Value};
 use std::fs::File;
 use std::io::{self, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Largest answer read into memory (a job document, an agent record, an error body).
@@ -57,6 +60,22 @@ pub(super) enum Payload {
     },
 }
 
+/// Whether a request needs the access token (PROTOCOL §1.3, the role table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Auth {
+    /// An agent endpoint: the token goes along, renewed first when it is due.
+    Required,
+    /// An endpoint any role may read, anonymous callers too while the server has OIDC off
+    /// (the job state, the agent record): the cached token goes along while it is fresh,
+    /// none otherwise, and none is obtained or renewed for it, so that a phase that only
+    /// checks for cancellation never refreshes a token. Once the server refuses such a
+    /// request sent without a token (OIDC on), these requests are treated as
+    /// [`Auth::Required`] for the rest of the agent's life.
+    Optional,
+    /// Never a token (the health probe, the refresh itself).
+    Never,
+}
+
 /// One request, replayable.
 pub(super) struct Req {
     pub(super) method: Method,
@@ -68,7 +87,7 @@ pub(super) struct Req {
     pub(super) repeat: Repeat,
     /// Attempts in total; `None` uses the retry policy.
     pub(super) attempts: Option<u32>,
-    pub(super) auth: bool,
+    pub(super) auth: Auth,
     /// What the request carries, for warnings about possible duplicates.
     pub(super) label: Option<String>,
 }
@@ -83,7 +102,7 @@ impl Req {
             timeout: None,
             repeat: Repeat::Idempotent,
             attempts: None,
-            auth: true,
+            auth: Auth::Required,
             label: None,
         }
     }
@@ -114,7 +133,14 @@ impl Req {
     }
 
     pub(super) fn without_auth(mut self) -> Req {
-        self.auth = false;
+        self.auth = Auth::Never;
+        self
+    }
+
+    /// For an endpoint that any role, and an anonymous caller, may read (see
+    /// [`Auth::Optional`]).
+    pub(super) fn token_optional(mut self) -> Req {
+        self.auth = Auth::Optional;
         self
     }
 
@@ -322,6 +348,8 @@ enum Sent {
 /// The shared client: one ureq agent, the token and the settings.
 pub(super) struct Core {
     agent: ureq::Agent,
+    /// The agent's resolver, to forget the server's addresses after a failure.
+    resolver: Arc<resolve::CachingResolver>,
     /// The normalised base URL, without a trailing `/`.
     pub(super) base: String,
     cookie: String,
@@ -366,8 +394,14 @@ impl Core {
         } else {
             String::new()
         };
+        let resolver = resolve::Shared::default();
         Core {
-            agent: ureq::Agent::new_with_config(config.build()),
+            agent: ureq::Agent::with_parts(
+                config.build(),
+                ureq::unversioned::transport::DefaultConnector::new(),
+                resolver.clone(),
+            ),
+            resolver: resolver.0,
             cookie: format!("agent_name={}", settings.agent_id),
             auth: TokenSource::new(settings.token_file.clone(), settings.refresh_backoff),
             base,
@@ -412,12 +446,22 @@ impl Core {
         }
     }
 
+    /// Whether `req` goes out with a token, obtained or renewed first if need be: an agent
+    /// endpoint, or a read any role may make once the server refused one without a token.
+    fn wants_token(&self, req: &Req) -> bool {
+        match req.auth {
+            Auth::Required => true,
+            Auth::Optional => self.auth.anonymous_refused(),
+            Auth::Never => false,
+        }
+    }
+
     /// The error for a non-2xx answer that was not retried.
     pub(super) fn answer_error(&self, req: &Req, reply: &Reply) -> ServerError {
         let status = reply.status;
         let detail = reply.detail();
         let what = req.what();
-        let tokenless = if !reply.with_token && req.auth {
+        let tokenless = if !reply.with_token && self.wants_token(req) {
             if self.auth.configured() {
                 " (sent without a token: obtaining one failed, see the earlier warning)"
             } else {
@@ -488,8 +532,10 @@ impl Core {
         let mut failures = 0u32;
         let mut replayed = false;
         loop {
-            let token = if req.auth {
+            let token = if self.wants_token(req) {
                 self.auth.token(&exchange)
+            } else if req.auth == Auth::Optional {
+                self.auth.fresh_token()
             } else {
                 None
             };
@@ -498,6 +544,8 @@ impl Core {
                     return Err(ServerError::new(ServerErrorKind::Local, what, text))
                 }
                 Err(AttemptError::Transport { text, sent }) => {
+                    // The server may have moved: look its name up again next time.
+                    self.resolver.forget();
                     let retryable = match sent {
                         Sent::No => true,
                         Sent::Maybe => matches!(req.repeat, Repeat::Idempotent | Repeat::Fragment),
@@ -510,8 +558,11 @@ impl Core {
                     // 401: expired or missing token. 403: no token yet, or one the server
                     // no longer accepts (e.g. its signing key changed): renew and replay once.
                     let refused = status == 401 || status == 403;
-                    if req.auth && refused && !replayed && self.auth.configured() {
+                    if req.auth != Auth::Never && refused && !replayed && self.auth.configured() {
                         replayed = true;
+                        if req.auth == Auth::Optional && token.is_none() {
+                            self.auth.note_anonymous_refused(&what, status);
+                        }
                         if self.auth.renew(token.as_deref(), &exchange).is_some() {
                             log::debug!("{what}: answered {status}; replaying with a new token");
                             continue;
@@ -607,6 +658,10 @@ impl Core {
         let url = format!("{}{}", self.base, req.path);
         let timeout = req.timeout.unwrap_or(self.settings.timeouts.default);
         let connect = self.settings.timeouts.connect.min(timeout);
+        // The agent's own timeouts serve most requests; a request-level configuration (a
+        // copy of the agent's) only when they differ.
+        let own_timeouts =
+            timeout != self.settings.timeouts.default || connect != self.settings.timeouts.connect;
         let bearer = token.map(|t| format!("Bearer {t}"));
         let result = match req.method {
             Method::Get => {
@@ -617,11 +672,14 @@ impl Core {
                 if let Some(bearer) = &bearer {
                     b = b.header("Authorization", bearer);
                 }
-                b.config()
-                    .timeout_global(Some(timeout))
-                    .timeout_connect(Some(connect))
-                    .build()
-                    .call()
+                if own_timeouts {
+                    b = b
+                        .config()
+                        .timeout_global(Some(timeout))
+                        .timeout_connect(Some(connect))
+                        .build();
+                }
+                b.call()
             }
             Method::Post => {
                 let mut b = self.agent.post(&url).header("Cookie", &self.cookie);
@@ -631,11 +689,13 @@ impl Core {
                 if let Some(bearer) = &bearer {
                     b = b.header("Authorization", bearer);
                 }
-                let b = b
-                    .config()
-                    .timeout_global(Some(timeout))
-                    .timeout_connect(Some(connect))
-                    .build();
+                if own_timeouts {
+                    b = b
+                        .config()
+                        .timeout_global(Some(timeout))
+                        .timeout_connect(Some(connect))
+                        .build();
+                }
                 match &req.payload {
                     Payload::None => b.send_empty(),
                     Payload::Json(bytes) => b
@@ -927,6 +987,69 @@ fn truncate(mut text: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server on loopback that answers every request with `200 ok`, keeping connections
+    /// open; it stops accepting when the returned flag is set (and the next connection
+    /// wakes it).
+    fn keep_alive_server() -> (u16, Arc<std::sync::atomic::AtomicBool>) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let port = listener.local_addr().expect("local address").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let stopped = Arc::clone(&stopped);
+                std::thread::spawn(move || {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || stopped.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                            if conn.write_all(answer).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (port, stop)
+    }
+
+    #[test]
+    fn the_server_name_is_resolved_once_until_a_request_fails() {
+        use std::sync::atomic::Ordering;
+        let (port, stop) = keep_alive_server();
+        let core = Core::new(HttpSettings::new(&format!("localhost:{port}"), "agent"));
+        let probe = || Req::get("/v1".to_string()).without_auth().attempts(1);
+        for _ in 0..20 {
+            let reply = core.call(&probe()).expect("the server answers");
+            assert_eq!(reply.status, 200);
+            reply.discard();
+        }
+        assert_eq!(core.resolver.lookups(), 1, "one look-up for 20 requests");
+        // The server goes away: each failed request forgets the addresses, so the next one
+        // looks the name up again.
+        stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+        let failed = (0..5).filter(|_| core.call(&probe()).is_err()).count();
+        assert!(failed >= 3, "{failed} of 5 requests failed");
+        assert!(
+            core.resolver.lookups() >= 3,
+            "looked up {} times",
+            core.resolver.lookups()
+        );
+    }
 
     #[test]
     fn endpoint_classes_name_no_ids() {

@@ -6,6 +6,7 @@ pub mod backoff;
 mod client;
 pub mod http;
 pub mod local;
+mod resolve;
 mod settings;
 pub mod stream;
 mod tls;

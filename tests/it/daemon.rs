@@ -284,8 +284,10 @@ fn short_lived_tokens_are_renewed_before_the_server_refuses_them() {
         refused.is_empty(),
         "requests refused for an expired token: {refused:?}"
     );
+    // The first token, then one renewed before the posts that follow the 7 s of silence
+    // (the silence itself renews none: its state reads need no token, see tests/it/idle.rs).
     assert!(
-        server.request_count(&Route::Refresh) >= 3,
+        server.request_count(&Route::Refresh) >= 2,
         "tokens were renewed along the way"
     );
 }
@@ -391,41 +393,6 @@ fn a_malformed_job_is_reported_failed_and_the_agent_carries_on() {
     wait_for(&server, "the next job", |srv| finished(srv, &good));
     assert!(server.log_text(&good, "output").contains("good job ran"));
     assert_eq!(server.result_data(&good)["status"]["test"], 0);
-}
-
-#[test]
-fn an_idle_cycle_costs_two_requests() {
-    let server = FakeServer::start();
-    let s = Scratch::new("daemon-idle");
-    let name = format!("idle-{}", std::process::id());
-    let mut agent = Agent::start(&server, &s, &name, "test_command: echo x\n");
-    wait_for(&server, "a few idle cycles", |srv| {
-        srv.request_count(&Route::JobPoll) >= 4
-    });
-    let requests = server.requests();
-    let first_poll = requests
-        .iter()
-        .position(|r| r.route == Some(Route::JobPoll))
-        .expect("a poll happened");
-    let last_poll = requests
-        .iter()
-        .rposition(|r| r.route == Some(Route::JobPoll))
-        .expect("a poll happened");
-    let polls = requests[first_poll..=last_poll]
-        .iter()
-        .filter(|r| r.route == Some(Route::JobPoll))
-        .count();
-    let in_cycles = last_poll - first_poll + 1;
-    // From the first poll to the last: each cycle is one agent-record read and one poll.
-    assert!(
-        in_cycles <= 2 * polls,
-        "{in_cycles} requests for {polls} idle cycles: {:?}",
-        requests[first_poll..=last_poll]
-            .iter()
-            .map(|r| (&r.method, &r.path))
-            .collect::<Vec<_>>()
-    );
-    assert_eq!(agent.stop(), Some(0));
 }
 
 #[test]

@@ -16,6 +16,7 @@ mod docs;
 mod fake_server_selftest;
 mod generated;
 mod http_client;
+mod idle;
 mod inputs;
 mod lifecycle_paths;
 mod metrics_endpoint;

@@ -202,6 +202,8 @@ pub struct RequestRecord {
     pub at: Instant,
     /// The first 2 KiB of the body, lossily decoded, for diagnostics.
     pub body_excerpt: String,
+    /// Whether the request carried an `Authorization` header.
+    pub authorization: bool,
 }
 
 /// One stored log fragment (PROTOCOL §3.11), exactly as posted.
@@ -1031,6 +1033,7 @@ impl Shared {
         };
         let excerpt_len = req.body.len().min(2048);
         let record = RequestRecord {
+            authorization: req.header("Authorization").is_some(),
             method: req.method,
             path: req.path,
             query: req.query,
