@@ -356,10 +356,6 @@ impl Core {
         settings.fragment_size = settings.fragment_size.max(16);
         let base = normalize_base(&settings.base_url);
         let mut config = ureq::Agent::config_builder()
-            // A log fragment (1 MiB) goes out in two writes instead of eight: a quarter
-            // less CPU for the live output in `cargo bench --bench stream`. Only the
-            // pages a request fills are touched.
-            .output_buffer_size(512 * 1024)
             .http_status_as_error(false)
             .max_redirects(0)
             .max_redirects_will_error(false)

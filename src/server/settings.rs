@@ -15,9 +15,9 @@ pub const FRAGMENT_SIZE: usize = 1024 * 1024;
 /// 6 MiB body; with this cut a fragment stays far below what the server can store as one
 /// MongoDB document (16 MiB; its text is never longer than the escaped text) and what a
 /// production ingress takes (20 MiB), and the two bodies the live-output pipeline holds
-/// stay within 8 MiB together. A fragment whose escaped text would be longer is cut
-/// shorter than the fragment size.
-pub const MAX_FRAGMENT_TEXT: usize = 4 * 1024 * 1024;
+/// stay within 6 MiB together (the agent within 16 MiB of RSS whatever a job prints). A
+/// fragment whose escaped text would be longer is cut shorter than the fragment size.
+pub const MAX_FRAGMENT_TEXT: usize = 3 * 1024 * 1024;
 
 /// Per-request time limits (PROTOCOL §1.2). Every request also has the connect limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
