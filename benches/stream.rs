@@ -21,7 +21,9 @@
 //! kit's `reset.sh`: a server whose store grows with every run slows down run by run).
 //! `TF_BENCH_CONTENT=zeros`: the phase prints NUL bytes (`head -c SIZE /dev/zero`), the
 //! worst case for escaping (six bytes of JSON a byte), instead of 100-byte lines.
-//! `TF_BENCH_SWEEP=1024,4096` sweeps those sizes (KiB) only. `TF_BENCH_DEBUG=1` says what
+//! `TF_BENCH_SWEEP=1024,4096` sweeps those sizes (KiB) only. `TF_BENCH_AGENT=<binary>`
+//! runs another build of the agent in the daemon rounds (e.g. an older one, for a before and
+//! after on the same machine). `TF_BENCH_DEBUG=1` says what
 //! the server holds when a daemon run's output is not all there.
 //!
 //! Prints human text and one `FIGURE name=value unit=...` line per figure. Asserts nothing.
@@ -290,7 +292,8 @@ fn daemon_run(target: &Target, data: &[u8]) -> DaemonRun {
         server.url,
     ));
     let started = Instant::now();
-    let mut command = Command::new(BIN);
+    let bin = std::env::var_os("TF_BENCH_AGENT").unwrap_or_else(|| BIN.into());
+    let mut command = Command::new(bin);
     command.arg("-c").arg(config);
     if let Some(token) = &server.token_file {
         command.arg("--token-file").arg(token);
@@ -390,10 +393,8 @@ fn bare_run(target: &Target, data: &[u8]) -> f64 {
     let bearer = server.bearer();
     // Any job id: the server stores fragments without looking the job up.
     let id = "00000000-0000-4000-8000-00000000b0a7";
-    // The agent's output buffer, so that it posts a fragment in as few writes.
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .output_buffer_size(512 * 1024)
         .build()
         .into();
     let endpoint = format!("{}/v1/result/{id}/log/output", server.url);
