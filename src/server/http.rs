@@ -5,7 +5,7 @@
 
 use super::backoff;
 use super::client::{detail_of, seg, Core, Method, Payload, Repeat, Reply, Req, SaveError};
-pub use super::settings::{HttpSettings, Timeouts, FRAGMENT_SIZE};
+pub use super::settings::{HttpSettings, Timeouts, FRAGMENT_SIZE, MAX_FRAGMENT_TEXT};
 use super::stream::{self, Streamer};
 pub use super::stream::{PendingOutput, PendingPhase};
 use super::{LogType, RefreshCheckError, Server, ServerError, ServerErrorKind};

@@ -10,6 +10,15 @@ use std::time::Duration;
 /// Largest fragment of a log sent in one request (PROTOCOL §6.2: 1 MiB).
 pub const FRAGMENT_SIZE: usize = 1024 * 1024;
 
+/// Largest `log_data` of one fragment as sent, escaped for JSON. Text that escapes badly
+/// (a control byte becomes `\u00XX`, six bytes) would otherwise make a 1 MiB fragment a
+/// 6 MiB body; with this cut a fragment stays far below what the server can store as one
+/// MongoDB document (16 MiB; its text is never longer than the escaped text) and what a
+/// production ingress takes (20 MiB), and the two bodies the live-output pipeline holds
+/// stay within 6 MiB together (the agent within 16 MiB of RSS whatever a job prints). A
+/// fragment whose escaped text would be longer is cut shorter than the fragment size.
+pub const MAX_FRAGMENT_TEXT: usize = 3 * 1024 * 1024;
+
 /// Per-request time limits (PROTOCOL §1.2). Every request also has the connect limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
@@ -62,6 +71,9 @@ pub struct HttpSettings {
     pub finish_wait: Duration,
     /// Largest log fragment in bytes of the log file (1 MiB; at least 16).
     pub fragment_size: usize,
+    /// Live output: the next fragment is read and built while the previous one is on the
+    /// wire (true). False sends one fragment, then prepares the next (for comparisons).
+    pub prepare_ahead: bool,
 }
 
 impl HttpSettings {
@@ -80,6 +92,7 @@ impl HttpSettings {
             },
             finish_wait: Duration::from_secs(5),
             fragment_size: FRAGMENT_SIZE,
+            prepare_ahead: true,
         }
     }
 

@@ -1,18 +1,33 @@
 //! Live output (PROTOCOL §3.11, §6.4): each phase's `<phase>.log` file is the buffer, and
-//! one streamer thread sends what the server has not accepted yet.
+//! a two-stage pipeline sends what the server has not accepted yet.
 //!
 //! [`Server::output`](super::Server::output) only records, under a short lock, that a log
 //! file has grown, so the phase loop never waits for the network and memory stays bounded
-//! however much a command prints or however long the server is away. The streamer thread reads the unsent range of
-//! the file and posts it as one fragment, at most once per `output_post_interval` while a
-//! phase runs (immediately when a phase has ended or a full fragment is waiting).
+//! however much a command prints or however long the server is away. The preparing thread
+//! (`live-output`) reads the next unsent range of the file with one `pread` into a reused
+//! buffer and builds the fragment's JSON body straight from those bytes into another
+//! ([`FragmentBody`]: lossy UTF-8 and escaping in one pass, no `String` or
+//! `serde_json::Value`), while the posting thread (`live-output-post`) has the previous
+//! fragment on the wire; the posting thread sends them one after the other on one
+//! connection. A job has at most two fragments in the pipeline (one posted, one ready),
+//! so it holds two bodies and one read buffer, reused from fragment to fragment and given
+//! back when output stops. A fragment is at most `fragment_size` bytes of the log (1 MiB)
+//! and its escaped text at most [`MAX_FRAGMENT_TEXT`]; fragments go out at most once per
+//! `output_post_interval` while a phase runs (immediately when a phase has ended or a full
+//! fragment is waiting).
 //!
 //! Numbering is gap-free: one `output` counter per job, across phases, that moves only when
-//! the server accepted a fragment; a fragment that failed is sent again with the same
+//! the server accepted a fragment. A fragment is posted only if it starts exactly at the
+//! first byte the server has not accepted, with the next number; when one fails or is
+//! refused, the fragment prepared behind it is dropped (its start or its number is no
+//! longer right) and prepared again, so a fragment that failed is sent again with the same
 //! number from the same byte of the log (extended by what the log gained meanwhile, up to
-//! the fragment size). A later phase's bytes never go out before an earlier
-//! phase's. A fragment ends at the last complete UTF-8 character, unless its phase has
-//! ended, so a character split across reads never turns into U+FFFD on the server.
+//! the fragment size), and one refused for good gives its number to the next. A later
+//! phase's bytes never go out before an earlier phase's. A fragment ends at the last
+//! complete UTF-8 character, unless its phase has ended, so a character split across reads
+//! never turns into U+FFFD on the server. What the daemon stores to resume after an outage
+//! or a restart ([`PendingOutput`], the journal's output progress) is only what the server
+//! accepted.
 //!
 //! Serial logs (`<phase>-serial.log`, written by the device connector) are sent whole
 //! after their phase by [`send_file`], masked fragment by fragment with the phase's
@@ -20,14 +35,14 @@
 //! masker has decided every byte, so a resend, even after a restart, is the same fragment.
 
 use super::auth::human;
-use super::client::{Core, Req};
+use super::client::{Core, FragmentBody, Req};
+use super::settings::MAX_FRAGMENT_TEXT;
 use super::{LogType, ServerError, ServerErrorKind};
 use crate::mask::Masker;
 use crate::phase::Phase;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -36,6 +51,10 @@ use std::time::{Duration, Instant};
 
 /// How many detached job ids are remembered, to ignore late output for them.
 const REMEMBERED_DETACHED: usize = 32;
+
+/// A fragment whose escaped text is too long is cut by half, down to this many bytes of
+/// the log (whose text cannot exceed the limit: six bytes a byte at most).
+const MIN_CUT: usize = 64;
 
 /// What is left to send of a job's live output once it stopped streaming: stored in the
 /// run directory by the daemon and handed back to
@@ -72,21 +91,32 @@ impl PendingOutput {
     }
 }
 
-/// Streams live output on its own thread; dropping it stops the thread.
+/// Streams live output on two threads; dropping it stops them.
 pub(super) struct Streamer {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// The streamer thread waits here for work.
+    /// The preparing thread waits here for work (new bytes, a fragment delivered).
     wake: Condvar,
+    /// The posting thread waits here for a prepared fragment.
+    post: Condvar,
     /// Callers of finish, drain and detach wait here for the streamer's progress.
     progress: Condvar,
-    /// False once the streamer thread has ended (or could not start).
+    /// False once a streamer thread has ended (or could not start).
     alive: AtomicBool,
+    /// Fragments of a job in the pipeline at most: [`PIPELINE_DEPTH`], or 1.
+    depth: u32,
 }
+
+/// Fragments of one job prepared, waiting or being posted at a time: one on the wire and
+/// the next one ready behind it (1 without [`HttpSettings::prepare_ahead`]). This bounds
+/// the memory the pipeline holds.
+///
+/// [`HttpSettings::prepare_ahead`]: super::settings::HttpSettings::prepare_ahead
+const PIPELINE_DEPTH: u32 = 2;
 
 #[derive(Default)]
 struct State {
@@ -94,21 +124,33 @@ struct State {
     /// Recently detached jobs, whose late output is ignored.
     detached: VecDeque<String>,
     stopping: bool,
-    /// The streamer waits with nothing to do: new bytes must wake it.
+    /// The preparing thread waits with nothing to do: new bytes must wake it.
     idle: bool,
+    /// Prepared fragments in sending order, for the posting thread (at most one).
+    ready: VecDeque<Prepared>,
+    /// Body buffers of delivered fragments, to build the next ones in.
+    spare: Vec<Vec<u8>>,
 }
 
 #[derive(Default)]
 struct JobStream {
+    /// The number of the next fragment the server is to accept.
     next_fragment: u64,
+    /// The number the next fragment prepared gets (ahead of `next_fragment` by the
+    /// fragments prepared and not accepted yet).
+    next_number: u64,
     phases: Vec<PhaseStream>,
-    /// A fragment of this job is being sent.
-    in_flight: bool,
+    /// Fragments of this job being prepared, waiting or being posted.
+    outstanding: u32,
+    /// Moves on whenever fragments prepared ahead become void (a fragment before them
+    /// failed or was refused): those are dropped, never sent, and prepared again.
+    epoch: u64,
     /// Being detached: the streamer takes no more work from it.
     detaching: bool,
     /// Consecutive failed sends.
     failures: u32,
     retry_at: Option<Instant>,
+    /// When the last fragment was taken for sending (the post cadence).
     last_post: Option<Instant>,
 }
 
@@ -119,15 +161,24 @@ struct PhaseStream {
     known: u64,
     /// Bytes the server accepted (or refused for good).
     sent: u64,
+    /// Bytes taken by fragments prepared so far: `sent` plus those prepared ahead.
+    queued: u64,
     /// The phase's output is complete.
     finished: bool,
-    /// The unsent bytes up to this length are only an incomplete character: wait for more.
+    /// The bytes from `queued` up to this length are only an incomplete character: wait
+    /// for more.
     held_at: Option<u64>,
 }
 
 impl PhaseStream {
-    fn pending(&self) -> bool {
+    /// Bytes the server has not accepted yet.
+    fn undelivered(&self) -> bool {
         self.sent < self.known
+    }
+
+    /// Bytes no fragment has been prepared for yet.
+    fn unqueued(&self) -> bool {
+        self.queued < self.known
     }
 }
 
@@ -144,17 +195,71 @@ impl State {
             metrics.set_output_backlog_bytes(backlog);
         }
     }
+
+    /// Takes a buffer for a fragment body.
+    fn buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    /// Keeps a body buffer for later fragments, unless enough are kept or no output is
+    /// waiting (an idle agent holds no fragment's memory). A body holds at most
+    /// [`MAX_FRAGMENT_TEXT`] bytes of text, however the log escapes.
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < PIPELINE_DEPTH as usize && !self.idle {
+            self.spare.push(buf);
+        }
+    }
+
+    /// Voids what `job_id` has prepared ahead of what the server accepted: the fragments
+    /// waiting are dropped, and the next one is prepared from the first byte not accepted,
+    /// with the first number not accepted.
+    fn rewind(&mut self, job_id: &str) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        job.epoch += 1;
+        job.next_number = job.next_fragment;
+        for p in &mut job.phases {
+            p.queued = p.sent;
+            p.held_at = None;
+        }
+        let (dropped, kept): (Vec<Prepared>, Vec<Prepared>) = std::mem::take(&mut self.ready)
+            .into_iter()
+            .partition(|r| r.work.job_id == job_id);
+        self.ready = kept.into();
+        job.outstanding = job.outstanding.saturating_sub(dropped.len() as u32);
+        for prepared in dropped {
+            self.recycle(prepared.body.into_buffer());
+        }
+    }
 }
 
 impl JobStream {
     fn delivered_up_to(&self, last: usize) -> bool {
-        self.phases.iter().take(last + 1).all(|p| !p.pending())
+        self.phases.iter().take(last + 1).all(|p| !p.undelivered())
+    }
+
+    /// Whether `work` starts exactly where the server's copy of the job ends: the phases
+    /// before it all accepted, its first byte the first not accepted, its number the next.
+    fn continues(&self, work: &Work) -> bool {
+        self.epoch == work.epoch
+            && self.next_fragment == work.number
+            && self
+                .phases
+                .get(work.index)
+                .is_some_and(|p| p.sent == work.start)
+            && self
+                .phases
+                .iter()
+                .take(work.index)
+                .all(|p| !p.undelivered())
     }
 }
 
-/// One fragment to send, copied out of the state.
+/// One fragment to prepare, copied out of the state.
 struct Work {
     job_id: String,
+    epoch: u64,
     index: usize,
     phase: Phase,
     path: PathBuf,
@@ -164,9 +269,23 @@ struct Work {
     number: u64,
 }
 
+/// A fragment ready for the posting thread.
+struct Prepared {
+    work: Work,
+    /// Bytes of the log the fragment holds.
+    consumed: u64,
+    /// The text, escaped (empty for a skip).
+    body: FragmentBody,
+    /// The log could not be read: the bytes are skipped, no request is made.
+    skip: bool,
+}
+
 enum Next {
     Work(Work),
     Until(Instant),
+    /// The pipeline is full: the posting thread wakes us.
+    Blocked,
+    /// Nothing to send until new bytes arrive.
     Idle,
 }
 
@@ -174,7 +293,6 @@ enum Next {
 enum Outcome {
     Sent(u64),
     Skipped(u64),
-    Held,
     Failed(String),
 }
 
@@ -182,12 +300,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Sets `alive` to false when the thread ends, even by unwinding.
+/// What a streamer thread runs.
+type ThreadBody = fn(&Shared, &Core);
+
+/// Sets `alive` to false when a streamer thread ends, even by unwinding, and wakes
+/// everyone who waits for it.
 struct AliveGuard(Arc<Shared>);
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
         self.0.alive.store(false, Ordering::SeqCst);
+        self.0.wake.notify_all();
+        self.0.post.notify_all();
         self.0.progress.notify_all();
     }
 }
@@ -197,28 +321,54 @@ impl Streamer {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
+            post: Condvar::new(),
             progress: Condvar::new(),
             alive: AtomicBool::new(true),
+            depth: if core.settings.prepare_ahead {
+                PIPELINE_DEPTH
+            } else {
+                1
+            },
         });
-        let for_thread = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("live-output".to_string())
-            .spawn(move || {
-                let guard = AliveGuard(for_thread);
-                run(&guard.0, &core);
-            });
-        let thread = match thread {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                shared.alive.store(false, Ordering::SeqCst);
-                log::error!(
-                    "cannot start the live-output thread ({e}); output stays in the log files \
-                     and is sent when the job is reported"
-                );
-                None
+        let mut threads = Vec::new();
+        let bodies: [(&str, ThreadBody); 2] = [
+            ("live-output", prepare_loop),
+            ("live-output-post", post_loop),
+        ];
+        for (name, body) in bodies {
+            let for_thread = Arc::clone(&shared);
+            let core = Arc::clone(&core);
+            let spawned = std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(move || {
+                    let guard = AliveGuard(for_thread);
+                    body(&guard.0, &core);
+                });
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    shared.alive.store(false, Ordering::SeqCst);
+                    log::error!(
+                        "cannot start the {name} thread ({e}); output stays in the log files \
+                         and is sent when the job is reported"
+                    );
+                    break;
+                }
             }
-        };
-        Streamer { shared, thread }
+        }
+        let streamer = Streamer { shared, threads };
+        if !streamer.shared.alive.load(Ordering::SeqCst) {
+            streamer.stop();
+        }
+        streamer
+    }
+
+    /// Stops both threads (after the post in flight, if any).
+    fn stop(&self) {
+        lock(&self.shared.state).stopping = true;
+        self.shared.wake.notify_all();
+        self.shared.post.notify_all();
+        self.shared.progress.notify_all();
     }
 
     /// A job starts (again): output for `job_id` is streamed even if a job of that id was
@@ -272,9 +422,9 @@ impl Streamer {
         {
             Some(p) => {
                 if len > p.known {
-                    // A phase that was all sent may be due a post before the streamer's
-                    // current wait ends.
-                    wake |= !p.pending();
+                    // A phase with nothing left to prepare may be due a post before the
+                    // streamer's current wait ends.
+                    wake |= !p.unqueued();
                     p.known = len;
                     p.held_at = None;
                 }
@@ -285,6 +435,7 @@ impl Streamer {
                     path: path.to_path_buf(),
                     known: len,
                     sent: 0,
+                    queued: 0,
                     finished: false,
                     held_at: None,
                 });
@@ -363,7 +514,7 @@ impl Streamer {
             let Some(job) = state.jobs.get(job_id) else {
                 return true;
             };
-            if job.phases.iter().all(|p| !p.pending()) {
+            if job.phases.iter().all(|p| !p.undelivered()) {
                 return true;
             }
             let now = Instant::now();
@@ -379,14 +530,16 @@ impl Streamer {
         }
     }
 
-    /// Stops streaming `job_id` (after the fragment in flight, if any) and returns what is
-    /// left to send.
+    /// Stops streaming `job_id` (after the fragment in flight, if any; fragments prepared
+    /// ahead are dropped) and returns what is left to send.
     pub(super) fn detach(&self, job_id: &str) -> PendingOutput {
         let mut state = lock(&self.shared.state);
         if let Some(job) = state.jobs.get_mut(job_id) {
             job.detaching = true;
         }
-        while state.jobs.get(job_id).is_some_and(|j| j.in_flight)
+        // What was prepared ahead is not sent: the rest goes with the run directory.
+        state.rewind(job_id);
+        while state.jobs.get(job_id).is_some_and(|j| j.outstanding > 0)
             && self.shared.alive.load(Ordering::SeqCst)
         {
             state = self
@@ -412,7 +565,7 @@ impl Streamer {
         let phases = job
             .phases
             .iter()
-            .filter(|p| p.pending())
+            .filter(|p| p.undelivered())
             .map(|p| PendingPhase {
                 phase: p.phase.name().to_string(),
                 log_file: p
@@ -433,32 +586,35 @@ impl Streamer {
 
 impl Drop for Streamer {
     fn drop(&mut self) {
-        lock(&self.shared.state).stopping = true;
-        self.shared.wake.notify_all();
-        self.shared.progress.notify_all();
-        if let Some(thread) = self.thread.take() {
+        self.stop();
+        for thread in self.threads.drain(..) {
             if thread.join().is_err() {
-                log::error!("the live-output thread ended with a panic");
+                log::error!("a live-output thread ended with a panic");
             }
         }
     }
 }
 
-/// The streamer thread.
-fn run(shared: &Shared, core: &Core) {
+/// The preparing thread: picks the next fragment, reads it from the log file and builds
+/// its body while the previous one is on the wire, and hands it to the posting thread.
+fn prepare_loop(shared: &Shared, core: &Core) {
     let interval = core.settings.output_post_interval;
     let max = core.settings.fragment_size;
-    let backoff = core.settings.retry.backoff();
+    // The bytes of the fragment being prepared; reused, at most `max` of them.
+    let mut read = Vec::new();
     loop {
-        let work = {
+        let (work, buf) = {
             let mut state = lock(&shared.state);
             loop {
-                if state.stopping {
+                if state.stopping || !shared.alive.load(Ordering::SeqCst) {
                     return;
                 }
                 let now = Instant::now();
-                match next(&mut state, now, interval, max) {
-                    Next::Work(work) => break work,
+                match next(&mut state, now, interval, max, shared.depth) {
+                    Next::Work(work) => {
+                        let buf = state.buffer();
+                        break (work, buf);
+                    }
                     Next::Until(at) => {
                         state = shared
                             .wake
@@ -466,7 +622,16 @@ fn run(shared: &Shared, core: &Core) {
                             .map(|(g, _)| g)
                             .unwrap_or_else(|p| p.into_inner().0);
                     }
+                    Next::Blocked => {
+                        state = shared
+                            .wake
+                            .wait(state)
+                            .unwrap_or_else(PoisonError::into_inner);
+                    }
                     Next::Idle => {
+                        // Nothing flows: give the buffers back to the system.
+                        read = Vec::new();
+                        state.spare.clear();
                         state.idle = true;
                         state = shared
                             .wake
@@ -477,31 +642,130 @@ fn run(shared: &Shared, core: &Core) {
                 }
             }
         };
-        let outcome = deliver(core, &work, max);
+        let prepared = prepare(work, &mut read, buf, max);
         let mut state = lock(&shared.state);
-        if let Some(job) = state.jobs.get_mut(&work.job_id) {
-            job.in_flight = false;
-            apply(
-                job,
-                &work,
-                outcome,
-                backoff.delay(job.failures.saturating_add(1)),
-            );
+        let state = &mut *state;
+        let Some(job) = state.jobs.get_mut(&prepared.work.job_id) else {
+            state.recycle(prepared.body.into_buffer());
+            continue;
+        };
+        let current = job.epoch == prepared.work.epoch && !job.detaching;
+        let p = job.phases.get_mut(prepared.work.index).filter(|_| current);
+        let Some(p) = p.filter(|_| prepared.consumed > 0 || prepared.skip) else {
+            if current {
+                // Only the start of a character so far: wait for more bytes.
+                if let Some(p) = job.phases.get_mut(prepared.work.index) {
+                    p.held_at = Some(prepared.work.end);
+                }
+            }
+            job.outstanding = job.outstanding.saturating_sub(1);
+            state.recycle(prepared.body.into_buffer());
+            shared.progress.notify_all();
+            continue;
+        };
+        p.queued = prepared.work.start + prepared.consumed;
+        if !prepared.skip {
+            job.next_number += 1;
         }
-        state.report_backlog();
-        drop(state);
-        shared.progress.notify_all();
+        state.ready.push_back(prepared);
+        shared.post.notify_one();
     }
 }
 
-/// Picks the next fragment to send, or says when to look again.
-fn next(state: &mut State, now: Instant, interval: Duration, max: usize) -> Next {
-    let mut earliest: Option<Instant> = None;
-    for (job_id, job) in state.jobs.iter_mut() {
-        if job.in_flight || job.detaching {
+/// The posting thread: sends the prepared fragments one after the other, on one
+/// connection, and records what the server made of each.
+fn post_loop(shared: &Shared, core: &Core) {
+    let backoff = core.settings.retry.backoff();
+    loop {
+        let prepared = {
+            let mut state = lock(&shared.state);
+            loop {
+                if state.stopping || !shared.alive.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Some(prepared) = state.ready.pop_front() {
+                    break prepared;
+                }
+                state = shared
+                    .post
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        // The preparing thread may go on with the next fragment.
+        shared.wake.notify_one();
+        let mut state = lock(&shared.state);
+        let continues = state
+            .jobs
+            .get(&prepared.work.job_id)
+            .is_some_and(|job| !job.detaching && job.continues(&prepared.work));
+        if !continues {
+            // Prepared ahead of a fragment that did not go through: it is prepared again.
+            let job_id = prepared.work.job_id.clone();
+            if let Some(job) = state.jobs.get_mut(&job_id) {
+                job.outstanding = job.outstanding.saturating_sub(1);
+                if job.epoch == prepared.work.epoch && !job.detaching {
+                    // Every outcome that moves the start or the number voids what was
+                    // prepared behind it (`rewind`): this is a safety net, not a path.
+                    debug_assert!(
+                        false,
+                        "output fragment {} of job {job_id} does not continue what the server holds",
+                        prepared.work.number
+                    );
+                    log::error!(
+                        "output fragment {} of job {job_id} does not continue what the server \
+                         holds (a bug); it is prepared again",
+                        prepared.work.number
+                    );
+                    state.rewind(&job_id);
+                }
+            }
+            state.recycle(prepared.body.into_buffer());
+            drop(state);
+            shared.progress.notify_all();
+            shared.wake.notify_one();
             continue;
         }
-        let Some(index) = job.phases.iter().position(PhaseStream::pending) else {
+        drop(state);
+        let work = prepared.work;
+        let (outcome, buf) = if prepared.skip {
+            (
+                Outcome::Skipped(prepared.consumed),
+                prepared.body.into_buffer(),
+            )
+        } else {
+            deliver(core, &work, prepared.consumed, prepared.body)
+        };
+        let mut state = lock(&shared.state);
+        let wait = state.jobs.get(&work.job_id).map_or(Duration::ZERO, |job| {
+            backoff.delay(job.failures.saturating_add(1))
+        });
+        apply(&mut state, &work, outcome, wait);
+        state.recycle(buf);
+        state.report_backlog();
+        drop(state);
+        shared.progress.notify_all();
+        shared.wake.notify_one();
+    }
+}
+
+/// Picks the next fragment to prepare, or says when to look again.
+fn next(state: &mut State, now: Instant, interval: Duration, max: usize, depth: u32) -> Next {
+    if !state.ready.is_empty() {
+        // One fragment waits for the wire already.
+        return Next::Blocked;
+    }
+    let mut earliest: Option<Instant> = None;
+    let mut blocked = false;
+    for (job_id, job) in state.jobs.iter_mut() {
+        if job.detaching {
+            continue;
+        }
+        if job.outstanding >= depth {
+            blocked = true;
+            continue;
+        }
+        let Some(index) = job.phases.iter().position(PhaseStream::unqueued) else {
             continue;
         };
         let later_phase_started = index + 1 < job.phases.len();
@@ -510,7 +774,7 @@ fn next(state: &mut State, now: Instant, interval: Duration, max: usize) -> Next
         if !finished && p.held_at == Some(p.known) {
             continue;
         }
-        let full = p.known - p.sent >= max as u64;
+        let full = p.known - p.queued >= max as u64;
         let mut ready_at = job.retry_at;
         if !finished && !full {
             if let Some(last) = job.last_post {
@@ -521,27 +785,49 @@ fn next(state: &mut State, now: Instant, interval: Duration, max: usize) -> Next
             earliest = Some(earliest.map_or(at, |e| e.min(at)));
             continue;
         }
-        job.in_flight = true;
+        job.outstanding += 1;
+        job.last_post = Some(now);
         return Next::Work(Work {
             job_id: job_id.clone(),
+            epoch: job.epoch,
             index,
             phase: p.phase,
             path: p.path.clone(),
-            start: p.sent,
+            start: p.queued,
             end: p.known,
             finished,
-            number: job.next_fragment,
+            number: job.next_number,
         });
     }
-    earliest.map_or(Next::Idle, Next::Until)
+    match earliest {
+        Some(at) => Next::Until(at),
+        None if blocked => Next::Blocked,
+        None => Next::Idle,
+    }
 }
 
-/// Reads and sends one fragment (one attempt; the streamer paces the retries).
-fn deliver(core: &Core, work: &Work, max: usize) -> Outcome {
-    let (text, consumed) = match read_piece(&work.path, work.start, work.end, max, work.finished) {
-        Piece::Text { text, consumed } => (text, consumed),
-        Piece::Incomplete => return Outcome::Held,
-        Piece::Unreadable(why) => {
+/// Reads one fragment from its log and builds its body in `buf` (`read` holds the bytes
+/// meanwhile): at most `max` bytes of the log, fewer when their escaped text would exceed
+/// [`MAX_FRAGMENT_TEXT`]. `consumed` 0 without `skip`: only the start of a character so far.
+fn prepare(work: Work, read: &mut Vec<u8>, buf: Vec<u8>, max: usize) -> Prepared {
+    let mut body = FragmentBody::new(buf);
+    match read_bytes_into(read, &work.path, work.start, work.end, max, work.finished) {
+        Ok((len, _)) => {
+            let consumed = body.push_bytes_within(&read[..len], MAX_FRAGMENT_TEXT);
+            Prepared {
+                consumed: consumed as u64,
+                body,
+                skip: false,
+                work,
+            }
+        }
+        Err(ReadError::Incomplete) => Prepared {
+            work,
+            consumed: 0,
+            body,
+            skip: false,
+        },
+        Err(ReadError::Unreadable(why)) => {
             log::error!(
                 "live output of {} of job {}: {why}; bytes {}..{} of it are not sent",
                 work.phase,
@@ -549,36 +835,46 @@ fn deliver(core: &Core, work: &Work, max: usize) -> Outcome {
                 work.start,
                 work.end
             );
-            return Outcome::Skipped(work.end - work.start);
+            Prepared {
+                consumed: work.end - work.start,
+                body,
+                skip: true,
+                work,
+            }
         }
-    };
+    }
+}
+
+/// Sends one prepared fragment (one attempt; the streamer paces the retries) and gives
+/// its buffer back.
+fn deliver(core: &Core, work: &Work, consumed: u64, body: FragmentBody) -> (Outcome, Vec<u8>) {
     let req = core
-        .fragment_request(
-            &work.job_id,
-            LogType::Output,
-            work.number,
-            work.phase,
-            &text,
-        )
+        .fragment_request(&work.job_id, LogType::Output, work.number, work.phase, body)
         .attempts(1);
-    match post(core, &req) {
+    let outcome = match post(core, &req) {
         Posted::Accepted => Outcome::Sent(consumed),
         Posted::Refused(why) => {
             log::error!(
-                "output fragment {} of job {} ({} bytes of {}) was refused and is skipped: {why}",
+                "output fragment {} of job {} ({consumed} bytes of {}) was refused and is \
+                 skipped: {why}",
                 work.number,
                 work.job_id,
-                consumed,
                 work.phase
             );
             Outcome::Skipped(consumed)
         }
         Posted::Failed(why) => Outcome::Failed(why),
-    }
+    };
+    (outcome, req.into_buffer().unwrap_or_default())
 }
 
-/// Records what became of a fragment; `wait` is the back-off should it have failed.
-fn apply(job: &mut JobStream, work: &Work, outcome: Outcome, wait: Duration) {
+/// Records what became of a fragment; `wait` is the back-off should it have failed. A
+/// fragment that did not go through as numbered voids those prepared after it.
+fn apply(state: &mut State, work: &Work, outcome: Outcome, wait: Duration) {
+    let Some(job) = state.jobs.get_mut(&work.job_id) else {
+        return;
+    };
+    job.outstanding = job.outstanding.saturating_sub(1);
     let Some(p) = job.phases.get_mut(work.index) else {
         return;
     };
@@ -586,7 +882,10 @@ fn apply(job: &mut JobStream, work: &Work, outcome: Outcome, wait: Duration) {
     match outcome {
         Outcome::Sent(n) => {
             p.sent = work.start + n;
+            // Preparing goes on from here even if what it had prepared was voided meanwhile.
+            p.queued = p.queued.max(p.sent);
             job.next_fragment += 1;
+            job.next_number = job.next_number.max(job.next_fragment);
             if job.failures > 0 {
                 log::info!(
                     "live output of job {} is delivered again, after {} failed attempt(s)",
@@ -596,13 +895,15 @@ fn apply(job: &mut JobStream, work: &Work, outcome: Outcome, wait: Duration) {
             }
             job.failures = 0;
             job.retry_at = None;
-            job.last_post = Some(now);
         }
         Outcome::Skipped(n) => {
             p.sent = work.start + n;
-            job.last_post = Some(now);
+            p.queued = p.queued.max(p.sent);
+            // No number was used: what was prepared after it is numbered one too far.
+            if job.next_number != job.next_fragment {
+                state.rewind(&work.job_id);
+            }
         }
-        Outcome::Held => p.held_at = Some(work.end),
         Outcome::Failed(why) => {
             job.failures = job.failures.saturating_add(1);
             job.retry_at = Some(now + wait);
@@ -620,6 +921,7 @@ fn apply(job: &mut JobStream, work: &Work, outcome: Outcome, wait: Duration) {
             } else {
                 log::debug!("{message}");
             }
+            state.rewind(&work.job_id);
         }
     }
 }
@@ -681,33 +983,75 @@ fn read_bytes(
     max: usize,
     finished: bool,
 ) -> Result<(Vec<u8>, bool), Piece> {
-    let want = end.saturating_sub(start).min(max as u64);
-    let mut file = File::open(path)
-        .map_err(|e| Piece::Unreadable(format!("cannot open {}: {e}", path.display())))?;
-    file.seek(SeekFrom::Start(start))
-        .map_err(|e| Piece::Unreadable(format!("cannot seek in {}: {e}", path.display())))?;
-    let mut buf = Vec::with_capacity(want as usize);
-    file.take(want)
-        .read_to_end(&mut buf)
-        .map_err(|e| Piece::Unreadable(format!("cannot read {}: {e}", path.display())))?;
-    if buf.is_empty() {
-        return Err(Piece::Unreadable(format!(
+    let mut buf = Vec::new();
+    match read_bytes_into(&mut buf, path, start, end, max, finished) {
+        Ok((len, last)) => {
+            buf.truncate(len);
+            Ok((buf, last))
+        }
+        Err(ReadError::Incomplete) => Err(Piece::Incomplete),
+        Err(ReadError::Unreadable(why)) => Err(Piece::Unreadable(why)),
+    }
+}
+
+/// Why [`read_bytes_into`] has no bytes to send.
+enum ReadError {
+    /// Only the start of a character so far.
+    Incomplete,
+    /// The file cannot be read (or is shorter than recorded).
+    Unreadable(String),
+}
+
+/// Reads bytes `start..end` of `path`, at most `max`, into the start of `buf` with one
+/// `pread`. `buf` grows as needed and is never shrunk or cleared, so a buffer reused from
+/// fragment to fragment is not zeroed again; its bytes past the read are stale. The bytes
+/// end at the last complete UTF-8 character unless `finished` and the read reaches `end`.
+/// Returns how many bytes and whether they reach `end`.
+fn read_bytes_into(
+    buf: &mut Vec<u8>,
+    path: &Path,
+    start: u64,
+    end: u64,
+    max: usize,
+    finished: bool,
+) -> Result<(usize, bool), ReadError> {
+    use std::os::unix::fs::FileExt;
+    let want = end.saturating_sub(start).min(max as u64) as usize;
+    let file = File::open(path)
+        .map_err(|e| ReadError::Unreadable(format!("cannot open {}: {e}", path.display())))?;
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+    let mut got = 0;
+    while got < want {
+        match file.read_at(&mut buf[got..want], start + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(ReadError::Unreadable(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )))
+            }
+        }
+    }
+    if got == 0 {
+        return Err(ReadError::Unreadable(format!(
             "{} ends at byte {start}, before the {end} bytes recorded",
             path.display()
         )));
     }
-    let reaches_end = start + buf.len() as u64 >= end;
+    let reaches_end = start + got as u64 >= end;
     let keep = if finished && reaches_end {
-        buf.len()
+        got
     } else {
-        complete_prefix(&buf)
+        complete_prefix(&buf[..got])
     };
     if keep == 0 {
-        return Err(Piece::Incomplete);
+        return Err(ReadError::Incomplete);
     }
-    let last = reaches_end && keep == buf.len();
-    buf.truncate(keep);
-    Ok((buf, last))
+    Ok((keep, reaches_end && keep == got))
 }
 
 /// The next fragment of the finished file `path` from `start` (of `end` bytes), masked:
@@ -786,16 +1130,28 @@ pub(super) fn send_file(
         })?
         .len();
     let mut refused = None;
+    let mut buf = Vec::new();
     while *offset < len {
-        let (text, consumed) =
-            match masked_piece(path, *offset, len, core.settings.fragment_size, &masker) {
+        // At most the fragment size, less when the escaped text would be too long.
+        let mut limit = core.settings.fragment_size;
+        let (body, consumed) = loop {
+            let (text, consumed) = match masked_piece(path, *offset, len, limit, &masker) {
                 Piece::Text { text, consumed } => (text, consumed),
-                Piece::Incomplete => break,
+                Piece::Incomplete => return refused.map_or(Ok(()), Err),
                 Piece::Unreadable(why) => {
                     return Err(ServerError::new(ServerErrorKind::Local, what.as_str(), why))
                 }
             };
-        let req = core.fragment_request(job_id, log_type, *number, phase, &text);
+            let mut body = FragmentBody::new(std::mem::take(&mut buf));
+            body.push_bytes(text.as_bytes());
+            if body.text_len() > MAX_FRAGMENT_TEXT && limit > MIN_CUT {
+                buf = body.into_buffer();
+                limit /= 2;
+                continue;
+            }
+            break (body, consumed);
+        };
+        let req = core.fragment_request(job_id, log_type, *number, phase, body);
         match core.call(&req) {
             Ok(reply) if (200..300).contains(&reply.status) => {
                 reply.discard();
@@ -819,6 +1175,7 @@ pub(super) fn send_file(
             }
             Err(e) => return Err(e),
         }
+        buf = req.into_buffer().unwrap_or_default();
     }
     refused.map_or(Ok(()), Err)
 }

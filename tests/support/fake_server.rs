@@ -58,7 +58,7 @@
 //! Dropping the server stops it: delayed requests are cut short, every connection is
 //! closed and every thread joined. Nothing in `Drop` panics.
 
-use super::http_wire::{Handler, Reply, WireRequest, WireResponse, WireServer};
+use super::http_wire::{Handler, Reply, Streamed, WireRequest, WireResponse, WireServer};
 use super::iso_time::{now_micros, parse_iso_datetime, render_aware, render_naive};
 use super::multipart;
 use super::schema::{self, is_valid_uuid, validate, PHASES};
@@ -261,7 +261,9 @@ struct Fault {
 #[derive(Default)]
 struct State {
     jobs: Vec<Job>,
-    fragments: Vec<StoredFragment>,
+    /// Shared, so that an answer holding a job's whole output streams from them after the
+    /// lock is released.
+    fragments: Vec<Arc<StoredFragment>>,
     artifacts: HashMap<String, Vec<Vec<u8>>>,
     attachments: HashMap<String, Vec<u8>>,
     agents: HashMap<String, Agent>,
@@ -1688,28 +1690,58 @@ impl Shared {
                 }
             }
         }
-        let mut frags: Vec<&Fragment> = st
+        let mut frags: Vec<Arc<StoredFragment>> = st
             .fragments
             .iter()
-            .map(|f| &f.fragment)
-            .filter(|f| f.job_id == id)
+            .filter(|f| f.fragment.job_id == id)
+            .cloned()
             .collect();
-        frags.sort_by_key(|f| f.fragment_number);
-        let mut logs: Map<String, Value> = Map::new();
+        frags.sort_by_key(|f| f.fragment.fragment_number);
+        // `<phase>_<type>` keys in the order of their first fragment, each with its
+        // fragments in number order: the logs are concatenated while they are written.
+        let mut logs: Vec<(String, Vec<Arc<StoredFragment>>)> = Vec::new();
         for f in frags {
-            let key = format!("{}_{}", f.phase, f.log_type);
-            let entry = logs.entry(key).or_insert_with(|| json!(""));
-            if let Value::String(s) = entry {
-                s.push_str(&f.log_data);
+            let key = format!("{}_{}", f.fragment.phase, f.fragment.log_type);
+            match logs.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, list)) => list.push(f),
+                None => logs.push((key, vec![f])),
             }
         }
-        out.extend(logs);
-        Ok(json_response(200, &Value::Object(out)))
+        if logs.is_empty() {
+            return Ok(json_response(200, &Value::Object(out)));
+        }
+        let mut head = serde_json::to_vec(&Value::Object(out)).unwrap_or_default();
+        // Reopen the object: `{...}` without its `}`.
+        head.pop();
+        let mut resp = WireResponse::new(200, "application/json", Vec::new());
+        resp.streamed = Some(Streamed(Arc::new(move |w| {
+            w.write_all(&head)?;
+            let mut first = head.len() == 1;
+            let mut escaped = Vec::new();
+            for (key, list) in &logs {
+                if !first {
+                    w.write_all(b",")?;
+                }
+                first = false;
+                serde_json::to_writer(&mut *w, key)?;
+                w.write_all(b":\"")?;
+                for f in list {
+                    // JSON escaping is per character: the escaped pieces, unquoted, make
+                    // the escaped whole.
+                    escaped.clear();
+                    serde_json::to_writer(&mut escaped, f.fragment.log_data.as_str())?;
+                    w.write_all(&escaped[1..escaped.len() - 1])?;
+                }
+                w.write_all(b"\"")?;
+            }
+            w.write_all(b"}\n")
+        })));
+        Ok(resp)
     }
 
     fn log_post(&self, st: &mut State, req: &WireRequest, id: &str, log_type: &str) -> Answer {
         self.authorize(st, req, Access::Agent("agent"))?;
-        let (_, data) = validated(req, schema::LOG_POST)?;
+        let (mut body, data) = validated(req, schema::LOG_POST)?;
         if !is_valid_uuid(id) {
             return Err(bad_id_json());
         }
@@ -1723,7 +1755,12 @@ impl Shared {
         let Some(at) = parse_iso_datetime(&timestamp) else {
             return Err(error(422, "Not a valid datetime."));
         };
-        st.fragments.push(StoredFragment {
+        // The validated text, moved out of the parsed body rather than copied once more.
+        let log_data = match body.as_object_mut().and_then(|o| o.remove("log_data")) {
+            Some(Value::String(text)) => text,
+            _ => text_of("log_data"),
+        };
+        st.fragments.push(Arc::new(StoredFragment {
             fragment: Fragment {
                 job_id: id.to_string(),
                 log_type: log_type.to_string(),
@@ -1733,10 +1770,10 @@ impl Shared {
                     .and_then(Value::as_i64)
                     .unwrap_or(0),
                 timestamp,
-                log_data: text_of("log_data"),
+                log_data,
             },
             at,
-        });
+        }));
         Ok(ok_text())
     }
 
@@ -1798,6 +1835,7 @@ impl Shared {
             let mut frags: Vec<&StoredFragment> = st
                 .fragments
                 .iter()
+                .map(Arc::as_ref)
                 .filter(|f| {
                     f.fragment.job_id == id
                         && f.fragment.log_type == log_type

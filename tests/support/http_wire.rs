@@ -10,8 +10,10 @@
 //!
 //! One thread per connection: a slow handler never blocks other clients. Requests are read
 //! whole (`Content-Length` or chunked bodies, `Expect: 100-continue` honoured) before the
-//! handler runs; malformed requests get a 4xx and the connection is closed. Nothing here
-//! panics on request data.
+//! handler runs; malformed requests get a 4xx and the connection is closed. An answer is
+//! written whole, or, when it carries a [`Streamed`] body (a job's whole output), piece by
+//! piece as chunks, so that nothing large is built in memory and a client that stops
+//! reading stops the work. Nothing here panics on request data.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -60,12 +62,29 @@ impl WireRequest {
     }
 }
 
-/// A complete response.
+/// A response: complete, or with a body written as it is produced ([`Streamed`]).
 #[derive(Clone, Debug)]
 pub struct WireResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Written instead of `body` when set: chunked to an HTTP/1.1 client, to the end of
+    /// the connection for HTTP/1.0.
+    pub streamed: Option<Streamed>,
+}
+
+/// A body too large to build in memory first: written piece by piece into the connection,
+/// so a client that stops reading (and closes) stops its production too.
+#[derive(Clone)]
+pub struct Streamed(pub Arc<WriteBody>);
+
+/// Writes a streamed body into what it is given.
+pub type WriteBody = dyn Fn(&mut dyn Write) -> io::Result<()> + Send + Sync;
+
+impl std::fmt::Debug for Streamed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Streamed(..)")
+    }
 }
 
 impl WireResponse {
@@ -74,6 +93,7 @@ impl WireResponse {
             status,
             headers: vec![("Content-Type".to_string(), content_type.to_string())],
             body: body.into(),
+            streamed: None,
         }
     }
 
@@ -83,6 +103,7 @@ impl WireResponse {
             status,
             headers: Vec::new(),
             body: Vec::new(),
+            streamed: None,
         }
     }
 
@@ -314,6 +335,7 @@ fn serve_connection(stream: TcpStream, inner: &Inner) {
             Err(Err(_io)) => break,
         };
         let keep_alive = wants_keep_alive(&request);
+        let http10 = request.http10;
         let reply = (inner.handler)(request);
         if inner.closing.load(Ordering::SeqCst) {
             break;
@@ -324,6 +346,8 @@ fn serve_connection(stream: TcpStream, inner: &Inner) {
                 break;
             }
             Reply::Send(resp) => {
+                // An HTTP/1.0 client gets a streamed body up to the end of the connection.
+                let keep_alive = keep_alive && !(http10 && resp.streamed.is_some());
                 if write_response(&mut writer, &resp, keep_alive).is_err() || !keep_alive {
                     break;
                 }
@@ -579,16 +603,85 @@ fn write_response(writer: &mut TcpStream, resp: &WireResponse, keep_alive: bool)
         out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
     }
     let bodyless = resp.status == 204 || resp.status == 304 || resp.status < 200;
-    if !bodyless {
+    // A streamed body on a connection kept alive is chunked; otherwise the close ends it.
+    let streamed = resp.streamed.as_ref().filter(|_| !bodyless);
+    let chunked = streamed.is_some() && keep_alive;
+    if chunked {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    } else if !bodyless && streamed.is_none() {
         out.extend_from_slice(format!("Content-Length: {}\r\n", resp.body.len()).as_bytes());
     }
     if !keep_alive {
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    if !bodyless {
-        out.extend_from_slice(&resp.body);
+    match streamed {
+        Some(body) => {
+            writer.write_all(&out)?;
+            if chunked {
+                let mut chunks = Chunked {
+                    inner: &mut *writer,
+                    buf: Vec::with_capacity(CHUNK + 2),
+                };
+                (body.0)(&mut chunks)?;
+                chunks.finish()?;
+            } else {
+                let mut buffered = io::BufWriter::with_capacity(CHUNK, &mut *writer);
+                (body.0)(&mut buffered)?;
+                buffered.flush()?;
+            }
+        }
+        None => {
+            if !bodyless {
+                out.extend_from_slice(&resp.body);
+            }
+            writer.write_all(&out)?;
+        }
     }
-    writer.write_all(&out)?;
     writer.flush()
+}
+
+/// Size of the chunks of a streamed body.
+const CHUNK: usize = 64 * 1024;
+
+/// Writes what it is given as HTTP/1.1 chunks of up to [`CHUNK`] bytes.
+struct Chunked<'a> {
+    inner: &'a mut TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Chunked<'_> {
+    fn emit(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .write_all(format!("{:x}\r\n", self.buf.len()).as_bytes())?;
+        self.buf.extend_from_slice(b"\r\n");
+        self.inner.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// The last chunk and the end of the body.
+    fn finish(mut self) -> io::Result<()> {
+        self.emit()?;
+        self.inner.write_all(b"0\r\n\r\n")
+    }
+}
+
+impl Write for Chunked<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= CHUNK {
+            self.emit()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
