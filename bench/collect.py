@@ -42,6 +42,12 @@ FIGURES = [
      ("<=", 1.0), "≤ 1 s/GB", RUN_JOB),
     ("run_job_peak_rss_mib", "MiB", "agent peak RSS (VmHWM) in that job",
      ("<=", 16.0), "≤ 16 MiB", RUN_JOB),
+    ("sh_after_banner_s", "s",
+     "the limit for the same file: `sh -c 'CMD >> file'` onto a file holding as many bytes "
+     "as the phase banner ({banner_bytes}), so that its writes start off a page boundary as "
+     "the command's do in `<phase>.log`; fastest of {rounds} rounds", None, "", RUN_JOB),
+    ("run_job_vs_sh_after_banner_ratio", "ratio",
+     "`run-job` / that limit", None, "", RUN_JOB),
     ("run_job_masked_s", "s",
      "the same job with a secret to mask (output through the pipe and the masker): wall "
      "time, fastest of {rounds} rounds alternating with the two above", None, "", RUN_JOB),

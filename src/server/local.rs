@@ -16,8 +16,12 @@ pub struct LocalServer {
 }
 
 impl LocalServer {
+    /// Prints live output, unless standard output is `/dev/null` (nothing would read it:
+    /// the log files have every byte).
     pub fn new() -> LocalServer {
-        LocalServer::default()
+        LocalServer {
+            quiet: stdout_is_dev_null(),
+        }
     }
 
     /// A local server that prints nothing.
@@ -103,5 +107,17 @@ impl Server for LocalServer {
 
     fn releases_allocations(&self) -> bool {
         false
+    }
+}
+
+/// Whether this process's standard output is `/dev/null`.
+fn stdout_is_dev_null() -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match (
+        std::fs::metadata("/proc/self/fd/1"),
+        std::fs::metadata("/dev/null"),
+    ) {
+        (Ok(out), Ok(null)) => out.file_type().is_char_device() && out.rdev() == null.rdev(),
+        _ => false,
     }
 }
