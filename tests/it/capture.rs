@@ -4,25 +4,9 @@
 //! output timeout holds, and background processes are told apart by whether they still
 //! hold the output.
 
+use crate::run_job::{run_job, text};
 use crate::support::scratch::{KillByMarker, Scratch};
-use std::path::Path;
-use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_testflinger-agent");
-
-fn run_job(config: &Path, job: &Path) -> Output {
-    Command::new(BIN)
-        .arg("run-job")
-        .arg("-c")
-        .arg(config)
-        .arg(job)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use std::process::Command;
 
 /// Where `needle` starts in `haystack`.
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

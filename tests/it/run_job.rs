@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 const BIN: &str = env!("CARGO_BIN_EXE_testflinger-agent");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-fn run_job(config: &Path, job: &Path) -> Output {
+pub(crate) fn run_job(config: &Path, job: &Path) -> Output {
     Command::new(BIN)
         .arg("run-job")
         .arg("-c")
@@ -19,7 +19,7 @@ fn run_job(config: &Path, job: &Path) -> Output {
         .expect("the binary runs")
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
