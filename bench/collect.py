@@ -35,8 +35,9 @@ FIGURES = [
      "the limit: `sh -c 'CMD > file'` on the same tmpfs, fastest of {rounds} rounds "
      "alternating with `run-job`'s", None, "", RUN_JOB),
     ("run_job_vs_sh_ratio", "ratio",
-     "`run-job` / `sh -c 'CMD > file'` (no secrets: the command writes the log itself)",
-     ("<=", 1.05), "≤ 1.05× where the command writes the log itself", RUN_JOB),
+     "`run-job` / `sh -c 'CMD > file'` (`run-job` reads the output through the pipe to "
+     "print it; the daemon's commands write their logs themselves)",
+     ("<=", 1.10), "≤ 1.10×", RUN_JOB),
     ("run_job_cpu_s_per_gb", "s/GB",
      "agent CPU per GB in that job (its utime + stime, not the command's)",
      ("<=", 1.0), "≤ 1 s/GB", RUN_JOB),

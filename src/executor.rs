@@ -435,7 +435,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
             write_failed: None,
             lost: 0,
             journal_failed: None,
-            direct_allowed: self.storage_failed.is_none(),
+            direct_allowed: self.storage_failed.is_none() && self.server.reads_output_back(),
             direct: false,
             room_checked: Instant::now(),
             len_at_room_check: 0,
@@ -1133,7 +1133,9 @@ struct PhaseSink<'a> {
     /// Why the journal could not be written during the command.
     journal_failed: Option<String>,
     /// Whether the command may write into the log itself ([`OutputSink::direct_output`]):
-    /// not once the job could not be recorded (cleanup then marks every hole).
+    /// only when the server reads the live output back from the log (the daemon; `run-job`
+    /// prints the chunks it reads from the pipe), and not once the job could not be
+    /// recorded (cleanup then marks every hole).
     direct_allowed: bool,
     /// Whether it does: the log grows without the sink, which catches up in `follow`.
     direct: bool,

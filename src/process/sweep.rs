@@ -16,14 +16,21 @@ pub(crate) struct ProcStat {
     pub state: u8,
     pub ppid: i32,
     pub pgrp: i32,
+    /// The kernel's flags word (field 9).
+    pub flags: u64,
     /// Start time in clock ticks since boot.
     pub starttime: u64,
 }
 
+/// `PF_EXITING` in the flags word: the process is inside `exit()`.
+const PF_EXITING: u64 = 0x4;
+
 impl ProcStat {
-    /// Whether the process is still running code (not a zombie, not already gone).
+    /// Whether the process is still running code: not a zombie, not already gone, and not
+    /// on its way out (it has closed its files in `exit()`, so it no longer holds the
+    /// output, but has not become a zombie yet).
     pub fn is_alive(&self) -> bool {
-        !matches!(self.state, b'Z' | b'X' | b'x')
+        !matches!(self.state, b'Z' | b'X' | b'x') && self.flags & PF_EXITING == 0
     }
 }
 
@@ -39,13 +46,15 @@ pub(crate) fn parse_stat(text: &[u8]) -> Option<ProcStat> {
     let state = *fields.next()?.first()?;
     let ppid = parse_num(fields.next()?)?;
     let pgrp = parse_num(fields.next()?)?;
-    // Fields 6..=21 are not needed; field 22 is starttime.
-    let starttime = parse_num(fields.nth(22 - 6)?)?;
+    // Fields 6..=8 are not needed; field 9 is flags, field 22 starttime.
+    let flags = parse_num(fields.nth(9 - 6)?)?;
+    let starttime = parse_num(fields.nth(22 - 10)?)?;
     Some(ProcStat {
         pid: i32::try_from(pid).ok()?,
         state,
         ppid: i32::try_from(ppid).ok()?,
         pgrp: i32::try_from(pgrp).ok()?,
+        flags: u64::try_from(flags).ok()?,
         starttime: u64::try_from(starttime).ok()?,
     })
 }
@@ -169,10 +178,21 @@ mod tests {
                 state: b'S',
                 ppid: 17,
                 pgrp: 4242,
+                flags: 4194560,
                 starttime: 987654
             }
         );
         assert!(stat.is_alive());
+    }
+
+    #[test]
+    fn a_process_inside_exit_is_not_alive() {
+        // flags 4194564 = 4194560 | PF_EXITING: files closed, not a zombie yet.
+        let line =
+            b"4243 (sh) R 17 4242 4242 0 -1 4194564 100 0 0 0 1 2 0 0 20 0 1 0 987655 1000 10\n";
+        let stat = parse_stat(line).expect("parses");
+        assert_eq!(stat.flags & PF_EXITING, PF_EXITING);
+        assert!(!stat.is_alive());
     }
 
     #[test]

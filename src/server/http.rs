@@ -333,6 +333,11 @@ impl Server for HttpServer {
         self.post_agent_data(&json!({"state": state, "comment": comment}))
     }
 
+    fn reads_output_back(&self) -> bool {
+        // The streamer reads every fragment from the log file.
+        true
+    }
+
     fn output(&self, job_id: &str, phase: Phase, _chunk: &[u8], log_path: &Path, log_len: u64) {
         self.streamer.note(job_id, phase, log_path, log_len);
     }

@@ -4,7 +4,7 @@
 use super::{Server, ServerError};
 use crate::phase::Phase;
 use serde_json::Value;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::Path;
 
 /// Writes live output to standard output and accepts every report.
@@ -49,23 +49,6 @@ impl Server for LocalServer {
         }
         // A closed or full terminal must not stop the job: the log file has every byte.
         let _ = std::io::stdout().lock().write_all(chunk);
-    }
-
-    fn output_written(&self, _job_id: &str, _phase: Phase, log: &Path, from: u64, len: u64) {
-        if self.quiet {
-            return;
-        }
-        // From the page cache to the terminal in the kernel (std's copy uses
-        // copy_file_range, sendfile or splice between two descriptors); a closed or full
-        // terminal must not stop the job.
-        let copied = std::fs::File::open(log).and_then(|mut file| {
-            file.seek(SeekFrom::Start(from))?;
-            let mut out = std::io::stdout().lock();
-            std::io::copy(&mut file.take(len.saturating_sub(from)), &mut out)
-        });
-        if let Err(err) = copied {
-            log::debug!("cannot copy {} to standard output: {err}", log.display());
-        }
     }
 
     fn finish_output(&self, _job_id: &str, _phase: Phase) {

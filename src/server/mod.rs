@@ -116,6 +116,13 @@ pub trait Server: Send + Sync {
     /// now `log_len` bytes long. Must not block on the network.
     fn output(&self, job_id: &str, phase: Phase, chunk: &[u8], log_path: &Path, log_len: u64);
 
+    /// Whether the live output is read back from `<phase>.log` (not taken from the chunks
+    /// handed to [`Server::output`]): then a command without secrets writes its log itself
+    /// (direct capture), and the agent only follows the file.
+    fn reads_output_back(&self) -> bool {
+        false
+    }
+
     /// New command output of `phase` that the command wrote into `log_path` itself (direct
     /// capture): the bytes from `from` to `log_len`. Must not block on the network.
     fn output_written(&self, job_id: &str, phase: Phase, log_path: &Path, from: u64, log_len: u64) {

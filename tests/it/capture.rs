@@ -1,11 +1,15 @@
-//! Direct capture through the real binary: without secrets to mask, a phase's command
-//! writes `<phase>.log` itself and the agent follows the file; with secrets, the output
-//! comes through a pipe. Either way the log and the terminal get every byte in order, the
-//! output timeout holds, and background processes are told apart by whether they still
-//! hold the output.
+//! How a phase's output reaches `<phase>.log`, through the real binary. In the daemon,
+//! whose live output is read back from the log, a command without secrets writes the log
+//! itself and the agent follows the file; with secrets, and in `run-job` (which prints
+//! what it reads), the output comes through a pipe. Either way the log and the server get
+//! every byte in order, the output timeout holds, and background processes are told
+//! apart by whether they still hold the output.
 
 use crate::run_job::{run_job, text};
+use crate::support::agent::{finished, queue, wait_for, Agent};
+use crate::support::fake_server::FakeServer;
 use crate::support::scratch::{KillByMarker, Scratch};
+use serde_json::json;
 use std::process::Command;
 
 /// Where `needle` starts in `haystack`.
@@ -13,118 +17,166 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn agent_config(s: &Scratch, test_command: &str, extra: &str) -> std::path::PathBuf {
-    s.config(&format!(
-        "agent_id: it-capture\nserver_address: http://127.0.0.1:9\njob_queues: [q]\n{extra}test_command: |\n{}\n",
-        test_command
-            .lines()
-            .map(|l| format!("  {l}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    ))
+fn yaml_string(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serialises")
 }
 
-/// Three megabytes of random bytes (not UTF-8, no newline at the end), written in pieces by
-/// two writers in turn, land in the log and on the terminal exactly once and in order,
-/// after the banner; the command's standard output is the log file itself.
+/// Runs one job with `test_command` (and `extra` config lines) on a daemon against the
+/// fake server, whose secret store holds `secrets` (path, value); returns the server, the
+/// job id and the daemon.
+fn daemon_job(
+    s: &Scratch,
+    name: &str,
+    test_command: &str,
+    extra: &str,
+    job: serde_json::Value,
+    secrets: &[(&str, &str)],
+) -> (FakeServer, String, Agent) {
+    let server = FakeServer::start();
+    for (path, value) in secrets {
+        server.add_secret(path, value);
+    }
+    let config = format!("{extra}test_command: {}\n", yaml_string(test_command));
+    let agent = Agent::start(&server, s, name, &config);
+    let id = server.submit_job(job);
+    wait_for(&server, "the job's outcome", |srv| finished(srv, &id));
+    (server, id, agent)
+}
+
+fn plain_job(name: &str) -> serde_json::Value {
+    json!({"job_queue": queue(name), "test_data": {"test_cmds": "x"}})
+}
+
+/// The first line of the test phase's output that starts with `prefix`.
+fn line_starting<'a>(output: &'a str, prefix: &str) -> &'a str {
+    output
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{output}"))
+}
+
+/// Two megabytes of random bytes in base64 lines, written in pieces by two writers in
+/// turn and ending without a newline, reach the log and the server exactly once and in
+/// order, after the banner; the command's standard output is the log file itself.
 #[test]
-fn without_secrets_the_command_writes_the_log_itself_byte_exact() {
+fn in_the_daemon_a_command_without_secrets_writes_its_log_itself() {
     let s = Scratch::new("capture-direct");
-    let reference = s.path("reference.bin");
-    let status = Command::new("sh")
+    let reference = s.path("reference.txt");
+    let made = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "head -c 3000000 /dev/urandom > {}",
-            reference.display()
+            "head -c 1500000 /dev/urandom | base64 -w 100 > {r} && printf 'last line, no newline' >> {r}",
+            r = reference.display()
         ))
         .status()
         .expect("sh runs");
-    assert!(status.success());
-    let expected = std::fs::read(&reference).expect("the reference bytes");
+    assert!(made.success());
+    let expected = std::fs::read_to_string(&reference).expect("the reference text");
+    let name = format!("capture-direct-{}", std::process::id());
     let command = format!(
-        "echo \"stdout is $(readlink /proc/$$/fd/1)\"\nhead -c 1000000 {r}\ntail -c +1000001 {r} | head -c 1000000 >&2\ntail -c +2000001 {r}",
+        "echo \"stdout is $(readlink /proc/$$/fd/1)\"\nhead -c 1000000 {r}\ntail -c +1000001 {r} | head -c 500000 >&2\ntail -c +1500001 {r}",
         r = reference.display()
     );
-    let config = agent_config(&s, &command, "");
+    let (server, id, _agent) = daemon_job(&s, &name, &command, "", plain_job(&name), &[]);
+    assert_eq!(server.result_data(&id)["status"]["test"], json!(0));
+    let output = server.log_text(&id, "output");
+    let banner = output
+        .find("* Starting testflinger test phase on")
+        .expect("the banner");
+    let first = output.find("stdout is ").expect("the command's first line");
+    assert!(banner < first, "the banner comes first");
+    assert!(
+        line_starting(&output, "stdout is ").ends_with("/test.log"),
+        "the command writes the log itself: {}",
+        line_starting(&output, "stdout is ")
+    );
+    let start = output.find(&expected).expect("every byte, in order");
+    assert_eq!(
+        output[start + expected.len()..].find(&expected[..200]),
+        None,
+        "nothing twice"
+    );
+}
+
+/// With a secret in the job, the daemon's output comes through a pipe, and is masked.
+#[test]
+fn with_secrets_the_output_comes_through_a_pipe_and_is_masked() {
+    let s = Scratch::new("capture-pipe");
+    let name = format!("capture-pipe-{}", std::process::id());
+    let job = json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x", "secrets": {"API_TOKEN": "capture/api-token"}}});
+    let (server, id, _agent) = daemon_job(
+        &s,
+        &name,
+        "echo \"stdout is $(readlink /proc/$$/fd/1)\"; echo \"secret=$API_TOKEN\"",
+        "",
+        job,
+        &[("capture/api-token", "hunter2-s3cret")],
+    );
+    let output = server.log_text(&id, "output");
+    assert!(
+        line_starting(&output, "stdout is ").starts_with("stdout is pipe:["),
+        "{output}"
+    );
+    assert!(
+        output.contains("secret=**") && !output.contains("hunter2"),
+        "{output}"
+    );
+}
+
+/// `run-job` prints what it reads, so its output comes through the pipe; the log and the
+/// terminal both get every byte, exactly (not UTF-8, no newline at the end).
+#[test]
+fn run_job_reads_the_output_through_a_pipe_and_prints_it() {
+    let s = Scratch::new("capture-run-job");
+    let config = s.config(
+        "agent_id: it-capture\nserver_address: http://127.0.0.1:9\njob_queues: [q]\n\
+test_command: |\n  echo \"stdout is $(readlink /proc/$$/fd/1)\"\n  printf 'raw \\377\\376 end'\n",
+    );
     let job = s.write("job.yaml", "job_queue: q\ntest_data: {test_cmds: x}\n");
     let out = run_job(&config, &job);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let log = std::fs::read(s.rundir().join("test.log")).expect("test log");
-    let banner = find(&log, b"* Starting testflinger test phase on it-capture *")
-        .expect("the banner is in the log");
-    let line = find(&log, b"stdout is ").expect("the command's first line");
-    assert!(banner < line, "the banner comes first");
-    let first = &log[line..];
-    let end = first
-        .iter()
-        .position(|&b| b == b'\n')
-        .expect("a whole line");
+    assert!(find(&log, b"stdout is pipe:[").is_some(), "{}", text(&log));
+    assert!(log.ends_with(b"raw \xff\xfe end"), "bytes kept exactly");
     assert!(
-        text(&first[..end]).ends_with("/test.log"),
-        "the command writes the log itself: {}",
-        text(&first[..end])
-    );
-    assert!(
-        log.ends_with(&expected),
-        "every byte, in order, at the end of the log"
-    );
-    assert_eq!(
-        log.len() - expected.len(),
-        line + end + 1,
-        "nothing more and nothing twice"
-    );
-    let printed = find(&out.stdout, &expected).expect("the terminal got the same bytes");
-    assert!(find(&out.stdout[..printed], b"/test.log").is_some());
-}
-
-/// With a secret in the job, the output comes through a pipe, and the secret is masked.
-#[test]
-fn with_secrets_the_output_comes_through_a_pipe_and_is_masked() {
-    let s = Scratch::new("capture-pipe");
-    let config = agent_config(
-        &s,
-        "echo \"stdout is $(readlink /proc/$$/fd/1)\"\necho \"secret=$API_TOKEN\"",
-        "",
-    );
-    let job = s.write(
-        "job.json",
-        r#"{"job_queue": "q", "test_data": {"test_cmds": "x", "secrets": {"API_TOKEN": "hunter2-s3cret"}}}"#,
-    );
-    let out = run_job(&config, &job);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let log = text(&std::fs::read(s.rundir().join("test.log")).expect("test log"));
-    assert!(log.contains("stdout is pipe:["), "{log}");
-    assert!(
-        log.contains("secret=**") && !log.contains("hunter2"),
-        "{log}"
+        find(&out.stdout, b"raw \xff\xfe end").is_some(),
+        "and printed"
     );
 }
 
 /// A command that prints a line a second stays within an output timeout of 3 s; once it
-/// falls silent, the timeout ends it. The log has every line and the agent's line.
+/// falls silent, the timeout ends it (247). The server has every line and the agent's.
 #[test]
 fn the_output_timeout_counts_from_the_last_write_into_the_file() {
     let s = Scratch::new("capture-timeout");
     let marker = s.marker();
     let guard = KillByMarker::new(&marker);
-    let config = agent_config(
+    let name = format!("capture-timeout-{}", std::process::id());
+    let job =
+        json!({"job_queue": queue(&name), "output_timeout": 3, "test_data": {"test_cmds": "x"}});
+    let (server, id, _agent) = daemon_job(
         &s,
-        &format!("for i in 1 2 3 4 5 6; do echo line $i; sleep 1; done\nsleep 1000.{marker}1"),
+        &name,
+        &format!("for i in 1 2 3 4 5 6; do echo line $i; sleep 1; done; sleep 1000.{marker}1"),
         "",
+        job,
+        &[],
     );
-    let job = s.write(
-        "job.yaml",
-        "job_queue: q\noutput_timeout: 3\ntest_data: {test_cmds: x}\n",
+    let output = server.log_text(&id, "output");
+    assert_eq!(
+        server.result_data(&id)["status"]["test"],
+        json!(247),
+        "{output}"
     );
-    let out = run_job(&config, &job);
-    let log = text(&std::fs::read(s.rundir().join("test.log")).expect("test log"));
-    assert_eq!(out.status.code(), Some(1), "{log}");
     for i in 1..=6 {
-        assert!(log.contains(&format!("line {i}\n")), "line {i}:\n{log}");
+        assert!(
+            output.contains(&format!("line {i}\n")),
+            "line {i}:\n{output}"
+        );
     }
     assert!(
-        log.ends_with("line 6\n\nERROR: Output timeout reached! (3s)\n"),
-        "{log}"
+        output.contains("line 6\n\nERROR: Output timeout reached! (3s)\n"),
+        "{output}"
     );
     assert!(guard.living().is_empty(), "the silent tree is gone");
 }
@@ -136,32 +188,36 @@ fn background_processes_are_told_apart_by_whether_they_hold_the_output() {
     let s = Scratch::new("capture-holders");
     let marker = s.marker();
     let guard = KillByMarker::new(&marker);
-    let held = agent_config(
+    let name = format!("capture-holders-{}", std::process::id());
+    let (server, id, agent) = daemon_job(
         &s,
+        &name,
         "( sleep 1; echo late line ) &\necho shell done",
         "straggler_wait_ms: 60000\n",
+        plain_job(&name),
+        &[],
     );
-    let job = s.write("job.yaml", "job_queue: q\ntest_data: {test_cmds: x}\n");
-    let out = run_job(&held, &job);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let log = text(&std::fs::read(s.rundir().join("test.log")).expect("test log"));
+    let output = server.log_text(&id, "output");
     assert!(
-        log.ends_with("shell done\nlate line\n"),
-        "the holder's last line is kept and nothing was killed:\n{log}"
+        output.contains("shell done\nlate line\n") && !output.contains("WARNING"),
+        "the holder's last line is kept and nothing was killed:\n{output}"
     );
+    drop(agent);
+    drop(server);
 
-    let s = Scratch::new("capture-let-go");
-    let let_go = agent_config(
+    let name = format!("capture-let-go-{}", std::process::id());
+    let (server, id, _agent) = daemon_job(
         &s,
+        &name,
         &format!("sleep 1000.{marker}1 > /dev/null 2>&1 &\necho shell done"),
         "straggler_wait_ms: 60000\n",
+        plain_job(&name),
+        &[],
     );
-    let out = run_job(&let_go, &job);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let log = text(&std::fs::read(s.rundir().join("test.log")).expect("test log"));
+    let output = server.log_text(&id, "output");
     assert!(
-        log.contains("shell done\n\nWARNING: 1 background process still running after the command exited; killed it.\n"),
-        "{log}"
+        output.contains("shell done\n\nWARNING: 1 background process still running after the command exited; killed it.\n"),
+        "{output}"
     );
     assert!(guard.living().is_empty(), "the background process is gone");
 }
