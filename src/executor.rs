@@ -1221,16 +1221,16 @@ impl PhaseSink<'_> {
         true
     }
 
-    /// Direct capture: hands what the log gained since `len` to the live output. When it
-    /// grew: when it was last written.
+    /// Direct capture: tells the live output (which reads the log back) how long the log
+    /// is now. When it grew: when it was last written.
     fn catch_up(&mut self) -> Option<std::time::SystemTime> {
         let meta = self.file.as_ref().and_then(|f| f.metadata().ok())?;
         if meta.len() <= self.len {
             return None;
         }
-        let from = std::mem::replace(&mut self.len, meta.len());
+        self.len = meta.len();
         self.server
-            .output_written(self.job_id, self.phase, self.path, from, meta.len());
+            .output(self.job_id, self.phase, &[], self.path, self.len);
         Some(
             meta.modified()
                 .unwrap_or_else(|_| std::time::SystemTime::now()),

@@ -5,8 +5,9 @@
 //! the command then writes its log itself and the runner follows the file (see
 //! [`Capture`]). The runner blocks in `poll()` on the pipe (or the file's inotify watch),
 //! the [`StopSignal`]'s wake pipe and a pidfd of the shell (readable when it exits), with
-//! the timeout computed from the nearest deadline. A [`ProcessGroupGuard`] owns the group from spawn to reap: its final
-//! sweep (also run from `Drop`) kills the group and every process carrying the phase token.
+//! the timeout computed from the nearest deadline. A [`ProcessGroupGuard`] owns the group
+//! from spawn to reap: its final sweep (also run from `Drop`) kills the group and every
+//! process carrying the phase token.
 //!
 //! Stopping a command sends SIGTERM to the group and, right after, to every process of the
 //! phase outside it (found by the sweep's `/proc` scan); rescans with back-off while the
@@ -845,13 +846,12 @@ pub fn run_command(
             Capture::Follow(_) => earliest(deadline, Some(next_follow)),
             Capture::Pipe(_) => deadline,
         };
-        let watch_output = pipe_open;
         let watch_leader = leader_exit_at.is_none();
         let watch_exits = state == CommandState::Terminating;
         let (out_ready, wake_ready, leader_ready, exited) = {
             let mut fds = Vec::with_capacity(3);
             fds.push(PollFd::new(wake.read.as_fd(), PollFlags::POLLIN));
-            if watch_output {
+            if pipe_open {
                 fds.push(PollFd::new(capture.as_fd(), PollFlags::POLLIN));
             }
             if let (true, Some(pidfd)) = (watch_leader, &guard.pidfd) {
@@ -874,7 +874,7 @@ pub fn run_command(
             };
             let mut it = fds.iter();
             let wake_ready = ready(it.next());
-            let out_ready = watch_output && ready(it.next());
+            let out_ready = pipe_open && ready(it.next());
             let leader_ready = watch_leader && guard.pidfd.is_some() && ready(it.next());
             let exited: Vec<usize> = watched
                 .into_iter()
@@ -1000,8 +1000,8 @@ enum Capture {
     Pipe(OwnedFd),
     /// The command writes into the sink's file itself ([`OutputSink::direct_output`]); an
     /// inotify watch on that file wakes the runner when the command's description of it is
-    /// closed for the last time
-    /// (`IN_CLOSE_WRITE`: no process holds the output any more, as the pipe's EOF says).
+    /// closed for the last time (`IN_CLOSE_WRITE`: no process holds the output any more, as
+    /// the pipe's EOF says).
     Follow(Watch),
 }
 

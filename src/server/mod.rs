@@ -112,8 +112,10 @@ pub trait Server: Send + Sync {
     /// Agent state while a job runs (`POST /v1/agents/data/<agent>` with `state`, `comment`).
     fn post_agent_state(&self, state: &str, comment: &str) -> Result<(), ServerError>;
 
-    /// New command output of `phase`: `chunk` has just been appended to `log_path`, which is
-    /// now `log_len` bytes long. Must not block on the network.
+    /// New command output of `phase`: `log_path` is now `log_len` bytes long, and `chunk` is
+    /// what the agent has just appended to it (empty when the bytes were written by the
+    /// command itself, with direct capture: see [`Server::reads_output_back`], or when a
+    /// write failed part-way). Must not block on the network.
     fn output(&self, job_id: &str, phase: Phase, chunk: &[u8], log_path: &Path, log_len: u64);
 
     /// Whether the live output is read back from `<phase>.log` (not taken from the chunks
@@ -121,13 +123,6 @@ pub trait Server: Send + Sync {
     /// (direct capture), and the agent only follows the file.
     fn reads_output_back(&self) -> bool {
         false
-    }
-
-    /// New command output of `phase` that the command wrote into `log_path` itself (direct
-    /// capture): the bytes from `from` to `log_len`. Must not block on the network.
-    fn output_written(&self, job_id: &str, phase: Phase, log_path: &Path, from: u64, log_len: u64) {
-        let _ = from;
-        self.output(job_id, phase, &[], log_path, log_len);
     }
 
     /// The phase's output is complete: deliver what is pending (bounded wait).
