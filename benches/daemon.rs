@@ -8,6 +8,8 @@
 //! Run with `cargo bench --bench daemon [-- SIZE_MB]` (default 200). Prints numbers,
 //! asserts nothing.
 
+#[allow(dead_code)]
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
@@ -51,24 +53,6 @@ fn start_agent_with(
         .expect("the agent starts")
 }
 
-/// Peak resident set of a process, in KiB (VmHWM).
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn stop(mut child: Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
-}
-
 /// One `GET /metrics` over loopback; its wall time, or `None` when it failed.
 fn scrape(port: u16) -> Option<Duration> {
     use std::io::{Read, Write};
@@ -101,7 +85,7 @@ fn one_job(size: u64, scraped: bool) -> (f64, u64, Vec<Duration>) {
     // from the agent's start to the job complete on the server.
     let id = server.submit_job(json!({"job_queue": "bench", "test_data": {"test_cmds": "x"}}));
     let started = Instant::now();
-    let agent = start_agent_with(
+    let mut agent = start_agent_with(
         &server,
         &scratch,
         &format!(
@@ -131,8 +115,8 @@ fn one_job(size: u64, scraped: bool) -> (f64, u64, Vec<Duration>) {
     let latencies = scraper
         .map(|t| t.join().unwrap_or_default())
         .unwrap_or_default();
-    let rss = peak_rss_kib(agent.id());
-    stop(agent);
+    let rss = common::status_kib(agent.id(), "VmHWM");
+    common::stop(&mut agent);
     (elapsed, rss, latencies)
 }
 
@@ -181,7 +165,7 @@ fn main() {
     let server = FakeServer::start();
     let scratch = Scratch::new("bench-daemon");
     let line = "x".repeat(99);
-    let agent = start_agent(
+    let mut agent = start_agent(
         &server,
         &scratch,
         &format!("test_command: yes {line} | head -c {size}\n"),
@@ -192,7 +176,7 @@ fn main() {
         s.result_data(&id).get("job_state") == Some(&json!("complete"))
     });
     let elapsed = started.elapsed();
-    let rss = peak_rss_kib(agent.id());
+    let rss = common::status_kib(agent.id(), "VmHWM");
     let text = server.log_text(&id, "output");
     let body = text.matches(line.as_str()).count() as u64 * 100;
     let fragments = server.fragments(&id, "output").len();
@@ -202,7 +186,7 @@ fn main() {
         elapsed.as_secs_f64(),
         size as f64 / 1e6 / elapsed.as_secs_f64()
     );
-    stop(agent);
+    common::stop(&mut agent);
     drop(scratch);
 
     // 1b. The same with the metrics endpoint scraped once a second.
@@ -211,7 +195,7 @@ fn main() {
     // 2. Requests while a phase prints nothing, and while idle.
     let server = FakeServer::start();
     let scratch = Scratch::new("bench-daemon-quiet");
-    let agent = start_agent(&server, &scratch, "test_command: echo start; sleep 30\n");
+    let mut agent = start_agent(&server, &scratch, "test_command: echo start; sleep 30\n");
     let id = server.submit_job(json!({"job_queue": "bench", "test_data": {"test_cmds": "x"}}));
     server.wait_until(Duration::from_secs(30), |s| {
         s.log_text(&id, "output").contains("start")
@@ -238,5 +222,5 @@ fn main() {
         "idle: {idle} requests in {cycles} polling cycles = {:.2} requests per cycle",
         idle as f64 / cycles.max(1) as f64
     );
-    stop(agent);
+    common::stop(&mut agent);
 }

@@ -17,6 +17,8 @@
 //! window instead of `perf stat`); `TF_AGENT_BIN=path` runs another build of the agent. Prints human text and one `FIGURE name=value unit=...` line per
 //! figure; asserts nothing.
 
+#[allow(dead_code)]
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
@@ -59,33 +61,6 @@ fn start_agent(server: &FakeServer, scratch: &Scratch, commands: &str, polling: 
         .stderr(Stdio::null())
         .spawn()
         .expect("the agent starts")
-}
-
-fn stop(mut child: Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
-}
-
-/// utime + stime of a process (all its threads, living and ended), in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    let ticks = tick(11) + tick(12);
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    ticks as f64 / per_second as f64
 }
 
 /// Starts `perf stat -e task-clock` on `pid` for `window`; `None` when perf cannot run.
@@ -185,7 +160,7 @@ fn idle(run: &IdleRun) {
         ..Default::default()
     });
     let scratch = Scratch::new("bench-idle");
-    let agent = start_agent(&server, &scratch, "", polling);
+    let mut agent = start_agent(&server, &scratch, "", polling);
     let pid = agent.id();
     // Settle: start-up posts and the first cycles.
     server.wait_until(Duration::from_secs(60), |s| {
@@ -197,9 +172,9 @@ fn idle(run: &IdleRun) {
         None => start_perf(pid, window),
     };
     let from = Instant::now();
-    let cpu_before = cpu_seconds(pid);
+    let cpu_before = common::cpu_seconds(pid);
     std::thread::sleep(window);
-    let cpu = cpu_seconds(pid) - cpu_before;
+    let cpu = common::cpu_seconds(pid) - cpu_before;
     let to = Instant::now();
     let perf = match run.record {
         Some(_) => {
@@ -246,7 +221,7 @@ fn idle(run: &IdleRun) {
         (requests.len() - refreshes) as f64 / cycles as f64,
         "requests",
     );
-    stop(agent);
+    common::stop(&mut agent);
 }
 
 fn silent(window: Duration, ttl: u64) {
@@ -256,7 +231,7 @@ fn silent(window: Duration, ttl: u64) {
     });
     let scratch = Scratch::new("bench-idle-silent");
     let sleep = window.as_secs() + 30;
-    let agent = start_agent(
+    let mut agent = start_agent(
         &server,
         &scratch,
         &format!("test_command: echo start; sleep {sleep}\n"),
@@ -296,7 +271,7 @@ fn silent(window: Duration, ttl: u64) {
     server.wait_until(Duration::from_secs(60), |s| {
         s.result_data(&id).get("status").is_some()
     });
-    stop(agent);
+    common::stop(&mut agent);
 }
 
 fn main() {

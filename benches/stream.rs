@@ -28,6 +28,8 @@
 //!
 //! Prints human text and one `FIGURE name=value unit=...` line per figure. Asserts nothing.
 
+#[allow(dead_code)]
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
@@ -54,26 +56,6 @@ fn figure(name: &str, value: f64, unit: &str) {
     println!("FIGURE {name}={value:.3} unit={unit}");
 }
 
-/// utime + stime of a `stat` line, in seconds.
-fn ticks_seconds(stat: &str) -> f64 {
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the name.
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
-}
-
-/// The process's own CPU time (user + system, all threads), not its children's.
-fn cpu_seconds(pid: u32) -> f64 {
-    ticks_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
-}
-
 /// CPU time of the process's live-output threads (the streamer).
 fn streamer_cpu_seconds(pid: u32) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -85,18 +67,12 @@ fn streamer_cpu_seconds(pid: u32) -> f64 {
             std::fs::read_to_string(t.path().join("comm"))
                 .is_ok_and(|c| c.starts_with("live-output"))
         })
-        .map(|t| ticks_seconds(&std::fs::read_to_string(t.path().join("stat")).unwrap_or_default()))
+        .map(|t| {
+            common::stat_cpu_seconds(
+                &std::fs::read_to_string(t.path().join("stat")).unwrap_or_default(),
+            )
+        })
         .sum()
-}
-
-/// Peak resident set of a process, in KiB (VmHWM).
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// The server the figures are taken against: a fresh fake server per run, or one at a URL.
@@ -317,9 +293,9 @@ fn daemon_run(target: &Target, data: &[u8]) -> DaemonRun {
         std::thread::sleep(Duration::from_millis(5));
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(agent.id());
+    let cpu = common::cpu_seconds(agent.id());
     let stream_cpu = streamer_cpu_seconds(agent.id());
-    let rss_kib = peak_rss_kib(agent.id());
+    let rss_kib = common::status_kib(agent.id(), "VmHWM");
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -15,6 +15,8 @@
 //! agents' directories, a tmpfs in `bench/all.sh`). Prints numbers, asserts nothing; the
 //! lines that start with `FIGURE` are what `bench/all.sh` collects.
 
+#[allow(dead_code)]
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
@@ -108,51 +110,6 @@ fn start_agent(args: &[String]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("the agent starts")
-}
-
-/// SIGTERM to the agent we started (by its pid), then a bounded wait; SIGKILL after it.
-fn stop(child: &mut Child) {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`); 0 when unreadable.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// The process's own CPU (utime + stime of all its threads, living and exited; not its
-/// children), in seconds, from `/proc/<pid>/stat` (clock-tick resolution).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rfind(')')
-        .map(|i| stat[i + 1..].split_whitespace().collect())
-        .unwrap_or_default();
-    // After the command name: state is field 3, utime 14, stime 15.
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    (ticks(11) + ticks(12)) as f64 / hz
 }
 
 /// The CPU time of the living threads of `pid`, in seconds (schedstat: nanoseconds).
@@ -261,9 +218,9 @@ fn daemon_round(plan: &Plan, size: u64) -> Option<(Duration, f64, u64, u64)> {
         s.job_state(&id).as_deref() == Some("complete")
     });
     let elapsed = started.elapsed();
-    let cpu = cpu_seconds(agent.id());
-    let rss = status_kib(agent.id(), "VmHWM");
-    stop(&mut agent);
+    let cpu = common::cpu_seconds(agent.id());
+    let rss = common::status_kib(agent.id(), "VmHWM");
+    common::stop(&mut agent);
     let on_server: u64 = server
         .fragments(&id, "output")
         .iter()
@@ -411,7 +368,7 @@ fn silent_phase(plan: &Plan, window: Duration) -> Option<(usize, Duration)> {
         s.log_text(&id, "output").contains("start")
     }) {
         eprintln!("the silent phase did not start within 60 s");
-        stop(&mut agent);
+        common::stop(&mut agent);
         return None;
     }
     std::thread::sleep(plan.settle);
@@ -420,7 +377,7 @@ fn silent_phase(plan: &Plan, window: Duration) -> Option<(usize, Duration)> {
     std::thread::sleep(window);
     let during = server.requests().len() - before;
     let took = started.elapsed();
-    stop(&mut agent);
+    common::stop(&mut agent);
     Some((during, took))
 }
 
@@ -452,9 +409,9 @@ fn idle(plan: &Plan) {
     let took = started.elapsed();
     let requests = server.requests().len() - before;
     let polls = server.request_count(&Route::JobPoll) - polls_before;
-    let rss = status_kib(agent.id(), "VmRSS");
-    let hwm = status_kib(agent.id(), "VmHWM");
-    stop(&mut agent);
+    let rss = common::status_kib(agent.id(), "VmRSS");
+    let hwm = common::status_kib(agent.id(), "VmHWM");
+    common::stop(&mut agent);
     if !polled {
         eprintln!("the idle daemon did not poll within 60 s: no idle figures");
         let _ = silent.join();
@@ -524,7 +481,7 @@ impl Fleet {
     }
 
     fn kib(&self, field: &str) -> u64 {
-        self.pids().map(|p| status_kib(p, field)).sum()
+        self.pids().map(|p| common::status_kib(p, field)).sum()
     }
 }
 
@@ -535,7 +492,7 @@ impl Drop for Fleet {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         }
         for agent in &mut self.agents {
-            stop(agent);
+            common::stop(agent);
         }
     }
 }
