@@ -2,7 +2,7 @@
 //! jobs end to end, live output delivered exactly once, cancellation, outages, token
 //! expiry, signals and the spool of unsent reports.
 
-use crate::support::agent::{finished, queue, wait_for, Agent};
+use crate::support::agent::{cancel_and_wait_for_cleanup, finished, queue, wait_for, Agent};
 use crate::support::fake_server::{FakeServer, Route};
 use crate::support::scratch::{KillByMarker, Scratch};
 use serde_json::{json, Value};
@@ -155,10 +155,7 @@ fn cancelling_during_test_kills_the_tree_runs_cleanup_and_stays_cancelled() {
     wait_for(&server, "the test to start", |srv| {
         srv.log_text(&id, "output").contains("started")
     });
-    assert!(server.cancel_job(&id));
-    wait_for(&server, "the job to end", |srv| {
-        srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id)
-    });
+    cancel_and_wait_for_cleanup(&server, &id);
     assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
     let output = server.log_text(&id, "output");
     assert!(
@@ -195,10 +192,7 @@ fn cancelling_during_provision_does_not_interrupt_it() {
     wait_for(&server, "provision to start", |srv| {
         srv.log_text(&id, "output").contains("flashing")
     });
-    assert!(server.cancel_job(&id));
-    wait_for(&server, "the job to end", |srv| {
-        srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id)
-    });
+    cancel_and_wait_for_cleanup(&server, &id);
     let output = server.log_text(&id, "output");
     assert!(
         output.contains("provision finished"),
@@ -419,10 +413,7 @@ fn allocate_posts_device_info_and_holds_the_device_until_released() {
         "the device is held"
     );
     // The parent job releases its sub-jobs by cancelling them.
-    assert!(server.cancel_job(&id));
-    wait_for(&server, "cleanup", |srv| {
-        srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id)
-    });
+    cancel_and_wait_for_cleanup(&server, &id);
     assert!(!server.log_text(&id, "output").contains("reserve ran"));
     assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
 }

@@ -4,7 +4,7 @@
 //! however short-lived the tokens are (PROTOCOL §1.3: any role, and an anonymous caller
 //! while OIDC is off, may read a job's state). Counted on the fake server; no timings.
 
-use crate::support::agent::{finished, queue, wait_for, Agent};
+use crate::support::agent::{cancel_and_wait_for_cleanup, finished, queue, wait_for, Agent};
 use crate::support::fake_server::{FakeConfig, FakeServer, RequestRecord, Route};
 use crate::support::scratch::Scratch;
 use serde_json::json;
@@ -131,10 +131,7 @@ fn with_oidc_on_a_refused_tokenless_read_makes_every_later_read_carry_a_token() 
     wait_for(&server, "the test to start", |srv| {
         srv.log_text(&id, "output").contains("started")
     });
-    assert!(server.cancel_job(&id));
-    wait_for(&server, "the job to end", |srv| {
-        srv.log_text(&id, "output").contains("cleanup ran") && finished(srv, &id)
-    });
+    cancel_and_wait_for_cleanup(&server, &id);
     assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
     let requests = server.requests();
     let refusals: Vec<&RequestRecord> = requests.iter().filter(|r| r.status == 401).collect();

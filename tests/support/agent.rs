@@ -169,6 +169,15 @@ pub fn finished(server: &FakeServer, id: &str) -> bool {
     ) && server.result_data(id).get("status").is_some()
 }
 
+/// Cancels job `id` on the server, then waits until its cleanup has run (its cleanup
+/// command prints `cleanup ran`) and its outcome is in.
+pub fn cancel_and_wait_for_cleanup(server: &FakeServer, id: &str) {
+    assert!(server.cancel_job(id), "the server cancels {id}");
+    wait_for(server, "the cancelled job's cleanup and outcome", |srv| {
+        srv.log_text(id, "output").contains("cleanup ran") && finished(srv, id)
+    });
+}
+
 pub fn queue(name: &str) -> String {
     format!("{name}-queue")
 }
