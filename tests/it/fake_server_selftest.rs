@@ -935,6 +935,51 @@ fn go_down_refuses_connections_and_come_back_uses_the_same_port() {
     assert_eq!(Client::new(&server).get("/v1").status, 200);
 }
 
+/// The soak's stall (issue 15): during an outage the port was free, so a listener of
+/// another test (one that never accepts) could take it; `come_back` then failed and the
+/// agent's requests were swallowed. The port now stays the server's while it is down.
+#[test]
+fn while_down_no_other_socket_can_take_the_port() {
+    let server = FakeServer::start();
+    let port = server.port();
+    server.go_down();
+    let taken = std::net::TcpListener::bind(("127.0.0.1", port));
+    assert!(
+        taken.is_err(),
+        "another listener took the fake server's port during its outage"
+    );
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "refused");
+    server.come_back();
+    assert_eq!(Client::new(&server).get("/v1").status, 200);
+    // Down and back more than once, on the same port.
+    server.go_down();
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
+    server.come_back();
+    assert_eq!(Client::new(&server).get("/v1").status, 200);
+}
+
+#[test]
+fn swallow_reads_requests_and_never_answers_until_turned_off() {
+    let server = FakeServer::start();
+    server.swallow(true);
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port())).expect("accepted");
+    stream
+        .write_all(b"GET /v1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    let read = stream.read(&mut buf);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "answered while swallowing: {read:?}"
+    );
+    assert!(server.wait_until(Duration::from_secs(10), |s| s.swallowed() == 1));
+    server.swallow(false);
+    assert_eq!(Client::new(&server).get("/v1").status, 200);
+}
+
 #[test]
 fn go_down_closes_kept_alive_connections() {
     let server = FakeServer::start();

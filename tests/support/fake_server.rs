@@ -52,7 +52,10 @@
 //! * [`FakeServer::expire_all_tokens`]: every access token issued so far is expired; the
 //!   next authenticated request gets 401 `Token has expired`.
 //! * [`FakeServer::go_down`]: the listener is closed and every open connection shut, so new
-//!   connections are refused; [`FakeServer::come_back`] listens again on the same port.
+//!   connections are refused; [`FakeServer::come_back`] listens again on the same port,
+//!   which no other socket can take meanwhile.
+//! * [`FakeServer::swallow`]`(true)`: a black hole; connections are accepted and requests
+//!   read, but nothing is answered until it is turned off (the swallowed requests never are).
 //! * [`FakeServer::clear_faults`] removes pending fail/drop counts and delays.
 //!
 //! Dropping the server stops it: delayed requests are cut short, every connection is
@@ -693,6 +696,17 @@ impl FakeServer {
         self.wire
             .come_back()
             .expect("listen again on the fake server's port");
+    }
+
+    /// While `on`, requests are accepted and read but never answered (a server or proxy
+    /// that hangs); see [`WireServer::swallow`].
+    pub fn swallow(&self, on: bool) {
+        self.wire.swallow(on);
+    }
+
+    /// Requests swallowed so far (see [`Self::swallow`]).
+    pub fn swallowed(&self) -> u64 {
+        self.wire.swallowed()
     }
 
     /// Whether the server is down (see [`Self::go_down`]).

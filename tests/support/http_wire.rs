@@ -5,8 +5,15 @@
 //! the client waits for its read timeout) nor stop listening while keep-alive connections are
 //! parked in its queue. Here every accepted socket is registered, so the server can
 //! [`WireServer::go_down`] (close the listener and every connection: new connections are
-//! refused), [`WireServer::come_back`] on the same port, and a handler can answer
-//! [`Reply::Drop`] (close this connection without writing a byte).
+//! refused), [`WireServer::come_back`] on the same port, a handler can answer
+//! [`Reply::Drop`] (close this connection without writing a byte), and the server can
+//! [`WireServer::swallow`] requests (accept and read them, never answer: a black hole).
+//!
+//! The port stays this server's while it is down: the listener and a socket bound without
+//! listening share it through `SO_REUSEPORT`, so the outage refuses connections and no
+//! other socket (another test's listener, a client's ephemeral port) can take the port
+//! meanwhile. Without that, a listener of another test that never accepts could take the
+//! port during an outage, `come_back` failed, and the agent's requests were swallowed.
 //!
 //! One thread per connection: a slow handler never blocks other clients. Requests are read
 //! whole (`Content-Length` or chunked bodies, `Expect: 100-continue` honoured) before the
@@ -15,10 +22,15 @@
 //! piece as chunks, so that nothing large is built in memory and a client that stops
 //! reading stops the work. Nothing here panics on request data.
 
+use nix::sys::socket::{
+    bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    SockaddrIn,
+};
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -135,6 +147,10 @@ struct Inner {
     handler: Handler,
     /// Set once, when the server is dropped.
     closing: AtomicBool,
+    /// While set, requests are read and never answered (see [`WireServer::swallow`]).
+    swallowing: AtomicBool,
+    /// Requests read and never answered so far.
+    swallowed: AtomicU64,
     conns: Mutex<Connections>,
 }
 
@@ -148,6 +164,35 @@ struct Epoch {
 pub struct WireServer {
     inner: Arc<Inner>,
     epoch: Mutex<Option<Epoch>>,
+    /// While down: the socket that keeps the port bound without listening.
+    reserved: Mutex<Option<OwnedFd>>,
+}
+
+/// A TCP socket bound to 127.0.0.1:`port` (0: an ephemeral port) that shares its port only
+/// with sockets of this process that say so too (`SO_REUSEPORT`), not listening yet.
+fn bind_shared(port: u16) -> io::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // Not SO_REUSEADDR: Linux lets two non-listening sockets that both set it share a
+    // port, which is what another test's `TcpListener::bind` (std sets it) would do to the
+    // reserved socket. Sockets left in TIME_WAIT by accepted connections inherit
+    // SO_REUSEPORT from the listener, so they do not keep the port from listening again.
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
+    )?;
+    Ok(fd)
+}
+
+/// Starts listening on a socket from [`bind_shared`].
+fn listen_shared(fd: OwnedFd) -> io::Result<TcpListener> {
+    listen(&fd, Backlog::new(128).map_err(io::Error::from)?)?;
+    Ok(TcpListener::from(fd))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,17 +202,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl WireServer {
     /// Listens on 127.0.0.1 (port 0: an ephemeral port).
     pub fn start(port: u16, handler: Handler) -> io::Result<WireServer> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
+        let listener = listen_shared(bind_shared(port)?)?;
         let port = listener.local_addr()?.port();
         let inner = Arc::new(Inner {
             port,
             handler,
             closing: AtomicBool::new(false),
+            swallowing: AtomicBool::new(false),
+            swallowed: AtomicU64::new(0),
             conns: Mutex::new(Connections::default()),
         });
         let server = WireServer {
             inner,
             epoch: Mutex::new(None),
+            reserved: Mutex::new(None),
         };
         server.listen_on(listener)?;
         Ok(server)
@@ -198,23 +246,43 @@ impl WireServer {
     }
 
     /// Stops listening (new connections are refused) and closes every open connection.
-    /// Requests being handled finish, but their answers go nowhere.
+    /// Requests being handled finish, but their answers go nowhere. The port stays
+    /// reserved for [`Self::come_back`] (a socket bound to it, not listening), unless the
+    /// server is closing for good.
     pub fn go_down(&self) {
+        // Reserved before the listener closes, so that the port is never free.
+        let closing = self.inner.closing.load(Ordering::SeqCst);
+        if !closing && self.is_listening() {
+            match bind_shared(self.inner.port) {
+                Ok(fd) => *lock(&self.reserved) = Some(fd),
+                Err(e) => eprintln!(
+                    "fake server: cannot reserve port {} during the outage: {e}",
+                    self.inner.port
+                ),
+            }
+        }
         let epoch = lock(&self.epoch).take();
         if let Some(epoch) = epoch {
             stop_epoch(self.inner.port, epoch);
         }
         self.close_connections();
+        if closing {
+            lock(&self.reserved).take();
+        }
     }
 
-    /// Listens again on the same port. Retries for a few seconds if the port is busy.
+    /// Listens again on the same port: on the socket that kept it reserved, or, when there
+    /// is none, binding it again (retried for a few seconds if the port is busy).
     pub fn come_back(&self) -> io::Result<()> {
         if self.is_listening() {
             return Ok(());
         }
+        if let Some(fd) = lock(&self.reserved).take() {
+            return self.listen_on(listen_shared(fd)?);
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match TcpListener::bind((Ipv4Addr::LOCALHOST, self.inner.port)) {
+            match bind_shared(self.inner.port).and_then(listen_shared) {
                 Ok(listener) => return self.listen_on(listener),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(20));
@@ -222,6 +290,19 @@ impl WireServer {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// While `on`, every request is read and never answered, on new and kept-alive
+    /// connections alike (connections are accepted: a black hole, not an outage). The
+    /// requests swallowed stay unanswered until the server is dropped, like requests lost
+    /// in a proxy that hangs; turning it off serves the requests that come after.
+    pub fn swallow(&self, on: bool) {
+        self.inner.swallowing.store(on, Ordering::SeqCst);
+    }
+
+    /// Requests read and never answered by [`Self::swallow`] so far.
+    pub fn swallowed(&self) -> u64 {
+        self.inner.swallowed.load(Ordering::SeqCst)
     }
 
     fn close_connections(&self) {
@@ -334,6 +415,14 @@ fn serve_connection(stream: TcpStream, inner: &Inner) {
             }
             Err(Err(_io)) => break,
         };
+        if inner.swallowing.load(Ordering::SeqCst) {
+            inner.swallowed.fetch_add(1, Ordering::SeqCst);
+            // Hold the connection, answering nothing, until the server closes.
+            while !inner.closing.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            break;
+        }
         let keep_alive = wants_keep_alive(&request);
         let http10 = request.http10;
         let reply = (inner.handler)(request);
