@@ -59,6 +59,18 @@ fn stall_limit(config: &Config) -> Duration {
         .max(config.cancel_check_period().saturating_mul(3))
 }
 
+/// How long a request to the server may wait before it is logged and `/health` says
+/// `stalled`: `polling_interval` or 30 s, whichever is longer.
+fn call_stall_limit(config: &Config) -> Duration {
+    crate::metrics::DEFAULT_CALL_STALL.max(config.polling_period())
+}
+
+/// The longest a probe of the server may wait for its answer while the server gives none,
+/// and the shortest: a probe lasts at most the back-off step it belongs to, so that the
+/// probes keep their cadence through a server that accepts and never answers.
+const PROBE_TIMEOUT_MIN: Duration = Duration::from_secs(2);
+const PROBE_TIMEOUT_MAX: Duration = Duration::from_secs(30);
+
 /// Whether a record read at start-up holds the agent: `offline` or `maintenance`, unless
 /// the comment shows the agent posted it itself on a stop or restart.
 fn admin_hold(record: &AgentRecord) -> Option<AgentRequest> {
@@ -110,6 +122,10 @@ pub struct Daemon {
     marker_dir: PathBuf,
     queues_posted: Option<Instant>,
     unreachable_streak: usize,
+    /// Since when the server has given no answer at all (refused, unreachable, or
+    /// accepting and never answering), while it gives none: the record is then read as one
+    /// probe per back-off step instead of a call with retries.
+    outage: Option<Instant>,
     /// A restart was asked for during the last job: carried out before the next poll.
     restart_after_job: bool,
     /// The `offline` or `maintenance` the server holds the agent in (an administrator's,
@@ -159,6 +175,16 @@ impl Daemon {
             config.identifier.as_deref().unwrap_or(""),
         ));
         metrics.health().set_stall_limit(stall_limit(&config));
+        metrics.health().set_call_stall(call_stall_limit(&config));
+        // Logs each request to the server that waits past that limit, once.
+        if let Err(err) = std::thread::Builder::new()
+            .name("call-watch".into())
+            .spawn(move || metrics.health().watch_calls())
+        {
+            log::warn!(
+                "cannot start the thread that reports requests the server does not answer: {err}"
+            );
+        }
         let metrics_server = match config.metrics_endpoint_port {
             Some(port) => {
                 let served = crate::metrics::serve(
@@ -201,6 +227,7 @@ impl Daemon {
             marker_dir: PathBuf::from(crate::executor::MARKER_DIR),
             queues_posted: None,
             unreachable_streak: 0,
+            outage: None,
             no_room: None,
             spool_empty_since: None,
             machine: DaemonMachine::default(),
@@ -419,7 +446,8 @@ impl Daemon {
             if self.stopping() {
                 return Some(DaemonExit::Stopped);
             }
-            match self.server.read_agent_record() {
+            let tried = Instant::now();
+            match self.read_record() {
                 Ok(record) => break record,
                 Err(err) => {
                     let wait = self.unreachable_backoff();
@@ -440,7 +468,7 @@ impl Daemon {
                             );
                         }
                     }
-                    self.pause(wait);
+                    self.pause(wait.saturating_sub(tried.elapsed()));
                 }
             }
         };
@@ -479,8 +507,12 @@ impl Daemon {
         }
         crate::metrics::beat();
         crate::notify::test_stall();
-        self.retry_spool();
-        let record = match self.server.read_agent_record() {
+        if self.outage.is_none() {
+            // While the server gives no answer, delivering the spool would only wait.
+            self.retry_spool();
+        }
+        let tried = Instant::now();
+        let record = match self.read_record() {
             Ok(Some(record)) => record,
             Ok(None) => {
                 // The start-up posts were lost or refused (or the record was deleted): say
@@ -488,6 +520,12 @@ impl Daemon {
                 log::warn!("the server has no record of this agent (404); announcing it again");
                 self.announce();
                 AgentRecord::default()
+            }
+            Err(err) if err.is_no_answer() => {
+                // An outage, or a server that accepts and never answers: polling would
+                // fail the same way.
+                self.no_answer(&err, tried);
+                return None;
             }
             Err(err) => {
                 log::warn!("could not read the agent record, treating its state as unknown: {err}");
@@ -565,6 +603,7 @@ impl Daemon {
         } else {
             record.restricted_to.clone()
         };
+        let tried = Instant::now();
         match self.server.poll_job(&queues) {
             Ok(Some(body)) => {
                 self.unreachable_streak = 0;
@@ -577,6 +616,7 @@ impl Daemon {
                 self.unreachable_streak = 0;
                 self.pause(self.config.polling_period());
             }
+            Err(err) if err.is_no_answer() => self.no_answer(&err, tried),
             Err(err) if err.is_retryable() => {
                 let wait = self.unreachable_backoff();
                 self.unreachable_streak += 1;
@@ -629,6 +669,50 @@ impl Daemon {
         let base = self.config.polling_period().max(Duration::from_secs(1));
         let factor = 1u32 << self.unreachable_streak.min(3);
         base.saturating_mul(factor).min(UNREACHABLE_BACKOFF_CAP)
+    }
+
+    /// The server gave no answer to a request made at `tried`: says so, and waits for the
+    /// end of the back-off step that is due, counted from that request (the next request is
+    /// a probe of the server, see [`Self::read_record`]).
+    fn no_answer(&mut self, err: &crate::server::ServerError, tried: Instant) {
+        self.outage.get_or_insert(tried);
+        let wait = self.unreachable_backoff().saturating_sub(tried.elapsed());
+        self.unreachable_streak += 1;
+        log::warn!(
+            "the server does not answer (next try in {:.1} s): {err}",
+            wait.as_secs_f64()
+        );
+        self.pause(wait);
+    }
+
+    /// Reads the agent record: as a call with retries while the server answers, as one
+    /// probe bounded by the back-off step that is due while it does not. Says when the
+    /// server answers again after giving no answer.
+    fn read_record(&mut self) -> Result<Option<AgentRecord>, crate::server::ServerError> {
+        let tried = Instant::now();
+        let result = match self.outage {
+            None => self.server.read_agent_record(),
+            Some(_) => {
+                let timeout = self
+                    .unreachable_backoff()
+                    .clamp(PROBE_TIMEOUT_MIN, PROBE_TIMEOUT_MAX);
+                self.server.probe_agent_record(timeout)
+            }
+        };
+        match &result {
+            Err(err) if err.is_no_answer() => {
+                self.outage.get_or_insert(tried);
+            }
+            _ => {
+                if let Some(since) = self.outage.take() {
+                    log::info!(
+                        "the server answers again, after {:.1} s without an answer",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        }
+        result
     }
 
     fn heartbeat(&self, record: &AgentRecord) {

@@ -36,7 +36,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-pub use health::{Health, DEFAULT_STALL_LIMIT};
+pub use health::{CallGuard, Health, DEFAULT_CALL_STALL, DEFAULT_STALL_LIMIT};
 pub use serve::{check_port, serve, MetricsServer};
 
 /// Upper bounds of the `phase_duration_seconds` buckets (the Python agent's); `+Inf` follows.
@@ -352,6 +352,12 @@ pub fn install(metrics: Metrics) -> &'static Metrics {
 /// The process-wide instance, `None` until [`install`] (as in `run-job` and unit tests).
 pub fn get() -> Option<&'static Metrics> {
     INSTANCE.get()
+}
+
+/// Registers a request to the server as in flight with the installed instance's health
+/// until the guard is dropped; `None` when none is installed (`run-job`, unit tests).
+pub fn call_started(what: &str) -> Option<CallGuard<'static>> {
+    get().map(|metrics| metrics.health().call_started(what))
 }
 
 /// Tells the installed instance's health that the agent's main loop is alive now; nothing

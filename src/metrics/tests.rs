@@ -466,6 +466,71 @@ fn health_reports_state_and_goes_stalled_without_beats() {
 }
 
 #[test]
+fn a_request_waiting_past_the_call_limit_is_named_and_logged_once() {
+    let h = Health::new();
+    h.beat();
+    let (ok, body) = health_json(&h);
+    assert!(ok, "{body}");
+    assert_eq!(body["waiting_for"], serde_json::Value::Null);
+
+    let guard = h.call_started("GET /v1/agents/data/a1");
+    let (ok, body) = health_json(&h);
+    assert!(ok, "a request within the limit is no stall: {body}");
+    assert_eq!(body["waiting_for"], "GET /v1/agents/data/a1");
+
+    h.set_call_stall(Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(5));
+    let (ok, body) = health_json(&h);
+    assert!(!ok, "{body}");
+    assert_eq!(body["status"], "stalled");
+    assert_eq!(body["waiting_for"], "GET /v1/agents/data/a1");
+    assert!(body["waiting_seconds"].as_f64().is_some(), "{body}");
+
+    // Logged once, however often the watch looks.
+    assert_eq!(h.log_stalled_calls(Duration::from_millis(1)), 1);
+    assert_eq!(h.log_stalled_calls(Duration::from_millis(1)), 0);
+
+    drop(guard);
+    let (ok, body) = health_json(&h);
+    assert!(ok, "the request ended: {body}");
+    assert_eq!(body["waiting_for"], serde_json::Value::Null);
+}
+
+#[test]
+fn the_oldest_of_several_requests_is_the_one_named() {
+    let h = Health::new();
+    let first = h.call_started("POST /v1/result/j1/log/output");
+    std::thread::sleep(Duration::from_millis(2));
+    let second = h.call_started("GET /v1/result/j1");
+    assert_eq!(
+        h.oldest_call().map(|(what, _)| what),
+        Some("POST /v1/result/j1/log/output".to_string())
+    );
+    drop(first);
+    assert_eq!(
+        h.oldest_call().map(|(what, _)| what),
+        Some("GET /v1/result/j1".to_string())
+    );
+    drop(second);
+    assert!(h.oldest_call().is_none());
+}
+
+/// The watch sleeps until a request is due rather than polling: with a request that
+/// becomes due in 50 ms, one call waits for it and logs it.
+#[test]
+fn the_watch_wakes_when_a_request_becomes_due() {
+    let h = Health::new();
+    h.set_call_stall(Duration::from_millis(50));
+    let _guard = h.call_started("GET /v1/job?queue=q");
+    let started = Instant::now();
+    let mut logged = 0;
+    while logged == 0 && started.elapsed() < Duration::from_secs(10) {
+        logged = h.log_stalled_calls(Duration::from_secs(10));
+    }
+    assert_eq!(logged, 1);
+}
+
+#[test]
 fn install_keeps_the_first_instance() {
     let first = install(Metrics::new("first", ""));
     let second = install(Metrics::new("second", ""));

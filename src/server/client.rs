@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{self, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest answer read into memory (a job document, an agent record, an error body).
 const MAX_ANSWER: u64 = 64 * 1024 * 1024;
@@ -521,6 +521,9 @@ impl Core {
     /// for any status below 500; a 5xx or transport failure that is not (or no longer)
     /// repeated is an [`ServerErrorKind::Unavailable`] error.
     pub(super) fn call(&self, req: &Req) -> Result<Reply, ServerError> {
+        let what = req.what();
+        // Seen while it waits: logged and shown as a stall on /health past the limit.
+        let _in_flight = crate::metrics::call_started(&what);
         let result = self.call_with_retries(req);
         let failed = match &result {
             Err(_) => true,
@@ -545,6 +548,11 @@ impl Core {
         let exchange = |refresh: &str| self.refresh_exchange(refresh);
         let mut failures = 0u32;
         let mut replayed = false;
+        // One deadline for the whole call, attempts and waits between them included: a
+        // server that accepts and never answers costs one timeout, not one per attempt.
+        let budget = req.timeout.unwrap_or(self.settings.timeouts.default);
+        let started = Instant::now();
+        let deadline = started.checked_add(budget).unwrap_or(started);
         loop {
             let token = if self.wants_token(req) {
                 self.auth.token(&exchange)
@@ -553,7 +561,9 @@ impl Core {
             } else {
                 None
             };
-            let (why, ambiguous, retryable) = match self.once(req, token.as_deref()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (why, ambiguous, retryable, answered) = match self.once(req, token.as_deref(), left)
+            {
                 Err(AttemptError::Local(text)) => {
                     return Err(ServerError::new(ServerErrorKind::Local, what, text))
                 }
@@ -565,7 +575,7 @@ impl Core {
                         Sent::Maybe => matches!(req.repeat, Repeat::Idempotent | Repeat::Fragment),
                         Sent::Never => false,
                     };
-                    (text, sent == Sent::Maybe, retryable)
+                    (text, sent == Sent::Maybe, retryable, false)
                 }
                 Ok(reply) => {
                     let status = reply.status;
@@ -593,7 +603,7 @@ impl Core {
                         return Ok(reply);
                     }
                     let why = format!("answered {status}: {}", reply.detail());
-                    (why, false, req.repeat != Repeat::Once)
+                    (why, false, req.repeat != Repeat::Once, true)
                 }
             };
             failures += 1;
@@ -604,14 +614,19 @@ impl Core {
                     req.label.as_deref().unwrap_or("this fragment")
                 );
             }
-            if !retryable || failures >= attempts {
-                return Err(ServerError::new(
+            let wait = backoff.delay(failures);
+            let out_of_time = Instant::now() + wait >= deadline;
+            if !retryable || failures >= attempts || out_of_time {
+                let err = ServerError::new(
                     ServerErrorKind::Unavailable,
                     what,
-                    format!("{why} (after {failures} attempt(s))"),
-                ));
+                    format!(
+                        "{why} (after {failures} attempt(s) in {})",
+                        human(started.elapsed())
+                    ),
+                );
+                return Err(if answered { err } else { err.without_answer() });
             }
-            let wait = backoff.delay(failures);
             log::debug!(
                 "{what}: {why}; attempt {failures} of {attempts}, next in {}",
                 human(wait)
@@ -634,7 +649,7 @@ impl Core {
         .timeout(self.settings.timeouts.refresh)
         .without_auth();
         let what = req.what();
-        match self.once(&req, None) {
+        match self.once(&req, None, self.settings.timeouts.refresh) {
             Ok(reply) if reply.status == 200 => {
                 let bytes = reply
                     .read_all(&what)
@@ -668,9 +683,14 @@ impl Core {
 
     /// One exchange: builds the request with the cookie and token, sends it, and reads the
     /// body of an error answer.
-    fn once(&self, req: &Req, token: Option<&str>) -> Result<Reply, AttemptError> {
+    fn once(&self, req: &Req, token: Option<&str>, left: Duration) -> Result<Reply, AttemptError> {
         let url = format!("{}{}", self.base, req.path);
-        let timeout = req.timeout.unwrap_or(self.settings.timeouts.default);
+        // What is left of the call's deadline, never less than a moment to fail in.
+        let timeout = req
+            .timeout
+            .unwrap_or(self.settings.timeouts.default)
+            .min(left)
+            .max(Duration::from_millis(100));
         let connect = self.settings.timeouts.connect.min(timeout);
         // The agent's own timeouts serve most requests; a request-level configuration (a
         // copy of the agent's) only when they differ.

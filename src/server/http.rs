@@ -128,9 +128,29 @@ impl HttpServer {
     /// when the server has no record of this agent (404), an error when it cannot be read
     /// (the daemon then waits and asks again before posting anything).
     pub fn read_agent_record(&self) -> Result<Option<AgentRecord>, ServerError> {
+        self.read_agent_record_within(None)
+    }
+
+    /// [`Self::read_agent_record`] as one attempt that gives up after `timeout`: the
+    /// daemon's probe while the server does not answer, so that probes keep their cadence
+    /// even when the server accepts connections and never answers.
+    pub fn probe_agent_record(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<AgentRecord>, ServerError> {
+        self.read_agent_record_within(Some(timeout))
+    }
+
+    fn read_agent_record_within(
+        &self,
+        probe: Option<Duration>,
+    ) -> Result<Option<AgentRecord>, ServerError> {
         let path = format!("/v1/agents/data/{}", seg(&self.core.settings.agent_id));
         // Any role may read an agent's record: no token is obtained for it.
-        let req = Req::get(path).token_optional();
+        let mut req = Req::get(path).token_optional();
+        if let Some(timeout) = probe {
+            req = req.timeout(timeout).attempts(1);
+        }
         let what = req.what();
         let reply = self.core.call(&req)?;
         if reply.status == 404 {

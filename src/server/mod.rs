@@ -59,6 +59,9 @@ pub struct ServerError {
     /// e.g. `POST /v1/result/<id>`.
     pub what: String,
     pub detail: String,
+    /// The server gave no answer at all (refused, unreachable, timed out, connection
+    /// broken), as opposed to an answer that was an error.
+    pub no_answer: bool,
 }
 
 impl ServerError {
@@ -67,7 +70,20 @@ impl ServerError {
             kind,
             what: what.into(),
             detail: detail.into(),
+            no_answer: false,
         }
+    }
+
+    /// The same error, marked as one where the server did not answer.
+    pub fn without_answer(mut self) -> Self {
+        self.no_answer = true;
+        self
+    }
+
+    /// Whether the server could not be reached or did not answer (an outage, a server
+    /// that hangs), rather than answering with an error.
+    pub fn is_no_answer(&self) -> bool {
+        self.no_answer
     }
 
     /// Whether the same request may succeed later.

@@ -1038,3 +1038,39 @@ fn answers_not_needed_are_read_so_the_connection_is_reused() {
     let accepted = server.connections_accepted();
     assert!(accepted <= 2, "{accepted} connections for 21 requests");
 }
+
+/// A server that accepts and reads every request and answers none: one call costs one
+/// deadline, not one per attempt (before: five attempts of the whole timeout each, retried
+/// at debug level, so an agent record read was silent for minutes), and the error says the
+/// server gave no answer.
+#[test]
+fn a_server_that_never_answers_costs_one_deadline_not_one_per_attempt() {
+    let server = FakeServer::start();
+    let s = Scratch::new("http-swallow");
+    let mut settings = settings(&server.url(), &s);
+    settings.timeouts.default = Duration::from_millis(1500);
+    let client = HttpServer::new(settings);
+    server.swallow(true);
+    let err = client
+        .read_agent_record()
+        .expect_err("no answer is an error");
+    assert!(err.is_no_answer(), "{err}");
+    assert_eq!(err.kind, ServerErrorKind::Unavailable, "{err}");
+    assert_eq!(
+        server.swallowed(),
+        1,
+        "one attempt filled the deadline: {err}"
+    );
+    // A refused connection is no answer either, and is retried within the deadline.
+    server.swallow(false);
+    server.go_down();
+    let err = client.read_agent_record().expect_err("refused is an error");
+    assert!(err.is_no_answer(), "{err}");
+    assert!(err.detail.contains("attempt(s)"), "{err}");
+    server.come_back();
+    assert!(client.read_agent_record().is_ok());
+    // An answer that is an error is not "no answer".
+    server.fail_next(Route::AgentDataGet, 5, 503);
+    let err = client.read_agent_record().expect_err("5xx is an error");
+    assert!(!err.is_no_answer(), "{err}");
+}

@@ -20,6 +20,7 @@ mod idle;
 mod inputs;
 mod lifecycle_paths;
 mod metrics_endpoint;
+mod outage;
 mod packaging;
 mod process_tree;
 mod run_job;

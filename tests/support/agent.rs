@@ -15,6 +15,8 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// A running agent daemon; killed (with its command trees, by marker) on drop.
 pub struct Agent {
     pub child: Child,
+    /// Where its stderr (the agent's log) goes, when known: printed when a test fails.
+    pub log: Option<PathBuf>,
 }
 
 impl Agent {
@@ -60,7 +62,8 @@ impl Agent {
         env: &[(&str, Option<&str>)],
     ) -> Agent {
         let files = write_daemon_files(server, scratch, name, commands);
-        let log = std::fs::File::create(Agent::stderr_path(scratch, name)).expect("log file");
+        let log_path = Agent::stderr_path(scratch, name);
+        let log = std::fs::File::create(&log_path).expect("log file");
         let mut args: Vec<OsString> = vec![
             "-c".into(),
             files.config.into(),
@@ -68,7 +71,9 @@ impl Agent {
             files.token_file.into(),
         ];
         args.extend(extra_args.iter().map(OsString::from));
-        Agent::exec(&args, env, log)
+        let mut agent = Agent::exec(&args, env, log);
+        agent.log = Some(log_path);
+        agent
     }
 
     /// Starts the binary with exactly `args`, `env` changed as in [`Agent::start_env`],
@@ -88,7 +93,7 @@ impl Agent {
             .stderr(stderr)
             .spawn()
             .expect("the daemon starts");
-        Agent { child }
+        Agent { child, log: None }
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
@@ -118,7 +123,28 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test explains itself: the agent's log, from its end.
+        if std::thread::panicking() {
+            if let Some(path) = &self.log {
+                eprintln!(
+                    "--- the agent's log ({}), last {LOG_TAIL_LINES} lines:\n{}",
+                    path.display(),
+                    log_tail(path, LOG_TAIL_LINES)
+                );
+            }
+        }
     }
+}
+
+/// How much of an agent's log a failing test prints.
+pub const LOG_TAIL_LINES: usize = 200;
+
+/// The last `lines` lines of the file at `path` (empty when it cannot be read).
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The files a daemon reads: its config and its refresh-token file.

@@ -615,6 +615,33 @@ impl FakeServer {
         self.state().requests.clone()
     }
 
+    /// The last `n` requests, one line each (seconds from the first request, method,
+    /// path, status; 0 for a dropped connection), for a failing test's message.
+    pub fn request_tail(&self, n: usize) -> String {
+        let requests = self.state().requests.clone();
+        let tail = &requests[requests.len().saturating_sub(n)..];
+        let origin = requests.first().map(|r| r.at);
+        let lines: Vec<String> = tail
+            .iter()
+            .map(|r| {
+                let at = origin.map_or(0.0, |o| r.at.duration_since(o).as_secs_f64());
+                let query = if r.query.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{}", r.query)
+                };
+                format!("{at:9.3} s  {} {}{query} -> {}", r.method, r.path, r.status)
+            })
+            .collect();
+        format!(
+            "--- the fake server's last {} of {} requests (s from the first; 0: dropped), {} swallowed:\n{}",
+            tail.len(),
+            requests.len(),
+            self.swallowed(),
+            lines.join("\n")
+        )
+    }
+
     /// How many requests hit that route (faults count too).
     pub fn request_count(&self, route: &Route) -> usize {
         self.state()
@@ -717,6 +744,10 @@ impl FakeServer {
 
 impl Drop for FakeServer {
     fn drop(&mut self) {
+        // A failing test explains itself: the last requests the server saw.
+        if std::thread::panicking() {
+            eprintln!("{}", self.request_tail(REQUEST_TAIL));
+        }
         // Close the wire first, so that a handler woken from its delay answers nobody.
         self.wire.close();
         *lock(&self.shared.stopping) = true;
@@ -724,6 +755,9 @@ impl Drop for FakeServer {
         // `wire` is dropped next and joins every thread.
     }
 }
+
+/// How many requests a failing test prints (see `Drop for FakeServer`).
+const REQUEST_TAIL: usize = 60;
 
 fn upsert_agent<'a>(st: &'a mut State, name: &str) -> &'a mut Agent {
     let agent = st.agents.entry(name.to_string()).or_insert_with(|| {

@@ -403,10 +403,11 @@ pub fn run(
             if Instant::now() >= deadline {
                 done.store(true, Ordering::SeqCst);
                 panic!(
-                    "job {checked} ({:?}, {}) did not finish within {batch_limit:?}; the agent's log ends:\n{}",
+                    "job {checked} ({:?}, {}) did not finish within {batch_limit:?}; the agent's log ends:\n{}\n{}",
                     Kind::of(checked),
                     ids[checked],
-                    log_tail(&scratch, &name)
+                    log_tail(&scratch, &name),
+                    server.request_tail(60)
                 );
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -473,7 +474,7 @@ pub fn run(
 fn log_tail(scratch: &Scratch, name: &str) -> String {
     let log = std::fs::read_to_string(Agent::stderr_path(scratch, name)).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    lines[lines.len().saturating_sub(200)..].join("\n")
 }
 
 /// The job of number `n`.
