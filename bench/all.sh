@@ -15,6 +15,13 @@
 #   --note     a sentence recorded with the figures (e.g. what else loaded the machine)
 #   --profile  the cargo profile to build and measure (default: release; dev for --smoke)
 #
+# TF_BENCH_SERVER="KITDIR:PORT[ KITDIR:PORT]": also measure against running copies of the
+# real-server kit (../shared/realserver), e.g. "/tmp/tfserver:5000 /tmp/tfserver-new:5100":
+# a 200 MB test phase through the agent beside the kit's bare ingest client, in the same
+# run (bench/realserver.py). Each server is probed for GET /v1/result/<id>/status and its
+# figures are named `realserver_status_*` or `realserver_old_*`; their details say which
+# server, commit and machine.
+#
 # The run-job figures run on a tmpfs: /dev/shm when it is one, else a tmpfs mounted for
 # the run (root only); the agents' directories in the other figures are there too.
 # After a full run: UPDATE_GENERATED=1 cargo test --test it docs:: rewrites README's table.
@@ -92,6 +99,16 @@ produce daemon "${cargo_bench[@]}" --bench suite -- daemon --dir "$work" "${smok
 produce process "${cargo_bench[@]}" --bench process -- "${smoke[@]}"
 produce idle "${cargo_bench[@]}" --bench suite -- idle --dir "$work" "${smoke[@]}"
 produce fleet "${cargo_bench[@]}" --bench suite -- fleet --dir "$work" "${smoke[@]}"
+
+for kit in ${TF_BENCH_SERVER:-}; do
+  dir=${kit%:*} port=${kit##*:}
+  code=$(curl -s -o /dev/null -w '%{http_code}' \
+    "http://127.0.0.1:$port/v1/result/00000000-0000-4000-8000-000000000000/status" || true)
+  kind=$([ "$code" = 404 ] && echo old || echo status)
+  size=200; [ "$mode" = smoke ] && size=20
+  produce "realserver-$kind" python3 bench/realserver.py --kit "$dir" --port "$port" \
+    --agent "$bin" --label "$kind" --size-mb "$size"
+done
 
 echo "== measured in $(( $(date +%s) - started )) s (with the build)"
 python3 bench/collect.py --log "$log" --json "$json" --mode "$mode" --build "$profile" \

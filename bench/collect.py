@@ -128,6 +128,32 @@ FIGURES += [
      "{agents} agents, one short job each: jobs submitted → all complete", None, "", FLEET),
 ]
 
+REALSERVER = "bench/realserver.py (TF_BENCH_SERVER)"
+# Against the real-server kit, only when bench/all.sh is given one (TF_BENCH_SERVER): `old`
+# is a server without `GET /v1/result/<id>/status`, `status` one with it (upstream PR #1285).
+OPTIONAL = []
+for _kind, _words in [("old", "a server without `/status`"),
+                      ("status", "a server with `/status`")]:
+    OPTIONAL += [
+        (f"realserver_{_kind}_bare_client_mb_s", "MB/s",
+         f"the limit: the kit's `ingest-bench.py`, 1 MiB fragments on one connection, into "
+         f"{_words} ({{server}}, commit {{commit}}, on {{host}})", None, "", REALSERVER),
+        (f"realserver_{_kind}_live_mb_s", "MB/s",
+         f"daemon, a test phase printing {{bytes}} into {_words}: the live rate (the `test` state post to "
+         f"the end of its last fragment, from the server's request log)", None, "", REALSERVER),
+        (f"realserver_{_kind}_live_vs_bare_ratio", "ratio",
+         f"that live rate / the bare client's, {_words}", (">=", 0.80), "≥ 0.80×", REALSERVER),
+        (f"realserver_{_kind}_job_output_mb_s", "MB/s",
+         f"the job's output rate into {_words}: {{bytes}} / (the `test` state post → the next "
+         f"state post)", None, "", REALSERVER),
+        (f"realserver_{_kind}_job_vs_bare_ratio", "ratio",
+         f"that job output rate / the bare client's, {_words}", (">=", 0.75), "≥ 0.75×",
+         REALSERVER),
+        (f"realserver_{_kind}_switch_ms", "ms",
+         f"the end of the test phase's last fragment → the next state post, {_words}",
+         ("<=", 50.0), "≤ 50 ms", REALSERVER),
+    ]
+
 
 def parse_line(line):
     """(name, value, unit, details) of a FIGURE line; raises ValueError when malformed."""
@@ -202,7 +228,7 @@ def main():
     parser.add_argument("--failed", default="", help="producers that exited non-zero")
     args = parser.parse_args()
 
-    known = {f[0]: f for f in FIGURES}
+    known = {f[0]: f for f in FIGURES + OPTIONAL}
     seen = {}
     problems = []
     with open(args.log, errors="replace") as log:
@@ -225,9 +251,10 @@ def main():
 
     figures = []
     missing = []
-    for name, unit, what, limit, target, source in FIGURES:
+    for name, unit, what, limit, target, source in FIGURES + OPTIONAL:
         if name not in seen:
-            missing.append(name)
+            if (name, unit, what, limit, target, source) not in OPTIONAL:
+                missing.append(name)
             continue
         value, details = seen[name]
         try:

@@ -58,6 +58,13 @@ pub struct PhaseExecutor<'a> {
     storage_told: bool,
     /// How the last phase command ended, for its transition in the journal's trail.
     last_command: Option<CommandEnd>,
+    /// Set on a server whose state reads return every log (no `/status`) when every
+    /// phase left before cleanup is skipped: the state is then not read before those
+    /// phases, their `job_state` is not posted (it could overwrite a `cancelled` the agent
+    /// has not read), and it is read once after cleanup, for the final state.
+    state_read_after_cleanup: bool,
+    /// That read after cleanup found the job cancelled.
+    cancelled_after_phases: bool,
 }
 
 impl std::fmt::Debug for PhaseExecutor<'_> {
@@ -96,7 +103,24 @@ impl<'a> PhaseExecutor<'a> {
             storage_failed: None,
             storage_told: false,
             last_command: None,
+            state_read_after_cleanup: false,
+            cancelled_after_phases: false,
         }
+    }
+
+    /// Whether the job was found cancelled only after its cleanup (see
+    /// `state_read_after_cleanup`): its final state is `cancelled` all the same.
+    pub fn cancelled_after_phases(&self) -> bool {
+        self.cancelled_after_phases
+    }
+
+    /// Whether every forward phase from `next` to reserve is skipped.
+    fn only_skipped_phases_from(&self, next: Phase) -> bool {
+        let plan = crate::lifecycle::Plan::for_job(self.config, self.spec);
+        Phase::ALL
+            .iter()
+            .filter(|p| **p >= next && **p != Phase::Cleanup)
+            .all(|p| plan.skip(*p).is_some())
     }
 
     /// Keeps `journal` up to date in the run directory at every transition, and when a
@@ -162,7 +186,23 @@ impl<'a> PhaseExecutor<'a> {
 
     /// The last event of a job (`job_end`, with `normal_exit` or the event that ended it).
     pub fn job_finished(&mut self, outcome: &JobOutcome) {
-        self.emit("job_end", &outcome.end_detail());
+        let mut end_detail = outcome.end_detail();
+        if self.state_read_after_cleanup && outcome.abort.is_none() {
+            let job_id = self.spec.job_id();
+            match self.server.job_state(job_id) {
+                Ok(Some(state)) if state == "cancelled" => {
+                    log::info!("job {job_id}: cancelled on the server after its last phase");
+                    self.cancelled_after_phases = true;
+                    self.emit("cancelled", "");
+                    end_detail = "cancelled".to_owned();
+                }
+                Ok(_) => {}
+                Err(err) => log::warn!(
+                    "job {job_id}: cannot read the job state after cleanup (taken as not cancelled): {err}"
+                ),
+            }
+        }
+        self.emit("job_end", &end_detail);
         self.phase_metrics.flush();
     }
 
@@ -336,6 +376,19 @@ impl PhaseRunner for PhaseExecutor<'_> {
         if self.stop.is_requested(StopKind::Cancel) {
             return Some(StopCause::Cancelled);
         }
+        if self.state_read_after_cleanup {
+            return None;
+        }
+        if self.server.state_reads_are_costly() && self.only_skipped_phases_from(next) {
+            // Reading the state here would make the server rebuild every log of the job
+            // (a second or more after a large test phase), for phases that do nothing.
+            log::info!(
+                "job {}: {next} and the phases after it are skipped; the job state is read after cleanup (this server returns every log with it)",
+                self.spec.job_id()
+            );
+            self.state_read_after_cleanup = true;
+            return None;
+        }
         match self.server.job_state(self.spec.job_id()) {
             Ok(Some(state)) if state == "cancelled" => {
                 log::info!(
@@ -367,7 +420,11 @@ impl PhaseRunner for PhaseExecutor<'_> {
             }
         }
         if phase != Phase::Cleanup {
-            self.post_result(&json!({ "job_state": phase.name() }), "job state");
+            // Not after a state read was left for after cleanup: unread, a `cancelled`
+            // could be overwritten.
+            if !self.state_read_after_cleanup {
+                self.post_result(&json!({ "job_state": phase.name() }), "job state");
+            }
             if self.deferred.is_none() {
                 // One read of the agent record per phase: a request made now would
                 // otherwise be overwritten by the phase state posted next.

@@ -817,8 +817,9 @@ impl Daemon {
         let deferred = executor.deferred.clone();
         let journal = executor.take_journal();
         let statuses = executor.outcome_body();
+        let cancelled = matches!(outcome.abort, Some(AbortReason::Cancelled { .. }))
+            || executor.cancelled_after_phases();
         drop(executor);
-        let cancelled = matches!(outcome.abort, Some(AbortReason::Cancelled { .. }));
         log::info!("job {job_id}: finished ({})", outcome.end_detail());
         self.finish_job(&job_id, &rundir, cancelled, journal, statuses);
         self.back_to_waiting(deferred.as_ref());

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use std::fs::File;
 use std::io::{self, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -371,6 +372,10 @@ pub(super) struct Core {
     pub(super) settings: HttpSettings,
     /// For TLS failures: the server as named in messages, and what the agent trusts.
     tls: TlsContext,
+    /// How many requests found no server to connect to (refused, unreachable): a server
+    /// that comes back after one may be another build, so what was learnt about it (the
+    /// job-state endpoint) is asked again.
+    outages: AtomicU64,
 }
 
 /// What a TLS failure message needs to say.
@@ -421,7 +426,13 @@ impl Core {
             base,
             settings,
             tls: TlsContext { url, trusted },
+            outages: AtomicU64::new(0),
         }
+    }
+
+    /// How many requests so far could not connect to the server at all (see `outages`).
+    pub(super) fn outages(&self) -> u64 {
+        self.outages.load(Ordering::Relaxed)
     }
 
     /// The base URL without any `user:password@`, for messages.
@@ -570,6 +581,9 @@ impl Core {
                 Err(AttemptError::Transport { text, sent }) => {
                     // The server may have moved: look its name up again next time.
                     self.resolver.forget();
+                    if sent == Sent::No {
+                        self.outages.fetch_add(1, Ordering::Relaxed);
+                    }
                     let retryable = match sent {
                         Sent::No => true,
                         Sent::Maybe => matches!(req.repeat, Repeat::Idempotent | Repeat::Fragment),
@@ -1082,7 +1096,7 @@ fn endpoint_class(method: Method, path: &str) -> &'static str {
         (Method::Get, ["v1", "job"]) => "job_poll",
         (_, ["v1", "result", _, "log", ..]) => "log",
         (_, ["v1", "result", _, "artifact"]) => "artifact",
-        (Method::Get, ["v1", "result", _]) => "job_state",
+        (Method::Get, ["v1", "result", _] | ["v1", "result", _, "status"]) => "job_state",
         (_, ["v1", "result", _]) => "result",
         _ => "other",
     }
@@ -1423,6 +1437,7 @@ mod tests {
             (Method::Post, "/v1/result/abc/log/output", "log"),
             (Method::Post, "/v1/result/abc/artifact", "artifact"),
             (Method::Get, "/v1/result/abc", "job_state"),
+            (Method::Get, "/v1/result/abc/status", "job_state"),
             (Method::Post, "/v1/result/abc", "result"),
             (Method::Post, "/v1/oauth2/refresh", "token"),
             (Method::Get, "/v1", "other"),

@@ -48,6 +48,27 @@ pub struct HttpServer {
     /// For [`HttpServer::send_pending`]: a record as given, and how far a failed call got
     /// with it, per job.
     resume: Mutex<HashMap<String, (PendingOutput, PendingOutput)>>,
+    /// How this server's job state is read, once known, and the count of outages
+    /// ([`Core::outages`]) when that was learnt: after another outage it is asked again.
+    state_endpoint: Mutex<Option<(StateEndpoint, u64)>>,
+}
+
+/// Which request reads a job's state (PROTOCOL §3.10, §15.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateEndpoint {
+    /// `GET /v1/result/<id>/status`: the state and exit codes, no logs.
+    Status,
+    /// `GET /v1/result/<id>`: a server without `/status`, which rebuilds every log of the
+    /// job for each read.
+    Full,
+}
+
+/// What one `GET /v1/result/<id>/status` told.
+enum StatusRead {
+    /// The server has the endpoint: the state, `None` when unknown (204, no `job_state`).
+    Answered(Option<String>),
+    /// 404: the server has no such endpoint.
+    Missing,
 }
 
 /// How many partly sent pending records [`HttpServer::send_pending`] remembers.
@@ -76,7 +97,73 @@ impl HttpServer {
             streamer,
             serial: Mutex::new(HashMap::new()),
             resume: Mutex::new(HashMap::new()),
+            state_endpoint: Mutex::new(None),
         }
+    }
+
+    /// How job states are read on this server, `None` until the first read has told
+    /// (and again after an outage, until the next read).
+    pub fn state_endpoint(&self) -> Option<StateEndpoint> {
+        let outages = self.core.outages();
+        lock(&self.state_endpoint)
+            .filter(|(_, seen)| *seen == outages)
+            .map(|(endpoint, _)| endpoint)
+    }
+
+    /// Remembers how job states are read (logged when it is new or has changed).
+    fn learn_state_endpoint(&self, endpoint: StateEndpoint, outages: u64) {
+        let before = lock(&self.state_endpoint).replace((endpoint, outages));
+        let before = before.map(|(endpoint, _)| endpoint);
+        if before == Some(endpoint) {
+            // The same server after an outage: nothing new to say.
+            return;
+        }
+        let base = self.core.base_for_messages();
+        match (endpoint, before) {
+            (StateEndpoint::Status, _) => log::info!(
+                "{base}: job states are read through GET /v1/result/<id>/status (state only, no logs)"
+            ),
+            (StateEndpoint::Full, Some(StateEndpoint::Status)) => log::warn!(
+                "{base}: GET /v1/result/<id>/status now answers 404 (an older server?); job states are read through GET /v1/result/<id>, which returns every log of the job, from now on"
+            ),
+            (StateEndpoint::Full, _) => log::info!(
+                "{base}: the server has no GET /v1/result/<id>/status (404); job states are read through GET /v1/result/<id>, which returns every log of the job"
+            ),
+        }
+    }
+
+    /// `GET /v1/result/<id>/status` once (PROTOCOL §15.1).
+    fn read_status(&self, job_id: &str) -> Result<StatusRead, ServerError> {
+        let req = Req::get(format!("/v1/result/{}/status", seg(job_id)))
+            .attempts(1)
+            .token_optional();
+        let what = req.what();
+        let reply = self.core.call(&req)?;
+        match reply.status {
+            // The real endpoint answers 204 for a job it does not know; a 404 is the
+            // route that does not exist (see `job_state`).
+            404 => Ok(StatusRead::Missing),
+            204 => {
+                reply.discard();
+                Ok(StatusRead::Answered(None))
+            }
+            200..=299 => reply.job_state(&what).map(StatusRead::Answered),
+            _ => Err(self.core.answer_error(&req, &reply)),
+        }
+    }
+
+    /// `GET /v1/result/<id>` once (PROTOCOL §3.10): only `job_state` is parsed, but the
+    /// server builds the whole answer, every log of the job included.
+    fn read_full(&self, job_id: &str) -> Result<Option<String>, ServerError> {
+        let req = Req::get(format!("/v1/result/{}", seg(job_id)))
+            .attempts(1)
+            .token_optional();
+        let what = req.what();
+        let reply = self.core.expect_success(&req)?;
+        if reply.status == 204 {
+            return Ok(None);
+        }
+        reply.job_state(&what)
     }
 
     /// The base every endpoint is joined to, e.g. `http://host:8000` (for messages and the
@@ -338,15 +425,30 @@ impl Server for HttpServer {
         // One attempt: callers read the state again soon anyway (the next phase, the next
         // cancellation check), and retries would hold up the end of a phase. Any role may
         // read it: a phase that only checks for cancellation never renews a token.
-        let req = Req::get(format!("/v1/result/{}", seg(job_id)))
-            .attempts(1)
-            .token_optional();
-        let what = req.what();
-        let reply = self.core.expect_success(&req)?;
-        if reply.status == 204 {
-            return Ok(None);
+        //
+        // `/status` is asked first, until the server has said whether it has it; then that
+        // answer holds until the agent sees an outage (the server may come back as another
+        // build) or `/status` answers 404 after it had answered. A 404 always means "no such
+        // endpoint": the real one answers 204 for a job it does not know, and the agent
+        // only reads jobs this server handed out (its own, and their parents).
+        let outages = self.core.outages();
+        if self.state_endpoint() == Some(StateEndpoint::Full) {
+            return self.read_full(job_id);
         }
-        reply.job_state(&what)
+        match self.read_status(job_id)? {
+            StatusRead::Answered(state) => {
+                self.learn_state_endpoint(StateEndpoint::Status, outages);
+                Ok(state)
+            }
+            StatusRead::Missing => {
+                self.learn_state_endpoint(StateEndpoint::Full, outages);
+                self.read_full(job_id)
+            }
+        }
+    }
+
+    fn state_reads_are_costly(&self) -> bool {
+        self.state_endpoint() == Some(StateEndpoint::Full)
     }
 
     fn post_agent_state(&self, state: &str, comment: &str) -> Result<(), ServerError> {

@@ -122,8 +122,16 @@ pub trait Server: Send + Sync {
     /// `POST /v1/result/<id>` with `body` (`job_state`, `status` or `device_info`).
     fn post_result(&self, job_id: &str, body: &Value) -> Result<(), ServerError>;
 
-    /// The job's state on the server (`GET /v1/result/<id>`), `None` when unknown.
+    /// The job's state on the server (`GET /v1/result/<id>/status`, or `GET /v1/result/<id>`
+    /// on a server without it), `None` when unknown.
     fn job_state(&self, job_id: &str) -> Result<Option<String>, ServerError>;
+
+    /// Whether each [`Server::job_state`] read makes the server rebuild every log of the
+    /// job (a server known to lack `/status`, PROTOCOL §3.10): the agent then reads the
+    /// state only where it can change what the agent does next.
+    fn state_reads_are_costly(&self) -> bool {
+        false
+    }
 
     /// Agent state while a job runs (`POST /v1/agents/data/<agent>` with `state`, `comment`).
     fn post_agent_state(&self, state: &str, comment: &str) -> Result<(), ServerError>;

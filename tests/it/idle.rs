@@ -93,7 +93,13 @@ fn a_silent_phase_only_reads_the_job_state_and_never_renews_short_tokens() {
         routes(&silent)
     );
     for r in &silent {
-        assert_eq!(r.route, Some(Route::ResultGet), "{} {}", r.method, r.path);
+        assert_eq!(
+            r.route,
+            Some(Route::ResultStatusGet),
+            "{} {}",
+            r.method,
+            r.path
+        );
         assert_eq!(r.status, 200, "{} {}", r.method, r.path);
     }
     let late: Vec<&RequestRecord> = silent
@@ -147,7 +153,7 @@ fn with_oidc_on_a_refused_tokenless_read_makes_every_later_read_carry_a_token() 
     assert!(!refusals[0].authorization);
     let reads: Vec<&RequestRecord> = requests
         .iter()
-        .filter(|r| matches!(r.route, Some(Route::ResultGet)))
+        .filter(|r| matches!(r.route, Some(Route::ResultStatusGet)))
         .collect();
     assert!(!reads.is_empty());
     assert!(

@@ -25,6 +25,7 @@ mod packaging;
 mod process_tree;
 mod run_job;
 mod soak;
+mod state_reads;
 mod stream_pipeline;
 mod stream_props;
 mod supervisord;

@@ -19,6 +19,11 @@
 //! `Invalid job id\n` (attachments, artifacts, action) or JSON `Invalid job_id specified`
 //! (results, log posts, events).
 //!
+//! `GET /v1/result/<id>/status` (PROTOCOL §15.1) is there unless
+//! [`FakeConfig::status_endpoint`] or [`FakeServer::set_status_endpoint`] switch it off, to
+//! play a server from before it (404, an unknown route). Every answered job-state read is
+//! recorded with its kind and the log bytes it carried ([`FakeServer::state_reads`]).
+//!
 //! Deliberate differences: integers must be JSON integers and booleans JSON booleans
 //! (marshmallow would also take `"17"` or `"yes"`); provision data is only checked to be an
 //! object; access tokens are opaque strings and expire exactly at their TTL (no 5 s
@@ -33,9 +38,10 @@
 //! `Authorization: Bearer <token>` with a token issued by `POST /v1/oauth2/refresh` for one
 //! of [`FakeConfig::refresh_tokens`] (by default [`DEFAULT_REFRESH_TOKEN`]) and not yet
 //! expired. Expired → 401 `Token has expired`; unknown → 403; missing → 403 with OIDC off,
-//! 401 with OIDC on. `GET /v1/result/<id>` and `GET /v1/agents/data/<agent>` also accept
-//! anonymous requests when OIDC is off. With `require_auth: false` (archived-era server)
-//! tokens are ignored, but `GET /v1/job` still needs the cookie.
+//! 401 with OIDC on. `GET /v1/result/<id>`, `GET /v1/result/<id>/status` and
+//! `GET /v1/agents/data/<agent>` also accept anonymous requests when OIDC is off. With
+//! `require_auth: false` (archived-era server) tokens are ignored, but `GET /v1/job` still
+//! needs the cookie.
 //!
 //! # Fault injection
 //!
@@ -104,6 +110,10 @@ pub struct FakeConfig {
     pub webhook_base: Option<String>,
     /// Secrets store: `(path, value)` pairs that jobs may reference in `test_data.secrets`.
     pub secrets: Vec<(String, String)>,
+    /// The server has `GET /v1/result/<id>/status` (PROTOCOL §15.1). Default true; false
+    /// plays a server from before it, which answers that path 404. Can be switched while
+    /// running with [`FakeServer::set_status_endpoint`].
+    pub status_endpoint: bool,
 }
 
 impl Default for FakeConfig {
@@ -115,6 +125,7 @@ impl Default for FakeConfig {
             access_token_ttl: Duration::from_secs(600),
             webhook_base: None,
             secrets: Vec::new(),
+            status_endpoint: true,
         }
     }
 }
@@ -142,6 +153,8 @@ pub enum Route {
     ResultPost,
     /// `GET /v1/result/<id>`
     ResultGet,
+    /// `GET /v1/result/<id>/status` (404 when the endpoint is switched off)
+    ResultStatusGet,
     /// `POST /v1/result/<id>/log/<type>`
     LogPost,
     /// `POST /v1/result/<id>/artifact`
@@ -220,6 +233,26 @@ pub struct Fragment {
     pub log_data: String,
 }
 
+/// Which request read a job's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadKind {
+    /// `GET /v1/result/<id>`: every log of the job rebuilt into the answer.
+    Full,
+    /// `GET /v1/result/<id>/status`: the state and exit codes only.
+    Status,
+}
+
+/// One answered job-state read and what it cost the server.
+#[derive(Clone, Debug)]
+pub struct StateRead {
+    pub kind: ReadKind,
+    pub job_id: String,
+    /// When the request was handled.
+    pub at: Instant,
+    /// Bytes of log text the answer carried (always 0 for [`ReadKind::Status`]).
+    pub log_bytes: usize,
+}
+
 struct StoredFragment {
     fragment: Fragment,
     /// The timestamp in microseconds since the epoch.
@@ -288,6 +321,10 @@ struct State {
     server_errors: Vec<String>,
     /// Raw bodies handed out by the next polls of their queue (see `serve_raw_job`).
     raw_jobs: Vec<(String, String)>,
+    /// Whether `GET /v1/result/<id>/status` exists now.
+    status_endpoint: bool,
+    /// Job-state reads answered (200 or 204), in order.
+    state_reads: Vec<StateRead>,
 }
 
 struct Shared {
@@ -321,6 +358,7 @@ impl FakeServer {
             state.refresh_tokens.insert(token.clone(), false);
         }
         state.secrets = config.secrets.iter().cloned().collect();
+        state.status_endpoint = config.status_endpoint;
         // The handler needs `Shared`, which needs the port, known once bound.
         let slot: Arc<OnceLock<Arc<Shared>>> = Arc::new(OnceLock::new());
         let handler_slot = Arc::clone(&slot);
@@ -649,6 +687,29 @@ impl FakeServer {
             .iter()
             .filter(|r| route.matches(&r.method, &r.path, r.route.as_ref()))
             .count()
+    }
+
+    /// The job-state reads of job `id` answered so far (200 or 204), in order.
+    pub fn state_reads(&self, id: &str) -> Vec<StateRead> {
+        self.state()
+            .state_reads
+            .iter()
+            .filter(|r| r.job_id == id)
+            .cloned()
+            .collect()
+    }
+
+    /// How many job-state reads of `kind` job `id` got so far.
+    pub fn state_read_count(&self, id: &str, kind: ReadKind) -> usize {
+        self.state_reads(id)
+            .iter()
+            .filter(|r| r.kind == kind)
+            .count()
+    }
+
+    /// Switches `GET /v1/result/<id>/status` on or off (off: 404, as a server before it).
+    pub fn set_status_endpoint(&self, on: bool) {
+        self.state().status_endpoint = on;
     }
 
     /// Panics caught inside request handlers (each answered 500); should stay empty.
@@ -997,6 +1058,7 @@ fn route_request(method: &str, raw_path: &str) -> Routing {
             id,
             "GET, POST",
         ),
+        ["v1", "result", id, "status"] => by_method(Some(Route::ResultStatusGet), None, id, "GET"),
         ["v1", "result", id, "artifact"] => by_method(
             Some(Route::ArtifactGet),
             Some(Route::ArtifactPost),
@@ -1133,6 +1195,7 @@ impl Shared {
             Route::AttachmentsGet => self.attachments_get(st, req, &m.param),
             Route::ResultPost => self.result_post(st, req, &m.param),
             Route::ResultGet => self.result_get(st, req, &m.param),
+            Route::ResultStatusGet => self.result_status_get(st, req, &m.param),
             Route::LogPost => self.log_post(st, req, &m.param, &m.log_type),
             Route::ArtifactPost => self.artifact_post(st, req, &m.param),
             Route::ProvisionLogs => self.provision_logs_post(st, req, &m.param),
@@ -1714,11 +1777,59 @@ impl Shared {
         Ok(ok_text())
     }
 
+    /// `GET /v1/result/<id>/status` (PROTOCOL §15.1): `job_state` and the phases' exit
+    /// codes, 204 for an unknown job, 404 when switched off (an unknown route then).
+    fn result_status_get(&self, st: &mut State, req: &WireRequest, id: &str) -> Answer {
+        if !st.status_endpoint {
+            return Ok(not_found());
+        }
+        self.authorize(st, req, Access::AnyRole)?;
+        if !is_valid_uuid(id) {
+            return Err(bad_id_json());
+        }
+        st.state_reads.push(StateRead {
+            kind: ReadKind::Status,
+            job_id: id.to_string(),
+            at: Instant::now(),
+            log_bytes: 0,
+        });
+        let Some(job) = st.jobs.iter().find(|j| j.id == id) else {
+            return Ok(WireResponse::empty(204));
+        };
+        if job.result.is_empty() {
+            return Ok(WireResponse::empty(204));
+        }
+        let mut out = Map::new();
+        if let Some(status) = job.result.get("status").and_then(Value::as_object) {
+            for phase in PHASES {
+                if let Some(code) = status.get(phase).filter(|c| !c.is_null()) {
+                    out.insert(format!("{phase}_status"), code.clone());
+                }
+            }
+        }
+        if let Some(state) = job.result.get("job_state").filter(|s| !s.is_null()) {
+            out.insert("job_state".into(), state.clone());
+        }
+        Ok(json_response(200, &Value::Object(out)))
+    }
+
     fn result_get(&self, st: &mut State, req: &WireRequest, id: &str) -> Answer {
         self.authorize(st, req, Access::AnyRole)?;
         if !is_valid_uuid(id) {
             return Err(bad_id_json());
         }
+        let log_bytes = st
+            .fragments
+            .iter()
+            .filter(|f| f.fragment.job_id == id)
+            .map(|f| f.fragment.log_data.len())
+            .sum();
+        st.state_reads.push(StateRead {
+            kind: ReadKind::Full,
+            job_id: id.to_string(),
+            at: Instant::now(),
+            log_bytes,
+        });
         let Some(job) = st.jobs.iter().find(|j| j.id == id) else {
             return Ok(WireResponse::empty(204));
         };

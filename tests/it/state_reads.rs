@@ -1,0 +1,374 @@
+//! How the daemon reads its job's state (PROTOCOL §3.10, §15.1): through
+//! `GET /v1/result/<id>/status` where the server has it, through the full
+//! `GET /v1/result/<id>` where it answers 404, decided once per server and asked again after
+//! an outage or a 404 where `/status` had answered; on a server without `/status`, no full
+//! read between a test phase and cleanup when every phase between them is skipped, and a
+//! job cancelled in the last second of its test phase still ends `cancelled`. Counted on
+//! the fake server (each read with its kind), through the real binary; no timings.
+
+use crate::support::agent::{finished, queue, wait_for, Agent};
+use crate::support::fake_server::{FakeConfig, FakeServer, ReadKind, RequestRecord, Route};
+use crate::support::scratch::Scratch;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// Every phase has a command; a job with only `test_data` skips provision, firmware_update,
+/// allocate and reserve (no data).
+const COMMANDS: &str = "setup_command: echo setup ran\nprovision_command: echo provision ran\nfirmware_update_command: echo firmware ran\nallocate_command: echo allocate ran\nreserve_command: echo reserve ran\ncleanup_command: echo cleanup ran\n";
+
+fn server_with_status(on: bool) -> FakeServer {
+    FakeServer::start_with(FakeConfig {
+        status_endpoint: on,
+        ..Default::default()
+    })
+}
+
+fn submit(server: &FakeServer, name: &str) -> String {
+    server.submit_job(json!({"job_queue": queue(name), "test_data": {"test_cmds": "x"}}))
+}
+
+/// The agent's `POST /v1/result/<id>` bodies, with when they arrived.
+fn result_posts(server: &FakeServer, id: &str) -> Vec<(Instant, Value)> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| r.route == Some(Route::ResultPost) && r.path.ends_with(id))
+        .filter_map(|r| Some((r.at, serde_json::from_str(&r.body_excerpt).ok()?)))
+        .collect()
+}
+
+/// The `job_state` values the agent posted, in order.
+fn posted_states(server: &FakeServer, id: &str) -> Vec<String> {
+    result_posts(server, id)
+        .into_iter()
+        .filter_map(|(_, body)| body.get("job_state")?.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// When the test phase's exit status reached the server (the phase is over: its output
+/// was delivered before).
+fn test_status_posted(server: &FakeServer, id: &str) -> Instant {
+    result_posts(server, id)
+        .into_iter()
+        .find(|(_, body)| body.pointer("/status/test").is_some())
+        .map(|(at, _)| at)
+        .expect("the test phase's status was posted")
+}
+
+/// When the first fragment of the cleanup phase's output arrived.
+fn cleanup_started(server: &FakeServer, id: &str) -> Instant {
+    server
+        .requests()
+        .into_iter()
+        .find(|r: &RequestRecord| {
+            r.route == Some(Route::LogPost)
+                && r.path.contains(id)
+                && r.body_excerpt.contains("\"phase\":\"cleanup\"")
+        })
+        .map(|r| r.at)
+        .expect("cleanup's output was posted")
+}
+
+fn status_requests(server: &FakeServer) -> Vec<RequestRecord> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| r.route == Some(Route::ResultStatusGet))
+        .collect()
+}
+
+fn agent_log(s: &Scratch, name: &str) -> String {
+    std::fs::read_to_string(Agent::stderr_path(s, name)).expect("agent log")
+}
+
+#[test]
+fn with_status_every_read_before_and_during_phases_is_a_status_read() {
+    let server = server_with_status(true);
+    let s = Scratch::new("state-status");
+    let name = format!("state-status-{}", std::process::id());
+    let commands = format!("{COMMANDS}test_command: echo start; sleep 4; echo end\n");
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    let id = submit(&server, &name);
+    wait_for(&server, "the job to finish", |srv| finished(srv, &id));
+    let reads = server.state_reads(&id);
+    let during_test = reads
+        .iter()
+        .filter(|r| r.at > server_time_of_state(&server, &id, "test"))
+        .filter(|r| r.at < test_status_posted(&server, &id))
+        .count();
+    assert!(
+        during_test >= 2,
+        "cancel checks during the 4 s test phase (every 1 s)"
+    );
+    // Before each of the six forward phases, and during the test phase.
+    assert!(reads.len() >= 6 + 2, "{} reads", reads.len());
+    assert!(
+        reads.iter().all(|r| r.kind == ReadKind::Status),
+        "no full read: {:?}",
+        reads.iter().map(|r| r.kind).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        posted_states(&server, &id),
+        [
+            "setup",
+            "provision",
+            "firmware_update",
+            "test",
+            "allocate",
+            "reserve",
+            "complete"
+        ],
+        "the Python agent's job_state posts"
+    );
+    assert!(agent_log(&s, &name).contains("read through GET /v1/result/<id>/status"));
+}
+
+/// When the agent posted `job_state` = `state`.
+fn server_time_of_state(server: &FakeServer, id: &str, state: &str) -> Instant {
+    result_posts(server, id)
+        .into_iter()
+        .find(|(_, body)| body.get("job_state").and_then(Value::as_str) == Some(state))
+        .map(|(at, _)| at)
+        .unwrap_or_else(|| panic!("job_state {state} was posted"))
+}
+
+#[test]
+fn without_status_one_404_decides_and_every_read_is_a_full_one() {
+    let server = server_with_status(false);
+    let s = Scratch::new("state-full");
+    let name = format!("state-full-{}", std::process::id());
+    // Allocate runs (it has data), so each phase's state is read before it.
+    let commands = format!("{COMMANDS}test_command: echo start; sleep 4; echo end\n");
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "test_data": {"test_cmds": "x"},
+        "reserve_data": {"ssh_keys": ["lp:someone"]},
+    }));
+    wait_for(&server, "the job to finish", |srv| finished(srv, &id));
+    let probes = status_requests(&server);
+    assert_eq!(
+        probes.len(),
+        1,
+        "one /status request decides for the server"
+    );
+    assert_eq!(probes[0].status, 404);
+    let reads = server.state_reads(&id);
+    assert!(reads.iter().all(|r| r.kind == ReadKind::Full));
+    let during_test = reads
+        .iter()
+        .filter(|r| r.at > server_time_of_state(&server, &id, "test"))
+        .filter(|r| r.at < test_status_posted(&server, &id))
+        .count();
+    assert!(during_test >= 2, "cancel checks during the 4 s test phase");
+    // Setup, provision, firmware_update, test, allocate, reserve: each read first.
+    let before_reserve = server_time_of_state(&server, &id, "reserve");
+    assert!(reads.iter().filter(|r| r.at < before_reserve).count() >= 6 + 2);
+    assert_eq!(
+        posted_states(&server, &id),
+        [
+            "setup",
+            "provision",
+            "firmware_update",
+            "test",
+            "allocate",
+            "reserve",
+            "complete"
+        ]
+    );
+    assert!(agent_log(&s, &name).contains("has no GET /v1/result/<id>/status (404)"));
+}
+
+#[test]
+fn a_server_that_starts_answering_404_for_status_is_read_in_full_from_then_on() {
+    let server = server_with_status(true);
+    let s = Scratch::new("state-switch");
+    let name = format!("state-switch-{}", std::process::id());
+    let go = s.path("go");
+    let commands = format!(
+        "{COMMANDS}test_command: echo start; while [ ! -e {go} ]; do sleep 0.1; done; echo end\n",
+        go = go.display()
+    );
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    let id = submit(&server, &name);
+    wait_for(&server, "the test phase to start", |srv| {
+        srv.log_text(&id, "output").contains("start")
+    });
+    wait_for(&server, "a status read during the test phase", |srv| {
+        srv.state_reads(&id)
+            .iter()
+            .any(|r| r.at > server_time_of_state(srv, &id, "test"))
+    });
+    let switched = Instant::now();
+    server.set_status_endpoint(false);
+    wait_for(&server, "two full reads during the test phase", |srv| {
+        srv.state_reads(&id)
+            .iter()
+            .filter(|r| r.kind == ReadKind::Full && r.at > switched)
+            .count()
+            >= 2
+    });
+    std::fs::write(&go, "").expect("write the go file");
+    wait_for(&server, "the job to finish", |srv| finished(srv, &id));
+    let after: Vec<RequestRecord> = status_requests(&server)
+        .into_iter()
+        .filter(|r| r.at > switched)
+        .collect();
+    assert_eq!(after.len(), 1, "one 404 for /status, then none");
+    assert_eq!(after[0].status, 404);
+    assert_eq!(server.job_state(&id).as_deref(), Some("complete"));
+    assert!(agent_log(&s, &name).contains("now answers 404"));
+}
+
+#[test]
+fn after_an_outage_the_server_is_asked_again_for_status() {
+    let server = server_with_status(false);
+    let s = Scratch::new("state-outage");
+    let name = format!("state-outage-{}", std::process::id());
+    let go = s.path("go");
+    let commands = format!(
+        "{COMMANDS}test_command: echo start; while [ ! -e {go} ]; do sleep 0.1; done; echo end\n",
+        go = go.display()
+    );
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    let id = submit(&server, &name);
+    wait_for(&server, "a full read during the test phase", |srv| {
+        srv.log_text(&id, "output").contains("start")
+            && srv
+                .state_reads(&id)
+                .iter()
+                .any(|r| r.kind == ReadKind::Full && r.at > server_time_of_state(srv, &id, "test"))
+    });
+    // The server goes away and comes back as a newer build.
+    server.go_down();
+    std::thread::sleep(Duration::from_secs(3));
+    server.set_status_endpoint(true);
+    let back = Instant::now();
+    server.come_back();
+    wait_for(&server, "status reads after the outage", |srv| {
+        srv.state_reads(&id)
+            .iter()
+            .filter(|r| r.kind == ReadKind::Status && r.at > back)
+            .count()
+            >= 2
+    });
+    std::fs::write(&go, "").expect("write the go file");
+    wait_for(&server, "the job to finish", |srv| finished(srv, &id));
+    let full_after = server
+        .state_reads(&id)
+        .iter()
+        .filter(|r| r.kind == ReadKind::Full && r.at > back)
+        .count();
+    assert_eq!(full_after, 0, "back from the outage, /status is used");
+    assert_eq!(server.job_state(&id).as_deref(), Some("complete"));
+}
+
+#[test]
+fn without_status_no_full_read_sits_between_the_test_phase_and_cleanup() {
+    let server = server_with_status(false);
+    let s = Scratch::new("state-nofull");
+    let name = format!("state-nofull-{}", std::process::id());
+    // 2 MB of output: each full read would carry it all.
+    let commands = format!("{COMMANDS}test_command: head -c 2000000 /dev/zero | tr '\\0' x\n");
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    let id = submit(&server, &name);
+    wait_for(&server, "the job to finish", |srv| finished(srv, &id));
+    let test_done = test_status_posted(&server, &id);
+    let cleanup = cleanup_started(&server, &id);
+    assert!(test_done < cleanup);
+    let reads = server.state_reads(&id);
+    let between: Vec<_> = reads
+        .iter()
+        .filter(|r| r.at > test_done && r.at < cleanup)
+        .collect();
+    assert!(
+        between.is_empty(),
+        "reads between test and cleanup: {between:?}"
+    );
+    // The state is read once after cleanup, for the final state; that read carried the
+    // whole output (what it spared between the phases).
+    let after: Vec<_> = reads.iter().filter(|r| r.at > cleanup).collect();
+    assert_eq!(after.len(), 1, "one read after cleanup: {after:?}");
+    assert!(
+        after[0].log_bytes >= 2_000_000,
+        "{} log bytes",
+        after[0].log_bytes
+    );
+    // Allocate and reserve are skipped: their job_state is not posted unread.
+    assert_eq!(
+        posted_states(&server, &id),
+        ["setup", "provision", "firmware_update", "test", "complete"]
+    );
+    assert_eq!(
+        server.log_text(&id, "output").matches('x').count(),
+        2_000_000
+    );
+}
+
+/// A cancel that lands while the test command is in its last half second, long before the
+/// next in-phase check (`cancel_check_interval` 60 s), still ends the job `cancelled`: on a
+/// server with `/status` the read before allocate sees it; on one without, the read after
+/// cleanup does. Either way no `job_state` overwrites it.
+fn cancel_in_the_last_second(status: bool) {
+    let server = server_with_status(status);
+    let tag = if status { "status" } else { "full" };
+    let s = Scratch::new(&format!("state-cancel-{tag}"));
+    let name = format!("state-cancel-{tag}-{}", std::process::id());
+    let go = s.path("go");
+    let commands = format!(
+        "{COMMANDS}cancel_check_interval: 60\ntest_command: echo start; while [ ! -e {go} ]; do sleep 0.1; done; sleep 0.5; echo end\n",
+        go = go.display()
+    );
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    let id = submit(&server, &name);
+    wait_for(&server, "the test phase to start", |srv| {
+        srv.log_text(&id, "output").contains("start")
+    });
+    let cancelled_at = Instant::now();
+    assert!(server.cancel_job(&id));
+    std::fs::write(&go, "").expect("write the go file");
+    // The cancel alone makes the job look finished: wait for the agent's final post.
+    wait_for(&server, "cleanup and the final state", |srv| {
+        srv.log_text(&id, "output").contains("cleanup ran")
+            && posted_states(srv, &id)
+                .last()
+                .is_some_and(|s| s == "cancelled" || s == "complete")
+    });
+    assert!(
+        server.log_text(&id, "output").contains("end"),
+        "the test command ended on its own"
+    );
+    assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
+    let after_cancel: Vec<Value> = result_posts(&server, &id)
+        .into_iter()
+        .filter(|(at, _)| *at > cancelled_at)
+        .filter_map(|(_, body)| body.get("job_state").cloned())
+        .collect();
+    assert_eq!(
+        after_cancel,
+        [json!("cancelled")],
+        "only the final state: {:?}",
+        result_posts(&server, &id)
+    );
+    if !status {
+        let test_done = test_status_posted(&server, &id);
+        let cleanup = cleanup_started(&server, &id);
+        assert!(
+            !server
+                .state_reads(&id)
+                .iter()
+                .any(|r| r.at > test_done && r.at < cleanup),
+            "no full read between test and cleanup"
+        );
+    }
+}
+
+#[test]
+fn a_cancel_in_the_last_second_of_the_test_phase_ends_cancelled_with_status() {
+    cancel_in_the_last_second(true);
+}
+
+#[test]
+fn a_cancel_in_the_last_second_of_the_test_phase_ends_cancelled_without_status() {
+    cancel_in_the_last_second(false);
+}
