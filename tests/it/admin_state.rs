@@ -2,7 +2,7 @@
 //! fake server: what the agent posts at start-up for each record it finds, whether it takes
 //! a job, what a stop leaves behind, and restart requests while an administrator holds it.
 
-use crate::support::agent::{finished, queue, wait_for, Agent};
+use crate::support::agent::{finished, queue, wait_for, Agent, WAIT};
 use crate::support::fake_server::{FakeServer, Route};
 use crate::support::scratch::Scratch;
 use serde_json::{json, Value};
@@ -33,8 +33,10 @@ fn record_requests(server: &FakeServer, name: &str) -> Vec<String> {
 }
 
 /// Starts an agent on a server whose record for it is `start` (`None`: no record), submits
-/// a job and returns the first state the agent posted and whether it ran the job.
-fn start_from(tag: &str, start: Option<(&str, &str)>) -> (String, String, bool) {
+/// a job and returns the first state the agent posted and whether it ran the job. A job the
+/// agent should run (`expect_run`) gets the whole [`WAIT`] on a loaded machine; a held agent
+/// is watched for 4 s, in which it would have taken the job had it not been held.
+fn start_from(tag: &str, start: Option<(&str, &str)>, expect_run: bool) -> (String, String, bool) {
     let server = FakeServer::start();
     let s = Scratch::new(&format!("admin-{tag}"));
     let name = format!("admin-{tag}-{}", std::process::id());
@@ -53,7 +55,12 @@ fn start_from(tag: &str, start: Option<(&str, &str)>) -> (String, String, bool) 
     );
     let (state, comment) = state_posts(&server, &name)[0].clone();
     let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
-    let ran = server.wait_until(Duration::from_secs(4), |srv| finished(srv, &id));
+    let watch = if expect_run {
+        WAIT
+    } else {
+        Duration::from_secs(4)
+    };
+    let ran = server.wait_until(watch, |srv| finished(srv, &id));
     if !ran {
         assert_eq!(
             server.job_state(&id).as_deref(),
@@ -78,8 +85,11 @@ fn start_from(tag: &str, start: Option<(&str, &str)>) -> (String, String, bool) 
 
 #[test]
 fn an_administrators_offline_is_posted_back_and_holds_the_agent() {
-    let (state, comment, ran) =
-        start_from("offline", Some(("offline", "bench power supply broken")));
+    let (state, comment, ran) = start_from(
+        "offline",
+        Some(("offline", "bench power supply broken")),
+        false,
+    );
     assert_eq!(
         (state.as_str(), comment.as_str()),
         ("offline", "bench power supply broken")
@@ -89,7 +99,8 @@ fn an_administrators_offline_is_posted_back_and_holds_the_agent() {
 
 #[test]
 fn maintenance_is_posted_back_and_holds_the_agent() {
-    let (state, comment, ran) = start_from("maint", Some(("maintenance", "firmware rollout")));
+    let (state, comment, ran) =
+        start_from("maint", Some(("maintenance", "firmware rollout")), false);
     assert_eq!(
         (state.as_str(), comment.as_str()),
         ("maintenance", "firmware rollout")
@@ -100,7 +111,7 @@ fn maintenance_is_posted_back_and_holds_the_agent() {
 #[test]
 fn the_agents_own_offline_after_exit_46_holds_the_next_start() {
     let comment = "Set to offline by agent. Recovery failed during job 'x' execution.";
-    let (state, posted, ran) = start_from("own46", Some(("offline", comment)));
+    let (state, posted, ran) = start_from("own46", Some(("offline", comment)), false);
     assert_eq!((state.as_str(), posted.as_str()), ("offline", comment));
     assert!(!ran);
 }
@@ -118,7 +129,7 @@ fn transient_states_come_up_waiting_and_take_jobs() {
             Some(("offline", "Restart signal detected from supervisor process")),
         ),
     ] {
-        let (state, comment, ran) = start_from(tag, start);
+        let (state, comment, ran) = start_from(tag, start, true);
         assert_eq!(
             (state.as_str(), comment.as_str(), ran),
             ("waiting", "", true),
