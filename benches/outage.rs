@@ -38,8 +38,8 @@ fn last_step(log: &std::path::Path) -> Option<f64> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text
         .lines()
-        .filter(|l| l.contains("the server does not answer (next try in"))
-        .last()?;
+        .rev()
+        .find(|l| l.contains("the server does not answer (next try in"))?;
     let after = line.split("next try in ").nth(1)?;
     after.split(' ').next()?.parse().ok()
 }
