@@ -260,6 +260,43 @@ fn a_second_agent_with_the_same_id_exits_2_naming_the_first() {
     assert_eq!(next.stop(), Some(0));
 }
 
+/// Two agents started at the same instant: the first has taken the lock and not yet written
+/// its pid. The test process plays the first (it holds the flock on an empty lock file);
+/// the agent must still name it, from the kernel's record of the lock.
+#[test]
+fn a_second_agent_names_a_holder_that_has_not_written_its_pid() {
+    let server = FakeServer::start();
+    let s = Scratch::new("admin-early-lock");
+    let name = format!("admin-early-lock-{}", std::process::id());
+    let files = crate::support::agent::write_daemon_files(&server, &s, &name, "");
+    std::fs::create_dir_all(s.path("run")).expect("execution_basedir");
+    let lock_path = s.path(&format!("run/.testflinger-agent-{name}.lock"));
+    let lock = std::fs::File::create(&lock_path).expect("create the lock file");
+    lock.try_lock().expect("the test takes the lock first");
+    let out = std::process::Command::new(crate::support::agent::BIN)
+        .arg("-c")
+        .arg(&files.config)
+        .arg("--token-file")
+        .arg(&files.token_file)
+        .env("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("(pid {})", std::process::id())),
+        "names the test process, which holds the lock: {stderr}"
+    );
+    assert_eq!(
+        std::fs::metadata(&lock_path).expect("stat").len(),
+        0,
+        "the refused copy wrote nothing into the lock file"
+    );
+    assert!(server.agent_posts(&name).is_empty(), "it posted nothing");
+    drop(lock);
+}
+
 /// The start-up posts are refused (a token problem on the server's side, say): the server
 /// has no record of the agent, so the next cycle announces it again and it shows up
 /// `waiting`, with its queues, and takes a job.
