@@ -38,7 +38,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 pub use health::{Health, DEFAULT_STALL_LIMIT};
-pub use serve::{check_port, serve, MetricsServer};
+pub use serve::{check_port, serve, MetricsServer, HEAD_TIMEOUT, MAX_CONNECTIONS};
 
 /// Upper bounds of the `phase_duration_seconds` buckets (the Python agent's); `+Inf` follows.
 pub const PHASE_DURATION_BUCKETS: [f64; 8] =

@@ -304,6 +304,56 @@ fn an_idle_agents_first_scrape_declares_every_documented_family() {
     assert_eq!(agent.stop(), Some(0));
 }
 
+/// A hundred clients each sent half a request head to the agent's metrics port and wait.
+/// A job still runs through to its outcome, and a scrape in the middle of it is answered
+/// (the endpoint's thread waits on none of them, and the job loop never waits on it).
+#[test]
+fn slow_metrics_clients_neither_block_a_scrape_nor_a_job() {
+    let server = FakeServer::start_with(FakeConfig {
+        require_auth: false,
+        ..FakeConfig::default()
+    });
+    let s = Scratch::new("charm-slow");
+    let name = format!("charm-slow-{}", std::process::id());
+    let files = write_daemon_files(
+        &server,
+        &s,
+        &name,
+        "setup_command: echo setup\ntest_command: echo tested\ncleanup_command: echo cleanup\n",
+    );
+    let port = free_port();
+    let stderr = std::fs::File::create(s.path("agent.stderr")).expect("stderr file");
+    let mut agent = start_charm(&files.config, port, stderr, &[]);
+    wait_for(&server, "the agent to poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+    let slow: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: sl")
+                .expect("sends half a head");
+            stream
+        })
+        .collect();
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "test_data": {"test_cmds": "x"},
+    }));
+    let e = scrape(port);
+    assert!(e.families.contains_key("jobs_total"));
+    wait_for(&server, "the job's outcome", |srv| finished(srv, &id));
+    let result = server.result_data(&id);
+    assert_eq!(result["status"]["setup"], 0, "{result}");
+    assert_eq!(result["status"]["test"], 0, "{result}");
+    assert_eq!(
+        counters(&scrape(port), "jobs_total").values().sum::<f64>(),
+        1.0
+    );
+    drop(slow);
+    assert_eq!(agent.stop(), Some(0));
+}
+
 #[test]
 fn a_metrics_port_in_use_stops_the_start_naming_the_port_before_any_post() {
     let server = FakeServer::start_with(FakeConfig {
