@@ -84,13 +84,7 @@ fn main() {
     let mut trips = Vec::with_capacity(RUNS);
     let mut answer = Vec::with_capacity(16 * 1024);
     for _ in 0..RUNS {
-        answer.clear();
-        let start = Instant::now();
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connects");
-        stream.write_all(request.as_bytes()).expect("sends");
-        stream.read_to_end(&mut answer).expect("reads the answer");
-        trips.push(start.elapsed());
-        assert!(answer.starts_with(b"HTTP/1.1 200 "), "scrape failed");
+        trips.push(scrape(port, &request, &mut answer));
     }
     let (median, max) = median_max(trips);
     println!(
@@ -107,13 +101,7 @@ fn main() {
     let mut left_open = 0;
     for _ in 0..SLOW_RUNS {
         let mut slow: Vec<TcpStream> = (0..SLOW).map(|_| slow_client(port)).collect();
-        answer.clear();
-        let start = Instant::now();
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connects");
-        stream.write_all(request.as_bytes()).expect("sends");
-        stream.read_to_end(&mut answer).expect("reads the answer");
-        trips.push(start.elapsed());
-        assert!(answer.starts_with(b"HTTP/1.1 200 "), "scrape failed");
+        trips.push(scrape(port, &request, &mut answer));
         left_open += slow.iter_mut().map(is_open).filter(|open| *open).count();
     }
     trips.sort();
@@ -126,6 +114,19 @@ fn main() {
         micros(pick(1.0))
     );
     server.shutdown();
+}
+
+/// One scrape: connect, request, the whole answer (into `answer`), which must be a 200;
+/// the time it took.
+fn scrape(port: u16, request: &str, answer: &mut Vec<u8>) -> Duration {
+    answer.clear();
+    let start = Instant::now();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+    stream.write_all(request.as_bytes()).expect("sends");
+    stream.read_to_end(answer).expect("reads the answer");
+    let took = start.elapsed();
+    assert!(answer.starts_with(b"HTTP/1.1 200 "), "scrape failed");
+    took
 }
 
 const SLOW: usize = 100;
