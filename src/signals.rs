@@ -45,7 +45,7 @@ pub fn spawn(stop: StopSignal) -> std::io::Result<()> {
                     }
                     _ => {
                         log::warn!(
-                            "signal {signal}: finishing the current phase, running cleanup, then exiting (send it again to kill at once)"
+                            "signal {signal}: ending the current phase, running cleanup, then exiting (send it again to kill at once)"
                         );
                         // systemd: stopping, before the phase ends and cleanup runs.
                         crate::notify::stopping();

@@ -29,15 +29,16 @@ mod serve;
 use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
 
-use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::{prometheus_text, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 pub use health::{CallGuard, Health, DEFAULT_CALL_STALL, DEFAULT_STALL_LIMIT};
-pub use serve::{check_port, serve, MetricsServer};
+pub use serve::{check_port, serve, MetricsServer, HEAD_TIMEOUT, MAX_CONNECTIONS};
 
 /// Upper bounds of the `phase_duration_seconds` buckets (the Python agent's); `+Inf` follows.
 pub const PHASE_DURATION_BUCKETS: [f64; 8] =
@@ -125,6 +126,27 @@ pub struct Metrics {
     health: Health,
 }
 
+/// A registered metric whose `# HELP` and `# TYPE` lines are written from the first scrape,
+/// samples or not. The registry leaves out a family with no label set yet (`failures_total`
+/// before any phase failed); the Python agent's client declares every family at start-up,
+/// and dashboards and `absent()` alerts rely on seeing them at once.
+#[derive(Debug)]
+struct Declared<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Declared<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
 fn phase_duration_histogram() -> Histogram {
     Histogram::new(PHASE_DURATION_BUCKETS)
 }
@@ -141,14 +163,14 @@ impl Metrics {
         registry.register(
             "jobs",
             "Jobs this agent has taken since it started",
-            jobs_family,
+            Declared(jobs_family),
         );
 
         let failures = Family::<PhaseLabels, Counter>::default();
         registry.register(
             "failures",
             "Phases that ended with a non-zero exit status since the agent started, by phase",
-            failures.clone(),
+            Declared(failures.clone()),
         );
 
         let recovery_family = Family::<AgentLabel, Counter>::default();
@@ -156,7 +178,7 @@ impl Metrics {
         registry.register(
             "recovery_failures",
             "Phases that exited 46 (the device could not be recovered) since the agent started",
-            recovery_family,
+            Declared(recovery_family),
         );
 
         let phase_duration =
@@ -166,7 +188,7 @@ impl Metrics {
         registry.register(
             "phase_duration_seconds",
             "How long each phase the job loop reached took, in whole seconds (0 for a skipped phase)",
-            phase_duration.clone(),
+            Declared(phase_duration.clone()),
         );
 
         let killed_family = Family::<CauseLabel, Counter>::default();
@@ -175,42 +197,42 @@ impl Metrics {
         registry.register(
             "testflinger_agent_phase_commands_killed",
             "Phase commands the agent killed, by cause",
-            killed_family,
+            Declared(killed_family),
         );
 
         let escapees = Counter::default();
         registry.register(
             "testflinger_agent_escapees_killed",
             "Processes that left their phase's process group and were killed when the phase ended",
-            escapees.clone(),
+            Declared(escapees.clone()),
         );
 
         let spooled = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "testflinger_agent_spooled_jobs",
             "Job reports waiting in results_basedir to be sent to the server",
-            spooled.clone(),
+            Declared(spooled.clone()),
         );
 
         let backlog = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "testflinger_agent_output_backlog_bytes",
             "Bytes of live phase output the server has not accepted yet",
-            backlog.clone(),
+            Declared(backlog.clone()),
         );
 
         let request_failures = Family::<EndpointLabel, Counter>::default();
         registry.register(
             "testflinger_agent_server_request_failures",
             "Requests to the Testflinger server that failed, by kind of request",
-            request_failures.clone(),
+            Declared(request_failures.clone()),
         );
 
         let token_refreshes = Counter::default();
         registry.register(
             "testflinger_agent_token_refreshes",
             "Access tokens obtained from the server with the refresh token",
-            token_refreshes.clone(),
+            Declared(token_refreshes.clone()),
         );
 
         let info = Family::<[(&'static str, String); 2], Gauge>::default();
@@ -222,7 +244,7 @@ impl Metrics {
         registry.register(
             "testflinger_agent_info",
             "Always 1; the labels say which agent this is and its version",
-            info,
+            Declared(info),
         );
 
         registry.register_collector(Box::new(process::ProcessCollector::new()));

@@ -1,48 +1,60 @@
 //! The HTTP endpoint: `/metrics` and `/health` on a small, bounded HTTP/1.1 server.
 //!
-//! Written on std's `TcpListener` rather than an HTTP crate: `tiny_http` starts a thread per
+//! Written on std's sockets rather than an HTTP server crate: `tiny_http` starts a thread per
 //! waiting connection with no cap, and has no limit on the request head nor a deadline for
-//! reading it, which are the bounds this endpoint needs. The whole server is one accepting
-//! thread and [`WORKERS`] serving threads; a connection waits in a queue of [`QUEUE`]
-//! places, beyond which it is closed at once. Each connection gets one request: its head is
-//! capped at [`MAX_HEAD`] bytes and must arrive within [`IO_TIMEOUT`], bodies are discarded,
-//! and every answer closes the connection. Rendering happens on the serving thread, so a
-//! scrape never holds up the job loop for more than the copy of a few counters.
+//! reading it, which are the bounds this endpoint needs. Request heads are parsed by
+//! `httparse` (already in the tree through ureq).
+//!
+//! The whole server is one thread that waits in `poll()` on the listening socket and every
+//! open connection, all non-blocking, so a slow or silent client (the endpoint binds all
+//! interfaces, like the Python agent's) holds a few bytes of memory, never the thread: a
+//! scrape is answered as soon as its own head has arrived, however many others are pending.
+//! The bounds: at most [`MAX_CONNECTIONS`] open connections (past that, the oldest still
+//! sending its head is answered 503 and closed to make room); each connection gets one
+//! request, whose head is capped at [`MAX_HEAD`] bytes and must be whole within
+//! [`HEAD_TIMEOUT`] of the accept (else 408); the answer must be taken within
+//! [`WRITE_TIMEOUT`]; bodies are discarded, and every answer closes the connection.
+//! Rendering happens on this thread, so a scrape never holds up the job loop for more than
+//! the copy of a few counters.
 
 use std::io::{self, Read, Write};
-use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
-};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
 use super::{Metrics, MetricsError, CONTENT_TYPE};
 
-/// Threads that answer requests.
-pub const WORKERS: usize = 2;
-/// Accepted connections that may wait for a worker; more are closed unanswered.
-pub const QUEUE: usize = 8;
+/// Open connections at most; a further one closes the oldest that is still sending its head.
+pub const MAX_CONNECTIONS: usize = 64;
 /// Largest request line plus headers; a larger head is answered 431.
 pub const MAX_HEAD: usize = 8 * 1024;
-/// Time a client has to send its request head, and that a write may block.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a worker blocked on a slow client looks whether the server is stopping.
-const SLICE: Duration = Duration::from_millis(200);
+/// Headers a request may have; more are answered 431.
+const MAX_HEADERS: usize = 64;
+/// Time a client has, from the accept, to send its whole request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has to take its answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What is read and thrown away from a client still sending after its answer.
 const DRAIN_LIMIT: usize = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
+/// How long accepting pauses after a failure that would repeat at once (out of descriptors).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// The running endpoint. Dropping it (or [`MetricsServer::shutdown`]) closes the listening
-/// socket and stops its threads.
+/// socket and every connection, and stops its thread.
 #[derive(Debug)]
 pub struct MetricsServer {
     local: SocketAddr,
     stopping: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
-    workers: Vec<JoinHandle<()>>,
+    /// A byte written here wakes the serving thread out of `poll()`.
+    waker: UnixStream,
+    thread: Option<JoinHandle<()>>,
 }
 
 /// Binds `address` (`None` or `""`: all IPv4 interfaces, as the Python agent; `::` for all
@@ -61,32 +73,30 @@ pub fn serve(
     let local = listener
         .local_addr()
         .map_err(|err| bind_error(wanted, &err))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|err| bind_error(wanted, &err))?;
+    let (waker, wake) = UnixStream::pair().map_err(MetricsError::Thread)?;
+    waker.set_nonblocking(true).map_err(MetricsError::Thread)?;
+    wake.set_nonblocking(true).map_err(MetricsError::Thread)?;
     let stopping = Arc::new(AtomicBool::new(false));
-    let (queue, waiting) = mpsc::sync_channel::<TcpStream>(QUEUE);
-    let waiting = Arc::new(Mutex::new(waiting));
-
-    let mut workers = Vec::with_capacity(WORKERS);
-    for n in 0..WORKERS {
-        let waiting = Arc::clone(&waiting);
-        let stopping = Arc::clone(&stopping);
-        let worker = thread::Builder::new()
-            .name(format!("metrics-{n}"))
-            .spawn(move || work(metrics, &waiting, &stopping))
-            .map_err(MetricsError::Thread)?;
-        workers.push(worker);
-    }
-    let acceptor = {
-        let stopping = Arc::clone(&stopping);
-        thread::Builder::new()
-            .name("metrics-accept".to_string())
-            .spawn(move || accept(&listener, &queue, &stopping))
-            .map_err(MetricsError::Thread)?
+    let endpoint = Endpoint {
+        metrics,
+        listener,
+        wake,
+        stopping: Arc::clone(&stopping),
+        conns: Vec::new(),
+        accept_paused_until: None,
     };
+    let thread = thread::Builder::new()
+        .name("metrics".to_string())
+        .spawn(move || endpoint.run())
+        .map_err(MetricsError::Thread)?;
     Ok(MetricsServer {
         local,
         stopping,
-        acceptor: Some(acceptor),
-        workers,
+        waker,
+        thread: Some(thread),
     })
 }
 
@@ -111,43 +121,34 @@ impl MetricsServer {
         self.local.port()
     }
 
-    /// Stops serving and closes the port; a request being answered is cut short within a
-    /// fraction of a second.
+    /// Stops serving and closes the port and every open connection at once.
     pub fn shutdown(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
-        let Some(acceptor) = self.acceptor.take() else {
+        let Some(thread) = self.thread.take() else {
             return;
         };
         self.stopping.store(true, Ordering::SeqCst);
-        // The acceptor sleeps in accept(): one connection wakes it to see the flag.
-        let woke = TcpStream::connect_timeout(&wake_address(self.local), Duration::from_secs(1));
-        if woke.is_err() {
-            // It will stop at the next connection; joining now could wait for ever.
-            log::warn!(
-                "metrics endpoint on {}: could not wake its thread to stop it",
-                self.local
-            );
-            return;
-        }
-        drop(woke);
-        if acceptor.join().is_err() {
-            log::error!(
-                "metrics endpoint on {}: the accepting thread panicked",
-                self.local
-            );
-        }
-        // The acceptor dropped the queue's sender, so idle workers return; busy ones see the
-        // flag within SLICE.
-        for worker in self.workers.drain(..) {
-            if worker.join().is_err() {
-                log::error!(
-                    "metrics endpoint on {}: a serving thread panicked",
+        // A full socket buffer already holds a wake-up; any other failure leaves the
+        // thread in poll() for ever, and joining it would too.
+        match (&self.waker).write(&[1]) {
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) => {
+                log::warn!(
+                    "metrics endpoint on {}: could not wake its thread to stop it: {err}",
                     self.local
                 );
+                return;
             }
+        }
+        if thread.join().is_err() {
+            log::error!(
+                "metrics endpoint on {}: the serving thread panicked",
+                self.local
+            );
         }
     }
 }
@@ -158,173 +159,349 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Where a connection reaches a listener bound to `local` (the loopback for a wildcard).
-fn wake_address(local: SocketAddr) -> SocketAddr {
-    match local.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), local.port())
-        }
-        _ => local,
-    }
+/// The serving thread's state.
+struct Endpoint {
+    metrics: &'static Metrics,
+    listener: TcpListener,
+    wake: UnixStream,
+    stopping: Arc<AtomicBool>,
+    conns: Vec<Conn>,
+    /// Set after an accept failure that would repeat at once.
+    accept_paused_until: Option<Instant>,
 }
 
-fn accept(listener: &TcpListener, queue: &SyncSender<TcpStream>, stopping: &AtomicBool) {
-    for conn in listener.incoming() {
-        if stopping.load(Ordering::SeqCst) {
-            return;
+/// One accepted connection and where its one exchange is.
+struct Conn {
+    stream: TcpStream,
+    accepted: Instant,
+    stage: Stage,
+}
+
+enum Stage {
+    /// Waiting for the whole request head (due [`HEAD_TIMEOUT`] after the accept).
+    Head { buf: Vec<u8> },
+    /// Sending the answer; then, when input is left unread, draining it.
+    Answer {
+        out: Vec<u8>,
+        sent: usize,
+        until: Instant,
+        drain: bool,
+    },
+    /// Our side is shut; reading and discarding what the client still sends, within bounds.
+    Drain { until: Instant, thrown: usize },
+}
+
+/// Whether a connection stays open after a step.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Keep,
+    Close,
+}
+
+impl Endpoint {
+    fn run(mut self) {
+        let mut ready = Vec::new();
+        while !self.stopping.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            self.expire(now);
+            let accepting = self.accept_paused_until.is_none_or(|t| now >= t);
+            if accepting {
+                self.accept_paused_until = None;
+            }
+            let timeout = self.next_deadline(now).map_or(PollTimeout::NONE, |at| {
+                // Rounded up, so a deadline less than a millisecond away is not a busy loop.
+                let ms = at.saturating_duration_since(now).as_millis() + 1;
+                PollTimeout::try_from(ms.min(60_000)).unwrap_or(PollTimeout::NONE)
+            });
+            {
+                let mut fds = Vec::with_capacity(self.conns.len() + 2);
+                fds.push(PollFd::new(self.wake.as_fd(), PollFlags::POLLIN));
+                if accepting {
+                    fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
+                }
+                for conn in &self.conns {
+                    fds.push(PollFd::new(conn.stream.as_fd(), conn.interest()));
+                }
+                match poll(&mut fds, timeout) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(err) => {
+                        // EINVAL/ENOMEM: nothing to wait on; do not spin.
+                        log::warn!("metrics endpoint: poll failed: {err}");
+                        drop(fds);
+                        thread::sleep(ACCEPT_PAUSE);
+                        continue;
+                    }
+                }
+                ready.clear();
+                ready.extend(
+                    fds.iter()
+                        .map(|fd| fd.revents().unwrap_or(PollFlags::empty())),
+                );
+            }
+            if !ready[0].is_empty() {
+                let mut sink = [0u8; 64];
+                while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+            }
+            let first_conn = if accepting { 2 } else { 1 };
+            let now = Instant::now();
+            let metrics = self.metrics;
+            let mut index = 0;
+            self.conns.retain_mut(|conn| {
+                let events = ready
+                    .get(first_conn + index)
+                    .copied()
+                    .unwrap_or(PollFlags::empty());
+                index += 1;
+                events.is_empty() || conn.step(metrics, now) == Next::Keep
+            });
+            if accepting && !ready[1].is_empty() {
+                self.accept(now);
+            }
         }
-        match conn {
-            Ok(stream) => match queue.try_send(stream) {
-                Ok(()) => {}
-                Err(TrySendError::Full(stream)) => busy(stream),
-                Err(TrySendError::Disconnected(_)) => return,
-            },
-            Err(err) => match err.kind() {
-                io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => {}
-                _ => {
+    }
+
+    /// Ends the exchanges whose deadline has passed: a head not whole in time is answered
+    /// 408; an answer not taken in time, or a drain, is closed.
+    fn expire(&mut self, now: Instant) {
+        let metrics = self.metrics;
+        self.conns.retain_mut(|conn| {
+            if conn.deadline() > now {
+                return true;
+            }
+            match conn.stage {
+                Stage::Head { .. } => {
+                    conn.answer(
+                        response(
+                            408,
+                            TEXT,
+                            b"request head not received in time\n",
+                            false,
+                            &[],
+                        ),
+                        false,
+                        now,
+                    );
+                    conn.step(metrics, now) == Next::Keep
+                }
+                _ => false,
+            }
+        });
+    }
+
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let conns = self.conns.iter().map(Conn::deadline).min();
+        let resume = self.accept_paused_until.filter(|t| *t > now);
+        match (conns, resume) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Takes every connection waiting in the listen queue.
+    fn accept(&mut self, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    if self.conns.len() >= MAX_CONNECTIONS && !self.make_room() {
+                        busy(stream, b"busy: every connection is being answered\n");
+                        continue;
+                    }
+                    let mut conn = Conn {
+                        stream,
+                        accepted: now,
+                        stage: Stage::Head {
+                            buf: Vec::with_capacity(512),
+                        },
+                    };
+                    // A client that sent its request with the connect is answered now.
+                    if conn.step(self.metrics, now) == Next::Keep {
+                        self.conns.push(conn);
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(err) => {
                     // Out of descriptors or memory: accept would fail again at once.
                     log::warn!("metrics endpoint: accept failed: {err}");
-                    thread::sleep(Duration::from_millis(100));
+                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                    return;
                 }
-            },
-        }
-    }
-}
-
-/// Every worker is busy and the queue is full: say so if the socket takes it now, and close.
-fn busy(stream: TcpStream) {
-    if stream.set_nonblocking(true).is_ok() {
-        let mut stream = stream;
-        let _ = stream.write_all(&response(
-            503,
-            "text/plain; charset=utf-8",
-            b"busy\n",
-            false,
-            &[],
-        ));
-    }
-}
-
-fn work(metrics: &'static Metrics, waiting: &Mutex<Receiver<TcpStream>>, stopping: &AtomicBool) {
-    loop {
-        let next = {
-            let queue = waiting
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            queue.recv()
-        };
-        let Ok(stream) = next else {
-            return;
-        };
-        if stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        handle(metrics, stream, stopping);
-    }
-}
-
-/// One request, one answer, then close.
-fn handle(metrics: &Metrics, mut stream: TcpStream, stopping: &AtomicBool) {
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let head_len = loop {
-        if let Some(len) = head_end(&buf) {
-            break Some(len);
-        }
-        if buf.len() > MAX_HEAD {
-            break None;
-        }
-        if stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            let _ = stream.write_all(&response(
-                408,
-                TEXT,
-                b"request head not received in time\n",
-                false,
-                &[],
-            ));
-            return;
-        }
-        if stream.set_read_timeout(Some(left.min(SLICE))).is_err() {
-            return;
-        }
-        let room = (MAX_HEAD + 1 - buf.len()).min(chunk.len());
-        match stream.read(&mut chunk[..room]) {
-            Ok(0) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(err) if is_timeout(&err) || err.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    };
-
-    let (answer, unread_input) = match head_len {
-        None => (
-            response(
-                431,
-                TEXT,
-                format!("request line and headers exceed {MAX_HEAD} bytes\n").as_bytes(),
-                false,
-                &[],
-            ),
-            true,
-        ),
-        Some(len) => match parse_head(&buf[..len]) {
-            Err(why) => (
-                response(400, TEXT, format!("{why}\n").as_bytes(), false, &[]),
-                true,
-            ),
-            Ok(request) => {
-                let more = request.has_body || buf.len() > len;
-                (route(metrics, &request), more)
             }
-        },
-    };
-    if stream.write_all(&answer).is_err() {
-        return;
+        }
     }
-    let _ = stream.flush();
-    if unread_input {
-        drain(&mut stream);
+
+    /// Closes the connection that has waited longest for its head, answering it 503; false
+    /// when every open connection is past its head (being answered or drained).
+    fn make_room(&mut self) -> bool {
+        let oldest = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| matches!(c.stage, Stage::Head { .. }))
+            .min_by_key(|(_, c)| c.accepted)
+            .map(|(i, _)| i);
+        let Some(index) = oldest else {
+            return false;
+        };
+        let conn = self.conns.swap_remove(index);
+        log::debug!(
+            "metrics endpoint: {MAX_CONNECTIONS} connections open; closing the one that waited \
+             longest ({:.1} s) for its request head",
+            conn.accepted.elapsed().as_secs_f64()
+        );
+        busy(
+            conn.stream,
+            b"too many open connections: this one waited longest for its request\n",
+        );
+        true
     }
 }
 
-/// Closing a socket with unread input sends a reset that can destroy the answer in flight:
-/// end our side, then read and discard what the client still sends, within bounds.
-fn drain(stream: &mut TcpStream) {
-    if stream.shutdown(Shutdown::Write).is_err() {
+impl Conn {
+    /// The poll events this connection waits for.
+    fn interest(&self) -> PollFlags {
+        match self.stage {
+            Stage::Head { .. } | Stage::Drain { .. } => PollFlags::POLLIN,
+            Stage::Answer { .. } => PollFlags::POLLOUT,
+        }
+    }
+
+    /// When this connection's current stage runs out.
+    fn deadline(&self) -> Instant {
+        match self.stage {
+            Stage::Head { .. } => self.accepted + HEAD_TIMEOUT,
+            Stage::Answer { until, .. } | Stage::Drain { until, .. } => until,
+        }
+    }
+
+    /// Moves to sending `out`; `drain` when input is left unread.
+    fn answer(&mut self, out: Vec<u8>, drain: bool, now: Instant) {
+        self.stage = Stage::Answer {
+            out,
+            sent: 0,
+            until: now + WRITE_TIMEOUT,
+            drain,
+        };
+    }
+
+    /// Does what the socket allows now without waiting: reads head bytes (and answers once
+    /// the head is whole), writes answer bytes, or discards input. Several stages may pass
+    /// in one step.
+    fn step(&mut self, metrics: &Metrics, now: Instant) -> Next {
+        loop {
+            match &mut self.stage {
+                Stage::Head { buf } => {
+                    let mut chunk = [0u8; 4096];
+                    let room = (MAX_HEAD + 1 - buf.len()).min(chunk.len());
+                    match self.stream.read(&mut chunk[..room]) {
+                        // The client left before its head was whole.
+                        Ok(0) => return Next::Close,
+                        Ok(n) => {
+                            buf.extend_from_slice(&chunk[..n]);
+                            // A head ends, and a line can go wrong, only at a newline: parse
+                            // again only then, so a client sending a byte at a time costs
+                            // one parse a line, not one a byte.
+                            if !chunk[..n].contains(&b'\n') && buf.len() <= MAX_HEAD {
+                                continue;
+                            }
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Next::Keep,
+                        Err(_) => return Next::Close,
+                    }
+                    let (out, drain) = match parse(buf) {
+                        Parsed::Partial if buf.len() <= MAX_HEAD => continue,
+                        Parsed::Partial | Parsed::TooLarge => (
+                            response(
+                                431,
+                                TEXT,
+                                format!(
+                                    "request line and headers exceed {MAX_HEAD} bytes or \
+                                     {MAX_HEADERS} headers\n"
+                                )
+                                .as_bytes(),
+                                false,
+                                &[],
+                            ),
+                            true,
+                        ),
+                        Parsed::Invalid(why) => (
+                            response(400, TEXT, format!("{why}\n").as_bytes(), false, &[]),
+                            true,
+                        ),
+                        Parsed::Complete(request, len) => {
+                            let more = request.has_body || buf.len() > len;
+                            (route(metrics, &request), more)
+                        }
+                    };
+                    self.answer(out, drain, now);
+                }
+                Stage::Answer {
+                    out, sent, drain, ..
+                } => {
+                    match self.stream.write(&out[*sent..]) {
+                        Ok(0) => return Next::Close,
+                        Ok(n) => *sent += n,
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Next::Keep,
+                        Err(_) => return Next::Close,
+                    }
+                    if *sent < out.len() {
+                        continue;
+                    }
+                    // Closing with unread input sends a reset that can destroy the answer
+                    // in flight: end our side, then read and discard what is still sent.
+                    if !*drain || self.stream.shutdown(Shutdown::Write).is_err() {
+                        return Next::Close;
+                    }
+                    self.stage = Stage::Drain {
+                        until: now + DRAIN_TIME,
+                        thrown: 0,
+                    };
+                }
+                Stage::Drain { thrown, .. } => {
+                    let mut chunk = [0u8; 4096];
+                    match self.stream.read(&mut chunk) {
+                        Ok(0) => return Next::Close,
+                        Ok(n) => *thrown += n,
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Next::Keep,
+                        Err(_) => return Next::Close,
+                    }
+                    if *thrown >= DRAIN_LIMIT {
+                        return Next::Close;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Answers 503 with `why` if the socket takes it now, and closes. What the client had sent
+/// is read first, so the close is a FIN, not a reset that could destroy the answer.
+fn busy(mut stream: TcpStream, why: &[u8]) {
+    if stream.set_nonblocking(true).is_err() {
         return;
     }
-    let until = Instant::now() + DRAIN_TIME;
-    let mut thrown = 0;
     let mut chunk = [0u8; 4096];
-    while thrown < DRAIN_LIMIT {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return;
-        }
+    let mut read = 0;
+    while read < DRAIN_LIMIT {
         match stream.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => thrown += n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
+            Ok(n) if n > 0 => read += n,
+            _ => break,
         }
     }
-}
-
-fn is_timeout(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    let _ = stream.write_all(&response(503, TEXT, why, false, &[]));
+    let _ = stream.shutdown(Shutdown::Write);
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -339,30 +516,36 @@ pub(crate) struct Request {
     pub has_body: bool,
 }
 
-/// Length of the head (through its blank line) when `buf` holds all of it.
-pub(crate) fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+/// What the bytes received so far hold.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Parsed {
+    /// The head is not whole yet.
+    Partial,
+    /// A request, and the length of its head (through its blank line).
+    Complete(Request, usize),
+    /// More headers than [`MAX_HEADERS`].
+    TooLarge,
+    /// Not an HTTP/1.x request head; what a 400 answer says.
+    Invalid(String),
 }
 
-/// Parses a request line and headers; the error is what a 400 answer says.
-pub(crate) fn parse_head(head: &[u8]) -> Result<Request, String> {
-    let text = std::str::from_utf8(head).map_err(|_| "request head is not UTF-8".to_string())?;
-    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
-    let first = lines.next().unwrap_or_default();
-    let parts: Vec<&str> = first.split(' ').collect();
-    let [method, target, version] = parts[..] else {
-        return Err(format!("malformed request line {first:?}"));
+/// Parses the request line and headers at the start of `buf` with `httparse`, then checks
+/// what this server needs beyond it: an upper-case method and an origin-form (or
+/// absolute-form) target.
+pub(crate) fn parse(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => return Parsed::TooLarge,
+        Err(err) => return Parsed::Invalid(parse_error(buf, err)),
     };
-    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(format!("malformed method {method:?}"));
-    }
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("unsupported protocol {version:?}: HTTP/1.x only"));
+    let (Some(method), Some(target)) = (request.method, request.path) else {
+        return Parsed::Invalid("malformed request line".to_string());
+    };
+    if !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Parsed::Invalid(format!("malformed method {method:?}"));
     }
     // An absolute-form target (`http://host:port/metrics`) names the path after its host.
     let origin = match target.split_once("://") {
@@ -370,30 +553,46 @@ pub(crate) fn parse_head(head: &[u8]) -> Result<Request, String> {
         None => target,
     };
     if !origin.starts_with('/') {
-        return Err(format!("malformed request target {target:?}"));
+        return Parsed::Invalid(format!("malformed request target {target:?}"));
     }
     let path = origin
         .split(['?', '#'])
         .next()
         .unwrap_or(origin)
         .to_string();
-    let mut has_body = false;
-    for line in lines.filter(|l| !l.is_empty()) {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(format!("malformed header line {line:?}"));
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("transfer-encoding")
-            || (name.eq_ignore_ascii_case("content-length") && value != "0")
-        {
-            has_body = true;
+    let has_body = request.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length") && h.value.trim_ascii() != b"0")
+    });
+    Parsed::Complete(
+        Request {
+            method: method.to_string(),
+            path,
+            has_body,
+        },
+        len,
+    )
+}
+
+/// What a 400 answer says for an `httparse` error on `buf`.
+fn parse_error(buf: &[u8], err: httparse::Error) -> String {
+    let line_end = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
+    let first = String::from_utf8_lossy(&buf[..line_end]);
+    let first = first.trim_end_matches('\r');
+    match err {
+        httparse::Error::Version => {
+            format!("unsupported protocol in {first:?}: HTTP/1.x only")
         }
+        httparse::Error::HeaderName | httparse::Error::HeaderValue | httparse::Error::NewLine
+            if std::str::from_utf8(&buf[..line_end]).is_ok() =>
+        {
+            "malformed header line".to_string()
+        }
+        _ if std::str::from_utf8(&buf[..line_end]).is_err() => {
+            "request line is not UTF-8".to_string()
+        }
+        _ => format!("malformed request line {first:?}"),
     }
-    Ok(Request {
-        method: method.to_string(),
-        path,
-        has_body,
-    })
 }
 
 fn route(metrics: &Metrics, request: &Request) -> Vec<u8> {
@@ -592,16 +791,38 @@ pub(crate) fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
 mod tests {
     use super::*;
 
+    fn complete(buf: &[u8]) -> (Request, usize) {
+        match parse(buf) {
+            Parsed::Complete(request, len) => (request, len),
+            other => panic!(
+                "{:?} should parse, got {other:?}",
+                String::from_utf8_lossy(buf)
+            ),
+        }
+    }
+
     #[test]
-    fn head_end_finds_the_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(27));
-        assert_eq!(head_end(b"GET / HTTP/1.0\n\n"), Some(16));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+    fn a_head_is_partial_until_its_blank_line() {
+        assert_eq!(complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody").1, 27);
+        assert_eq!(complete(b"GET / HTTP/1.0\n\n").1, 16);
+        for partial in [
+            &b""[..],
+            b"GET /metr",
+            b"GET /metrics HTTP/1.1\r\nHost: sl",
+            b"GET / HTTP/1.1\r\nHost: x\r\n",
+        ] {
+            assert_eq!(parse(partial), Parsed::Partial, "{partial:?}");
+        }
+        let mut many = String::from("GET / HTTP/1.1\r\n");
+        for n in 0..=MAX_HEADERS {
+            many.push_str(&format!("X-{n}: y\r\n"));
+        }
+        assert_eq!(parse(many.as_bytes()), Parsed::TooLarge);
     }
 
     #[test]
     fn request_heads_are_parsed_or_refused_with_a_reason() {
-        let r = parse_head(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").expect("valid");
+        let (r, _) = complete(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(
             r,
             Request {
@@ -610,13 +831,15 @@ mod tests {
                 has_body: false
             }
         );
-        let r = parse_head(b"POST http://h:1/health HTTP/1.1\r\ncontent-length: 3\r\n\r\n")
-            .expect("valid");
+        let (r, _) = complete(b"POST http://h:1/health HTTP/1.1\r\ncontent-length: 3\r\n\r\n");
         assert_eq!((r.path.as_str(), r.has_body), ("/health", true));
-        let r = parse_head(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").expect("valid");
+        let (r, _) = complete(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
         assert!(!r.has_body);
+        let (r, _) = complete(b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(r.has_body);
         for (bad, says) in [
             (&b"GET /metrics\r\n\r\n"[..], "malformed request line"),
+            (b"GARBAGE\r\n\r\n", "malformed request line"),
             (b"get /metrics HTTP/1.1\r\n\r\n", "malformed method"),
             (b"GET /metrics SPDY/3\r\n\r\n", "HTTP/1.x only"),
             (b"GET metrics HTTP/1.1\r\n\r\n", "malformed request target"),
@@ -626,8 +849,10 @@ mod tests {
             ),
             (b"GET /\xff HTTP/1.1\r\n\r\n", "not UTF-8"),
         ] {
-            let err = parse_head(bad).expect_err("refused");
-            assert!(err.contains(says), "{err:?} should say {says:?}");
+            match parse(bad) {
+                Parsed::Invalid(why) => assert!(why.contains(says), "{why:?} should say {says:?}"),
+                other => panic!("{bad:?} should be refused, got {other:?}"),
+            }
         }
     }
 

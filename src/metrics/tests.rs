@@ -313,17 +313,78 @@ fn a_fresh_agent_exposes_zeros_for_known_label_sets_only() {
     assert_eq!(zero("recovery_failures_total"), 1);
     assert_eq!(zero("testflinger_agent_phase_commands_killed_total"), 4);
     assert_eq!(zero("testflinger_agent_escapees_killed_total"), 1);
-    // Label sets known only at run time appear with their first sample.
-    for absent in [
-        "failures_total",
-        "phase_duration_seconds",
-        "testflinger_agent_server_request_failures_total",
+    // Label sets known only at run time: the family is declared (HELP and TYPE, as the
+    // Python agent's client does), its samples come with the first observation.
+    for (declared, kind) in [
+        ("failures_total", PrometheusType::Counter),
+        ("phase_duration_seconds", PrometheusType::Histogram),
+        (
+            "testflinger_agent_server_request_failures_total",
+            PrometheusType::Counter,
+        ),
     ] {
+        let f = family(&e, declared);
+        assert_eq!(f.family_type, kind, "type of {declared}");
+        assert!(!f.help.is_empty(), "{declared} has a HELP line");
+        assert_eq!(f.iter_samples().count(), 0, "{declared} before any sample");
+    }
+}
+
+/// Every family the agent defines is in the first scrape, with its HELP and TYPE lines,
+/// before anything was recorded; and nothing else is.
+#[test]
+fn every_family_is_declared_before_any_observation() {
+    let text = Metrics::new("fresh", "").render();
+    let e = parse(&text);
+    let want = [
+        ("jobs_total", PrometheusType::Counter),
+        ("failures_total", PrometheusType::Counter),
+        ("recovery_failures_total", PrometheusType::Counter),
+        ("phase_duration_seconds", PrometheusType::Histogram),
+        (
+            "testflinger_agent_phase_commands_killed_total",
+            PrometheusType::Counter,
+        ),
+        (
+            "testflinger_agent_escapees_killed_total",
+            PrometheusType::Counter,
+        ),
+        ("testflinger_agent_spooled_jobs", PrometheusType::Gauge),
+        (
+            "testflinger_agent_output_backlog_bytes",
+            PrometheusType::Gauge,
+        ),
+        (
+            "testflinger_agent_server_request_failures_total",
+            PrometheusType::Counter,
+        ),
+        (
+            "testflinger_agent_token_refreshes_total",
+            PrometheusType::Counter,
+        ),
+        ("testflinger_agent_info", PrometheusType::Gauge),
+        ("process_resident_memory_bytes", PrometheusType::Gauge),
+        ("process_virtual_memory_bytes", PrometheusType::Gauge),
+        ("process_cpu_seconds_total", PrometheusType::Counter),
+        ("process_open_fds", PrometheusType::Gauge),
+        ("process_max_fds", PrometheusType::Gauge),
+        ("process_start_time_seconds", PrometheusType::Gauge),
+    ];
+    for (name, kind) in &want {
+        let f = family(&e, name);
+        assert_eq!(f.family_type, *kind, "type of {name}");
+        assert!(!f.help.is_empty(), "{name} has a HELP line");
         assert!(
-            !e.families.contains_key(absent),
-            "{absent} before any sample"
+            text.contains(&format!("\n# HELP {name} "))
+                || text.starts_with(&format!("# HELP {name} ")),
+            "{name} has its own HELP line in the text:\n{text}"
         );
     }
+    let mut have: Vec<&str> = e.families.keys().map(String::as_str).collect();
+    have.sort_unstable();
+    let mut listed: Vec<&str> = want.iter().map(|(n, _)| *n).collect();
+    listed.sort_unstable();
+    assert_eq!(have, listed, "families in a fresh scrape");
 }
 
 #[test]

@@ -229,6 +229,20 @@ fn a_server_restart_replaces_maintenance_and_is_carried_out() {
     assert_eq!(again.stop(), Some(0));
 }
 
+/// Runs the agent on the scratch's config and token file to its exit, which a lock already
+/// held makes immediate.
+fn run_second_copy(s: &Scratch) -> std::process::Output {
+    std::process::Command::new(crate::support::agent::BIN)
+        .arg("-c")
+        .arg(s.path("agent.yaml"))
+        .arg("--token-file")
+        .arg(s.path("refresh_token"))
+        .env("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runs")
+}
+
 #[test]
 fn a_second_agent_with_the_same_id_exits_2_naming_the_first() {
     let server = FakeServer::start();
@@ -240,15 +254,7 @@ fn a_second_agent_with_the_same_id_exits_2_naming_the_first() {
     });
     // Same config (same agent_id, same directories): refused before it does anything.
     let posts_before = server.agent_posts(&name).len();
-    let out = std::process::Command::new(crate::support::agent::BIN)
-        .arg("-c")
-        .arg(s.path("agent.yaml"))
-        .arg("--token-file")
-        .arg(s.path("refresh_token"))
-        .env("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", "0")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("runs");
+    let out = run_second_copy(&s);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -269,6 +275,35 @@ fn a_second_agent_with_the_same_id_exits_2_naming_the_first() {
         srv.request_count(&Route::JobPoll) > polls
     });
     assert_eq!(next.stop(), Some(0));
+}
+
+/// Two agents started at the same instant: the first has taken the lock and not yet written
+/// its pid. The test process plays the first (it holds the flock on an empty lock file);
+/// the agent must still name it, from the kernel's record of the lock.
+#[test]
+fn a_second_agent_names_a_holder_that_has_not_written_its_pid() {
+    let server = FakeServer::start();
+    let s = Scratch::new("admin-early-lock");
+    let name = format!("admin-early-lock-{}", std::process::id());
+    crate::support::agent::write_daemon_files(&server, &s, &name, "");
+    std::fs::create_dir_all(s.path("run")).expect("execution_basedir");
+    let lock_path = s.path(&format!("run/.testflinger-agent-{name}.lock"));
+    let lock = std::fs::File::create(&lock_path).expect("create the lock file");
+    lock.try_lock().expect("the test takes the lock first");
+    let out = run_second_copy(&s);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("(pid {})", std::process::id())),
+        "names the test process, which holds the lock: {stderr}"
+    );
+    assert_eq!(
+        std::fs::metadata(&lock_path).expect("stat").len(),
+        0,
+        "the refused copy wrote nothing into the lock file"
+    );
+    assert!(server.agent_posts(&name).is_empty(), "it posted nothing");
+    drop(lock);
 }
 
 /// The start-up posts are refused (a token problem on the server's side, say): the server

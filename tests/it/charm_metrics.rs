@@ -218,6 +218,142 @@ fn the_charms_command_line_serves_the_python_metrics_after_three_jobs() {
     }
 }
 
+/// The metric names README.md's metrics table lists, with its Type column.
+fn documented_families() -> Vec<(String, String)> {
+    let readme = include_str!("../../README.md");
+    let table = readme
+        .split_once("| Metric | Type | Labels | Counts |")
+        .expect("README.md has the metrics table")
+        .1;
+    let mut names = Vec::new();
+    for row in table.lines().skip(2) {
+        let Some(row) = row.strip_prefix("| ") else {
+            break;
+        };
+        let (names_cell, rest) = row.split_once(" | ").expect("a table row has cells");
+        let kind = rest.split(" | ").next().unwrap_or_default().to_owned();
+        for name in names_cell.split(", ") {
+            names.push((name.trim_matches('`').to_owned(), kind.clone()));
+        }
+    }
+    assert!(names.len() > 10, "{names:?}");
+    names
+}
+
+/// An idle agent's first scrape declares every family (HELP and TYPE), before any job or
+/// failure: `failures_total` and `phase_duration_seconds` included, as the Python agent's
+/// client does, so dashboards and `absent()` alerts see them at once. The names are the ones
+/// README.md documents, and the scrape has no family it does not.
+#[test]
+fn an_idle_agents_first_scrape_declares_every_documented_family() {
+    let server = FakeServer::start_with(FakeConfig {
+        require_auth: false,
+        ..FakeConfig::default()
+    });
+    let s = Scratch::new("charm-idle");
+    let name = format!("charm-idle-{}", std::process::id());
+    let files = write_daemon_files(&server, &s, &name, "test_command: echo x\n");
+    let port = free_port();
+    let stderr = std::fs::File::create(s.path("agent.stderr")).expect("stderr file");
+    let mut agent = start_charm(&files.config, port, stderr, &[]);
+    wait_for(&server, "the agent to poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+    let (status, text) = get(port, "/metrics").expect("the metrics endpoint answers");
+    assert_eq!(status, 200, "{text}");
+    let e = parse_prometheus(&text)
+        .unwrap_or_else(|err| panic!("invalid exposition ({err:?}):\n{text}"));
+    let documented = documented_families();
+    for (family, kind) in &documented {
+        let found = e
+            .families
+            .get(family)
+            .unwrap_or_else(|| panic!("no {family} in the first scrape:\n{text}"));
+        assert!(!found.help.is_empty(), "{family} has a HELP line");
+        let want = match found.family_type {
+            PrometheusType::Counter => "counter",
+            PrometheusType::Gauge => "gauge",
+            PrometheusType::Histogram => "histogram",
+            _ => "other",
+        };
+        assert!(
+            kind.contains(want),
+            "{family} is a {want}, README.md says {kind:?}"
+        );
+        assert!(
+            text.contains(&format!("# TYPE {family} {want}\n")),
+            "{family} has its TYPE line:\n{text}"
+        );
+    }
+    for (family, expected) in [("failures_total", 0), ("phase_duration_seconds", 0)] {
+        assert_eq!(
+            e.families[family].iter_samples().count(),
+            expected,
+            "{family}: declared, no sample before any phase ran"
+        );
+    }
+    let undocumented: Vec<&String> = e
+        .families
+        .keys()
+        .filter(|k| !documented.iter().any(|(d, _)| d == *k))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "not in README.md: {undocumented:?}"
+    );
+    assert_eq!(agent.stop(), Some(0));
+}
+
+/// A hundred clients each sent half a request head to the agent's metrics port and wait.
+/// A job still runs through to its outcome, and a scrape in the middle of it is answered
+/// (the endpoint's thread waits on none of them, and the job loop never waits on it).
+#[test]
+fn slow_metrics_clients_neither_block_a_scrape_nor_a_job() {
+    let server = FakeServer::start_with(FakeConfig {
+        require_auth: false,
+        ..FakeConfig::default()
+    });
+    let s = Scratch::new("charm-slow");
+    let name = format!("charm-slow-{}", std::process::id());
+    let files = write_daemon_files(
+        &server,
+        &s,
+        &name,
+        "setup_command: echo setup\ntest_command: echo tested\ncleanup_command: echo cleanup\n",
+    );
+    let port = free_port();
+    let stderr = std::fs::File::create(s.path("agent.stderr")).expect("stderr file");
+    let mut agent = start_charm(&files.config, port, stderr, &[]);
+    wait_for(&server, "the agent to poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+    let slow: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: sl")
+                .expect("sends half a head");
+            stream
+        })
+        .collect();
+    let id = server.submit_job(json!({
+        "job_queue": queue(&name),
+        "test_data": {"test_cmds": "x"},
+    }));
+    let e = scrape(port);
+    assert!(e.families.contains_key("jobs_total"));
+    wait_for(&server, "the job's outcome", |srv| finished(srv, &id));
+    let result = server.result_data(&id);
+    assert_eq!(result["status"]["setup"], 0, "{result}");
+    assert_eq!(result["status"]["test"], 0, "{result}");
+    assert_eq!(
+        counters(&scrape(port), "jobs_total").values().sum::<f64>(),
+        1.0
+    );
+    drop(slow);
+    assert_eq!(agent.stop(), Some(0));
+}
+
 #[test]
 fn a_metrics_port_in_use_stops_the_start_naming_the_port_before_any_post() {
     let server = FakeServer::start_with(FakeConfig {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use openmetrics_parser::prometheus::parse_prometheus;
 use openmetrics_parser::{PrometheusType, PrometheusValue};
-use testflinger_agent::metrics::{serve, Metrics, MetricsServer};
+use testflinger_agent::metrics::{serve, Metrics, MetricsServer, HEAD_TIMEOUT, MAX_CONNECTIONS};
 
 /// A client read gives up after this long: far beyond any answer, so a hang fails the test.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -238,6 +238,86 @@ fn a_silent_client_neither_blocks_others_nor_stays_connected() {
     // The server gives up on it after its read timeout and says why.
     let answer = read_answer(silent);
     assert_eq!(answer.status, 408);
+}
+
+/// Opens a connection that sends half a request head and then nothing: a slow client.
+fn slow_client(port: u16) -> TcpStream {
+    let mut stream = connect(port);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: sl")
+        .expect("sends half a head");
+    stream
+}
+
+/// Whether a slow client's connection is still open, or was closed cleanly: with nothing,
+/// or with a whole 503 or 408 answer, then the end of the stream (no reset).
+fn still_open(stream: &mut TcpStream) -> bool {
+    stream.set_nonblocking(true).expect("non-blocking");
+    let mut first = [0u8; 1];
+    match stream.read(&mut first) {
+        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return true,
+        Err(err) => panic!("a slow client's connection ended with an error: {err}"),
+        Ok(0) => return false,
+        Ok(_) => {}
+    }
+    stream.set_nonblocking(false).expect("blocking");
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("the answer ends with a clean close");
+    let answer = [&first[..], &rest].concat();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 503 ") || text.starts_with("HTTP/1.1 408 "),
+        "{text}"
+    );
+    false
+}
+
+/// A hundred clients each sent half a request head and wait (slow, or malicious: the
+/// endpoint binds all interfaces). A scrape is answered while they hold their connections,
+/// before their head deadline: no worker waits on them. Those past the cap were closed
+/// cleanly; the rest are still open.
+#[test]
+fn a_scrape_answers_while_a_hundred_slow_clients_hold_connections() {
+    let (metrics, server) = start("agent-slow");
+    let port = server.local_port();
+    metrics.job_taken();
+    let mut slow: Vec<TcpStream> = (0..100).map(|_| slow_client(port)).collect();
+    let started = Instant::now();
+    let mut stream = connect(port);
+    // Less than the head deadline: an answer that waited for the slow ones to time out
+    // fails here.
+    let patience = HEAD_TIMEOUT - Duration::from_millis(500);
+    stream
+        .set_read_timeout(Some(patience))
+        .expect("read timeout");
+    stream
+        .write_all(format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
+        .expect("sends the scrape");
+    let answer = read_answer(stream);
+    let took = started.elapsed();
+    assert_eq!(answer.status, 200, "after {took:?}");
+    let text = String::from_utf8(answer.body).expect("UTF-8 body");
+    let exposition = parse_prometheus(&text)
+        .unwrap_or_else(|err| panic!("not valid Prometheus text ({err:?}):\n{text}"));
+    assert!(exposition.families.contains_key("jobs_total"));
+    assert!(
+        took < patience,
+        "the scrape took {took:?} beside 100 slow clients"
+    );
+
+    let open = slow.iter_mut().map(still_open).filter(|open| *open).count();
+    assert!(
+        open < MAX_CONNECTIONS,
+        "{open} slow connections open, the cap is {MAX_CONNECTIONS} with the scrape"
+    );
+    assert!(
+        open >= MAX_CONNECTIONS / 2,
+        "only {open} slow connections still open: the newest ones should be left alone"
+    );
+    // Still serving, and /health too.
+    assert_eq!(get(port, "/health").status, 200);
 }
 
 #[test]

@@ -446,7 +446,7 @@ fn under_journald_stderr_has_priority_prefixes_and_no_timestamps() {
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("<4>WARN  signal 15: finishing the current phase")),
+            .any(|l| l.starts_with("<4>WARN  signal 15: ending the current phase")),
         "{text}"
     );
     // The log file keeps its timestamps.
@@ -496,7 +496,7 @@ fn logging_syslog_sends_facility_and_severity_to_the_socket() {
     // local5 is facility 21: PRI = 21 * 8 + severity.
     for (pri, message) in [
         (174, format!("agent {name} starting")),
-        (172, "signal 15: finishing the current phase".to_owned()),
+        (172, "signal 15: ending the current phase".to_owned()),
         (174, format!("agent {name} exiting")),
     ] {
         listener.wait(&message, |_| {
