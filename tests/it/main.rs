@@ -24,6 +24,7 @@ mod packaging;
 mod process_tree;
 mod run_job;
 mod soak;
+mod spec;
 mod stream_pipeline;
 mod stream_props;
 mod supervisord;
