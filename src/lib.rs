@@ -19,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod diagram;
 pub mod executor;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz_api;
 pub mod job;
 pub mod journal;
