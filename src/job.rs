@@ -13,7 +13,6 @@ use crate::config::{describe, Config, DEFAULT_GLOBAL_TIMEOUT, DEFAULT_OUTPUT_TIM
 use crate::phase::Phase;
 use crate::yaml::{self, YamlError};
 use serde_json::{Map, Value};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -83,8 +82,8 @@ pub enum JobError {
          (letters, digits and `_`, not starting with a digit)"
     )]
     BadSecretName { field: String, name: String },
-    #[error("cannot read /dev/urandom to make a job id: {0}")]
-    RandomId(#[source] std::io::Error),
+    #[error("cannot get random bytes from the system to make a job id: {0}")]
+    RandomId(#[source] getrandom::Error),
 }
 
 impl JobSpec {
@@ -445,12 +444,11 @@ fn is_env_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// A random UUID, version 4, from 16 bytes of /dev/urandom, as 8-4-4-4-12 lower-case hex.
+/// A random UUID, version 4, from 16 bytes of the system's random source, as 8-4-4-4-12
+/// lower-case hex.
 fn random_uuid() -> Result<String, JobError> {
     let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(JobError::RandomId)?;
+    getrandom::getrandom(&mut bytes).map_err(JobError::RandomId)?;
     Ok(format_uuid_v4(bytes))
 }
 

@@ -5,6 +5,10 @@
 //! [`process`] runner and a [`server::Server`]; [`config`] and [`job`] are the inputs and
 //! [`outcome`] the result files. [`cli`] (the command line's definition) and [`check`]
 //! (`check-config`'s operator checks) serve `src/main.rs` only.
+//!
+//! `PROTOCOL §x.y` in comments and tests cites section x.y of `docs/protocol.md`, the
+//! specification this agent implements (`tests/it/spec.rs` checks that every cited section
+//! exists); `docs/architecture.md` describes the layers and modules.
 
 pub mod artifacts;
 pub mod attachments;
@@ -15,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod diagram;
 pub mod executor;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz_api;
 pub mod job;
 pub mod journal;

@@ -192,141 +192,14 @@ impl Masker {
     }
 }
 
-/// The text that replaces `secret`: `**` + first 6 hex digits of its SHA-256 + `**`.
+/// The text that replaces `secret`: `**` + first 6 hex digits of its SHA-256 + `**`, as the
+/// Python agent's `Masker` writes it (`hashlib.sha256(text.encode()).hexdigest()[:6]`; a
+/// secret arrives as UTF-8 text, so hashing its bytes hashes what Python encodes).
 pub fn replacement(secret: &[u8]) -> String {
-    let digest = sha256::digest(secret);
-    format!("**{:02x}{:02x}{:02x}**", digest[0], digest[1], digest[2])
-}
-
-/// SHA-256 (FIPS 180-4), small and unhurried: secrets are short and hashed once each.
-mod sha256 {
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-
-    const H0: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
-    ];
-
-    /// The SHA-256 digest of `data`.
-    pub fn digest(data: &[u8]) -> [u8; 32] {
-        let mut state = H0;
-        // Message, then 0x80, zeros to 56 mod 64, then the bit length, big-endian.
-        let bit_len = (data.len() as u64).wrapping_mul(8);
-        let mut tail = Vec::with_capacity(128);
-        let full = data.len() - data.len() % 64;
-        tail.extend_from_slice(&data[full..]);
-        tail.push(0x80);
-        while tail.len() % 64 != 56 {
-            tail.push(0);
-        }
-        tail.extend_from_slice(&bit_len.to_be_bytes());
-        for block in data[..full].chunks_exact(64).chain(tail.chunks_exact(64)) {
-            compress(&mut state, block);
-        }
-        let mut out = [0u8; 32];
-        for (word, bytes) in state.iter().zip(out.chunks_exact_mut(4)) {
-            bytes.copy_from_slice(&word.to_be_bytes());
-        }
-        out
-    }
-
-    fn compress(state: &mut [u32; 8], block: &[u8]) {
-        let mut w = [0u32; 64];
-        for (i, word) in block.chunks_exact(4).enumerate() {
-            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
-        for i in 0..64 {
-            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-            let ch = (e & f) ^ (!e & g);
-            let t1 = h
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(K[i])
-                .wrapping_add(w[i]);
-            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-            let maj = (a & b) ^ (a & c) ^ (b & c);
-            let t2 = s0.wrapping_add(maj);
-            h = g;
-            g = f;
-            f = e;
-            e = d.wrapping_add(t1);
-            d = c;
-            c = b;
-            b = a;
-            a = t1.wrapping_add(t2);
-        }
-        for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
-            *s = s.wrapping_add(v);
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::digest;
-
-        fn hex(bytes: &[u8]) -> String {
-            bytes.iter().map(|b| format!("{b:02x}")).collect()
-        }
-
-        /// FIPS 180-2 appendix B and the NIST example vectors.
-        #[test]
-        fn standard_vectors() {
-            for (input, expected) in [
-                (&b""[..], "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
-                (b"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
-                (
-                    b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
-                    "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1",
-                ),
-                (
-                    b"abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmnoijklmnopjklmnopqklmnopqrlmnopqrsmnopqrstnopqrstu",
-                    "cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1",
-                ),
-            ] {
-                assert_eq!(hex(&digest(input)), expected, "{:?}", String::from_utf8_lossy(input));
-            }
-            assert_eq!(
-                hex(&digest(&vec![b'a'; 1_000_000])),
-                "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
-            );
-        }
-
-        /// Lengths around the padding boundaries (55, 56, 63, 64 bytes) against a value
-        /// computed by coreutils' sha256sum.
-        #[test]
-        fn padding_boundaries_differ() {
-            let digests: Vec<[u8; 32]> = (50..70).map(|n| digest(&vec![b'x'; n])).collect();
-            for (i, a) in digests.iter().enumerate() {
-                for b in &digests[i + 1..] {
-                    assert_ne!(a, b);
-                }
-            }
-            assert_eq!(
-                hex(&digest(&[b'x'; 64])),
-                "7ce100971f64e7001e8fe5a51973ecdfe1ced42befe7ee8d5fd6219506b5393c"
-            );
-        }
-    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret);
+    let prefix = digest.as_ref().get(..3).unwrap_or_default();
+    let hex: String = prefix.iter().map(|b| format!("{b:02x}")).collect();
+    format!("**{hex}**")
 }
 
 #[cfg(test)]
@@ -387,6 +260,34 @@ mod tests {
 
     fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// The Python agent's masks for these secrets, computed with its own `Masker`
+    /// (`agent/src/testflinger_agent/masking.py` of canonical/testflinger at fe381ff2, run
+    /// under python3 with `Masker([re.escape(secret)], hash_length=6).apply(...)`), so the
+    /// masked logs of both agents are byte for byte the same. `**01a546**` is also the
+    /// example in that file's docstring.
+    #[test]
+    fn masks_are_the_python_agents() {
+        let known: [(&str, &str); 5] = [
+            ("hunter2", "**f52fbd**"),
+            ("123-45-6789", "**01a546**"),
+            ("pässwörd", "**46970b**"),
+            ("s3cr3t with spaces", "**b1f825**"),
+            (
+                "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxy",
+                "**96a61e**",
+            ),
+        ];
+        for (secret, mask) in known {
+            assert_eq!(replacement(secret.as_bytes()), mask, "{secret}");
+        }
+        // The same Masker on a line with two secrets, each occurring again.
+        let m = Masker::new(["hunter2", "pässwörd"]);
+        assert_eq!(
+            m.mask_all("login hunter2 then pässwörd and hunter2".as_bytes()),
+            b"login **f52fbd** then **46970b** and **f52fbd**"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The agent's Prometheus metrics: what is counted, the process-wide instance, and `/health`.
 //!
-//! The names, types and labels of the first four metrics are the Python agent's (PROTOCOL.md
+//! The names, types and labels of the first four metrics are the Python agent's (PROTOCOL
 //! §14.2), so dashboards and alerts keep working; the `testflinger_agent_*` ones are this
 //! agent's own. Recording is a relaxed atomic add (plus, for metrics whose labels are only
 //! known at run time, a read lock on a small map, written only for a new label set): it

@@ -1,4 +1,5 @@
-//! Exponential back-off with jitter for server calls, seeded without a `rand` crate.
+//! Exponential back-off with jitter for server calls: a small per-thread generator seeded
+//! from the system's random source (`getrandom`).
 //!
 //! Delays use "equal jitter": the n-th consecutive failure waits between half and all of
 //! `min(cap, base · 2ⁿ⁻¹)`, so agents that lost the server at the same moment do not come
@@ -82,22 +83,25 @@ thread_local! {
     static STATE: Cell<u64> = Cell::new(seed());
 }
 
-/// A seed that differs between processes, threads and moments.
+/// A seed that differs between processes and threads: 8 bytes from the system's random
+/// source, or, should that ever fail, the clock mixed with the process id.
 fn seed() -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0x9e37_79b9_7f4a_7c15);
-    let pid = u64::from(std::process::id());
-    // The address of a stack value separates threads started in the same nanosecond.
-    let local = 0u8;
-    let addr = std::ptr::addr_of!(local) as usize as u64;
-    let mixed = nanos ^ pid.rotate_left(32) ^ addr.rotate_left(17);
+    let mut bytes = [0u8; 8];
+    let seed = match getrandom::getrandom(&mut bytes) {
+        Ok(()) => u64::from_ne_bytes(bytes),
+        Err(_) => {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0x9e37_79b9_7f4a_7c15);
+            nanos ^ u64::from(std::process::id()).rotate_left(32)
+        }
+    };
     // xorshift must never start at zero.
-    if mixed == 0 {
+    if seed == 0 {
         0x2545_f491_4f6c_dd1d
     } else {
-        mixed
+        seed
     }
 }
 
@@ -121,6 +125,18 @@ pub(crate) fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeds_are_random_and_never_zero() {
+        // Two draws of 64 random bits agree with probability 2^-64.
+        let (a, b) = (seed(), seed());
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
+        let other = std::thread::spawn(seed)
+            .join()
+            .expect("the seed thread does not panic");
+        assert_ne!(other, a);
+    }
 
     #[test]
     fn ceiling_doubles_up_to_the_cap() {

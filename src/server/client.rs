@@ -15,6 +15,7 @@ use super::tls;
 use super::{LogType, RefreshCheckError, ServerError, ServerErrorKind};
 use crate::phase::Phase;
 use crate::time::now_iso;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 use std::fs::File;
 use std::io::{self, Cursor, Read, Write};
@@ -1176,17 +1177,17 @@ pub fn normalize_base(server_address: &str) -> String {
     url.trim_end_matches('/').to_string()
 }
 
+/// What a path segment keeps as it is: RFC 3986's unreserved characters (letters, digits,
+/// `-`, `.`, `_`, `~`); every other byte is percent-encoded.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes one path segment (job ids and agent names are meant to need nothing).
 pub(super) fn seg(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for byte in segment.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(segment, SEGMENT).to_string()
 }
 
 /// A short rendering of an error body: `message` and `detail` of a JSON error, else the
@@ -1461,6 +1462,8 @@ mod tests {
     fn segments_are_escaped() {
         assert_eq!(seg("2bac1457-7d5e"), "2bac1457-7d5e");
         assert_eq!(seg("a/b?c d"), "a%2Fb%3Fc%20d");
+        assert_eq!(seg("dev_01.lab~x"), "dev_01.lab~x");
+        assert_eq!(seg("é%#"), "%C3%A9%25%23");
     }
 
     #[test]

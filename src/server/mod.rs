@@ -13,8 +13,11 @@ mod tls;
 
 // The pure parsers of every answer the agent reads from the server (and of the
 // refresh-token file), for `crate::fuzz_api`; the request code calls these same functions.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use auth::parse_token_file;
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use client::{detail_of, parse_job_state, parse_refresh_answer};
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use http::{parse_agent_record, parse_job_poll};
 
 use crate::phase::Phase;

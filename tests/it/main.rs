@@ -26,6 +26,7 @@ mod process_tree;
 mod run_job;
 mod soak;
 mod state_reads;
+mod spec;
 mod stream_pipeline;
 mod stream_props;
 mod supervisord;

@@ -1,4 +1,4 @@
-//! In-process fake Testflinger server for integration tests, built from PROTOCOL.md.
+//! In-process fake Testflinger server for integration tests, built from docs/protocol.md.
 //!
 //! [`FakeServer::start`] listens on `127.0.0.1:<ephemeral port>` (loopback only) and answers
 //! the agent-facing endpoints of PROTOCOL §2–§3 with the real server's status codes and
