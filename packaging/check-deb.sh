@@ -108,17 +108,24 @@ bash -n "$root/fs/usr/share/bash-completion/completions/testflinger-agent" || fa
 copyright="$root/fs/usr/share/doc/testflinger-agent/copyright"
 grep -q 'GPL-3.0-only' "$copyright" || fail "copyright does not name the licence"
 
-echo "== postinst"
+echo "== maintainer scripts"
 postinst="$root/control/postinst"
-[ -f "$postinst" ] || fail "no postinst"
-[ "$(stat -c '%a' "$postinst")" = 755 ] || fail "postinst is not 0755"
-sh -n "$postinst" || fail "postinst does not parse"
-for script in preinst prerm postrm; do
-  [ ! -e "$root/control/$script" ] || fail "unexpected maintainer script $script (no unit is enabled or restarted)"
+for script in postinst prerm postrm; do
+  file="$root/control/$script"
+  [ -f "$file" ] || { fail "no $script"; continue; }
+  [ "$(stat -c '%a' "$file")" = 755 ] || fail "$script is not 0755"
+  sh -n "$file" || fail "$script does not parse"
+  cmp -s "$file" "packaging/debian/$script" || fail "$script differs from packaging/debian/$script"
+  # No unit is ever enabled, started or restarted by the package (an upgrade leaves
+  # running agents alone); only the prerm stops them, on removal.
+  if grep -Eq 'systemctl (enable|start|restart|try-restart)' "$file"; then
+    fail "$script enables, starts or restarts a unit"
+  fi
 done
-if grep -Eq 'systemctl (enable|start|restart|try-restart)' "$postinst"; then
-  fail "postinst enables, starts or restarts a unit"
-fi
+[ ! -e "$root/control/preinst" ] || fail "unexpected maintainer script preinst"
+# The prerm stops agents on removal only, never on an upgrade.
+# (packaging/system-test.sh runs them under a booted systemd.)
+grep -q '"$1" = remove' "$root/control/prerm" || fail "the prerm does not limit its stop to removal"
 if command -v systemd-sysusers >/dev/null && command -v systemd-tmpfiles >/dev/null; then
   # The root's configuration as the package installs it, then the postinst against it.
   target="$root/fs"

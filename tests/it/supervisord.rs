@@ -3,9 +3,15 @@
 //! `supervisorctl stop` in the middle of a phase, no restart loop on a bad config; and what
 //! the host charm's own program file does to a busy agent.
 //!
-//! The command line is the charm's (`-c CONFIG -p PORT`, no `--token-file`), so the agent
-//! looks for its refresh token in the default /var/lib/testflinger-agent/refresh_token,
-//! which a test must not write: the fake server here does not require a token.
+//! The command line is the charm's template rendered with the packaged binary in it,
+//! `/usr/bin/testflinger-agent -c <agent_config_path>/testflinger-agent.conf -p <port>`, where
+//! `<agent_config_path>` is a directory named after the agent, as the charm lays them out
+//! (the way docs/migrating.md gives to survive the charm's reinstalls and rewrites). The
+//! one substitution: /usr/bin/testflinger-agent is the binary under test (the package
+//! itself runs under supervisord's sibling, systemd, in packaging/system-test.sh). There is
+//! no `--token-file`, so the agent looks for its refresh token in the default
+//! /var/lib/testflinger-agent/refresh_token, which a test must not write: the fake server
+//! here does not require a token.
 
 use crate::support::agent::{finished, queue, wait_for, write_daemon_files, BIN, WAIT};
 use crate::support::fake_server::{FakeConfig, FakeServer};
@@ -19,6 +25,8 @@ use std::time::{Duration, Instant};
 
 /// The shipped program file, read at build time.
 const TEMPLATE: &str = include_str!("../../deploy/supervisord/testflinger-agent.conf");
+/// The packaged binary, which the template's `command=` names.
+const PACKAGED: &str = "/usr/bin/testflinger-agent";
 /// The settings of the charm's program (templates/testflinger-agent.supervisord.conf.j2).
 const CHARM_KEYS: [&str; 5] = [
     "startsecs",
@@ -102,16 +110,25 @@ impl Program {
             name,
             &format!("metrics_endpoint_address: 127.0.0.1\n{commands}"),
         );
-        let config = s.path(&format!("{name}.yaml"));
+        // The charm's layout: <config-dir>/<agent>/testflinger-agent.conf.
+        let agent_dir = s.path(name);
+        std::fs::create_dir_all(&agent_dir).expect("create the agent's config directory");
+        let config = agent_dir.join("testflinger-agent.conf");
         std::fs::rename(&files.config, &config).expect("rename the agent config");
         let home = s.path("home");
         std::fs::create_dir_all(&home).expect("create the home directory");
         let user = current_user();
         let port = free_port().to_string();
-        let mut text = TEMPLATE.to_owned();
+        // The charm's command line with the packaged binary, word for word.
+        assert!(
+            TEMPLATE
+                .lines()
+                .any(|l| l == format!("command={PACKAGED} -c @CONFIG@ -p @PORT@")),
+            "the template's command= is not the packaged binary's charm command line"
+        );
+        let mut text = TEMPLATE.replace(PACKAGED, BIN);
         for (placeholder, value) in [
             ("@AGENT@", name),
-            ("@BINARY@", BIN),
             ("@CONFIG@", &config.display().to_string()),
             ("@PORT@", &port),
             ("@USER@", &user),

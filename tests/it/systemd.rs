@@ -627,7 +627,8 @@ fn the_units_timeouts_and_settings_fit_the_agent() {
         setting(UNIT, "Environment"),
         Some("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY=0")
     );
-    // The hardening drop-in: the four protections, and the agent's directories writable.
+    // The hardening drop-in: the four protections, the agent's directories writable, and
+    // what no device connector needs (docs/operating.md, "The hardened profile").
     for (key, value) in [
         ("NoNewPrivileges", "yes"),
         ("ProtectSystem", "strict"),
@@ -637,8 +638,41 @@ fn the_units_timeouts_and_settings_fit_the_agent() {
             "ReadWritePaths",
             "/var/lib/testflinger-agent/%i /var/log/testflinger-agent/%i",
         ),
+        ("ProtectKernelTunables", "yes"),
+        ("ProtectKernelModules", "yes"),
+        ("ProtectKernelLogs", "yes"),
+        ("ProtectControlGroups", "yes"),
+        ("ProtectClock", "yes"),
+        ("ProtectHostname", "yes"),
+        ("RestrictRealtime", "yes"),
+        ("RestrictNamespaces", "yes"),
+        ("RestrictSUIDSGID", "yes"),
+        ("LockPersonality", "yes"),
+        ("SystemCallArchitectures", "native"),
+        ("CapabilityBoundingSet", ""),
+        (
+            "RestrictAddressFamilies",
+            "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        ),
     ] {
         assert_eq!(setting(HARDENING, key), Some(value), "{key}");
+    }
+    // What a device connector needs stays: device nodes (through the user's groups), the
+    // network, every system call.
+    for key in [
+        "PrivateDevices",
+        "DevicePolicy",
+        "PrivateUsers",
+        "PrivateNetwork",
+        "IPAddressDeny",
+        "SystemCallFilter",
+        "MemoryDenyWriteExecute",
+    ] {
+        assert_eq!(
+            setting(HARDENING, key),
+            None,
+            "{key} would break connectors"
+        );
     }
 }
 
