@@ -15,11 +15,7 @@ use testflinger_agent::diagram::{render, Format};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const UPDATE_VAR: &str = "UPDATE_GENERATED";
-const GUIDES: [&str; 3] = [
-    "docs/operating.md",
-    "docs/migrating.md",
-    "docs/auditing.md",
-];
+const GUIDES: [&str; 3] = ["docs/operating.md", "docs/migrating.md", "docs/auditing.md"];
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(Path::new(ROOT).join(path))
