@@ -16,12 +16,13 @@ pub fn machines() -> Vec<Machine> {
     ]
 }
 
-/// Writes every machine in every format into `dir`; returns the paths written.
+/// Writes every machine in every format (Mermaid, DOT, the Markdown transition table)
+/// into `dir`; returns the paths written.
 pub fn write_all(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::new();
     for machine in machines() {
-        for format in [Format::Mermaid, Format::Dot] {
+        for format in Format::ALL {
             let path = dir.join(format!("{}.{}", machine.name, format.extension()));
             std::fs::write(&path, diagram::render(&machine, format))?;
             written.push(path);
@@ -159,7 +160,7 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("state-diagrams");
         let mut stale = Vec::new();
         for machine in machines() {
-            for format in [Format::Mermaid, Format::Dot] {
+            for format in Format::ALL {
                 let path = dir.join(format!("{}.{}", machine.name, format.extension()));
                 let committed = std::fs::read_to_string(&path).unwrap_or_default();
                 if committed != render(&machine, format) {
@@ -220,6 +221,43 @@ mod tests {
         }
         let job = find("job-lifecycle");
         assert_eq!(job.edges.len(), crate::lifecycle::TRANSITIONS.len());
+    }
+
+    /// Every picture shows its table, each row exactly once: grouping, junctions and
+    /// merged arrows lose nothing and add nothing.
+    #[test]
+    fn every_picture_shows_each_row_of_its_table_once() {
+        for machine in machines() {
+            let mut shown =
+                diagram::drawing::expand(&machine, &diagram::drawing::drawing(&machine));
+            let mut table: Vec<(String, String, String)> = machine
+                .edges
+                .iter()
+                .map(|e| (e.from.clone(), e.label.clone(), e.to.clone()))
+                .collect();
+            shown.sort();
+            table.sort();
+            assert_eq!(shown, table, "{}", machine.name);
+        }
+    }
+
+    /// The daemon's picture is grouped: no event is drawn more than twice, and the holds
+    /// and the stop are drawn from boxes or a junction, not from each state.
+    #[test]
+    fn the_daemon_picture_draws_each_event_at_most_twice() {
+        let daemon = crate::daemon::daemon_machine();
+        let picture = diagram::drawing::drawing(&daemon);
+        for (_, event, _) in crate::daemon::DAEMON_TRANSITIONS {
+            let drawn = picture
+                .arrows
+                .iter()
+                .filter(|a| a.labels.iter().any(|l| l == event.label()))
+                .count();
+            assert!(
+                (1..=2).contains(&drawn),
+                "{event:?} drawn {drawn} times: {picture:?}"
+            );
+        }
     }
 
     fn passing_journal() -> Journal {

@@ -128,6 +128,8 @@ pub enum ExplainFormat {
 pub enum DiagramFormat {
     Mermaid,
     Dot,
+    /// The transition table in Markdown: one row per (from, event, to).
+    Table,
 }
 
 /// The clap command, for the man page and the completions.

@@ -139,6 +139,7 @@ fn diagram(format: DiagramFormat, machine: &str, write: Option<&Path>) -> ExitCo
     let format = match format {
         DiagramFormat::Mermaid => Format::Mermaid,
         DiagramFormat::Dot => Format::Dot,
+        DiagramFormat::Table => Format::Table,
     };
     if let Some(dir) = write {
         return match audit::write_all(dir) {

@@ -136,7 +136,7 @@ _testflinger__agent() {
             fi
             case "${prev}" in
                 --format)
-                    COMPREPLY=($(compgen -W "mermaid dot" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "mermaid dot table" -- "${cur}"))
                     return 0
                     ;;
                 --machine)

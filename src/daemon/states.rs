@@ -2,7 +2,7 @@
 //! [`DAEMON_TRANSITIONS`], the one table both the loop and the diagram read. The loop never
 //! sets a state: it fires an event, and the state it enters is the table's.
 
-use crate::diagram::Machine;
+use crate::diagram::{Group, Machine};
 
 /// Where the daemon is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,13 +181,36 @@ impl DaemonMachine {
     }
 }
 
-/// The daemon machine to draw, from [`DAEMON_TRANSITIONS`].
+/// How the daemon's states are boxed in its picture (presentation only: the edges are
+/// [`DAEMON_TRANSITIONS`]'s). `held`: the two holds, left together on "hold lifted" and
+/// on a stop; `active`: where a hold can start; `ready`: where a restart is taken.
+pub const DAEMON_GROUPS: &[Group] = &[
+    Group {
+        name: "active",
+        members: &["starting", "ready"],
+    },
+    Group {
+        name: "ready",
+        members: &["waiting", "busy"],
+    },
+    Group {
+        name: "held",
+        members: &["offline", "maintenance"],
+    },
+];
+
+/// The daemon machine to draw, from [`DAEMON_TRANSITIONS`], states in the order a job
+/// goes through them.
 pub fn daemon_machine() -> Machine {
     let table: Vec<(&'static str, &'static str, &'static str)> = DAEMON_TRANSITIONS
         .iter()
         .map(|(from, event, to)| (from.name(), event.label(), to.name()))
         .collect();
-    Machine::from_table("daemon", "The agent daemon", "starting", "stopped", &table)
+    let mut machine =
+        Machine::from_table("daemon", "The agent daemon", "starting", "stopped", &table)
+            .with_groups(DAEMON_GROUPS.to_vec());
+    machine.states = DaemonState::ALL.iter().map(|s| s.name()).collect();
+    machine
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub fn job_machine() -> Machine {
                 Edge::new(t.from, label, t.to, t.kind == EdgeKind::Abort)
             })
             .collect(),
+        groups: Vec::new(),
     }
 }
 

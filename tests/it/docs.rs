@@ -2,6 +2,8 @@
 //! the code defines are copies of its rendering (`UPDATE_GENERATED=1 cargo test --test it
 //! docs::` rewrites them), every `testflinger-agent` command line they show parses, every
 //! metric they name exists, and the supervisord settings they quote are the shipped file's.
+//! The auditor's guide embeds every state machine's Mermaid diagram and transition table
+//! as the code renders them.
 //! README's performance table is likewise the rendering of `bench/results.json`, the JSON
 //! of a full run of `bench/all.sh`.
 
@@ -9,10 +11,11 @@ use clap::Parser;
 use std::path::Path;
 use testflinger_agent::cli::{self, Cli};
 use testflinger_agent::config;
+use testflinger_agent::diagram::{render, Format};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const UPDATE_VAR: &str = "UPDATE_GENERATED";
-const GUIDES: [&str; 2] = ["docs/operating.md", "docs/migrating.md"];
+const GUIDES: [&str; 3] = ["docs/operating.md", "docs/migrating.md", "docs/auditing.md"];
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(Path::new(ROOT).join(path))
@@ -54,6 +57,24 @@ fn the_exit_status_table_is_the_codes() {
         "exit-statuses",
         &cli::exit_status_table_markdown(),
     );
+}
+
+/// `docs/auditing.md` embeds each machine's Mermaid diagram (rendered by the forge) and
+/// its transition table, as `state-diagrams/` holds them.
+#[test]
+fn the_auditing_guide_embeds_every_diagram_and_table() {
+    for machine in testflinger_agent::audit::machines() {
+        check_block(
+            "docs/auditing.md",
+            &format!("diagram:{}", machine.name),
+            &format!("```mermaid\n{}```\n", render(&machine, Format::Mermaid)),
+        );
+        check_block(
+            "docs/auditing.md",
+            &format!("transitions:{}", machine.name),
+            &render(&machine, Format::Table),
+        );
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod charm_metrics;
 mod check_config;
 mod crash_recovery;
 mod daemon;
+mod diagrams;
 mod disk_full;
 mod docs;
 mod fake_server_selftest;
