@@ -699,6 +699,10 @@ pub fn run_command(
     let mut pipe_open = true;
     // Direct capture: when the sink next looks at the file, and the pause after that.
     let mut follow_pause = FOLLOW_FIRST;
+    let follow_max = sink
+        .follow_pause_max()
+        .unwrap_or(FOLLOW_MAX)
+        .max(FOLLOW_FIRST);
     let mut next_follow = start + follow_pause;
     let mut leader_exit_at: Option<Instant> = None;
     let mut state = CommandState::Running;
@@ -746,7 +750,21 @@ pub fn run_command(
                 );
             }
             if state == CommandState::Running {
-                let output_deadline = spec.output_timeout.and_then(|t| last_output.checked_add(t));
+                let mut output_deadline =
+                    spec.output_timeout.and_then(|t| last_output.checked_add(t));
+                if let (Capture::Follow(_), true) =
+                    (&capture, output_deadline.is_some_and(|d| now >= d))
+                {
+                    // The sink looks at the file only now and then: what the command wrote
+                    // since the last look counts before the deadline is taken as passed.
+                    if let Some(written) = sink.follow() {
+                        last_output = instant_of(written, now).max(last_output);
+                        follow_pause = FOLLOW_FIRST;
+                        next_follow = now + follow_pause;
+                        output_deadline =
+                            spec.output_timeout.and_then(|t| last_output.checked_add(t));
+                    }
+                }
                 let stop_for = if spec.honour_cancel && stop.is_requested(StopKind::Cancel) {
                     Some((Termination::Cancelled, EV_CANCEL))
                 } else if spec.honour_shutdown && stop.is_requested(StopKind::Shutdown) {
@@ -920,7 +938,7 @@ pub fn run_command(
                             last_output = instant_of(written, now).max(last_output);
                             follow_pause = FOLLOW_FIRST;
                         }
-                        None => follow_pause = (follow_pause * 2).min(FOLLOW_MAX),
+                        None => follow_pause = (follow_pause * 2).min(follow_max),
                     }
                     next_follow = now + follow_pause;
                 }
