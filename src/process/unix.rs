@@ -312,6 +312,10 @@ struct ProcessGroupGuard {
     terminated: Vec<Terminated>,
     /// Set once the leader is reaped; the group is never signalled after that.
     leader_status: Option<i32>,
+    /// The first sweep found the leader already exited and no other process of the phase:
+    /// nothing can be left to adopt once the leader is reaped (an exited shell forks no
+    /// more), so that scan is skipped.
+    nothing_to_adopt: bool,
 }
 
 impl ProcessGroupGuard {
@@ -328,6 +332,7 @@ impl ProcessGroupGuard {
             killed: Vec::new(),
             terminated: Vec::new(),
             leader_status: None,
+            nothing_to_adopt: false,
         }
     }
 
@@ -454,8 +459,13 @@ impl ProcessGroupGuard {
         let deadline = Instant::now() + SWEEP_BOUND;
         let mut pause = Duration::from_millis(1);
         let mut buf = Vec::new();
+        let mut first = true;
         loop {
             let found = sweep::scan(&self.marks(false));
+            if std::mem::take(&mut first) {
+                self.nothing_to_adopt = found.iter().all(|s| s.pid == leader && !s.is_alive())
+                    && found.iter().any(|s| s.pid == leader);
+            }
             let mut alive = 0;
             for stat in &found {
                 let id = (stat.pid, stat.starttime);
@@ -508,7 +518,9 @@ impl ProcessGroupGuard {
         match reap(self.leader, false) {
             Ok(Some(status)) => {
                 self.leader_status = Some(status);
-                self.reap_adopted_zombies();
+                if !self.nothing_to_adopt {
+                    self.reap_adopted_zombies();
+                }
                 Ok(status)
             }
             // waitpid without WNOHANG does not return 0; treat it like an error.
@@ -953,6 +965,15 @@ pub fn run_command(
         }
     };
 
+    // The watch is done with: removed now, the kernel's grace period for it runs while the
+    // phase ends instead of when the inotify instance is closed (the agent's exit).
+    let (pipe, followed) = match capture {
+        Capture::Pipe(out_read) => (Some(out_read), false),
+        Capture::Follow(watch) => {
+            drop(watch);
+            (None, true)
+        }
+    };
     // End of the command: kill and reap whatever is left.
     let (killed, escapees_killed) = guard.sweep();
     if let LoopEnd::Done = end {
@@ -979,11 +1000,11 @@ pub fn run_command(
             }
             _ => DRAIN_BOUND,
         };
-        if let Capture::Pipe(out_read) = &capture {
+        if let Some(out_read) = &pipe {
             drain_output(out_read, &mut buf, sink, bound)?;
         }
     }
-    if let Capture::Follow(_) = capture {
+    if followed {
         // What the killed processes wrote last.
         sink.follow();
     }
