@@ -339,7 +339,9 @@ enum Stdout {
     /// what `run-job` wrote.
     Terminal,
     DevNull,
-    /// A regular file: someone may read it later, nobody watches it.
+    /// A regular file opened for append (`run-job >> file`, which `sendfile` refuses to
+    /// write to: the copy goes through a buffer), after a line already in it: someone may
+    /// read it later, nobody watches it.
     File,
 }
 
@@ -365,10 +367,18 @@ fn run_job_to(
         }
         Stdout::File => {
             let path = scratch.path("stdout.bin");
-            let file = std::fs::File::create(&path).expect("stdout file");
+            std::fs::write(&path, "already here\n").expect("stdout file");
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .expect("stdout file");
             cmd.stdout(file);
             let out = cmd.output().expect("the binary runs");
             let printed = std::fs::read(&path).expect("stdout file");
+            let printed = printed
+                .strip_prefix(b"already here\n")
+                .expect("what was in the file stays first")
+                .to_vec();
             (out.status.code(), printed, text(&out.stderr))
         }
         Stdout::Terminal => {
@@ -446,6 +456,7 @@ fn the_log_and_the_terminal_hold_exactly_the_commands_bytes() {
     for (secret, stdout) in [
         (false, Stdout::Terminal),
         (false, Stdout::DevNull),
+        (false, Stdout::File),
         (true, Stdout::Terminal),
         (true, Stdout::DevNull),
     ] {
