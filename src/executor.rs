@@ -65,6 +65,9 @@ pub struct PhaseExecutor<'a> {
     state_read_after_cleanup: bool,
     /// That read after cleanup found the job cancelled.
     cancelled_after_phases: bool,
+    /// With direct capture, the longest pause between two looks at a quiet log
+    /// ([`OutputSink::follow_pause_max`]); `None`: the runner's own.
+    follow_pause_max: Option<Duration>,
 }
 
 impl std::fmt::Debug for PhaseExecutor<'_> {
@@ -105,6 +108,7 @@ impl<'a> PhaseExecutor<'a> {
             last_command: None,
             state_read_after_cleanup: false,
             cancelled_after_phases: false,
+            follow_pause_max: None,
         }
     }
 
@@ -171,6 +175,13 @@ impl<'a> PhaseExecutor<'a> {
     /// `run-job`, which has no server to hold the state).
     pub fn with_offline_marker(mut self, dir: PathBuf) -> Self {
         self.marker_dir = Some(dir);
+        self
+    }
+
+    /// A command that writes its log itself is looked at no less often than every `pause`
+    /// while it is quiet (`run-job` with a terminal that prints what it writes).
+    pub fn with_follow_pause_max(mut self, pause: Duration) -> Self {
+        self.follow_pause_max = Some(pause);
         self
     }
 
@@ -497,6 +508,8 @@ impl PhaseRunner for PhaseExecutor<'_> {
             room_checked: Instant::now(),
             len_at_room_check: 0,
             grew_before_check: false,
+            follow_pause_max: self.follow_pause_max,
+            scratch: Vec::new(),
         };
         for line in banner(phase, &self.config.agent_id) {
             sink.output(line.as_bytes());
@@ -1190,9 +1203,9 @@ struct PhaseSink<'a> {
     /// Why the journal could not be written during the command.
     journal_failed: Option<String>,
     /// Whether the command may write into the log itself ([`OutputSink::direct_output`]):
-    /// only when the server reads the live output back from the log (the daemon; `run-job`
-    /// prints the chunks it reads from the pipe), and not once the job could not be
-    /// recorded (cleanup then marks every hole).
+    /// only when the server reads the live output back from the log (the daemon's
+    /// streamer, `run-job`'s copy to standard output; not crash recovery), and not once the
+    /// job could not be recorded (cleanup then marks every hole).
     direct_allowed: bool,
     /// Whether it does: the log grows without the sink, which catches up in `follow`.
     direct: bool,
@@ -1201,6 +1214,10 @@ struct PhaseSink<'a> {
     room_checked: Instant,
     len_at_room_check: u64,
     grew_before_check: bool,
+    /// See [`PhaseExecutor::with_follow_pause_max`].
+    follow_pause_max: Option<Duration>,
+    /// Where masked output is built when a chunk held a secret (kept between chunks).
+    scratch: Vec<u8>,
 }
 
 impl PhaseSink<'_> {
@@ -1392,6 +1409,10 @@ impl OutputSink for PhaseSink<'_> {
         grew
     }
 
+    fn follow_pause_max(&self) -> Option<Duration> {
+        self.follow_pause_max
+    }
+
     fn unrecordable(&self) -> bool {
         // Cleanup is never stopped for this: it must put the device back.
         self.phase != Phase::Cleanup
@@ -1402,8 +1423,11 @@ impl OutputSink for PhaseSink<'_> {
         if self.masker.is_empty() {
             self.emit(chunk);
         } else {
-            let masked = self.masker.mask(chunk);
-            self.emit(&masked);
+            // No copy of the chunk where no secret is in it (the common case).
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let masked = self.masker.mask_borrowed(chunk, &mut scratch);
+            self.emit(masked);
+            self.scratch = scratch;
         }
     }
 }

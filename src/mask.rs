@@ -94,6 +94,46 @@ impl Masker {
         self.pending.drain(..consumed);
     }
 
+    /// Like [`Masker::mask`], without copying when it can: the decided bytes are a prefix
+    /// of `chunk` itself when no secret was found in it and nothing was held back before
+    /// (the common case), else they are built in `scratch` (cleared first).
+    pub fn mask_borrowed<'a>(&mut self, chunk: &'a [u8], scratch: &'a mut Vec<u8>) -> &'a [u8] {
+        if self.secrets.is_empty() {
+            return chunk;
+        }
+        scratch.clear();
+        if self.pending.is_empty() {
+            let (plain, found) = self.plain_prefix(chunk);
+            if !found {
+                self.pending.extend_from_slice(&chunk[plain..]);
+                return &chunk[..plain];
+            }
+        }
+        self.mask_into(chunk, scratch);
+        scratch
+    }
+
+    /// How many leading bytes of `data` (the middle of a stream) are decided and hold no
+    /// secret, and whether a secret starts right after them (else the rest may begin one).
+    fn plain_prefix(&self, data: &[u8]) -> (usize, bool) {
+        let mut at = 0;
+        while let Some(next) = self.next_candidate(&data[at..]) {
+            at += next;
+            let rest = &data[at..];
+            for (secret, _) in &self.secrets {
+                if secret.len() <= rest.len() {
+                    if rest.starts_with(secret) {
+                        return (at, true);
+                    }
+                } else if secret.starts_with(rest) {
+                    return (at, false);
+                }
+            }
+            at += 1;
+        }
+        (data.len(), false)
+    }
+
     /// Ends the stream: masks and returns every byte still held back.
     pub fn finish(&mut self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.pending.len());
@@ -223,6 +263,44 @@ mod tests {
         out.extend(m.mask(&data[from..]));
         out.extend(m.finish());
         out
+    }
+
+    /// Like [`mask_in_pieces`], through [`Masker::mask_borrowed`].
+    fn mask_borrowed_in_pieces(masker: &Masker, data: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut m = Masker {
+            pending: Vec::new(),
+            ..masker.clone()
+        };
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+        cuts.sort_unstable();
+        cuts.push(data.len());
+        let mut out = Vec::new();
+        let mut scratch = Vec::new();
+        let mut from = 0;
+        for cut in cuts {
+            out.extend_from_slice(m.mask_borrowed(&data[from..cut], &mut scratch));
+            from = cut;
+        }
+        out.extend(m.finish());
+        out
+    }
+
+    #[test]
+    fn mask_borrowed_copies_only_what_holds_a_secret() {
+        let mut m = Masker::new(["hunter2"]);
+        let mut scratch = Vec::new();
+        let plain = b"nothing to hide, 1 GB of it";
+        let out = m.mask_borrowed(plain, &mut scratch);
+        assert_eq!(out, plain);
+        assert_eq!(out.as_ptr(), plain.as_ptr(), "the chunk itself, not a copy");
+        let tail = b"log: hunt";
+        let out = m.mask_borrowed(tail, &mut scratch);
+        assert_eq!((out, out.as_ptr()), (&b"log: "[..], tail.as_ptr()));
+        let out = m.mask_borrowed(b"er2 done", &mut scratch).to_vec();
+        assert_eq!(out, format!("{} done", replacement(b"hunter2")).as_bytes());
+        let out = m.mask_borrowed(b"a hunter2 b", &mut scratch).to_vec();
+        assert_eq!(out, format!("a {} b", replacement(b"hunter2")).as_bytes());
+        assert_eq!(m.finish(), b"");
     }
 
     /// Masks `data` in pieces of `size` bytes (more when a piece is all undecided), each
@@ -380,6 +458,7 @@ mod tests {
             let whole = masker.mask_all(&data);
             let pieces = mask_in_pieces(&masker, &data, &cuts);
             prop_assert_eq!(&pieces, &whole);
+            prop_assert_eq!(&mask_borrowed_in_pieces(&masker, &data, &cuts), &whole);
             for secret in &secrets {
                 prop_assert!(!contains(&whole, secret.as_bytes()), "{:?} in {:?}", secret, String::from_utf8_lossy(&whole));
             }
@@ -403,6 +482,7 @@ mod tests {
         ) {
             let masker = Masker::new(&secrets);
             prop_assert_eq!(mask_in_pieces(&masker, &data, &cuts), masker.mask_all(&data));
+            prop_assert_eq!(mask_borrowed_in_pieces(&masker, &data, &cuts), masker.mask_all(&data));
             let size = cuts.first().map_or(1, |c| c % 6 + 1);
             prop_assert_eq!(mask_in_fresh_pieces(&masker, &data, size).concat(), masker.mask_all(&data));
             let mut m = masker.clone();

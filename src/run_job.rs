@@ -11,6 +11,12 @@ use crate::server::local::LocalServer;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// With a terminal (or a pipe) on standard output, how long at most a command's output,
+/// written into its log by the command itself, waits to be copied there after a quiet spell
+/// (a look at the log's length: next to nothing).
+const LIVE_FOLLOW_PAUSE_MAX: Duration = Duration::from_millis(100);
 
 /// Why a job could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -101,10 +107,15 @@ pub fn run_local(
     crate::process::claim_orphans();
     let (rundir, outcome_file) = prepare_rundir(config, spec.job_id(), &spec.document_json())?;
     log::info!("job {}: running in {}", spec.job_id(), rundir.display());
+    // A command without secrets writes its log itself, and standard output follows the log.
     let server = LocalServer::new();
     let mut executor =
         PhaseExecutor::new(config, spec, rundir.clone(), outcome_file, &server, stop)
             .with_offline_marker(PathBuf::from(MARKER_DIR));
+    if server.has_live_reader() {
+        // Someone watches the output: a quiet command's next line shows within this.
+        executor = executor.with_follow_pause_max(LIVE_FOLLOW_PAUSE_MAX);
+    }
     executor.job_started();
     let plan = Plan::for_job(config, spec);
     let done = run_to_completion(Job::new(spec.job_id(), plan, executor));

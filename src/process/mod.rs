@@ -257,6 +257,13 @@ pub trait OutputSink {
     fn follow(&mut self) -> Option<std::time::SystemTime> {
         None
     }
+
+    /// Direct capture: the longest pause between two looks at the file while it does not
+    /// grow (`None`: the runner's own, a second), for a reader of the output that should
+    /// not wait that long once the command speaks again.
+    fn follow_pause_max(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 impl<F: FnMut(&[u8])> OutputSink for F {

@@ -312,6 +312,10 @@ struct ProcessGroupGuard {
     terminated: Vec<Terminated>,
     /// Set once the leader is reaped; the group is never signalled after that.
     leader_status: Option<i32>,
+    /// The first sweep found the leader already exited and no other process of the phase:
+    /// nothing can be left to adopt once the leader is reaped (an exited shell forks no
+    /// more), so that scan is skipped.
+    nothing_to_adopt: bool,
 }
 
 impl ProcessGroupGuard {
@@ -328,6 +332,7 @@ impl ProcessGroupGuard {
             killed: Vec::new(),
             terminated: Vec::new(),
             leader_status: None,
+            nothing_to_adopt: false,
         }
     }
 
@@ -454,8 +459,13 @@ impl ProcessGroupGuard {
         let deadline = Instant::now() + SWEEP_BOUND;
         let mut pause = Duration::from_millis(1);
         let mut buf = Vec::new();
+        let mut first = true;
         loop {
             let found = sweep::scan(&self.marks(false));
+            if std::mem::take(&mut first) {
+                self.nothing_to_adopt = found.iter().all(|s| s.pid == leader && !s.is_alive())
+                    && found.iter().any(|s| s.pid == leader);
+            }
             let mut alive = 0;
             for stat in &found {
                 let id = (stat.pid, stat.starttime);
@@ -508,7 +518,9 @@ impl ProcessGroupGuard {
         match reap(self.leader, false) {
             Ok(Some(status)) => {
                 self.leader_status = Some(status);
-                self.reap_adopted_zombies();
+                if !self.nothing_to_adopt {
+                    self.reap_adopted_zombies();
+                }
                 Ok(status)
             }
             // waitpid without WNOHANG does not return 0; treat it like an error.
@@ -699,6 +711,10 @@ pub fn run_command(
     let mut pipe_open = true;
     // Direct capture: when the sink next looks at the file, and the pause after that.
     let mut follow_pause = FOLLOW_FIRST;
+    let follow_max = sink
+        .follow_pause_max()
+        .unwrap_or(FOLLOW_MAX)
+        .max(FOLLOW_FIRST);
     let mut next_follow = start + follow_pause;
     let mut leader_exit_at: Option<Instant> = None;
     let mut state = CommandState::Running;
@@ -746,7 +762,21 @@ pub fn run_command(
                 );
             }
             if state == CommandState::Running {
-                let output_deadline = spec.output_timeout.and_then(|t| last_output.checked_add(t));
+                let mut output_deadline =
+                    spec.output_timeout.and_then(|t| last_output.checked_add(t));
+                if let (Capture::Follow(_), true) =
+                    (&capture, output_deadline.is_some_and(|d| now >= d))
+                {
+                    // The sink looks at the file only now and then: what the command wrote
+                    // since the last look counts before the deadline is taken as passed.
+                    if let Some(written) = sink.follow() {
+                        last_output = instant_of(written, now).max(last_output);
+                        follow_pause = FOLLOW_FIRST;
+                        next_follow = now + follow_pause;
+                        output_deadline =
+                            spec.output_timeout.and_then(|t| last_output.checked_add(t));
+                    }
+                }
                 let stop_for = if spec.honour_cancel && stop.is_requested(StopKind::Cancel) {
                     Some((Termination::Cancelled, EV_CANCEL))
                 } else if spec.honour_shutdown && stop.is_requested(StopKind::Shutdown) {
@@ -920,7 +950,7 @@ pub fn run_command(
                             last_output = instant_of(written, now).max(last_output);
                             follow_pause = FOLLOW_FIRST;
                         }
-                        None => follow_pause = (follow_pause * 2).min(FOLLOW_MAX),
+                        None => follow_pause = (follow_pause * 2).min(follow_max),
                     }
                     next_follow = now + follow_pause;
                 }
@@ -935,6 +965,15 @@ pub fn run_command(
         }
     };
 
+    // The watch is done with: removed now, the kernel's grace period for it runs while the
+    // phase ends instead of when the inotify instance is closed (the agent's exit).
+    let (pipe, followed) = match capture {
+        Capture::Pipe(out_read) => (Some(out_read), false),
+        Capture::Follow(watch) => {
+            drop(watch);
+            (None, true)
+        }
+    };
     // End of the command: kill and reap whatever is left.
     let (killed, escapees_killed) = guard.sweep();
     if let LoopEnd::Done = end {
@@ -961,11 +1000,11 @@ pub fn run_command(
             }
             _ => DRAIN_BOUND,
         };
-        if let Capture::Pipe(out_read) = &capture {
+        if let Some(out_read) = &pipe {
             drain_output(out_read, &mut buf, sink, bound)?;
         }
     }
-    if let Capture::Follow(_) = capture {
+    if followed {
         // What the killed processes wrote last.
         sink.follow();
     }

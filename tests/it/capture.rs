@@ -1,9 +1,10 @@
-//! How a phase's output reaches `<phase>.log`, through the real binary. In the daemon,
-//! whose live output is read back from the log, a command without secrets writes the log
-//! itself and the agent follows the file; with secrets, and in `run-job` (which prints
-//! what it reads), the output comes through a pipe. Either way the log and the server get
-//! every byte in order, the output timeout holds, and background processes are told
-//! apart by whether they still hold the output.
+//! How a phase's output reaches `<phase>.log`, through the real binary. In the daemon and
+//! in `run-job`, a command without secrets writes the log itself and the agent follows the
+//! file (the daemon's streamer reads the live output back from it, `run-job` copies it to
+//! standard output); with secrets, the output comes through a pipe and the masker. Either
+//! way the log and the server (or the terminal) get every byte in order, the output
+//! timeout holds, and background processes are told apart by whether they still hold
+//! the output.
 
 use crate::run_job::{run_job, text};
 use crate::support::agent::{finished, queue, wait_for, Agent};
@@ -123,10 +124,11 @@ fn with_secrets_the_output_comes_through_a_pipe_and_is_masked() {
     );
 }
 
-/// `run-job` prints what it reads, so its output comes through the pipe; the log and the
-/// terminal both get every byte, exactly (not UTF-8, no newline at the end).
+/// `run-job`'s command, without secrets, writes its log itself too, and what it wrote is
+/// copied from the log to standard output: both get every byte, exactly (not UTF-8, no
+/// newline at the end). (tests/it/run_job.rs has the terminal, `/dev/null` and the secret.)
 #[test]
-fn run_job_reads_the_output_through_a_pipe_and_prints_it() {
+fn run_job_lets_the_command_write_its_log_and_prints_it_from_there() {
     let s = Scratch::new("capture-run-job");
     let config = s.config(
         "agent_id: it-capture\nserver_address: http://127.0.0.1:9\njob_queues: [q]\n\
@@ -136,11 +138,17 @@ test_command: |\n  echo \"stdout is $(readlink /proc/$$/fd/1)\"\n  printf 'raw \
     let out = run_job(&config, &job);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let log = std::fs::read(s.rundir().join("test.log")).expect("test log");
-    assert!(find(&log, b"stdout is pipe:[").is_some(), "{}", text(&log));
+    let line = find(&log, b"stdout is ").expect("the command's first line");
+    assert!(
+        find(&log[line..], b"/test.log\n").is_some(),
+        "{}",
+        text(&log)
+    );
     assert!(log.ends_with(b"raw \xff\xfe end"), "bytes kept exactly");
     assert!(
-        find(&out.stdout, b"raw \xff\xfe end").is_some(),
-        "and printed"
+        find(&out.stdout, &log).is_some(),
+        "and printed, the whole log at once: {}",
+        text(&out.stdout)
     );
 }
 

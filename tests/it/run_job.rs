@@ -331,3 +331,256 @@ fn check_config_prints_the_effective_config_or_the_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("agent_id"));
 }
+
+/// Where `run-job`'s standard output goes in [`run_job_to`].
+#[derive(Clone, Copy, Debug)]
+enum Stdout {
+    /// A pseudo-terminal in raw mode (no newline translation): what it shows is exactly
+    /// what `run-job` wrote.
+    Terminal,
+    DevNull,
+    /// A regular file opened for append (`run-job >> file`, which `sendfile` refuses to
+    /// write to: the copy goes through a buffer), after a line already in it: someone may
+    /// read it later, nobody watches it.
+    File,
+}
+
+/// Runs `run-job` with its standard output on `stdout`; returns its exit code, what
+/// reached standard output (empty for `/dev/null`) and its standard error.
+fn run_job_to(
+    config: &Path,
+    job: &Path,
+    stdout: Stdout,
+    scratch: &Scratch,
+) -> (Option<i32>, Vec<u8>, String) {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run-job").arg("-c").arg(config).arg(job);
+    cmd.stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    match stdout {
+        Stdout::DevNull => {
+            cmd.stdout(std::process::Stdio::null());
+            let out = cmd.output().expect("the binary runs");
+            (out.status.code(), Vec::new(), text(&out.stderr))
+        }
+        Stdout::File => {
+            let path = scratch.path("stdout.bin");
+            std::fs::write(&path, "already here\n").expect("stdout file");
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .expect("stdout file");
+            cmd.stdout(file);
+            let out = cmd.output().expect("the binary runs");
+            let printed = std::fs::read(&path).expect("stdout file");
+            let printed = printed
+                .strip_prefix(b"already here\n")
+                .expect("what was in the file stays first")
+                .to_vec();
+            (out.status.code(), printed, text(&out.stderr))
+        }
+        Stdout::Terminal => {
+            let (mut master, slave) = {
+                let (mut master, mut slave) = (-1, -1);
+                // SAFETY: openpty writes two descriptors through valid pointers to locals;
+                // the name, termios and window size pointers may be null.
+                let r = unsafe {
+                    libc::openpty(
+                        &mut master,
+                        &mut slave,
+                        std::ptr::null_mut(),
+                        std::ptr::null(),
+                        std::ptr::null(),
+                    )
+                };
+                assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+                // SAFETY: both descriptors were just opened for us and are owned by nobody
+                // else; the termios is written by tcgetattr before it is read.
+                unsafe {
+                    let mut raw: libc::termios = std::mem::zeroed();
+                    assert_eq!(libc::tcgetattr(slave, &mut raw), 0);
+                    libc::cfmakeraw(&mut raw);
+                    assert_eq!(libc::tcsetattr(slave, libc::TCSANOW, &raw), 0);
+                    (
+                        std::fs::File::from(OwnedFd::from_raw_fd(master)),
+                        OwnedFd::from_raw_fd(slave),
+                    )
+                }
+            };
+            cmd.stdout(slave);
+            let mut child = cmd.spawn().expect("the binary runs");
+            // `cmd` holds the parent's copy of the terminal's slave side until dropped: the
+            // master reads EIO once the child and its commands have closed theirs.
+            drop(cmd);
+            let reader = std::thread::spawn(move || {
+                let mut printed = Vec::new();
+                let mut buf = [0u8; 65536];
+                loop {
+                    match master.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => printed.extend_from_slice(&buf[..n]),
+                        Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break, // EIO: no slave side left open
+                    }
+                }
+                printed
+            });
+            let mut stderr = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                let _ = err.read_to_string(&mut stderr);
+            }
+            let status = child.wait().expect("run-job ends");
+            let printed = reader.join().expect("the terminal reader ends");
+            (status.code(), printed, stderr)
+        }
+    }
+}
+
+/// The phase banner `run-job` writes before a command's output.
+fn banner_of(phase: &str, agent: &str) -> Vec<u8> {
+    let text = format!("Starting testflinger {phase} phase on {agent}");
+    let row = "*".repeat(text.len() + 4);
+    format!("{row}\n* {text} *\n{row}\n").into_bytes()
+}
+
+/// With and without a secret, on a terminal and on `/dev/null`: `test.log` holds the
+/// banner and then exactly the command's bytes (random, not UTF-8, from stdout and stderr
+/// in turn, the last without a newline), masked where the secret was printed, and the
+/// terminal shows exactly `test.log` before the summary. Without a secret the command's
+/// standard output is `test.log` itself; with one it is the agent's pipe.
+#[test]
+fn the_log_and_the_terminal_hold_exactly_the_commands_bytes() {
+    const SECRET: &str = "s3cret-value-never-shown";
+    for (secret, stdout) in [
+        (false, Stdout::Terminal),
+        (false, Stdout::DevNull),
+        (false, Stdout::File),
+        (true, Stdout::Terminal),
+        (true, Stdout::DevNull),
+    ] {
+        let what = format!("secret {secret}, stdout {stdout:?}");
+        let s = Scratch::new(&format!("exact-{secret}-{stdout:?}"));
+        let reference = s.path("reference.bin");
+        let made = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "head -c 300000 /dev/urandom > {}",
+                reference.display()
+            ))
+            .status()
+            .expect("sh runs");
+        assert!(made.success());
+        let random = std::fs::read(&reference).expect("the reference bytes");
+        let r = reference.display();
+        // What the command prints: a line naming its stdout, 100 kB on stdout, the secret
+        // (when there is one, from the environment), 100 kB on stderr, then the last
+        // 100 kB on stdout, ending without a newline.
+        let config = s.config(&format!(
+            "agent_id: it-exact\nserver_address: http://127.0.0.1:9\njob_queues: [q]\n\
+test_command: |\n  echo \"stdout is $(readlink /proc/$$/fd/1)\"\n  head -c 100000 {r}\n  printf 'key=%s;' \"$API_TOKEN\"\n  tail -c +100001 {r} | head -c 100000 >&2\n  tail -c +200001 {r}\n"
+        ));
+        let job = if secret {
+            s.write(
+                "job.yaml",
+                &format!(
+                    "job_queue: q\ntest_data: {{test_cmds: x, secrets: {{API_TOKEN: {SECRET}}}}}\n"
+                ),
+            )
+        } else {
+            s.write("job.yaml", "job_queue: q\ntest_data: {test_cmds: x}\n")
+        };
+        let (code, printed, stderr) = run_job_to(&config, &job, stdout, &s);
+        assert_eq!(code, Some(0), "{what}: {stderr}");
+        let log = std::fs::read(s.rundir().join("test.log")).expect("test log");
+        let banner = banner_of("test", "it-exact");
+        assert!(log.starts_with(&banner), "{what}: the banner first");
+        let first_line_end = log[banner.len()..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|at| banner.len() + at + 1)
+            .expect("the command's first line");
+        let first_line = text(&log[banner.len()..first_line_end]);
+        if secret {
+            assert!(
+                first_line.starts_with("stdout is pipe:"),
+                "{what}: {first_line}"
+            );
+        } else {
+            assert!(
+                first_line.trim_end().ends_with("/test.log"),
+                "{what}: {first_line}"
+            );
+        }
+        let key = if secret {
+            [&b"key="[..], crate_replacement(SECRET).as_bytes(), b";"].concat()
+        } else {
+            b"key=;".to_vec()
+        };
+        let expected = [&random[..100_000], &key, &random[100_000..]].concat();
+        assert!(
+            log[first_line_end..] == expected[..],
+            "{what}: test.log holds {} bytes after the first line, {} expected",
+            log.len() - first_line_end,
+            expected.len()
+        );
+        assert!(
+            !log.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "{what}: the secret is not in the log"
+        );
+        match stdout {
+            Stdout::DevNull => assert!(printed.is_empty()),
+            _ => {
+                assert!(
+                    printed.starts_with(&log),
+                    "{what}: the terminal shows test.log first ({} bytes printed, log {})",
+                    printed.len(),
+                    log.len()
+                );
+                assert!(
+                    printed[log.len()..].starts_with(b"\nphase "),
+                    "{what}: then the summary: {}",
+                    text(&printed[log.len()..])
+                );
+            }
+        }
+    }
+}
+
+/// `**` and the first six hex digits of the SHA-256 of `secret` and `**`, computed by
+/// `sha256sum` (not by the agent's own code).
+fn crate_replacement(secret: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf '%s' '{secret}' | sha256sum"))
+        .output()
+        .expect("sha256sum runs");
+    format!("**{}**", &text(&out.stdout)[..6])
+}
+
+/// A command that writes its log itself and stays quiet for less than the output timeout,
+/// but longer than the agent's pauses between looks at the log, is not stopped: the
+/// agent looks at the log before it takes the timeout as reached. Standard output is a
+/// file, so the agent looks no more often than once a second while the log is quiet.
+#[test]
+fn direct_capture_sees_late_output_before_the_output_timeout() {
+    let s = Scratch::new("late-output");
+    let config = s.config(
+        "agent_id: it-late\nserver_address: http://127.0.0.1:9\njob_queues: [q]\n\
+test_command: |\n  echo \"stdout is $(readlink /proc/$$/fd/1)\"\n  sleep 3.5\n  echo second line\n  sleep 1.5\n  echo third line\n",
+    );
+    let job = s.write(
+        "job.yaml",
+        "job_queue: q\noutput_timeout: 4\ntest_data: {test_cmds: x}\n",
+    );
+    let (code, printed, stderr) = run_job_to(&config, &job, Stdout::File, &s);
+    let log = text(&std::fs::read(s.rundir().join("test.log")).expect("test log"));
+    assert_eq!(code, Some(0), "{log}\n{stderr}");
+    assert!(
+        log.contains("/test.log\nsecond line\nthird line\n"),
+        "{log}"
+    );
+    assert!(!log.contains("Output timeout"), "{log}");
+    assert!(text(&printed).starts_with(&log), "{}", text(&printed));
+}
