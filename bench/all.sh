@@ -10,7 +10,7 @@
 #              10 agents, short windows; what CI runs. Default build: the dev profile
 #              (CI's `cargo test` has built it), so the figures are a debug build's.
 #   --json     where the JSON goes (default: bench/results.json for a full run, which
-#              README's performance table is rendered from; target/bench/smoke.json for
+#              bench/README.md's performance table is rendered from; target/bench/smoke.json for
 #              --smoke)
 #   --note     a sentence recorded with the figures (e.g. what else loaded the machine)
 #   --profile  the cargo profile to build and measure (default: release; dev for --smoke)
@@ -24,7 +24,7 @@
 #
 # The run-job figures run on a tmpfs: /dev/shm when it is one, else a tmpfs mounted for
 # the run (root only); the agents' directories in the other figures are there too.
-# After a full run: UPDATE_GENERATED=1 cargo test --test it docs:: rewrites README's table.
+# After a full run: UPDATE_GENERATED=1 cargo test --test it docs:: rewrites bench/README.md's table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

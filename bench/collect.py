@@ -2,9 +2,9 @@
 """The collector of bench/all.sh: reads the `FIGURE name=value unit=U key=value...` lines
 its producers printed, checks each against the table below (every figure present, once,
 in its unit, a finite number), puts each beside its limit or target (issue 10,
-"Performance to aim for"), prints a table and writes the JSON that README's performance
-table is rendered from (tests/it/docs.rs). Exits 1 when a figure is missing, unknown,
-repeated or malformed, or a producer failed.
+"Performance to aim for"), prints a table and writes the JSON that bench/README.md's
+performance table is rendered from (tests/it/docs.rs). Exits 1 when a figure is missing,
+unknown, repeated or malformed, or a producer failed.
 
 Usage: bench/collect.py --log FILE --json FILE --mode full|smoke --build PROFILE
                         [--tmpfs TEXT] [--load "1 5 15"] [--note TEXT]

@@ -39,6 +39,8 @@ expected=(
   "usr/share/doc/testflinger-agent/README.md|-rw-r--r--|README.md"
   "usr/share/doc/testflinger-agent/operating.md|-rw-r--r--|docs/operating.md"
   "usr/share/doc/testflinger-agent/migrating.md|-rw-r--r--|docs/migrating.md"
+  "usr/share/doc/testflinger-agent/configuration.md|-rw-r--r--|docs/configuration.md"
+  "usr/share/doc/testflinger-agent/auditing.md|-rw-r--r--|docs/auditing.md"
   "usr/share/doc/testflinger-agent/examples/agent.yaml|-rw-r--r--|packaging/examples/agent.yaml"
   "usr/share/doc/testflinger-agent/examples/supervisord.conf|-rw-r--r--|deploy/supervisord/testflinger-agent.conf"
 )

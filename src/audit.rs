@@ -175,22 +175,6 @@ mod tests {
         );
     }
 
-    /// The README embeds the job lifecycle diagram as the code renders it.
-    #[test]
-    fn readme_embeds_the_current_diagram() {
-        let readme =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-                .unwrap_or_default();
-        let expected = format!(
-            "<!-- diagram:job-lifecycle:start -->\n```mermaid\n{}```\n<!-- diagram:job-lifecycle:end -->",
-            render(&crate::lifecycle::diagram::job_machine(), Format::Mermaid)
-        );
-        assert!(
-            readme.contains(&expected),
-            "README.md does not embed the current job diagram; paste the output of\n  cargo run -- diagram --format mermaid\nbetween the diagram:job-lifecycle markers"
-        );
-    }
-
     /// Every machine is drawn from the table its code moves along: each table edge is in
     /// its drawing, and the drawing has no other edge.
     #[test]

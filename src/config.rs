@@ -2,13 +2,13 @@
 //! Python agent, their types and defaults, plus this agent's own tuning keys.
 //!
 //! One table, [`KEYS`], drives everything: validation, the defaults, the effective config
-//! printed by `testflinger-agent check-config`, the variables exported to phase commands and
-//! the reference table in `README.md` ([`reference_table_markdown`]). A config file that
-//! the Python agent accepts loads here unchanged, with these deliberate differences: values
-//! inside `job_queues`, `advertised_queues` and `advertised_images` must be strings (the
-//! server refuses anything else), agent ids that cannot be a path or URL segment are
-//! refused, and `advertised_images` in the list-of-one-key-maps shape is turned into the
-//! map shape the server accepts.
+//! printed by `testflinger-agent check-config`, the variables exported to phase commands
+//! and the reference table in `docs/configuration.md` ([`reference_table_markdown`]). A
+//! config file that the Python agent accepts loads here unchanged, with these deliberate
+//! differences: values inside `job_queues`, `advertised_queues` and `advertised_images`
+//! must be strings (the server refuses anything else), agent ids that cannot be a path or
+//! URL segment are refused, and `advertised_images` in the list-of-one-key-maps shape is
+//! turned into the map shape the server accepts.
 
 use crate::phase::Phase;
 use crate::yaml::{self, YamlError};
@@ -923,8 +923,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// The Markdown reference table of every config key, generated from [`KEYS`]. README.md
-/// holds a copy between `<!-- config-table:start -->` and `<!-- config-table:end -->`;
+/// The Markdown reference table of every config key, generated from [`KEYS`].
+/// `docs/configuration.md` holds a copy between `<!-- config-table:start -->` and `<!-- config-table:end -->`;
 /// `testflinger-agent check-config --reference-table` prints it.
 pub fn reference_table_markdown() -> String {
     let mut out =
@@ -1494,22 +1494,22 @@ output_bytes: 10485760
     }
 
     #[test]
-    fn readme_holds_the_generated_table() {
+    fn the_configuration_reference_holds_the_generated_table() {
         const START: &str = "<!-- config-table:start -->";
         const END: &str = "<!-- config-table:end -->";
         let fix = "regenerate it with `cargo run -- check-config --reference-table` and paste the \
                    output between the markers";
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-        let readme = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+        let page = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
                 "cannot read {}: {e}; it must hold the config key table: {fix}",
                 path.display()
             )
         });
-        let start = readme
+        let start = page
             .find(START)
             .unwrap_or_else(|| panic!("{} has no `{START}` line: {fix}", path.display()));
-        let end = readme[start..]
+        let end = page[start..]
             .find(END)
             .map(|i| start + i)
             .unwrap_or_else(|| {
@@ -1518,7 +1518,7 @@ output_bytes: 10485760
                     path.display()
                 )
             });
-        let inside = readme[start + START.len()..end].trim_matches('\n');
+        let inside = page[start + START.len()..end].trim_matches('\n');
         assert!(
             inside == reference_table_markdown().trim_end(),
             "the config key table in {} differs from config::KEYS: {fix}",

@@ -218,12 +218,12 @@ fn the_charms_command_line_serves_the_python_metrics_after_three_jobs() {
     }
 }
 
-/// The metric names README.md's metrics table lists, with its Type column.
+/// The metric names docs/operating.md's metrics table lists, with its Type column.
 fn documented_families() -> Vec<(String, String)> {
-    let readme = include_str!("../../README.md");
-    let table = readme
+    let guide = include_str!("../../docs/operating.md");
+    let table = guide
         .split_once("| Metric | Type | Labels | Counts |")
-        .expect("README.md has the metrics table")
+        .expect("docs/operating.md has the metrics table")
         .1;
     let mut names = Vec::new();
     for row in table.lines().skip(2) {
@@ -243,7 +243,7 @@ fn documented_families() -> Vec<(String, String)> {
 /// An idle agent's first scrape declares every family (HELP and TYPE), before any job or
 /// failure: `failures_total` and `phase_duration_seconds` included, as the Python agent's
 /// client does, so dashboards and `absent()` alerts see them at once. The names are the ones
-/// README.md documents, and the scrape has no family it does not.
+/// docs/operating.md documents, and the scrape has no family it does not.
 #[test]
 fn an_idle_agents_first_scrape_declares_every_documented_family() {
     let server = FakeServer::start_with(FakeConfig {
@@ -278,7 +278,7 @@ fn an_idle_agents_first_scrape_declares_every_documented_family() {
         };
         assert!(
             kind.contains(want),
-            "{family} is a {want}, README.md says {kind:?}"
+            "{family} is a {want}, docs/operating.md says {kind:?}"
         );
         assert!(
             text.contains(&format!("# TYPE {family} {want}\n")),
@@ -299,7 +299,7 @@ fn an_idle_agents_first_scrape_declares_every_documented_family() {
         .collect();
     assert!(
         undocumented.is_empty(),
-        "not in README.md: {undocumented:?}"
+        "not in docs/operating.md: {undocumented:?}"
     );
     assert_eq!(agent.stop(), Some(0));
 }

@@ -21,7 +21,7 @@ const PHASES: [&str; 7] = [
     "cleanup",
 ];
 
-/// The exit code recovery gives the phase the agent died in (README "Crash recovery").
+/// The exit code recovery gives the phase the agent died in (docs/operating.md, "Crash recovery").
 const INTERRUPTED: i64 = 247;
 
 /// A phase command that starts a tree of processes marked with `marker` and waits for

@@ -4,8 +4,11 @@
 //! metric they name exists, and the supervisord settings they quote are the shipped file's.
 //! The auditor's guide embeds every state machine's Mermaid diagram and transition table
 //! as the code renders them.
-//! README's performance table is likewise the rendering of `bench/results.json`, the JSON
-//! of a full run of `bench/all.sh`.
+//! The configuration reference (`docs/configuration.md`) holds the key table as `KEYS`
+//! renders it (`src/config.rs` checks that copy). `bench/README.md`'s performance table is
+//! the rendering of `bench/results.json`, the JSON of a full run of `bench/all.sh`.
+//! The README, the newcomer's page, keeps its two commands and links each reader on; every
+//! relative link in these pages names a file of the repository.
 
 use clap::Parser;
 use std::path::Path;
@@ -15,7 +18,12 @@ use testflinger_agent::diagram::{render, Format};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const UPDATE_VAR: &str = "UPDATE_GENERATED";
-const GUIDES: [&str; 3] = ["docs/operating.md", "docs/migrating.md", "docs/auditing.md"];
+const GUIDES: [&str; 4] = [
+    "README.md",
+    "docs/operating.md",
+    "docs/migrating.md",
+    "docs/auditing.md",
+];
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(Path::new(ROOT).join(path))
@@ -237,7 +245,7 @@ fn the_supervisord_settings_quoted_are_the_shipped_ones() {
     assert!(quoted >= 6, "only {quoted} settings quoted");
 }
 
-/// A figure's value as README shows it: three significant digits or so, `×` for a ratio.
+/// A figure's value as `bench/README.md` shows it: three significant digits or so, `×` for a ratio.
 fn shown(value: f64, unit: &str) -> String {
     let size = value.abs();
     let whole = value.fract() == 0.0 && matches!(unit, "processes" | "requests");
@@ -257,7 +265,7 @@ fn shown(value: f64, unit: &str) -> String {
     }
 }
 
-/// README's performance table, rendered from the suite's JSON.
+/// `bench/README.md`'s performance table, rendered from the suite's JSON.
 fn performance_table(results: &serde_json::Value) -> String {
     let text = |v: &serde_json::Value, key: &str| {
         v.get(key)
@@ -322,7 +330,7 @@ fn bench_results() -> serde_json::Value {
 #[test]
 fn the_performance_table_is_bench_results_json() {
     check_block(
-        "README.md",
+        "bench/README.md",
         "performance",
         &performance_table(&bench_results()),
     );
@@ -353,4 +361,100 @@ fn bench_results_json_is_a_complete_full_run() {
             "{figure}"
         );
     }
+}
+
+/// The README's two commands, exactly as a newcomer is to type them, each in a `sh` block.
+#[test]
+fn the_readme_shows_the_two_commands() {
+    let lines = shell_lines(&read("README.md"));
+    for command in [
+        "cargo run --release -- run-job -c examples/agent.yaml examples/job.yaml",
+        "cargo test",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.trim() == command),
+            "README.md has no `sh` line `{command}`"
+        );
+    }
+}
+
+/// The README sends each reader to one page: every one of them is linked.
+#[test]
+fn the_readme_links_every_readers_page() {
+    let readme = read("README.md");
+    for page in [
+        "docs/operating.md",
+        "docs/auditing.md",
+        "docs/architecture.md",
+        "docs/migrating.md",
+        "docs/configuration.md",
+        "bench/README.md",
+    ] {
+        assert!(
+            readme.contains(&format!("]({page})")),
+            "README.md does not link {page}"
+        );
+    }
+}
+
+/// The targets of the Markdown links `[text](target)` in `text` that stay in the
+/// repository: no scheme, no bare `#anchor`; the anchor is cut off.
+fn relative_links(text: &str) -> Vec<String> {
+    let mut targets = Vec::new();
+    for (i, _) in text.match_indices("](") {
+        let rest = &text[i + 2..];
+        let Some(end) = rest.find(')') else {
+            continue;
+        };
+        let target = &rest[..end];
+        if target.contains("://") || target.starts_with('#') || target.starts_with("mailto:") {
+            continue;
+        }
+        let path = target.split('#').next().unwrap_or_default();
+        if !path.is_empty() {
+            targets.push(path.to_owned());
+        }
+    }
+    targets
+}
+
+/// Every relative link of the README, the pages under `docs/` and `bench/README.md` names
+/// a file or folder that exists (anchors into the specification and the architecture are
+/// checked by `spec::`).
+#[test]
+fn every_relative_link_names_a_file() {
+    let root = Path::new(ROOT);
+    let mut pages = vec!["README.md".to_owned(), "bench/README.md".to_owned()];
+    for entry in std::fs::read_dir(root.join("docs")).expect("docs/ is a folder") {
+        let name = entry.expect("a docs/ entry").file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".md") {
+            pages.push(format!("docs/{name}"));
+        }
+    }
+    let mut seen = 0;
+    let mut broken = Vec::new();
+    for page in &pages {
+        let dir = Path::new(page).parent().unwrap_or(Path::new(""));
+        for target in relative_links(&read(page)) {
+            seen += 1;
+            if !root.join(dir).join(&target).exists() {
+                broken.push(format!("{page}: {target}"));
+            }
+        }
+    }
+    assert!(seen >= 10, "only {seen} relative links found");
+    assert!(
+        broken.is_empty(),
+        "links to nothing:\n{}",
+        broken.join("\n")
+    );
+}
+
+/// The link scan itself, on made-up text: it finds relative targets, cuts anchors and
+/// leaves web addresses and in-page anchors alone.
+#[test]
+fn the_link_scan_finds_relative_targets() {
+    let text = "[a](docs/x.md) [b](https://e.org/y.md) [c](#here) [d](../README.md#top) [e](x)";
+    assert_eq!(relative_links(text), ["docs/x.md", "../README.md", "x"]);
 }

@@ -103,7 +103,9 @@ fn files_section(roff: &mut Roff) {
         ),
         (
             "/usr/share/doc/testflinger-agent/",
-            "operating.md and migrating.md (the operator's guides) and examples/.",
+            "README.md; operating.md and migrating.md (the operator's guides); \
+             configuration.md (every config key); auditing.md (the state machines and how \
+             they are checked); examples/.",
         ),
     ] {
         entry(roff, path, what);
@@ -138,8 +140,10 @@ fn see_also_section(roff: &mut Roff, subcommands: &[String]) {
     inlines.push(bold("supervisord"));
     inlines.push(roman("(1), and the guides "));
     inlines.push(italic("/usr/share/doc/testflinger-agent/operating.md"));
-    inlines.push(roman(" and "));
+    inlines.push(roman(", "));
     inlines.push(italic("/usr/share/doc/testflinger-agent/migrating.md"));
+    inlines.push(roman(" and "));
+    inlines.push(italic("/usr/share/doc/testflinger-agent/configuration.md"));
     inlines.push(roman("."));
     roff.text(inlines);
 }

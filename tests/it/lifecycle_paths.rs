@@ -1,5 +1,5 @@
 //! Every path of the job machine, not a sample: all combinations of per-phase outcomes over
-//! the seven phases, checked against a model of PROTOCOL §5.4 and the README's crash
+//! the seven phases, checked against a model of PROTOCOL §5.4 and the operator guide's crash
 //! recovery rules written out here, independently of the engine.
 //!
 //! # What a path is
@@ -96,7 +96,7 @@ enum Outcome {
 
 use Outcome::*;
 
-// ---- the model: PROTOCOL §5.3–§5.6 and the README's crash recovery, written out ----------
+// ---- the model: PROTOCOL §5.3–§5.6 and the operator guide's crash recovery, written out ----
 
 /// The outcomes a phase can have (§5.6: no global timeout in reserve, the output timeout
 /// only in test).
@@ -341,7 +341,7 @@ fn expect(path: &PathSpec) -> Report {
             agent_state: if offline { "offline" } else { "waiting" },
         };
     };
-    // README "Crash recovery": each restart gives the interrupted phase 247 and runs
+    // docs/operating.md, "Crash recovery": each restart gives the interrupted phase 247 and runs
     // cleanup, once more if the agent died in it, never a third time.
     let mut recovered_in = Vec::new();
     let mut outcomes = path.recovered.iter();

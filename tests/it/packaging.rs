@@ -83,8 +83,11 @@ fn every_generated_file_is_a_package_asset() {
     for path in [
         "deploy/systemd/testflinger-agent@.service",
         "deploy/systemd/hardening.conf",
+        "README.md",
         "docs/operating.md",
         "docs/migrating.md",
+        "docs/configuration.md",
+        "docs/auditing.md",
     ] {
         assert!(
             deb.contains(&format!("\"{path}\"")),

@@ -1,7 +1,7 @@
 //! The specification and the architecture page against what cites them: every `§x.y` in
 //! `src/`, `tests/`, `benches/` and `fuzz/fuzz_targets/` names a heading of
 //! `docs/protocol.md`, and every link to `docs/protocol.md#…` or `docs/architecture.md#…`
-//! (in those folders, the README and `docs/`) names a heading of that page.
+//! (in those folders, the READMEs and `docs/`) names a heading of that page.
 //!
 //! A citation is `§` followed by a section number (`§5`, `§5.4`); several may share a line
 //! (`§5.4/§5.5`, `§1-§3`). `§` after `RFC <number>` cites that RFC and is not checked, nor
@@ -206,7 +206,7 @@ fn every_link_into_the_specification_and_the_architecture_names_a_heading() {
     let mut texts = citing_sources();
     for path in files(&root.join("docs"), ".md")
         .into_iter()
-        .chain([root.join("README.md")])
+        .chain([root.join("README.md"), root.join("bench/README.md")])
     {
         let shown = path
             .strip_prefix(root)
