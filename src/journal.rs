@@ -20,7 +20,7 @@ pub const JOURNAL_VERSION: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Why {
-    /// The job was taken from the server (the first entry).
+    /// The job was taken from the server, or given to `run-job` (the first entry).
     Taken,
     /// The phase command exited on its own (`exit_code` says how).
     Exit,
