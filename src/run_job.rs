@@ -191,8 +191,8 @@ pub fn summary(run: &LocalRun) -> String {
         }
     };
     out.push_str(&format!(
-        "\n{verdict}\nrun directory: {}\n",
-        run.rundir.display()
+        "\n{verdict}\nrun directory: {dir}\nthe job's path: testflinger-agent explain {dir}\n",
+        dir = run.rundir.display()
     ));
     out
 }

@@ -330,8 +330,9 @@ fn explain_shows_a_recovered_crash() {
     assert_eq!(status["test"], json!(247), "{status}");
 }
 
-/// `run-job` on a shipped example in `s`'s directories; its run directory.
-fn run_example(s: &Scratch, config: &str, job: &str, expected_exit: i32) -> PathBuf {
+/// `run-job` on a shipped example in `s`'s directories; its run directory and what it
+/// printed.
+fn run_example(s: &Scratch, config: &str, job: &str, expected_exit: i32) -> (PathBuf, String) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = crate::run_job::run_job(&s.example_config(config), &root.join(job));
     assert_eq!(
@@ -341,7 +342,7 @@ fn run_example(s: &Scratch, config: &str, job: &str, expected_exit: i32) -> Path
         crate::run_job::text(&out.stdout),
         crate::run_job::text(&out.stderr)
     );
-    s.rundir()
+    (s.rundir(), crate::run_job::text(&out.stdout))
 }
 
 /// The phase column of `explain`'s table rows, in order (the first row, the job taken,
@@ -359,11 +360,18 @@ fn table_phases(table: &str) -> Vec<String> {
 #[test]
 fn explain_reads_the_run_directory_of_a_passing_run_job() {
     let s = Scratch::new("explain-runjob-pass");
-    let rundir = run_example(&s, "examples/agent.yaml", "examples/job.yaml", 0);
+    let (rundir, printed) = run_example(&s, "examples/agent.yaml", "examples/job.yaml", 0);
     let id = rundir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .expect("the run directory is named after the job");
+    assert!(
+        printed.ends_with(&format!(
+            "run directory: {d}\nthe job's path: testflinger-agent explain {d}\n",
+            d = rundir.display()
+        )),
+        "the summary says where to look next:\n{printed}"
+    );
     let dot = explain(&rundir, "dot");
     assert_eq!(
         bold_pairs(&dot),
@@ -418,7 +426,7 @@ fn explain_reads_the_run_directory_of_a_passing_run_job() {
 #[test]
 fn explain_reads_the_run_directory_of_a_failed_provision() {
     let s = Scratch::new("explain-runjob-fail");
-    let rundir = run_example(
+    let (rundir, _) = run_example(
         &s,
         "examples/failing/agent.yaml",
         "examples/failing/job-provision-fails.yaml",
@@ -459,7 +467,7 @@ fn explain_reads_the_run_directory_of_a_failed_provision() {
 #[test]
 fn explain_without_a_trail_says_where_trails_are_kept() {
     let s = Scratch::new("explain-none");
-    let rundir = run_example(&s, "examples/agent.yaml", "examples/job.yaml", 0);
+    let (rundir, _) = run_example(&s, "examples/agent.yaml", "examples/job.yaml", 0);
     let id = rundir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
