@@ -149,6 +149,59 @@ fn summary(journal: &Journal) -> String {
     text
 }
 
+/// How many kept trails [`where_trails_are`] names.
+pub const TRAILS_SHOWN: usize = 5;
+
+/// What `explain` says when `path` holds no trail: that every run directory the agent
+/// leaves holds one, where the finished jobs' trails are kept (`trails_dir`, found from
+/// `whence`), how many are there and the newest few, and this job's own if it is among
+/// them. `trails` is [`crate::trails::list`] of `trails_dir`.
+pub fn where_trails_are(
+    path: &Path,
+    trails_dir: &Path,
+    whence: &str,
+    trails: &std::io::Result<Vec<crate::trails::KeptTrail>>,
+) -> String {
+    let mut out = format!(
+        "Each run directory the agent leaves (the daemon's and run-job's) holds its job's \
+         trail in {}, and the trails of finished jobs are kept in <logging_basedir>/{}/.\n",
+        crate::journal::JOURNAL_FILE,
+        crate::trails::TRAILS_DIR
+    );
+    let where_ = format!("{} ({whence})", trails_dir.display());
+    let trails = match trails {
+        Ok(trails) => trails,
+        Err(err) => {
+            out.push_str(&format!("Kept trails: cannot list {where_}: {err}\n"));
+            return out;
+        }
+    };
+    if trails.is_empty() {
+        out.push_str(&format!("Kept trails: none in {where_}.\n"));
+        return out;
+    }
+    out.push_str(&format!(
+        "Kept trails: {} in {where_}; the newest:\n",
+        trails.len()
+    ));
+    for trail in trails.iter().take(TRAILS_SHOWN) {
+        out.push_str(&format!(
+            "  {}  {}\n",
+            crate::time::iso_at(trail.modified),
+            trail.path.display()
+        ));
+    }
+    // A run directory is named after its job: its trail may be kept.
+    let job_id = path.file_name().map(|name| name.to_string_lossy());
+    if let Some(own) = job_id.and_then(|id| trails.iter().find(|t| t.job_id() == id)) {
+        out.push_str(&format!(
+            "This job's trail is kept: testflinger-agent explain {}\n",
+            own.path.display()
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +295,48 @@ mod tests {
                 "{event:?} drawn {drawn} times: {picture:?}"
             );
         }
+    }
+
+    /// The newest few trails are named, this job's own is pointed at, and a directory
+    /// that cannot be listed is said so.
+    #[test]
+    fn where_trails_are_names_the_newest_and_the_jobs_own() {
+        use crate::trails::KeptTrail;
+        let trails: Vec<KeptTrail> = (0..TRAILS_SHOWN + 2)
+            .map(|i| KeptTrail {
+                path: PathBuf::from(format!("/t/job-{i}.json")),
+                modified: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000 - i as u64),
+            })
+            .collect();
+        let text = where_trails_are(
+            Path::new("/run/job-1"),
+            Path::new("/t"),
+            "from here",
+            &Ok(trails),
+        );
+        assert!(
+            text.contains("Kept trails: 7 in /t (from here); the newest:"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("  1970-01-01T00:").count(),
+            TRAILS_SHOWN,
+            "{text}"
+        );
+        assert!(!text.contains("/t/job-6.json"), "{text}");
+        assert!(
+            text.ends_with("This job's trail is kept: testflinger-agent explain /t/job-1.json\n"),
+            "{text}"
+        );
+        let none = where_trails_are(Path::new("/run/x"), Path::new("/t"), "w", &Ok(Vec::new()));
+        assert!(none.contains("Kept trails: none in /t (w)."), "{none}");
+        let failed = where_trails_are(
+            Path::new("/run/x"),
+            Path::new("/t"),
+            "w",
+            &Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied)),
+        );
+        assert!(failed.contains("cannot list /t (w)"), "{failed}");
     }
 
     fn passing_journal() -> Journal {

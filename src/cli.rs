@@ -107,9 +107,13 @@ pub enum Command {
     },
     /// Show the path one job took through the lifecycle, from its journal's trail.
     Explain {
-        /// A run directory, a spooled one, or a kept trail
+        /// A run directory (the daemon's or run-job's), a spooled one, or a kept trail
         /// (`<logging_basedir>/trails/<job_id>.json`).
         path: PathBuf,
+        /// The agent config whose `logging_basedir` holds the kept trails: when PATH has
+        /// no trail, they are listed from there (else from the default `logging_basedir`).
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
         /// `table` lists each transition; `mermaid` and `dot` draw the lifecycle with this
         /// job's edges highlighted and numbered, the others faded.
         #[arg(long, value_enum, default_value_t = ExplainFormat::Table)]

@@ -20,7 +20,7 @@ pub const JOURNAL_VERSION: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Why {
-    /// The job was taken from the server (the first entry).
+    /// The job was taken from the server, or given to `run-job` (the first entry).
     Taken,
     /// The phase command exited on its own (`exit_code` says how).
     Exit,
@@ -345,34 +345,6 @@ impl Journal {
     }
 }
 
-/// Where the trails of finished jobs are kept, under `logging_basedir`.
-pub const TRAILS_DIR: &str = "trails";
-
-/// Keeps a copy of a finished job's journal (its trail) as `<dir>/<job_id>.json`, and
-/// removes the oldest copies beyond `keep` (0 keeps none). Not fsynced: an audit copy.
-pub fn keep_trail(journal: &Journal, dir: &Path, keep: usize) -> io::Result<()> {
-    if keep == 0 {
-        return Ok(());
-    }
-    fs::create_dir_all(dir)?;
-    fs::write(
-        dir.join(format!("{}.json", journal.job_id)),
-        journal.to_bytes(),
-    )?;
-    let mut kept: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "json"))
-        .filter_map(|entry| Some((entry.metadata().ok()?.modified().ok()?, entry.path())))
-        .collect();
-    if kept.len() > keep {
-        kept.sort();
-        for (_, path) in &kept[..kept.len() - keep] {
-            fs::remove_file(path)?;
-        }
-    }
-    Ok(())
-}
-
 /// Reads a journal from a run directory (or a spooled one), or from a kept trail file.
 pub fn read_any(path: &Path) -> Result<Journal, JournalError> {
     if path.is_dir() {
@@ -489,39 +461,6 @@ mod tests {
         other.token = Some("tok-2".into());
         other.save_live(&dir).expect("live");
         assert!(read(&dir).expect("reads").token.is_none());
-        let _ = fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn kept_trails_are_pruned_oldest_first_and_read_back() {
-        let dir = tempdir("trails");
-        for i in 0..5 {
-            let mut journal = sample();
-            journal.job_id = format!("job-{i}");
-            keep_trail(&journal, &dir, 3).expect("kept");
-            // Distinct modification times, whatever the filesystem's resolution.
-            let file = fs::File::options()
-                .write(true)
-                .open(dir.join(format!("job-{i}.json")))
-                .expect("open");
-            file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i))
-                .expect("mtime");
-        }
-        let mut names: Vec<String> = fs::read_dir(&dir)
-            .expect("dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["job-2.json", "job-3.json", "job-4.json"]);
-        let back = read_any(&dir.join("job-4.json")).expect("a kept trail reads back");
-        assert_eq!(back.job_id, "job-4");
-        assert_eq!(back.trail, sample().trail);
-        keep_trail(&sample(), &dir.join("none"), 0).expect("0 keeps none");
-        assert!(!dir.join("none").exists());
-        assert!(matches!(
-            read_any(&dir.join("missing.json")),
-            Err(JournalError::Read { .. })
-        ));
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -36,4 +36,5 @@ pub mod run_job;
 pub mod server;
 pub mod signals;
 pub mod time;
+pub mod trails;
 pub mod yaml;

@@ -17,7 +17,7 @@ use testflinger_agent::daemon::{Daemon, DaemonExit};
 use testflinger_agent::diagram::{self, Format};
 use testflinger_agent::job::JobSpec;
 use testflinger_agent::process::StopSignal;
-use testflinger_agent::{logging, run_job, signals};
+use testflinger_agent::{logging, run_job, signals, trails};
 
 /// How long the daemon waits before exiting with [`EXIT_BAD_INPUT`] when its standard input
 /// is not a terminal (it runs under a supervisor); the environment variable overrides it.
@@ -65,7 +65,11 @@ fn main() -> ExitCode {
             machine,
             write,
         }) => diagram(format, &machine, write.as_deref()),
-        Some(Command::Explain { path, format }) => explain(&path, format),
+        Some(Command::Explain {
+            path,
+            config,
+            format,
+        }) => explain(&path, config.as_deref(), format),
         None => daemon(
             &cli.config,
             &cli.token_file,
@@ -174,11 +178,29 @@ fn diagram(format: DiagramFormat, machine: &str, write: Option<&Path>) -> ExitCo
     }
 }
 
-fn explain(path: &Path, format: ExplainFormat) -> ExitCode {
+fn explain(path: &Path, config: Option<&Path>, format: ExplainFormat) -> ExitCode {
     let journal = match testflinger_agent::journal::read_any(path) {
         Ok(journal) => journal,
         Err(err) => {
             eprintln!("testflinger-agent: {}: {err}", path.display());
+            let (dir, whence) = match config {
+                Some(config_path) => match load_config(config_path) {
+                    Ok(config) => (
+                        trails::dir(&config.logging_basedir),
+                        format!("logging_basedir of {}", config_path.display()),
+                    ),
+                    Err(code) => return code,
+                },
+                None => (
+                    trails::default_dir(),
+                    "the default logging_basedir; -c CONFIG looks where an agent's config keeps them"
+                        .to_owned(),
+                ),
+            };
+            eprint!(
+                "{}",
+                audit::where_trails_are(path, &dir, &whence, &trails::list(&dir))
+            );
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };

@@ -1,8 +1,9 @@
 //! `testflinger-agent run-job`: one job, run locally with no server, end to end.
 
 use crate::config::Config;
-use crate::executor::{PhaseExecutor, MARKER_DIR};
+use crate::executor::{save_journal, PhaseExecutor, MARKER_DIR};
 use crate::job::JobSpec;
+use crate::journal::Journal;
 use crate::lifecycle::{run_to_completion, Job, JobOutcome, PhaseStatus, Plan};
 use crate::outcome::{self, OutcomeFile};
 use crate::phase::Phase;
@@ -97,7 +98,9 @@ fn write_job_files(rundir: &Path, document: &[u8]) -> io::Result<OutcomeFile> {
     Ok(outcome)
 }
 
-/// Runs `spec` locally: output to standard output, files in the run directory.
+/// Runs `spec` locally: output to standard output, files in the run directory, and the
+/// job's trail (its journal) there and under `<logging_basedir>/trails/`, as the daemon
+/// keeps them, for `explain`.
 pub fn run_local(
     config: &Config,
     spec: &JobSpec,
@@ -109,9 +112,15 @@ pub fn run_local(
     log::info!("job {}: running in {}", spec.job_id(), rundir.display());
     // A command without secrets writes its log itself, and standard output follows the log.
     let server = LocalServer::new();
+    // The same trail as the daemon's jobs, for `explain`: the journal in the run directory,
+    // written at every transition. A failure is logged; the executor's next write finds it
+    // again and ends the job.
+    let mut journal = Journal::taken(spec.job_id(), crate::time::now_iso());
+    let _ = save_journal(&mut journal, &server, &rundir);
     let mut executor =
         PhaseExecutor::new(config, spec, rundir.clone(), outcome_file, &server, stop)
-            .with_offline_marker(PathBuf::from(MARKER_DIR));
+            .with_offline_marker(PathBuf::from(MARKER_DIR))
+            .with_journal(journal);
     if server.has_live_reader() {
         // Someone watches the output: a quiet command's next line shows within this.
         executor = executor.with_follow_pause_max(LIVE_FOLLOW_PAUSE_MAX);
@@ -121,6 +130,13 @@ pub fn run_local(
     let done = run_to_completion(Job::new(spec.job_id(), plan, executor));
     let (outcome, mut executor) = done.finish();
     executor.job_finished(&outcome);
+    if let Some(mut journal) = executor.take_journal() {
+        // Finished: a daemon sharing execution_basedir reports this directory as it is
+        // rather than recovering the job (its cleanup has run).
+        journal.finished = true;
+        let _ = save_journal(&mut journal, &server, &rundir);
+        crate::trails::keep(config, &journal);
+    }
     crate::process::reap_orphans();
     Ok(LocalRun { rundir, outcome })
 }
@@ -175,8 +191,8 @@ pub fn summary(run: &LocalRun) -> String {
         }
     };
     out.push_str(&format!(
-        "\n{verdict}\nrun directory: {}\n",
-        run.rundir.display()
+        "\n{verdict}\nrun directory: {dir}\nthe job's path: testflinger-agent explain {dir}\n",
+        dir = run.rundir.display()
     ));
     out
 }

@@ -155,12 +155,20 @@ _testflinger__agent() {
             return 0
             ;;
         testflinger__subcmd__agent__subcmd__explain)
-            opts="-h --format --help"
+            opts="-c -h --config --format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --format)
                     COMPREPLY=($(compgen -W "table mermaid dot" -- "${cur}"))
                     return 0

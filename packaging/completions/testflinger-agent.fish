@@ -48,6 +48,7 @@ table\t'The transition table in Markdown: one row per (from, event, to)'"
 complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand diagram" -l machine -d 'Which state machine' -r
 complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand diagram" -l write -d 'Write every machine in every format into this directory instead' -r -F
 complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand diagram" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand explain" -s c -l config -d 'The agent config whose `logging_basedir` holds the kept trails: when PATH has no trail, they are listed from there (else from the default `logging_basedir`)' -r -F
 complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand explain" -l format -d '`table` lists each transition; `mermaid` and `dot` draw the lifecycle with this job\'s edges highlighted and numbered, the others faded' -r -f -a "table\t''
 mermaid\t''
 dot\t''"

@@ -5,7 +5,6 @@ mod recovery;
 mod run;
 mod spool;
 mod states;
-mod trails;
 
 pub use lock::{holder as lock_holder, AgentLock, LockError};
 pub use recovery::{begin_recovery, conclude_recovery, RecoveryStart, MAX_CLEANUP_ATTEMPTS};

@@ -220,7 +220,7 @@ fn recover_job(
     if let Err(err) = journal.save(dir) {
         log::error!("recovering job {job_id}: cannot write the job journal: {err}");
     }
-    super::trails::keep_trail(config, &journal);
+    crate::trails::keep(config, &journal);
     log::info!("recovering job {job_id}: done ({final_state}); the report goes through the spool");
     offline
 }

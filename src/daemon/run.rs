@@ -925,7 +925,7 @@ impl Daemon {
             }
         }
         if let Some(journal) = &journal {
-            super::trails::keep_trail(&self.config, journal);
+            crate::trails::keep(&self.config, journal);
         }
         let killed = self.stop.is_requested(StopKind::KillNow);
         if !killed && !self.server.drain(job_id, OUTPUT_DRAIN_LIMIT) {

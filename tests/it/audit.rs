@@ -329,3 +329,209 @@ fn explain_shows_a_recovered_crash() {
     let status: Value = server.result_data(&id)["status"].clone();
     assert_eq!(status["test"], json!(247), "{status}");
 }
+
+/// `run-job` on a shipped example in `s`'s directories; its run directory and what it
+/// printed.
+fn run_example(s: &Scratch, config: &str, job: &str, expected_exit: i32) -> (PathBuf, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = crate::run_job::run_job(&s.example_config(config), &root.join(job));
+    assert_eq!(
+        out.status.code(),
+        Some(expected_exit),
+        "stdout:\n{}\nstderr:\n{}",
+        crate::run_job::text(&out.stdout),
+        crate::run_job::text(&out.stderr)
+    );
+    (s.rundir(), crate::run_job::text(&out.stdout))
+}
+
+/// The phase column of `explain`'s table rows, in order (the first row, the job taken,
+/// has none).
+fn table_phases(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .skip(2)
+        .filter_map(|line| line.split_whitespace().nth(4).map(str::to_owned))
+        .collect()
+}
+
+/// The README's first command leaves a run directory `explain` reads: the phases in order,
+/// each with how it ended; the same trail is kept under `<logging_basedir>/trails/`.
+#[test]
+fn explain_reads_the_run_directory_of_a_passing_run_job() {
+    let s = Scratch::new("explain-runjob-pass");
+    let (rundir, printed) = run_example(&s, "examples/agent.yaml", "examples/job.yaml", 0);
+    let id = rundir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .expect("the run directory is named after the job");
+    assert!(
+        printed.ends_with(&format!(
+            "run directory: {d}\nthe job's path: testflinger-agent explain {d}\n",
+            d = rundir.display()
+        )),
+        "the summary says where to look next:\n{printed}"
+    );
+    let dot = explain(&rundir, "dot");
+    assert_eq!(
+        bold_pairs(&dot),
+        edges(&[
+            ("Polled", "Setup"),
+            ("Setup", "Provisioned"),
+            ("Provisioned", "FirmwareUpdated"),
+            ("FirmwareUpdated", "Tested"),
+            ("Tested", "Allocated"),
+            ("Allocated", "Reserved"),
+            ("Reserved", "Cleaned"),
+        ]),
+        "{dot}"
+    );
+    let table = explain(&rundir, "table");
+    assert!(
+        table.starts_with(&format!("job {id} (finished, last state Cleaned)\n")),
+        "{table}"
+    );
+    assert_eq!(
+        table_phases(&table),
+        [
+            "-",
+            "setup",
+            "provision",
+            "firmware_update",
+            "test",
+            "allocate",
+            "reserve",
+            "cleanup"
+        ],
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("allocate") && l.contains("skipped")),
+        "a skipped phase says so:\n{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(" test ") && l.contains(" 0 ") && l.contains("exited")),
+        "{table}"
+    );
+    // The kept copy is the same trail.
+    assert_eq!(explain(&trail(&s, &id), "table"), table);
+}
+
+/// The failing example's provision exits 1: `explain` on its run directory shows setup,
+/// the abort in provision with its exit code, then cleanup.
+#[test]
+fn explain_reads_the_run_directory_of_a_failed_provision() {
+    let s = Scratch::new("explain-runjob-fail");
+    let (rundir, _) = run_example(
+        &s,
+        "examples/failing/agent.yaml",
+        "examples/failing/job-provision-fails.yaml",
+        1,
+    );
+    let dot = explain(&rundir, "dot");
+    assert_eq!(
+        bold_pairs(&dot),
+        edges(&[
+            ("Polled", "Setup"),
+            ("Setup", "Aborted"),
+            ("Aborted", "Cleaned")
+        ]),
+        "{dot}"
+    );
+    let table = explain(&rundir, "table");
+    assert!(
+        table.contains("(finished, last state Cleaned; aborted: exit (provision))"),
+        "{table}"
+    );
+    assert_eq!(
+        table_phases(&table),
+        ["-", "setup", "provision", "cleanup"],
+        "{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.contains("Setup")
+            && l.contains("Aborted")
+            && l.contains("provision")
+            && l.contains(" 1 ")),
+        "the abort row has the phase and its exit code:\n{table}"
+    );
+}
+
+/// `explain` on a directory with no trail exits 2 and says where trails are kept and which
+/// it found: the config's trails directory with `-c`, the default one without, and the
+/// job's own kept trail when the directory is a run directory whose journal is gone.
+#[test]
+fn explain_without_a_trail_says_where_trails_are_kept() {
+    let s = Scratch::new("explain-none");
+    let (rundir, _) = run_example(&s, "examples/agent.yaml", "examples/job.yaml", 0);
+    let id = rundir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .expect("the run directory is named after the job");
+    let config = s.path("agent.yaml");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(BIN)
+            .arg("explain")
+            .args(args)
+            .output()
+            .expect("explain runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let empty = s.path("empty");
+    std::fs::create_dir(&empty).expect("empty dir");
+    let trails_dir = s.path("logs").join("trails");
+
+    let (code, stdout, stderr) = run(&["-c".as_ref(), config.as_os_str(), empty.as_os_str()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.contains("no journal .agent-journal.json"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "Kept trails: 1 in {} (logging_basedir of {})",
+            trails_dir.display(),
+            config.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&trail(&s, &id).display().to_string()),
+        "the newest trails are named:\n{stderr}"
+    );
+    assert!(!stderr.contains("This job's trail"), "{stderr}");
+
+    // Without -c: the default logging_basedir's trails directory is named.
+    let (code, _, stderr) = run(&[empty.as_os_str()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/tmp/testflinger/logs/trails (the default logging_basedir"),
+        "{stderr}"
+    );
+
+    // A run directory whose journal is gone: its own kept trail is pointed at, and works.
+    std::fs::remove_file(rundir.join(".agent-journal.json")).expect("journal");
+    let (code, _, stderr) = run(&["-c".as_ref(), config.as_os_str(), rundir.as_os_str()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let hint = format!(
+        "This job's trail is kept: testflinger-agent explain {}",
+        trail(&s, &id).display()
+    );
+    assert!(stderr.contains(&hint), "{stderr}");
+    assert!(explain(&trail(&s, &id), "table").contains("finished"));
+
+    // A config that cannot be used is said so, still with a non-zero exit.
+    let bad = s.write("bad.yaml", "agent_id: [\n");
+    let (code, _, stderr) = run(&["-c".as_ref(), bad.as_os_str(), empty.as_os_str()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("bad.yaml"), "{stderr}");
+}

@@ -58,6 +58,8 @@ fn shipped_example_runs_every_phase_and_leaves_the_python_agents_files() {
     assert_eq!(
         files_in(&rundir),
         [
+            ".agent-journal-live.json",
+            ".agent-journal.json",
             "artifacts",
             "cleanup.log",
             "device-connector-error.json",
