@@ -4,9 +4,10 @@
 //! provisions, after exit 46, the idle interval, at start-up, the agent's own maintenance
 //! and an administrator's).
 
-use crate::support::agent::{wait_for, Agent, BIN, WAIT};
+use crate::support::agent::{finished, queue, wait_for, Agent, BIN, WAIT};
 use crate::support::fake_server::FakeServer;
 use crate::support::scratch::{KillByMarker, Scratch};
+use serde_json::json;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -188,4 +189,237 @@ fn the_one_shot_refuses_while_the_daemon_holds_the_lock() {
         run.stderr
     );
     assert!(check_logs(&s).is_empty(), "the check did not run");
+}
+
+// ----- The daemon's checks, against the fake server -----
+
+/// The agent's record on the server: state and comment.
+fn record(server: &FakeServer, name: &str) -> (String, String) {
+    let record = server.agent_record(name).unwrap_or_default();
+    let text = |key: &str| {
+        record
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    (text("state"), text("comment"))
+}
+
+/// A check command that passes once `flag` exists, and says why not until then.
+fn flag_check(flag: &Path) -> String {
+    format!(
+        "healthcheck_command: \"test -e {} || {{ echo 'serial console silent'; exit 1; }}\"\n",
+        flag.display()
+    )
+}
+
+/// A job whose provision runs (it has provision data).
+fn provisioned_job(name: &str) -> serde_json::Value {
+    json!({"job_queue": queue(name), "provision_data": {"url": "x"}, "test_data": {"test_cmds": "x"}})
+}
+
+/// Whether `id` stays unclaimed (`waiting` on the server) for `watch`.
+fn stays_unclaimed(server: &FakeServer, id: &str, watch: Duration) -> bool {
+    !server.wait_until(watch, |srv| srv.job_state(id).as_deref() != Some("waiting"))
+}
+
+#[test]
+fn three_failed_provisions_lead_to_a_failing_check_then_a_pass_releases_the_agent() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-streak");
+    let name = format!("hc-streak-{}", std::process::id());
+    let flag = s.path("device-ok");
+    let commands = format!(
+        "provision_command: echo provisioning; exit 1\ntest_command: echo ran\n{}healthcheck_retry_interval: 1\n",
+        flag_check(&flag)
+    );
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    for _ in 0..2 {
+        let id = server.submit_job(provisioned_job(&name));
+        wait_for(&server, "a failed provision, then waiting", |srv| {
+            finished(srv, &id) && record(srv, &name).0 == "waiting"
+        });
+    }
+    assert!(check_logs(&s).is_empty(), "no check after two failures");
+    let id = server.submit_job(provisioned_job(&name));
+    wait_for(&server, "the third failed provision", |srv| {
+        finished(srv, &id)
+    });
+    wait_for(&server, "the agent's own maintenance", |srv| {
+        record(srv, &name).0 == "maintenance"
+    });
+    let (_, comment) = record(&server, &name);
+    assert!(
+        comment.starts_with("health check failed at ")
+            && comment.ends_with(": serial console silent"),
+        "{comment}"
+    );
+    let waiting = server.submit_job(provisioned_job(&name));
+    assert!(
+        stays_unclaimed(&server, &waiting, Duration::from_secs(4)),
+        "a job waits while the check fails"
+    );
+    assert!(check_logs(&s).len() >= 2, "the check was retried");
+    std::fs::write(&flag, b"").expect("flip the flag");
+    wait_for(&server, "the job taken once the check passes", |srv| {
+        srv.job_state(&waiting).as_deref() != Some("waiting")
+    });
+    let states: Vec<String> = server
+        .agent_posts(&name)
+        .iter()
+        .filter_map(|p| Some(p.get("state")?.as_str()?.to_owned()))
+        .collect();
+    let held = states
+        .iter()
+        .rposition(|s| s == "maintenance")
+        .expect("maintenance posted");
+    assert!(
+        states[held..].iter().any(|s| s == "waiting"),
+        "waiting posted after the pass: {states:?}"
+    );
+}
+
+#[test]
+fn exit_46_with_a_check_lets_the_check_decide() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-46");
+    let name = format!("hc-46-{}", std::process::id());
+    let commands = "provision_command: exit 46\ntest_command: echo ran\nhealthcheck_command: echo device back\n";
+    let _agent = Agent::start(&server, &s, &name, commands);
+    let id = server.submit_job(provisioned_job(&name));
+    wait_for(&server, "the job that exits 46", |srv| finished(srv, &id));
+    wait_for(&server, "a passing check after exit 46", |_| {
+        !check_logs(&s).is_empty()
+    });
+    let next =
+        server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the next job taken", |srv| finished(srv, &next));
+    let states: Vec<String> = server
+        .agent_posts(&name)
+        .iter()
+        .filter_map(|p| Some(p.get("state")?.as_str()?.to_owned()))
+        .collect();
+    assert!(
+        states.iter().any(|s| s == "offline"),
+        "exit 46 posted offline: {states:?}"
+    );
+}
+
+#[test]
+fn exit_46_with_a_failing_check_holds_the_agent_in_its_own_maintenance() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-46f");
+    let name = format!("hc-46f-{}", std::process::id());
+    let commands = format!(
+        "provision_command: exit 46\n{}",
+        flag_check(&s.path("never"))
+    );
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    let id = server.submit_job(provisioned_job(&name));
+    wait_for(&server, "the job that exits 46", |srv| finished(srv, &id));
+    wait_for(&server, "the agent's own maintenance", |srv| {
+        record(srv, &name).0 == "maintenance"
+    });
+    assert!(record(&server, &name)
+        .1
+        .starts_with("health check failed at "));
+}
+
+#[test]
+fn exit_46_without_a_check_stays_offline() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-46n");
+    let name = format!("hc-46n-{}", std::process::id());
+    let _agent = Agent::start(&server, &s, &name, "provision_command: exit 46\n");
+    let id = server.submit_job(provisioned_job(&name));
+    wait_for(&server, "the job that exits 46", |srv| finished(srv, &id));
+    let next =
+        server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    assert!(stays_unclaimed(&server, &next, Duration::from_secs(4)));
+    assert_eq!(record(&server, &name).0, "offline");
+    assert!(check_logs(&s).is_empty());
+}
+
+#[test]
+fn a_passing_check_never_lifts_an_administrators_maintenance() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-admin");
+    let name = format!("hc-admin-{}", std::process::id());
+    let flag = s.path("device-ok");
+    let commands = format!(
+        "{}healthcheck_on_start: true\nhealthcheck_retry_interval: 1\n",
+        flag_check(&flag)
+    );
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    wait_for(&server, "the agent's own maintenance", |srv| {
+        record(srv, &name).0 == "maintenance"
+    });
+    server.set_agent_state(&name, "maintenance", "fan replacement");
+    std::fs::write(&flag, b"").expect("flip the flag");
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    assert!(stays_unclaimed(&server, &id, Duration::from_secs(5)));
+    assert_eq!(
+        record(&server, &name),
+        ("maintenance".to_owned(), "fan replacement".to_owned())
+    );
+}
+
+#[test]
+fn an_administrator_lifting_the_agents_hold_wins() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-lift");
+    let name = format!("hc-lift-{}", std::process::id());
+    // The check keeps failing, and its retry is far away.
+    let commands = format!(
+        "{}healthcheck_on_start: true\nhealthcheck_retry_interval: 3600\ntest_command: echo ran\n",
+        flag_check(&s.path("never"))
+    );
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    wait_for(&server, "the agent's own maintenance", |srv| {
+        record(srv, &name).0 == "maintenance"
+    });
+    server.set_agent_state(&name, "waiting", "");
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the job taken", |srv| finished(srv, &id));
+    assert_eq!(check_logs(&s).len(), 1, "no check ran again");
+}
+
+#[test]
+fn a_restart_while_held_by_its_own_check_checks_at_start_up() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-restart");
+    let name = format!("hc-restart-{}", std::process::id());
+    server.set_agent_state(
+        &name,
+        "maintenance",
+        "health check failed at 2026-01-05T10:00:00.000000+00:00: serial console silent",
+    );
+    let _agent = Agent::start(
+        &server,
+        &s,
+        &name,
+        "healthcheck_command: echo fine\ntest_command: echo ran\n",
+    );
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    wait_for(&server, "the job taken after the start-up check", |srv| {
+        finished(srv, &id)
+    });
+    assert_eq!(check_logs(&s).len(), 1, "one check, at start-up");
+}
+
+#[test]
+fn without_a_check_the_agents_old_maintenance_is_kept_like_an_administrators() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-restart-n");
+    let name = format!("hc-restart-n-{}", std::process::id());
+    let comment = "health check failed at 2026-01-05T10:00:00.000000+00:00: x";
+    server.set_agent_state(&name, "maintenance", comment);
+    let _agent = Agent::start(&server, &s, &name, "test_command: echo ran\n");
+    let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
+    assert!(stays_unclaimed(&server, &id, Duration::from_secs(4)));
+    assert_eq!(
+        record(&server, &name),
+        ("maintenance".to_owned(), comment.to_owned())
+    );
 }
