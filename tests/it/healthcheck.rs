@@ -423,3 +423,150 @@ fn without_a_check_the_agents_old_maintenance_is_kept_like_an_administrators() {
         ("maintenance".to_owned(), comment.to_owned())
     );
 }
+
+/// `GET path` on loopback: status and body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The value of the sample `name{labels}` in a scrape, parsed as Prometheus text.
+fn sample(port: u16, name: &str, label: Option<(&str, &str)>) -> Option<f64> {
+    use openmetrics_parser::prometheus::parse_prometheus;
+    use openmetrics_parser::PrometheusValue;
+    let (_, body) = http_get(port, "/metrics")?;
+    let exposition = parse_prometheus(&body).ok()?;
+    let family = exposition.families.get(name)?;
+    let found = family.iter_samples().find_map(|s| {
+        if let Some((key, want)) = label {
+            if s.get_labelset().ok()?.get_label_value(key)? != want {
+                return None;
+            }
+        }
+        match &s.value {
+            PrometheusValue::Counter(c) => Some(c.value.as_f64()),
+            PrometheusValue::Gauge(g) => Some(g.as_f64()),
+            _ => None,
+        }
+    });
+    found
+}
+
+#[test]
+fn the_idle_interval_runs_the_check_and_metrics_and_health_show_it() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-idle");
+    let name = format!("hc-idle-{}", std::process::id());
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port");
+    let runs = s.path("runs");
+    let commands = format!(
+        "healthcheck_command: \"echo run >> {}; echo checked\"\nhealthcheck_interval: 1\nprovision_command: exit 1\ntest_command: echo ran\nhealthcheck_after_failures: 0\n",
+        runs.display()
+    );
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let _agent = Agent::start_with(&server, &s, &name, &commands, &["-p", &port.to_string()]);
+    // Declared from the first scrape, at zero.
+    wait_for(&server, "the metrics endpoint", |_| {
+        sample(
+            port,
+            "testflinger_agent_healthcheck_runs_total",
+            Some(("result", "timeout")),
+        ) == Some(0.0)
+    });
+    wait_for(&server, "two idle checks", |_| {
+        std::fs::read_to_string(&runs).map_or(0, |t| t.lines().count()) >= 2
+    });
+    wait_for(&server, "the pass counted", |_| {
+        sample(
+            port,
+            "testflinger_agent_healthcheck_runs_total",
+            Some(("result", "pass")),
+        )
+        .is_some_and(|n| n >= 2.0)
+    });
+    let last = sample(
+        port,
+        "testflinger_agent_healthcheck_last_success_timestamp_seconds",
+        None,
+    )
+    .expect("the last-success gauge");
+    assert!(last >= started.floor(), "{last} against {started}");
+    assert_eq!(
+        sample(
+            port,
+            "testflinger_agent_healthcheck_runs_total",
+            Some(("result", "fail"))
+        ),
+        Some(0.0)
+    );
+    let (status, body) = http_get(port, "/health").expect("/health answers");
+    assert_eq!(status, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        health["last_healthcheck"]["result"],
+        json!("pass"),
+        "{body}"
+    );
+    assert!(
+        health["last_healthcheck"]["duration_seconds"].is_number(),
+        "{body}"
+    );
+    assert!(
+        health["last_healthcheck"]["at"]
+            .as_str()
+            .is_some_and(|a| a.len() > 20),
+        "{body}"
+    );
+    // A failed provision counts; with healthcheck_after_failures 0 it calls no check.
+    let id = server.submit_job(provisioned_job(&name));
+    wait_for(&server, "the failed provision", |srv| finished(srv, &id));
+    wait_for(&server, "the provision failure counted", |_| {
+        sample(
+            port,
+            "testflinger_agent_consecutive_provision_failures",
+            None,
+        ) == Some(1.0)
+    });
+    // check-config reports the last check.
+    let out = Command::new(BIN)
+        .args(["check-config", "-c"])
+        .arg(s.path("agent.yaml"))
+        .output()
+        .expect("check-config runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("# note    last health check at ") && text.contains(": pass in "),
+        "{text}"
+    );
+}
+
+#[test]
+fn sigusr2_runs_a_check_at_the_next_idle_moment() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-usr2");
+    let name = format!("hc-usr2-{}", std::process::id());
+    let agent = Agent::start(&server, &s, &name, "healthcheck_command: echo on demand\n");
+    wait_for(&server, "the first post", |srv| {
+        !srv.agent_posts(&name).is_empty()
+    });
+    assert!(check_logs(&s).is_empty(), "no check before it is asked for");
+    agent.signal(nix::sys::signal::Signal::SIGUSR2);
+    wait_for(&server, "the check SIGUSR2 asked for", |_| {
+        check_logs(&s).len() == 1
+    });
+}
