@@ -570,3 +570,32 @@ fn sigusr2_runs_a_check_at_the_next_idle_moment() {
         check_logs(&s).len() == 1
     });
 }
+
+#[test]
+fn sigterm_during_a_check_ends_it_like_a_phase_and_the_agent_exits_0() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-term");
+    let name = format!("hc-term-{}", std::process::id());
+    let marker = s.marker();
+    let killer = KillByMarker::new(&marker);
+    let commands = format!(
+        "healthcheck_command: \"sleep 1000.{marker}1 & sleep 1000.{marker}2\"\nhealthcheck_on_start: true\n"
+    );
+    let mut agent = Agent::start(&server, &s, &name, &commands);
+    wait_for(&server, "the check's processes", |_| {
+        killer.living().len() >= 2
+    });
+    assert_eq!(agent.stop(), Some(0), "exits as after a phase");
+    assert_eq!(
+        killer.living(),
+        Vec::<i32>::new(),
+        "the check's tree is gone"
+    );
+    assert_eq!(
+        record(&server, &name).0,
+        "waiting",
+        "an interrupted check holds nothing"
+    );
+    let last = s.path("logs/healthchecks/last.json");
+    assert!(!last.exists(), "an interrupted check is no result");
+}
