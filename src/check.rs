@@ -163,6 +163,14 @@ pub fn run(mut config: Config, options: &Options) -> (Config, Report) {
         None => report
             .note("metrics endpoint: not served (no -p/--metrics-port, no metrics_endpoint_port)"),
     }
+    if crate::healthcheck::HealthSettings::from_config(&config).is_some() {
+        report.note(
+            crate::healthcheck::describe_last(&config.logging_basedir).unwrap_or_else(|| {
+                "health check: none has run yet (`testflinger-agent healthcheck -c CONFIG` runs one)"
+                    .to_owned()
+            }),
+        );
+    }
     if options.server {
         check_server(&config, &token_file, token_ok, &mut report);
     } else {

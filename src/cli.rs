@@ -94,6 +94,18 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["config", "token_file", "metrics_port", "server"])]
         reference_table: bool,
     },
+    /// Run the device health check (config key healthcheck_command) once, in the
+    /// foreground, as the daemon runs it: its output goes to
+    /// `<logging_basedir>/healthchecks/`, a summary to standard output. It takes the
+    /// agent's lock, so it never runs beside the daemon of the same agent_id (whose own
+    /// checks run inside it: send it SIGUSR2 for one). Exits 0 when the check passes, 1
+    /// when it fails or times out, 2 when the config has no health check, cannot be used,
+    /// or the daemon holds the lock.
+    Healthcheck {
+        /// The agent config file (YAML).
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+    },
     /// Render the state diagrams from the code.
     Diagram {
         #[arg(long, value_enum, default_value_t = DiagramFormat::Mermaid)]

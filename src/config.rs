@@ -290,6 +290,18 @@ pub const KEYS: &[KeySpec] = &[
         "How many finished jobs' trails (their journals: every transition with its time and cause) stay in `<logging_basedir>/trails/` for `testflinger-agent explain`; the oldest go first, 0 keeps none"),
     key("oom_score_adj", OomScore, Int(500), ThisAgent,
         "`oom_score_adj` given to every phase command (and inherited by what it starts), so that when memory runs out the kernel kills the job before the agent; raising it above the agent's own value needs no privilege, lowering it below needs root (CAP_SYS_RESOURCE), and a value the kernel refuses is ignored"),
+    key("healthcheck_command", Text, Absent("no health check"), ThisAgent,
+        "Shell command that checks the device outside any job (run like a phase command; exit 0 means healthy); when it fails the agent holds itself in `maintenance` until it passes. Absent: no check, and exit 46 leaves the agent `offline` as the Python agent does"),
+    at_least_one(key("healthcheck_timeout", Seconds, Int(1800), ThisAgent,
+        "Seconds a health check may run before it is killed (with its process tree) and counts as failed")),
+    key("healthcheck_after_failures", Count, Int(3), ThisAgent,
+        "Run the health check after this many jobs in a row whose provision phase failed; 0: never for this reason"),
+    key("healthcheck_interval", Seconds, Int(0), ThisAgent,
+        "Run the health check every this many seconds while the agent is idle; 0: never"),
+    at_least_one(key("healthcheck_retry_interval", Seconds, Int(600), ThisAgent,
+        "Seconds before a failed health check runs again; doubles after each failure, up to an hour (or this value, when larger)")),
+    key("healthcheck_on_start", KeyType::Bool, DBool(false), ThisAgent,
+        "Run the health check when the agent starts, before it takes a job"),
 ];
 
 /// The spec of `name`, if it is a config key.

@@ -348,8 +348,7 @@ impl<'a> PhaseExecutor<'a> {
     /// the marker file, when there is one): no job is taken until an administrator says so.
     fn recovery_failed(&mut self, phase: Phase) {
         let job_id = self.spec.job_id();
-        let comment =
-            format!("Set to offline by agent. Recovery failed during job '{job_id}' execution.");
+        let comment = format!("{RECOVERY_OFFLINE_COMMENT_PREFIX} during job '{job_id}' execution.");
         log::error!(
             "job {job_id}: {phase} exited {RECOVERY_FAILED_EXIT_CODE} (device recovery failed); marking the device offline"
         );
@@ -1151,6 +1150,10 @@ fn agent_failure(started: Instant) -> PhaseResult {
         duration: started.elapsed(),
     }
 }
+
+/// How the comment of the agent's own `offline` after exit 46 starts (the Python agent's
+/// words): with a health check configured, the daemon recognises it as its own.
+pub const RECOVERY_OFFLINE_COMMENT_PREFIX: &str = "Set to offline by agent. Recovery failed";
 
 /// A request to change the agent's state, deferred until the running job is over.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,6 +21,7 @@ pub mod diagram;
 pub mod executor;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz_api;
+pub mod healthcheck;
 pub mod job;
 pub mod journal;
 pub mod lifecycle;

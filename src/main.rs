@@ -1,5 +1,5 @@
 //! The `testflinger-agent` command line: the daemon (default), `run-job`, `check-config`,
-//! `diagram` and `explain`.
+//! `diagram`, `explain` and `healthcheck`.
 
 use clap::Parser;
 use std::io::IsTerminal;
@@ -13,8 +13,9 @@ use testflinger_agent::cli::{
     EXIT_RESTART,
 };
 use testflinger_agent::config::Config;
-use testflinger_agent::daemon::{Daemon, DaemonExit};
+use testflinger_agent::daemon::{AgentLock, Daemon, DaemonExit};
 use testflinger_agent::diagram::{self, Format};
+use testflinger_agent::healthcheck::{self, HealthSettings};
 use testflinger_agent::job::JobSpec;
 use testflinger_agent::process::StopSignal;
 use testflinger_agent::{logging, run_job, signals, trails};
@@ -70,6 +71,7 @@ fn main() -> ExitCode {
             config,
             format,
         }) => explain(&path, config.as_deref(), format),
+        Some(Command::Healthcheck { config }) => healthcheck(&config),
         None => daemon(
             &cli.config,
             &cli.token_file,
@@ -210,6 +212,72 @@ fn explain(path: &Path, config: Option<&Path>, format: ExplainFormat) -> ExitCod
         ExplainFormat::Dot => print!("{}", audit::explain_diagram(&journal, Format::Dot)),
     }
     ExitCode::SUCCESS
+}
+
+/// `healthcheck`: the check once, in the foreground, under the agent's lock (never beside
+/// the daemon). 0 pass, 1 fail or timeout, 2 no check configured, unusable config, or the
+/// lock is held.
+fn healthcheck(config_path: &Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let Some(settings) = HealthSettings::from_config(&config) else {
+        eprintln!(
+            "testflinger-agent: {} sets no healthcheck_command: there is no health check to run",
+            config_path.display()
+        );
+        return ExitCode::from(EXIT_BAD_INPUT);
+    };
+    if let Err(err) = std::fs::create_dir_all(&config.execution_basedir) {
+        eprintln!(
+            "testflinger-agent: cannot create {} (config key execution_basedir): {err}",
+            config.execution_basedir.display()
+        );
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
+    let _lock = match AgentLock::acquire(&config.execution_basedir, &config.agent_id) {
+        Ok(lock) => lock,
+        Err(err) => {
+            eprintln!(
+                "testflinger-agent: not running the health check: {err}; the daemon runs its own checks (send it SIGUSR2 for one now)"
+            );
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let stop = match start(&config) {
+        Ok(stop) => stop,
+        Err(code) => return code,
+    };
+    if let Err(err) = testflinger_agent::process::become_subreaper() {
+        log::warn!("processes that leave the check's group may outlive it: {err}");
+    }
+    match healthcheck::run_check(&config, &settings, &stop, "asked on the command line") {
+        Ok(report) => {
+            println!(
+                "health check: {} in {:.1} s (exit status {}); last line {:?}; output in {}",
+                report
+                    .result
+                    .map_or("interrupted", healthcheck::CheckResult::as_str),
+                report.duration.as_secs_f64(),
+                report.exit_code,
+                report.last_line,
+                report
+                    .log
+                    .as_ref()
+                    .map_or_else(|| "no file".to_owned(), |p| p.display().to_string())
+            );
+            if report.result == Some(healthcheck::CheckResult::Pass) {
+                ExitCode::from(EXIT_OK)
+            } else {
+                ExitCode::from(EXIT_JOB_FAILED)
+            }
+        }
+        Err(err) => {
+            eprintln!("testflinger-agent: {err}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
 }
 
 /// The daemon cannot start (exit status 2: restarting cannot help). Under a supervisor

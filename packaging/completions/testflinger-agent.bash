@@ -25,6 +25,9 @@ _testflinger__agent() {
             testflinger__agent,explain)
                 cmd="testflinger__agent__subcmd__explain"
                 ;;
+            testflinger__agent,healthcheck)
+                cmd="testflinger__agent__subcmd__healthcheck"
+                ;;
             testflinger__agent,help)
                 cmd="testflinger__agent__subcmd__help"
                 ;;
@@ -40,6 +43,9 @@ _testflinger__agent() {
             testflinger__agent__subcmd__help,explain)
                 cmd="testflinger__agent__subcmd__help__subcmd__explain"
                 ;;
+            testflinger__agent__subcmd__help,healthcheck)
+                cmd="testflinger__agent__subcmd__help__subcmd__healthcheck"
+                ;;
             testflinger__agent__subcmd__help,help)
                 cmd="testflinger__agent__subcmd__help__subcmd__help"
                 ;;
@@ -53,7 +59,7 @@ _testflinger__agent() {
 
     case "${cmd}" in
         testflinger__agent)
-            opts="-c -p -h -V --config --token-file --metrics_port --metrics-port --help --version run-job check-config diagram explain help"
+            opts="-c -p -h -V --config --token-file --metrics_port --metrics-port --help --version run-job check-config healthcheck diagram explain help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -180,8 +186,30 @@ _testflinger__agent() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        testflinger__subcmd__agent__subcmd__healthcheck)
+            opts="-c -h --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         testflinger__subcmd__agent__subcmd__help)
-            opts="run-job check-config diagram explain help"
+            opts="run-job check-config healthcheck diagram explain help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -223,6 +251,20 @@ _testflinger__agent() {
             return 0
             ;;
         testflinger__subcmd__agent__subcmd__help__subcmd__explain)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        testflinger__subcmd__agent__subcmd__help__subcmd__healthcheck)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -31,6 +31,7 @@ complete -c testflinger-agent -n "__fish_testflinger_agent_needs_command" -s h -
 complete -c testflinger-agent -n "__fish_testflinger_agent_needs_command" -s V -l version -d 'Print version'
 complete -c testflinger-agent -n "__fish_testflinger_agent_needs_command" -f -a "run-job" -d 'Run one job locally, with no server: output to the terminal, files in the run dir'
 complete -c testflinger-agent -n "__fish_testflinger_agent_needs_command" -f -a "check-config" -d 'Validate a config file, print the effective config (defaults filled in), and check what the daemon would need at start-up'
+complete -c testflinger-agent -n "__fish_testflinger_agent_needs_command" -f -a "healthcheck" -d 'Run the device health check (config key healthcheck_command) once, in the foreground, as the daemon runs it: its output goes to `<logging_basedir>/healthchecks/`, a summary to standard output. It takes the agent\'s lock, so it never runs beside the daemon of the same agent_id (whose own checks run inside it: send it SIGUSR2 for one). Exits 0 when the check passes, 1 when it fails or times out, 2 when the config has no health check, cannot be used, or the daemon holds the lock'
 complete -c testflinger-agent -n "__fish_testflinger_agent_needs_command" -f -a "diagram" -d 'Render the state diagrams from the code'
 complete -c testflinger-agent -n "__fish_testflinger_agent_needs_command" -f -a "explain" -d 'Show the path one job took through the lifecycle, from its journal\'s trail'
 complete -c testflinger-agent -n "__fish_testflinger_agent_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -42,6 +43,8 @@ complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand chec
 complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand check-config" -l server -d 'Also contact the server: it answers, the refresh token is exchanged for an access token, and the agent\'s record can be read. Nothing else is posted'
 complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand check-config" -l reference-table -d 'Print the Markdown reference table of every config key instead'
 complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand check-config" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand healthcheck" -s c -l config -d 'The agent config file (YAML)' -r -F
+complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand healthcheck" -s h -l help -d 'Print help'
 complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand diagram" -l format -r -f -a "mermaid\t''
 dot\t''
 table\t'The transition table in Markdown: one row per (from, event, to)'"
@@ -53,8 +56,9 @@ complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand expl
 mermaid\t''
 dot\t''"
 complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand explain" -s h -l help -d 'Print help'
-complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config diagram explain help" -f -a "run-job" -d 'Run one job locally, with no server: output to the terminal, files in the run dir'
-complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config diagram explain help" -f -a "check-config" -d 'Validate a config file, print the effective config (defaults filled in), and check what the daemon would need at start-up'
-complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config diagram explain help" -f -a "diagram" -d 'Render the state diagrams from the code'
-complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config diagram explain help" -f -a "explain" -d 'Show the path one job took through the lifecycle, from its journal\'s trail'
-complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config diagram explain help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config healthcheck diagram explain help" -f -a "run-job" -d 'Run one job locally, with no server: output to the terminal, files in the run dir'
+complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config healthcheck diagram explain help" -f -a "check-config" -d 'Validate a config file, print the effective config (defaults filled in), and check what the daemon would need at start-up'
+complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config healthcheck diagram explain help" -f -a "healthcheck" -d 'Run the device health check (config key healthcheck_command) once, in the foreground, as the daemon runs it: its output goes to `<logging_basedir>/healthchecks/`, a summary to standard output. It takes the agent\'s lock, so it never runs beside the daemon of the same agent_id (whose own checks run inside it: send it SIGUSR2 for one). Exits 0 when the check passes, 1 when it fails or times out, 2 when the config has no health check, cannot be used, or the daemon holds the lock'
+complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config healthcheck diagram explain help" -f -a "diagram" -d 'Render the state diagrams from the code'
+complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config healthcheck diagram explain help" -f -a "explain" -d 'Show the path one job took through the lifecycle, from its journal\'s trail'
+complete -c testflinger-agent -n "__fish_testflinger_agent_using_subcommand help; and not __fish_seen_subcommand_from run-job check-config healthcheck diagram explain help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -6,7 +6,8 @@ use super::spool::{self, save_pending, PENDING_OUTPUT_FILE};
 use super::states::{DaemonEvent, DaemonMachine, DaemonState};
 use crate::artifacts;
 use crate::config::Config;
-use crate::executor::{AgentRequest, PhaseExecutor};
+use crate::executor::{AgentRequest, PhaseExecutor, RECOVERY_OFFLINE_COMMENT_PREFIX};
+use crate::healthcheck::{self, CheckResult, HealthSettings};
 use crate::job::JobSpec;
 use crate::journal::Journal;
 use crate::lifecycle::{run_to_completion, AbortReason, Job, Plan};
@@ -113,6 +114,15 @@ pub enum DaemonExit {
     Restart,
 }
 
+/// The agent's own `maintenance` after a failed health check.
+#[derive(Debug)]
+struct OwnHold {
+    /// Failed checks in a row.
+    failures: u32,
+    /// When the check runs again.
+    retry_at: Instant,
+}
+
 /// The running daemon.
 pub struct Daemon {
     config: Config,
@@ -138,6 +148,19 @@ pub struct Daemon {
     spool_empty_since: Option<Instant>,
     /// Where the daemon is; every change of state goes through its table.
     machine: DaemonMachine,
+    /// The device health check, when `healthcheck_command` is set.
+    health: Option<HealthSettings>,
+    /// Jobs in a row whose provision failed.
+    provision_failures: u64,
+    /// A health check asked for and not run yet (the reason), for the next idle moment.
+    check_due: Option<String>,
+    /// SIGUSR2: a health check at the next idle moment.
+    check_signal: Arc<AtomicBool>,
+    /// When the last health check ended (or the daemon started): the idle interval counts
+    /// from it.
+    last_check: Instant,
+    /// Held in `maintenance` by its own failed health check.
+    own_hold: Option<OwnHold>,
     /// One agent per `agent_id` on this host, for as long as this one lives.
     _lock: super::lock::AgentLock,
     /// The metrics endpoint, when a port was given; stops when the daemon is dropped.
@@ -219,6 +242,15 @@ impl Daemon {
         {
             log::warn!("cannot install the SIGUSR1 handler: {err}");
         }
+        let health = HealthSettings::from_config(&config);
+        let check_signal = Arc::new(AtomicBool::new(false));
+        if health.is_some() {
+            if let Err(err) =
+                signal_hook::flag::register(signal_hook::consts::SIGUSR2, check_signal.clone())
+            {
+                log::warn!("cannot install the SIGUSR2 handler (a health check on demand): {err}");
+            }
+        }
         Ok(Daemon {
             config,
             server,
@@ -233,6 +265,12 @@ impl Daemon {
             machine: DaemonMachine::default(),
             restart_after_job: false,
             held: None,
+            health,
+            provision_failures: 0,
+            check_due: None,
+            check_signal,
+            last_check: Instant::now(),
+            own_hold: None,
             _lock: lock,
             _metrics_server: metrics_server,
         })
@@ -477,8 +515,33 @@ impl Daemon {
         if self.held.is_none() {
             self.held = recovered_offline;
         }
+        let own = self
+            .held
+            .as_ref()
+            .is_some_and(|hold| self.is_own_hold(&hold.state, &hold.comment));
+        let on_start = self.health.as_ref().is_some_and(|h| h.on_start);
         match self.held.clone() {
+            Some(hold) if own => {
+                log::warn!(
+                    "the agent's own {} ({:?}) is on the server: running the health check before taking a job",
+                    hold.state,
+                    hold.comment
+                );
+                self.fire(DaemonEvent::CheckDue, "");
+                self.announce();
+                self.check_now("start-up, the agent's own hold on the server");
+                return None;
+            }
+            None if on_start => {
+                self.fire(DaemonEvent::CheckDue, "");
+                self.announce();
+                self.check_now("start-up (healthcheck_on_start)");
+                return None;
+            }
             Some(hold) => {
+                if on_start {
+                    self.check_due = Some("start-up (healthcheck_on_start)".to_owned());
+                }
                 self.hold(&hold.state);
                 log::warn!(
                     "the server holds this agent {} ({:?}); no job is taken until an administrator changes it",
@@ -533,9 +596,12 @@ impl Daemon {
             }
         };
         self.heartbeat(&record);
+        let server_state = record.state.as_deref();
+        if self.own_hold.is_some() && !self.own_hold_goes_on(server_state, &record.comment) {
+            return None;
+        }
         // An administrator's offline or maintenance holds the agent; a restart request (the
         // server's `restart` state or SIGUSR1) waits until it is released (PROTOCOL §14.3).
-        let server_state = record.state.as_deref();
         if matches!(server_state, Some("offline" | "maintenance")) {
             if self.held.is_none() {
                 log::info!(
@@ -595,6 +661,12 @@ impl Daemon {
         }
         if !self.room_for_a_job() {
             self.pause(self.config.polling_period());
+            return None;
+        }
+        // An idle moment: a health check that is due runs now, before a job is taken.
+        if let Some(why) = self.check_wanted() {
+            self.fire(DaemonEvent::CheckDue, "");
+            self.check_now(&why);
             return None;
         }
         self.refresh_queues();
@@ -821,8 +893,248 @@ impl Daemon {
             || executor.cancelled_after_phases();
         drop(executor);
         log::info!("job {job_id}: finished ({})", outcome.end_detail());
+        let check = self.count_provision(&statuses);
+        // Exit 46 with a health check: the check decides, not an administrator. Until it
+        // has, the agent's own `offline` (posted during the job) stands: a stop during the
+        // check leaves it, and the next start checks again.
+        let deferred = match deferred {
+            Some(request)
+                if check.is_some()
+                    && !self.stopping()
+                    && self.is_own_hold(&request.state, &request.comment) =>
+            {
+                self.held = Some(request);
+                None
+            }
+            other => other,
+        };
         self.finish_job(&job_id, &rundir, cancelled, journal, statuses);
-        self.back_to_waiting(deferred.as_ref());
+        self.back_to_waiting_or_check(deferred.as_ref(), check);
+    }
+
+    /// Whether a hold on the server (`state` with `comment`) is the agent's own, which a
+    /// health check may lift: its failed check's `maintenance`, or its `offline` after exit
+    /// 46. Only with a health check configured; without one every hold is an
+    /// administrator's (today's rule).
+    fn is_own_hold(&self, state: &str, comment: &str) -> bool {
+        self.health.is_some()
+            && match state {
+                "maintenance" => healthcheck::is_own_comment(comment),
+                "offline" => comment.starts_with(RECOVERY_OFFLINE_COMMENT_PREFIX),
+                _ => false,
+            }
+    }
+
+    /// After a job: counts jobs in a row whose provision failed (a job without a provision
+    /// phase changes nothing), and says why a health check is due, if one is: a phase exited
+    /// 46, or `healthcheck_after_failures` provisions in a row failed.
+    fn count_provision(&mut self, statuses: &Value) -> Option<String> {
+        let status = statuses.get("status").and_then(Value::as_object);
+        match status
+            .and_then(|s| s.get("provision"))
+            .and_then(Value::as_i64)
+        {
+            Some(0) => self.provision_failures = 0,
+            Some(_) => self.provision_failures += 1,
+            None => {}
+        }
+        publish_provision_failures(self.provision_failures);
+        let settings = self.health.as_ref()?;
+        let exit_46 = status.is_some_and(|s| {
+            s.values()
+                .any(|v| v.as_i64() == Some(i64::from(crate::lifecycle::RECOVERY_FAILED_EXIT_CODE)))
+        });
+        if exit_46 {
+            return Some("a phase exited 46 (device recovery failed)".to_owned());
+        }
+        (settings.after_failures > 0 && self.provision_failures >= settings.after_failures).then(
+            || {
+                format!(
+                    "{} jobs in a row failed in provision (healthcheck_after_failures)",
+                    self.provision_failures
+                )
+            },
+        )
+    }
+
+    /// A check due now, at an idle moment: one asked for earlier, SIGUSR2, or the idle
+    /// interval passed.
+    fn check_wanted(&mut self) -> Option<String> {
+        let settings = self.health.as_ref()?;
+        if let Some(why) = self.check_due.take() {
+            return Some(why);
+        }
+        if self.check_signal.swap(false, Ordering::SeqCst) {
+            return Some("asked by SIGUSR2".to_owned());
+        }
+        let interval = settings.interval?;
+        (self.last_check.elapsed() >= interval)
+            .then(|| "idle interval (healthcheck_interval)".to_owned())
+    }
+
+    /// While the agent holds itself after a failed check, one cycle: `false` when the cycle
+    /// is over (still held; the check re-ran if its retry was due, or SIGUSR2 asked), `true`
+    /// when it goes on because the hold is no longer the agent's own: an administrator
+    /// replaced it with theirs (kept, as any administrator's hold) or lifted it (jobs are
+    /// taken again, provision failures counted from zero).
+    fn own_hold_goes_on(&mut self, server_state: Option<&str>, comment: &str) -> bool {
+        let Some(state) = server_state else {
+            // The record could not be read: stay held rather than guess.
+            self.pause(self.config.polling_period());
+            return false;
+        };
+        if self.is_own_hold(state, comment) {
+            let retry_at = self
+                .own_hold
+                .as_ref()
+                .map_or_else(Instant::now, |h| h.retry_at);
+            let asked = self.check_signal.swap(false, Ordering::SeqCst);
+            if asked || Instant::now() >= retry_at {
+                self.fire(DaemonEvent::CheckDue, "");
+                self.check_now(if asked {
+                    "asked by SIGUSR2, while held by a failed check"
+                } else {
+                    "retry of a failed health check"
+                });
+            } else {
+                self.pause(
+                    self.config
+                        .polling_period()
+                        .min(retry_at.saturating_duration_since(Instant::now())),
+                );
+            }
+            return false;
+        }
+        self.own_hold = None;
+        if matches!(state, "offline" | "maintenance") {
+            log::warn!(
+                "an administrator replaced the agent's own hold with {state} ({comment:?}); kept until an administrator lifts it"
+            );
+            // The administrator's hold is taken up by the caller, as any other.
+            self.held = None;
+        } else {
+            log::warn!(
+                "an administrator released the agent from its own maintenance (the server says {state:?}); taking jobs again, provision failures counted from zero"
+            );
+            self.held = None;
+            self.provision_failures = 0;
+            publish_provision_failures(0);
+            self.fire(DaemonEvent::Released, "");
+        }
+        true
+    }
+
+    /// Runs the health check now (the machine is in `checking`) and acts on its result:
+    /// a pass releases the agent's own hold and posts `waiting`, a failure posts the agent's
+    /// own `maintenance` and schedules a retry. Neither touches a hold an administrator set
+    /// meanwhile (the record is read again first). A stop ends the check like a phase, and
+    /// the daemon with it.
+    fn check_now(&mut self, why: &str) {
+        let Some(settings) = self.health.clone() else {
+            log::error!("internal: a health check without healthcheck_command");
+            self.fire(DaemonEvent::CheckPassed, "");
+            return;
+        };
+        let report = match healthcheck::run_check(&self.config, &settings, &self.stop, why) {
+            Ok(report) => report,
+            Err(err) => {
+                log::error!("health check ({why}) could not run: {err}");
+                let started = std::time::SystemTime::now();
+                healthcheck::CheckReport {
+                    result: Some(CheckResult::Fail),
+                    at: crate::time::iso_at(started),
+                    started,
+                    duration: Duration::ZERO,
+                    exit_code: crate::process::AGENT_FAILURE_EXIT_CODE,
+                    last_line: err.to_string(),
+                    log: None,
+                }
+            }
+        };
+        self.last_check = Instant::now();
+        crate::process::reap_orphans();
+        let Some(result) = report.result else {
+            // Stopped during the check: `run` ends the daemon as it does after a phase.
+            self.fire(DaemonEvent::Stop, "");
+            return;
+        };
+        if let Some(metrics) = crate::metrics::get() {
+            metrics.healthcheck_ran(
+                result.as_str(),
+                &report.at,
+                report.started,
+                report.duration.as_secs_f64(),
+            );
+        }
+        // An administrator may have set a hold while the check ran: theirs stays.
+        let admin_hold = match self.read_record() {
+            Ok(Some(record)) => record
+                .state
+                .as_deref()
+                .filter(|s| matches!(*s, "offline" | "maintenance"))
+                .filter(|s| !self.is_own_hold(s, &record.comment))
+                .map(|s| (s.to_owned(), record.comment.clone())),
+            _ => None,
+        };
+        if let Some((state, comment)) = &admin_hold {
+            log::warn!(
+                "an administrator holds the agent {state} ({comment:?}); the health check's result changes nothing on the server"
+            );
+        }
+        if result == CheckResult::Pass {
+            self.provision_failures = 0;
+            publish_provision_failures(0);
+            if self.own_hold.take().is_some() {
+                log::info!("health check passed: the agent releases its own hold");
+            }
+            self.held = None;
+            self.fire(DaemonEvent::CheckPassed, "");
+            if admin_hold.is_none() {
+                self.post_agent(json!({"state": "waiting", "comment": ""}));
+            }
+            return;
+        }
+        let failures = self.own_hold.as_ref().map_or(0, |h| h.failures) + 1;
+        let wait = settings.retry_after(failures);
+        let comment = report.failure_comment();
+        log::warn!(
+            "health check failed ({failures} in a row): holding the agent in maintenance, next check in {} s",
+            wait.as_secs()
+        );
+        self.own_hold = Some(OwnHold {
+            failures,
+            retry_at: Instant::now() + wait,
+        });
+        self.fire(DaemonEvent::CheckFailed, "");
+        if admin_hold.is_none() {
+            self.post_agent(json!({"state": "maintenance", "comment": comment}));
+            self.held = Some(AgentRequest {
+                state: "maintenance".to_owned(),
+                comment,
+            });
+        }
+    }
+
+    /// After a job: [`Self::back_to_waiting`], unless the job calls for a health check
+    /// (`check`, its reason), which then runs at once, before `waiting` is posted; a hold or
+    /// restart asked for during the job goes first, and the check waits for the next idle
+    /// moment.
+    fn back_to_waiting_or_check(&mut self, deferred: Option<&AgentRequest>, check: Option<String>) {
+        let Some(why) = check else {
+            self.back_to_waiting(deferred);
+            return;
+        };
+        if deferred.is_some() || self.stopping() || self.machine.state() != DaemonState::Busy {
+            if !self.stopping() {
+                self.check_due = Some(why);
+            }
+            self.back_to_waiting(deferred);
+            return;
+        }
+        self.fire(DaemonEvent::CheckDue, "");
+        crate::process::reap_orphans();
+        self.post_agent(json!({"job_id": ""}));
+        self.check_now(&why);
     }
 
     /// After a job: clear the job id, then carry out a request deferred during the job
@@ -1038,6 +1350,13 @@ impl Daemon {
         }
         publish_spooled(left);
         self.spool_empty_since = (left == 0).then(Instant::now);
+    }
+}
+
+/// The consecutive-provision-failures gauge.
+fn publish_provision_failures(count: u64) {
+    if let Some(metrics) = crate::metrics::get() {
+        metrics.set_consecutive_provision_failures(count);
     }
 }
 

@@ -17,6 +17,11 @@ pub enum DaemonState {
     Offline,
     /// Held in maintenance by an administrator.
     Maintenance,
+    /// Running the device health check (`healthcheck_command`), outside any job.
+    Checking,
+    /// Held in `maintenance` by its own failed health check, which it re-runs with a
+    /// back-off; a pass releases it, and so does an administrator.
+    HeldByCheck,
     /// Asked to restart (SIGUSR1 or the server's `restart`): posts `restart`, exits 1.
     Restarting,
     /// Stopping with a job under way: its phase ended, cleanup and the report follow.
@@ -26,12 +31,14 @@ pub enum DaemonState {
 }
 
 impl DaemonState {
-    pub const ALL: [DaemonState; 8] = [
+    pub const ALL: [DaemonState; 10] = [
         DaemonState::Starting,
         DaemonState::Waiting,
         DaemonState::Busy,
         DaemonState::Offline,
         DaemonState::Maintenance,
+        DaemonState::Checking,
+        DaemonState::HeldByCheck,
         DaemonState::Restarting,
         DaemonState::Draining,
         DaemonState::Stopped,
@@ -45,6 +52,8 @@ impl DaemonState {
             DaemonState::Busy => "busy",
             DaemonState::Offline => "offline",
             DaemonState::Maintenance => "maintenance",
+            DaemonState::Checking => "checking",
+            DaemonState::HeldByCheck => "held_by_check",
             DaemonState::Restarting => "restarting",
             DaemonState::Draining => "draining",
             DaemonState::Stopped => "stopped",
@@ -77,9 +86,32 @@ pub enum DaemonEvent {
     Drained,
     /// `restart` was posted; the process exits 1 for its supervisor to start it again.
     Exited,
+    /// A health check is due: at start-up, after failing provisions or exit 46, on the
+    /// idle interval, on SIGUSR2, or a retry of a failed one.
+    CheckDue,
+    /// The health check passed.
+    CheckPassed,
+    /// The health check failed or timed out.
+    CheckFailed,
 }
 
 impl DaemonEvent {
+    pub const ALL: [DaemonEvent; 13] = [
+        DaemonEvent::CameUp,
+        DaemonEvent::HeldOffline,
+        DaemonEvent::HeldMaintenance,
+        DaemonEvent::Released,
+        DaemonEvent::JobTaken,
+        DaemonEvent::JobDone,
+        DaemonEvent::RestartAsked,
+        DaemonEvent::Stop,
+        DaemonEvent::Drained,
+        DaemonEvent::Exited,
+        DaemonEvent::CheckDue,
+        DaemonEvent::CheckPassed,
+        DaemonEvent::CheckFailed,
+    ];
+
     /// The label of the event's edges.
     pub fn label(self) -> &'static str {
         match self {
@@ -93,6 +125,11 @@ impl DaemonEvent {
             DaemonEvent::Stop => "SIGTERM/SIGINT",
             DaemonEvent::Drained => "cleanup ran, outcome reported or spooled",
             DaemonEvent::Exited => "restart posted, exit 1",
+            DaemonEvent::CheckDue => {
+                "health check due (start-up, provision failures, exit 46, interval, SIGUSR2, retry)"
+            }
+            DaemonEvent::CheckPassed => "health check passed",
+            DaemonEvent::CheckFailed => "health check failed or timed out",
         }
     }
 }
@@ -101,22 +138,28 @@ use DaemonEvent as E;
 use DaemonState as S;
 
 /// Every edge the daemon can take: `(from, event, to)`. A request to hold, release or
-/// restart that comes during a job is carried out after it, hence the edges out of `busy`.
+/// restart that comes during a job is carried out after it, hence the edges out of `busy`;
+/// so is a health check a job calls for (its provision failed once too often, or a phase
+/// exited 46). A check never starts while draining or restarting: those lead only to
+/// `stopped`.
 pub const DAEMON_TRANSITIONS: &[(DaemonState, DaemonEvent, DaemonState)] = &[
     (S::Starting, E::CameUp, S::Waiting),
     (S::Starting, E::HeldOffline, S::Offline),
     (S::Starting, E::HeldMaintenance, S::Maintenance),
     (S::Starting, E::Stop, S::Stopped),
+    (S::Starting, E::CheckDue, S::Checking),
     (S::Waiting, E::JobTaken, S::Busy),
     (S::Waiting, E::HeldOffline, S::Offline),
     (S::Waiting, E::HeldMaintenance, S::Maintenance),
     (S::Waiting, E::RestartAsked, S::Restarting),
     (S::Waiting, E::Stop, S::Stopped),
+    (S::Waiting, E::CheckDue, S::Checking),
     (S::Busy, E::JobDone, S::Waiting),
     (S::Busy, E::HeldOffline, S::Offline),
     (S::Busy, E::HeldMaintenance, S::Maintenance),
     (S::Busy, E::RestartAsked, S::Restarting),
     (S::Busy, E::Stop, S::Draining),
+    (S::Busy, E::CheckDue, S::Checking),
     (S::Offline, E::Released, S::Waiting),
     (S::Offline, E::HeldMaintenance, S::Maintenance),
     (S::Offline, E::RestartAsked, S::Restarting),
@@ -124,6 +167,14 @@ pub const DAEMON_TRANSITIONS: &[(DaemonState, DaemonEvent, DaemonState)] = &[
     (S::Maintenance, E::Released, S::Waiting),
     (S::Maintenance, E::HeldOffline, S::Offline),
     (S::Maintenance, E::Stop, S::Stopped),
+    (S::Checking, E::CheckPassed, S::Waiting),
+    (S::Checking, E::CheckFailed, S::HeldByCheck),
+    (S::Checking, E::Stop, S::Stopped),
+    (S::HeldByCheck, E::CheckDue, S::Checking),
+    (S::HeldByCheck, E::Released, S::Waiting),
+    (S::HeldByCheck, E::HeldMaintenance, S::Maintenance),
+    (S::HeldByCheck, E::HeldOffline, S::Offline),
+    (S::HeldByCheck, E::Stop, S::Stopped),
     (S::Draining, E::Drained, S::Stopped),
     (S::Restarting, E::Exited, S::Stopped),
 ];
@@ -196,6 +247,10 @@ pub const DAEMON_GROUPS: &[Group] = &[
     Group {
         name: "held",
         members: &["offline", "maintenance"],
+    },
+    Group {
+        name: "own health check",
+        members: &["checking", "held_by_check"],
     },
 ];
 
@@ -285,5 +340,114 @@ mod tests {
         assert!(m.fire(DaemonEvent::JobTaken).is_err());
         assert_eq!(m.fire(DaemonEvent::Drained), Ok(DaemonState::Stopped));
         assert!(m.fire(DaemonEvent::Stop).is_err(), "stopped is the end");
+    }
+
+    /// Every (state, event) pair: the machine takes exactly the table's edge, or refuses and
+    /// stays where it was.
+    #[test]
+    fn every_state_and_event_follows_the_table() {
+        for from in DaemonState::ALL {
+            for event in DaemonEvent::ALL {
+                let mut m = DaemonMachine { state: from };
+                let edge = DAEMON_TRANSITIONS
+                    .iter()
+                    .find(|(f, e, _)| *f == from && *e == event);
+                match (m.fire(event), edge) {
+                    (Ok(to), Some((_, _, want))) => assert_eq!(to, *want),
+                    (Err(no), None) => {
+                        assert_eq!(no, NoEdge { from, event });
+                        assert_eq!(m.state(), from, "a refused event changes nothing");
+                    }
+                    (got, want) => panic!("{from:?} on {event:?}: {got:?} against {want:?}"),
+                }
+            }
+        }
+    }
+
+    /// The health check's rules, on the table: it starts only where no job runs and the
+    /// agent is neither draining nor restarting; it ends in a pass, a failure or a stop; the
+    /// agent's own hold leads to a job only through `waiting`; an administrator's hold is
+    /// never left for `checking` (only the administrator lifts it).
+    #[test]
+    fn health_check_edges_keep_their_rules() {
+        use DaemonState as S;
+        for (from, event, to) in DAEMON_TRANSITIONS {
+            if *to == S::Checking {
+                assert_eq!(*event, DaemonEvent::CheckDue, "{from:?}");
+                assert!(
+                    matches!(from, S::Starting | S::Waiting | S::Busy | S::HeldByCheck),
+                    "a check from {from:?}"
+                );
+            }
+            if *from == S::Checking {
+                assert!(
+                    matches!(
+                        event,
+                        DaemonEvent::CheckPassed | DaemonEvent::CheckFailed | DaemonEvent::Stop
+                    ),
+                    "{event:?} during a check"
+                );
+            }
+            if *event == DaemonEvent::JobTaken {
+                assert_eq!(*from, S::Waiting, "jobs are taken from waiting only");
+            }
+            if matches!(event, DaemonEvent::CheckPassed | DaemonEvent::CheckFailed) {
+                assert_eq!(*from, S::Checking);
+            }
+        }
+        for held in [
+            S::Maintenance,
+            S::Offline,
+            S::Draining,
+            S::Restarting,
+            S::Stopped,
+        ] {
+            assert!(
+                !DAEMON_TRANSITIONS
+                    .iter()
+                    .any(|(f, _, t)| *f == held && *t == S::Checking),
+                "{held:?} must not start a check"
+            );
+        }
+        // Every new edge is in the table.
+        for edge in [
+            (S::Starting, DaemonEvent::CheckDue, S::Checking),
+            (S::Waiting, DaemonEvent::CheckDue, S::Checking),
+            (S::Busy, DaemonEvent::CheckDue, S::Checking),
+            (S::Checking, DaemonEvent::CheckPassed, S::Waiting),
+            (S::Checking, DaemonEvent::CheckFailed, S::HeldByCheck),
+            (S::Checking, DaemonEvent::Stop, S::Stopped),
+            (S::HeldByCheck, DaemonEvent::CheckDue, S::Checking),
+            (S::HeldByCheck, DaemonEvent::Released, S::Waiting),
+            (S::HeldByCheck, DaemonEvent::HeldMaintenance, S::Maintenance),
+            (S::HeldByCheck, DaemonEvent::HeldOffline, S::Offline),
+            (S::HeldByCheck, DaemonEvent::Stop, S::Stopped),
+        ] {
+            assert!(DAEMON_TRANSITIONS.contains(&edge), "{edge:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// Random event sequences: the machine is always in a state the table names, a
+        /// state reached by an accepted event is its edge's target, and a check is never
+        /// entered straight from a hold an administrator set.
+        #[test]
+        fn random_events_stay_on_the_table(events in proptest::collection::vec(0usize..13, 0..60)) {
+            let mut m = DaemonMachine::default();
+            for i in events {
+                let event = DaemonEvent::ALL[i];
+                let from = m.state();
+                if let Ok(to) = m.fire(event) {
+                    proptest::prop_assert!(DAEMON_TRANSITIONS.contains(&(from, event, to)));
+                    if to == DaemonState::Checking {
+                        proptest::prop_assert!(!matches!(from, DaemonState::Maintenance | DaemonState::Offline));
+                    }
+                } else {
+                    proptest::prop_assert_eq!(m.state(), from);
+                }
+                proptest::prop_assert!(DaemonState::ALL.contains(&m.state()));
+            }
+        }
     }
 }

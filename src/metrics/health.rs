@@ -46,6 +46,8 @@ pub struct Health {
     stall_limit_ms: AtomicU64,
     call_stall_ms: AtomicU64,
     state: Mutex<(String, String)>,
+    /// The last health check: `{"at", "result", "duration_seconds"}`, `null` before any.
+    last_check: Mutex<serde_json::Value>,
     calls: Mutex<Calls>,
     /// Signalled when a call starts, for [`Health::watch_calls`].
     call_started: Condvar,
@@ -89,6 +91,7 @@ impl Health {
             stall_limit_ms: AtomicU64::new(millis(DEFAULT_STALL_LIMIT)),
             call_stall_ms: AtomicU64::new(millis(DEFAULT_CALL_STALL)),
             state: Mutex::new(("starting".to_string(), String::new())),
+            last_check: Mutex::new(serde_json::Value::Null),
             calls: Mutex::new(Calls::default()),
             call_started: Condvar::new(),
         }
@@ -195,6 +198,20 @@ impl Health {
         guard.1.push_str(job_id);
     }
 
+    /// The last health check, for the `last_healthcheck` of the body: when it started
+    /// (ISO 8601), its result and how long it ran.
+    pub fn set_last_check(&self, at: &str, result: &str, seconds: f64) {
+        let mut guard = self
+            .last_check
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard = serde_json::json!({
+            "at": at,
+            "result": result,
+            "duration_seconds": (seconds * 10.0).round() / 10.0,
+        });
+    }
+
     /// The main loop is alive now.
     pub fn beat(&self) {
         let nanos = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -220,8 +237,9 @@ impl Health {
     /// Whether the last beat is within the stall limit and no request has waited longer
     /// than the call stall limit, and the `/health` body:
     /// `{"status":"ok"|"stalled","state":..,"job_id":..,"last_cycle_seconds_ago":..,
-    /// "stall_limit_seconds":..,"waiting_for":..,"waiting_seconds":..}` (the last two
-    /// name the oldest request in flight, `null` when there is none).
+    /// "stall_limit_seconds":..,"waiting_for":..,"waiting_seconds":..,"last_healthcheck":..}`
+    /// (`waiting_*` name the oldest request in flight, `null` when there is none;
+    /// `last_healthcheck` is `{"at","result","duration_seconds"}`, `null` before any check).
     pub fn report(&self) -> (bool, String) {
         let ago = self.since_last_beat();
         let limit = self.stall_limit();
@@ -245,6 +263,11 @@ impl Health {
             "stall_limit_seconds": limit.as_secs_f64(),
             "waiting_for": waiting.as_ref().map(|(what, _)| what.as_str()),
             "waiting_seconds": waiting.as_ref().map(|(_, waited)| (waited.as_secs_f64() * 10.0).round() / 10.0),
+            "last_healthcheck": self
+                .last_check
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
         });
         (ok, body.to_string())
     }

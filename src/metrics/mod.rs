@@ -47,6 +47,10 @@ pub const PHASE_DURATION_BUCKETS: [f64; 8] =
 /// The `Content-Type` of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
+/// The `result` labels of `testflinger_agent_healthcheck_runs_total`, all declared from the
+/// first scrape.
+pub const HEALTHCHECK_RESULTS: [&str; 3] = ["pass", "fail", "timeout"];
+
 /// Why the agent killed a phase command (the `cause` label of
 /// `testflinger_agent_phase_commands_killed_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -106,6 +110,7 @@ type PhaseLabels = [(&'static str, String); 2];
 type DurationLabels = [(&'static str, String); 4];
 type CauseLabel = [(&'static str, &'static str); 1];
 type EndpointLabel = [(&'static str, &'static str); 1];
+type ResultLabel = [(&'static str, &'static str); 1];
 
 /// Every metric the agent exposes. Thread-safe: record from any thread through `&self`.
 #[derive(Debug)]
@@ -123,6 +128,9 @@ pub struct Metrics {
     backlog: Gauge<u64, AtomicU64>,
     request_failures: Family<EndpointLabel, Counter>,
     token_refreshes: Counter,
+    healthcheck_runs: [Counter; 3],
+    healthcheck_last_success: Gauge<f64, AtomicU64>,
+    provision_failures: Gauge<u64, AtomicU64>,
     health: Health,
 }
 
@@ -235,6 +243,29 @@ impl Metrics {
             Declared(token_refreshes.clone()),
         );
 
+        let runs_family = Family::<ResultLabel, Counter>::default();
+        let healthcheck_runs =
+            HEALTHCHECK_RESULTS.map(|r| runs_family.get_or_create_owned(&[("result", r)]));
+        registry.register(
+            "testflinger_agent_healthcheck_runs",
+            "Device health checks (healthcheck_command) run to an end, by result: pass, fail, timeout",
+            Declared(runs_family),
+        );
+
+        let healthcheck_last_success = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "testflinger_agent_healthcheck_last_success_timestamp_seconds",
+            "When the last passing health check started, in seconds since the Unix epoch; 0 before any",
+            Declared(healthcheck_last_success.clone()),
+        );
+
+        let provision_failures = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "testflinger_agent_consecutive_provision_failures",
+            "Jobs in a row whose provision phase failed (0 after a provision succeeded, a health check passed or an administrator released the agent)",
+            Declared(provision_failures.clone()),
+        );
+
         let info = Family::<[(&'static str, String); 2], Gauge>::default();
         info.get_or_create(&[
             ("version", env!("CARGO_PKG_VERSION").to_string()),
@@ -263,6 +294,9 @@ impl Metrics {
             backlog,
             request_failures,
             token_refreshes,
+            healthcheck_runs,
+            healthcheck_last_success,
+            provision_failures,
             health: Health::new(),
         }
     }
@@ -342,6 +376,34 @@ impl Metrics {
     /// A new access token was obtained (`testflinger_agent_token_refreshes_total`).
     pub fn token_refreshed(&self) {
         self.token_refreshes.inc();
+    }
+
+    /// A health check ended with `result`; it started at `started`, `seconds` ago
+    /// (`testflinger_agent_healthcheck_runs_total`, the last-success gauge, `/health`).
+    /// `result` is one of [`HEALTHCHECK_RESULTS`]; another is only shown on `/health`.
+    pub fn healthcheck_ran(
+        &self,
+        result: &str,
+        at: &str,
+        started: std::time::SystemTime,
+        seconds: f64,
+    ) {
+        if let Some(index) = HEALTHCHECK_RESULTS.iter().position(|r| *r == result) {
+            self.healthcheck_runs[index].inc();
+        }
+        if result == "pass" {
+            let secs = started
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.healthcheck_last_success.set(secs);
+        }
+        self.health.set_last_check(at, result, seconds);
+    }
+
+    /// Jobs in a row whose provision failed
+    /// (`testflinger_agent_consecutive_provision_failures`).
+    pub fn set_consecutive_provision_failures(&self, n: u64) {
+        self.provision_failures.set(n);
     }
 
     /// What `/health` reports.

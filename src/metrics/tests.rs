@@ -362,6 +362,18 @@ fn every_family_is_declared_before_any_observation() {
             "testflinger_agent_token_refreshes_total",
             PrometheusType::Counter,
         ),
+        (
+            "testflinger_agent_healthcheck_runs_total",
+            PrometheusType::Counter,
+        ),
+        (
+            "testflinger_agent_healthcheck_last_success_timestamp_seconds",
+            PrometheusType::Gauge,
+        ),
+        (
+            "testflinger_agent_consecutive_provision_failures",
+            PrometheusType::Gauge,
+        ),
         ("testflinger_agent_info", PrometheusType::Gauge),
         ("process_resident_memory_bytes", PrometheusType::Gauge),
         ("process_virtual_memory_bytes", PrometheusType::Gauge),

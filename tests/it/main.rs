@@ -16,6 +16,7 @@ mod disk_full;
 mod docs;
 mod fake_server_selftest;
 mod generated;
+mod healthcheck;
 mod http_client;
 mod idle;
 mod inputs;
