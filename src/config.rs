@@ -1,9 +1,11 @@
 //! The agent's YAML config file (PROTOCOL §11): every key of the archived and the current
 //! Python agent, their types and defaults, plus this agent's own tuning keys.
 //!
-//! One table, [`KEYS`], drives everything: validation, the defaults, the effective config
-//! printed by `testflinger-agent check-config`, the variables exported to phase commands and
-//! the reference table in `README.md` ([`reference_table_markdown`]). A config file that
+//! Each key is one row of the `config_keys!` table, which generates the [`Key`] enum (how
+//! code names a key, so a misspelt key does not compile), the [`Config`] field and [`KEYS`].
+//! `KEYS` drives validation, the defaults, the effective config printed by
+//! `testflinger-agent check-config`, the variables exported to phase commands and the
+//! reference table in `README.md` ([`reference_table_markdown`]). A config file that
 //! the Python agent accepts loads here unchanged, with these deliberate differences: values
 //! inside `job_queues`, `advertised_queues` and `advertised_images` must be strings (the
 //! server refuses anything else), agent ids that cannot be a path or URL segment are
@@ -169,6 +171,8 @@ impl Origin {
 /// One config key: its name, type, default, origin and meaning.
 #[derive(Clone, Copy, Debug)]
 pub struct KeySpec {
+    /// The key as a value the compiler checks; `key.name() == name`.
+    pub key: Key,
     pub name: &'static str,
     pub kind: KeyType,
     pub default: DefaultValue,
@@ -179,25 +183,107 @@ pub struct KeySpec {
     pub meaning: &'static str,
 }
 
-const fn key(
-    name: &'static str,
-    kind: KeyType,
-    default: DefaultValue,
-    origin: Origin,
-    meaning: &'static str,
-) -> KeySpec {
-    KeySpec {
-        name,
-        kind,
-        default,
-        origin,
-        min: 0,
-        meaning,
-    }
-}
+/// Defines every config key from one row each; the rows are the invocation below.
+///
+/// A row reads `field: Type = Variant { kind, default, origin, [min,] [read,] meaning }`:
+/// `field` is the key's name in the file and its [`Config`] field, `Type` that field's type
+/// (a plain type when the key is required or has a default, an `Option` when it may be
+/// absent), `Variant` the key's name in the [`Key`] enum. `kind`, `default` and `origin` are
+/// a [`KeyType`], a [`DefaultValue`] and an [`Origin`]; `min` (the smallest whole number
+/// accepted) is 0 when left out; `meaning` is the reference table's line. `read` names a
+/// function that turns the checked value into `Type` where [`Field`] alone cannot (it also
+/// sees the warnings); most rows leave it out.
+///
+/// From the rows it generates: the [`Key`] enum (code names a key by a value the compiler
+/// checks, never by a string), [`KEYS`] (which drives validation, the defaults, the
+/// effective config and the reference tables), the [`Config`] struct with one field per key
+/// (documented with the key's meaning), and `Config::from_effective`, which fills each field
+/// from the checked, defaulted values.
+macro_rules! config_keys {
+    ($(
+        $field:ident: $ty:ty = $variant:ident {
+            kind: $kind:expr,
+            default: $default:expr,
+            origin: $origin:expr,
+            $(min: $min:expr,)?
+            $(read: $read:expr,)?
+            meaning: $meaning:literal $(,)?
+        }
+    ),* $(,)?) => {
+        /// A config key, named by a value the compiler checks; its spec is [`Key::spec`].
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Key {
+            $(
+                #[doc = concat!("`", stringify!($field), "`: ", $meaning)]
+                $variant,
+            )*
+        }
 
-const fn at_least_one(spec: KeySpec) -> KeySpec {
-    KeySpec { min: 1, ..spec }
+        impl Key {
+            /// Every key, in [`KEYS`] order.
+            pub const ALL: &'static [Key] = &[$(Key::$variant),*];
+
+            /// The key's name, as the config file spells it.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Key::$variant => stringify!($field),)*
+                }
+            }
+        }
+
+        /// Every key the config file may hold, in the order `check-config` prints them.
+        pub const KEYS: &[KeySpec] = &[$(
+            KeySpec {
+                key: Key::$variant,
+                name: stringify!($field),
+                kind: $kind,
+                default: $default,
+                origin: $origin,
+                min: config_keys!(@min $($min)?),
+                meaning: $meaning,
+            },
+        )*];
+
+        /// The effective configuration, defaults filled in: one field per key of [`KEYS`],
+        /// named as the key.
+        #[derive(Clone, Debug)]
+        pub struct Config {
+            $(
+                #[doc = $meaning]
+                pub $field: $ty,
+            )*
+            /// Problems that did not stop the load (such as an unknown `logging_level`),
+            /// for the caller to log once logging is set up.
+            pub warnings: Vec<String>,
+            /// Every key with its effective value, in [`KEYS`] order; absent optional keys
+            /// left out.
+            effective: Map<String, Value>,
+        }
+
+        impl Config {
+            /// Fills the typed fields from the checked, defaulted map, in [`KEYS`] order.
+            fn from_effective(
+                effective: Map<String, Value>,
+                mut warnings: Vec<String>,
+            ) -> Result<Config, ConfigError> {
+                Ok(Config {
+                    $(
+                        $field: config_keys!(@read $ty $(, $read)?)(
+                            Key::$variant,
+                            effective.get(stringify!($field)),
+                            &mut warnings,
+                        )?,
+                    )*
+                    warnings,
+                    effective,
+                })
+            }
+        }
+    };
+    (@min) => { 0 };
+    (@min $min:expr) => { $min };
+    (@read $ty:ty) => { <$ty as Field>::read };
+    (@read $ty:ty, $read:expr) => { $read };
 }
 
 /// Default of the job's global timeout and of the cap when the config has none (PROTOCOL §5.6).
@@ -209,88 +295,328 @@ use DefaultValue::{Absent, Bool as DBool, Int, Required, Text as DText};
 use KeyType::*;
 use Origin::*;
 
-/// Every key the config file may hold, in the order `check-config` prints them.
-#[rustfmt::skip]
-pub const KEYS: &[KeySpec] = &[
-    key("agent_id", AgentId, Required, BothPython,
-        "Agent name on the server, in URLs and in paths: no `/`, whitespace, control characters, `?`, `#` or `%`, not `.` or `..`"),
-    key("server_address", Text, Required, BothPython,
-        "Base URL of the Testflinger server; `http://` is prepended when it does not start with `http`"),
-    key("job_queues", TextList, Required, BothPython,
-        "Queues this agent takes jobs from"),
-    key("polling_interval", Seconds, Int(10), BothPython,
-        "Seconds to wait between polls for a job"),
-    key("execution_basedir", Text, DText("/tmp/testflinger/run"), BothPython,
-        "Parent of the run directories, `<execution_basedir>/<job_id>`"),
-    key("logging_basedir", Text, DText("/tmp/testflinger/logs"), BothPython,
-        "Directory of the agent's own log"),
-    key("results_basedir", Text, DText("/tmp/testflinger/results"), BothPython,
-        "Spool of results the server has not accepted yet"),
-    key("logging_level", LogLevel, DText("INFO"), BothPython,
-        "Python log level name (DEBUG, INFO, WARNING, ERROR, CRITICAL, NOTSET), any case; an unknown name means INFO, with a warning"),
-    key("logging_quiet", KeyType::Bool, DBool(false), BothPython,
-        "Log to the log file only, not to the console"),
-    key("setup_command", Text, DText(""), BothPython,
-        "Shell command of the setup phase; empty skips the phase"),
-    key("provision_command", Text, DText(""), BothPython,
-        "Shell command of the provision phase; empty skips the phase"),
-    key("firmware_update_command", Text, DText(""), CurrentPython,
-        "Shell command of the firmware_update phase; empty skips the phase"),
-    key("test_command", Text, DText(""), BothPython,
-        "Shell command of the test phase; empty skips the phase"),
-    key("allocate_command", Text, DText(""), BothPython,
-        "Shell command of the allocate phase; empty skips the phase"),
-    key("reserve_command", Text, DText(""), BothPython,
-        "Shell command of the reserve phase; empty skips the phase"),
-    key("cleanup_command", Text, DText(""), BothPython,
-        "Shell command of the cleanup phase; empty skips the phase"),
-    key("provision_type", Text, Absent(""), BothPython,
-        "Device connector type; posted to the server and exported to phase commands"),
-    at_least_one(key("global_timeout", Seconds, Absent("14400 used"), BothPython,
-        "Cap in seconds on a job's `global_timeout`, which applies to every phase but reserve")),
-    at_least_one(key("output_timeout", Seconds, Absent("900 used"), BothPython,
-        "Cap in seconds on a job's `output_timeout`, which applies to the test phase")),
-    key("advertised_queues", TextMap, Absent(""), BothPython,
-        "Public queue names and their descriptions, posted to the server"),
-    key("advertised_images", ImageMap, Absent(""), BothPython,
-        "Per queue, image names and their provision data (a string), posted to the server; a list of one-key maps per queue is accepted and turned into a map (the server refuses the list shape)"),
-    key("identifier", Text, Absent(""), CurrentPython,
-        "Posted with the agent data; the `identifier` label of `phase_duration_seconds` (`\"\"` when absent)"),
-    key("location", Text, Absent("`\"\"` posted"), CurrentPython,
-        "Posted with the agent data"),
-    key("output_bytes", Count, Int(10_485_760), CurrentPython,
-        "Accepted for compatibility and unused: output is never truncated"),
-    key("links", TextMap, Absent(""), Compat,
-        "Accepted and unused; the Python agent's schema refuses it"),
-    key("control_host", TextMap, Absent(""), Compat,
-        "Accepted and unused; the Python agent's schema refuses it"),
-    key("token_file", Text, Absent(""), PythonCli,
-        "Refresh-token file; normally given on the command line, which wins; exported to phase commands"),
-    key("metrics_endpoint_port", Port, Absent("no endpoint"), ThisAgent,
-        "Port of the Prometheus endpoint (`/metrics`, `/health`); the Python agent takes it only as `-p`/`--metrics_port`, and the command line wins"),
-    key("metrics_endpoint_address", Text, Absent("all interfaces"), ThisAgent,
-        "Address the metrics endpoint binds to, such as `127.0.0.1` or `::`"),
-    key("logging_format", Choice(&["agent", "python"]), DText("agent"), ThisAgent,
-        "Layout of the agent's log lines: `agent` (UTC timestamp, level, message) or `python` (the Python agent's `[YY-MM-DD HH:MM:SS]   LEVEL: (file:line)| message`, local time)"),
-    key("logging_syslog", Syslog, DBool(false), ThisAgent,
-        "Also send the agent's log to syslog: `true` (facility `daemon`) or a facility, `user`, `daemon`, `local0` to `local7`; when the socket is absent the agent warns once and logs to stderr and the file"),
-    key("logging_syslog_socket", Text, DText("/dev/log"), ThisAgent,
-        "The syslog daemon's Unix socket, for `logging_syslog`"),
-    key("termination_grace_period", Seconds, Int(10), ThisAgent,
-        "Seconds between SIGTERM and SIGKILL when a phase command's process group is stopped"),
-    key("shutdown_cleanup_timeout", Seconds, Int(300), ThisAgent,
-        "When the agent is stopping (SIGTERM/SIGINT), the longest the cleanup phase may still run, counted from the stop or from the start of cleanup, whichever is later; then it is ended like a timeout. A supervisor's stop timeout must exceed `termination_grace_period` + this + 10 s"),
-    key("straggler_wait_ms", Milliseconds, Int(2000), ThisAgent,
-        "Milliseconds to wait, once a phase command has exited, for background processes still holding its output before they are killed"),
-    at_least_one(key("cancel_check_interval", Seconds, Int(10), ThisAgent,
-        "Seconds between checks for a cancelled job while a phase command runs")),
-    at_least_one(key("output_post_interval", Seconds, Int(1), ThisAgent,
-        "Seconds between posts of a phase's live output to the server")),
-    key("audit_trails_kept", Count, Int(100), ThisAgent,
-        "How many finished jobs' trails (their journals: every transition with its time and cause) stay in `<logging_basedir>/trails/` for `testflinger-agent explain`; the oldest go first, 0 keeps none"),
-    key("oom_score_adj", OomScore, Int(500), ThisAgent,
-        "`oom_score_adj` given to every phase command (and inherited by what it starts), so that when memory runs out the kernel kills the job before the agent; raising it above the agent's own value needs no privilege, lowering it below needs root (CAP_SYS_RESOURCE), and a value the kernel refuses is ignored"),
-];
+// The config keys, one row each, in the order `check-config` prints them; see
+// `config_keys!` above for what a row holds and what it generates. To add a key, add a row.
+config_keys! {
+    agent_id: String = AgentId {
+        kind: AgentId, default: Required, origin: BothPython,
+        meaning: "Agent name on the server, in URLs and in paths: no `/`, whitespace, control characters, `?`, `#` or `%`, not `.` or `..`",
+    },
+    server_address: String = ServerAddress {
+        kind: Text, default: Required, origin: BothPython,
+        meaning: "Base URL of the Testflinger server; `http://` is prepended when it does not start with `http`",
+    },
+    job_queues: Vec<String> = JobQueues {
+        kind: TextList, default: Required, origin: BothPython,
+        read: read_job_queues,
+        meaning: "Queues this agent takes jobs from",
+    },
+    polling_interval: u64 = PollingInterval {
+        kind: Seconds, default: Int(10), origin: BothPython,
+        meaning: "Seconds to wait between polls for a job",
+    },
+    execution_basedir: PathBuf = ExecutionBasedir {
+        kind: Text, default: DText("/tmp/testflinger/run"), origin: BothPython,
+        meaning: "Parent of the run directories, `<execution_basedir>/<job_id>`",
+    },
+    logging_basedir: PathBuf = LoggingBasedir {
+        kind: Text, default: DText("/tmp/testflinger/logs"), origin: BothPython,
+        meaning: "Directory of the agent's own log",
+    },
+    results_basedir: PathBuf = ResultsBasedir {
+        kind: Text, default: DText("/tmp/testflinger/results"), origin: BothPython,
+        meaning: "Spool of results the server has not accepted yet",
+    },
+    logging_level: log::LevelFilter = LoggingLevel {
+        kind: LogLevel, default: DText("INFO"), origin: BothPython,
+        read: read_logging_level,
+        meaning: "Python log level name (DEBUG, INFO, WARNING, ERROR, CRITICAL, NOTSET), any case; an unknown name means INFO, with a warning",
+    },
+    logging_quiet: bool = LoggingQuiet {
+        kind: KeyType::Bool, default: DBool(false), origin: BothPython,
+        meaning: "Log to the log file only, not to the console",
+    },
+    setup_command: String = SetupCommand {
+        kind: Text, default: DText(""), origin: BothPython,
+        meaning: "Shell command of the setup phase; empty skips the phase",
+    },
+    provision_command: String = ProvisionCommand {
+        kind: Text, default: DText(""), origin: BothPython,
+        meaning: "Shell command of the provision phase; empty skips the phase",
+    },
+    firmware_update_command: String = FirmwareUpdateCommand {
+        kind: Text, default: DText(""), origin: CurrentPython,
+        meaning: "Shell command of the firmware_update phase; empty skips the phase",
+    },
+    test_command: String = TestCommand {
+        kind: Text, default: DText(""), origin: BothPython,
+        meaning: "Shell command of the test phase; empty skips the phase",
+    },
+    allocate_command: String = AllocateCommand {
+        kind: Text, default: DText(""), origin: BothPython,
+        meaning: "Shell command of the allocate phase; empty skips the phase",
+    },
+    reserve_command: String = ReserveCommand {
+        kind: Text, default: DText(""), origin: BothPython,
+        meaning: "Shell command of the reserve phase; empty skips the phase",
+    },
+    cleanup_command: String = CleanupCommand {
+        kind: Text, default: DText(""), origin: BothPython,
+        meaning: "Shell command of the cleanup phase; empty skips the phase",
+    },
+    provision_type: Option<String> = ProvisionType {
+        kind: Text, default: Absent(""), origin: BothPython,
+        meaning: "Device connector type; posted to the server and exported to phase commands",
+    },
+    global_timeout: Option<u64> = GlobalTimeout {
+        kind: Seconds, default: Absent("14400 used"), origin: BothPython, min: 1,
+        meaning: "Cap in seconds on a job's `global_timeout`, which applies to every phase but reserve",
+    },
+    output_timeout: Option<u64> = OutputTimeout {
+        kind: Seconds, default: Absent("900 used"), origin: BothPython, min: 1,
+        meaning: "Cap in seconds on a job's `output_timeout`, which applies to the test phase",
+    },
+    advertised_queues: Option<BTreeMap<String, String>> = AdvertisedQueues {
+        kind: TextMap, default: Absent(""), origin: BothPython,
+        meaning: "Public queue names and their descriptions, posted to the server",
+    },
+    advertised_images: Option<BTreeMap<String, BTreeMap<String, String>>> = AdvertisedImages {
+        kind: ImageMap, default: Absent(""), origin: BothPython,
+        meaning: "Per queue, image names and their provision data (a string), posted to the server; a list of one-key maps per queue is accepted and turned into a map (the server refuses the list shape)",
+    },
+    identifier: Option<String> = Identifier {
+        kind: Text, default: Absent(""), origin: CurrentPython,
+        meaning: "Posted with the agent data; the `identifier` label of `phase_duration_seconds` (`\"\"` when absent)",
+    },
+    location: Option<String> = Location {
+        kind: Text, default: Absent("`\"\"` posted"), origin: CurrentPython,
+        meaning: "Posted with the agent data",
+    },
+    output_bytes: u64 = OutputBytes {
+        kind: Count, default: Int(10_485_760), origin: CurrentPython,
+        meaning: "Accepted for compatibility and unused: output is never truncated",
+    },
+    links: Option<BTreeMap<String, String>> = Links {
+        kind: TextMap, default: Absent(""), origin: Compat,
+        meaning: "Accepted and unused; the Python agent's schema refuses it",
+    },
+    control_host: Option<BTreeMap<String, String>> = ControlHost {
+        kind: TextMap, default: Absent(""), origin: Compat,
+        meaning: "Accepted and unused; the Python agent's schema refuses it",
+    },
+    token_file: Option<String> = TokenFile {
+        kind: Text, default: Absent(""), origin: PythonCli,
+        meaning: "Refresh-token file; normally given on the command line, which wins; exported to phase commands",
+    },
+    metrics_endpoint_port: Option<u16> = MetricsEndpointPort {
+        kind: Port, default: Absent("no endpoint"), origin: ThisAgent,
+        meaning: "Port of the Prometheus endpoint (`/metrics`, `/health`); the Python agent takes it only as `-p`/`--metrics_port`, and the command line wins",
+    },
+    metrics_endpoint_address: Option<String> = MetricsEndpointAddress {
+        kind: Text, default: Absent("all interfaces"), origin: ThisAgent,
+        meaning: "Address the metrics endpoint binds to, such as `127.0.0.1` or `::`",
+    },
+    logging_format: LogFormat = LoggingFormat {
+        kind: Choice(&["agent", "python"]), default: DText("agent"), origin: ThisAgent,
+        meaning: "Layout of the agent's log lines: `agent` (UTC timestamp, level, message) or `python` (the Python agent's `[YY-MM-DD HH:MM:SS]   LEVEL: (file:line)| message`, local time)",
+    },
+    logging_syslog: Option<String> = LoggingSyslog {
+        kind: Syslog, default: DBool(false), origin: ThisAgent,
+        meaning: "Also send the agent's log to syslog: `true` (facility `daemon`) or a facility, `user`, `daemon`, `local0` to `local7`; when the socket is absent the agent warns once and logs to stderr and the file",
+    },
+    logging_syslog_socket: PathBuf = LoggingSyslogSocket {
+        kind: Text, default: DText("/dev/log"), origin: ThisAgent,
+        meaning: "The syslog daemon's Unix socket, for `logging_syslog`",
+    },
+    termination_grace_period: u64 = TerminationGracePeriod {
+        kind: Seconds, default: Int(10), origin: ThisAgent,
+        meaning: "Seconds between SIGTERM and SIGKILL when a phase command's process group is stopped",
+    },
+    shutdown_cleanup_timeout: u64 = ShutdownCleanupTimeout {
+        kind: Seconds, default: Int(300), origin: ThisAgent,
+        meaning: "When the agent is stopping (SIGTERM/SIGINT), the longest the cleanup phase may still run, counted from the stop or from the start of cleanup, whichever is later; then it is ended like a timeout. A supervisor's stop timeout must exceed `termination_grace_period` + this + 10 s",
+    },
+    straggler_wait_ms: u64 = StragglerWaitMs {
+        kind: Milliseconds, default: Int(2000), origin: ThisAgent,
+        meaning: "Milliseconds to wait, once a phase command has exited, for background processes still holding its output before they are killed",
+    },
+    cancel_check_interval: u64 = CancelCheckInterval {
+        kind: Seconds, default: Int(10), origin: ThisAgent, min: 1,
+        meaning: "Seconds between checks for a cancelled job while a phase command runs",
+    },
+    output_post_interval: u64 = OutputPostInterval {
+        kind: Seconds, default: Int(1), origin: ThisAgent, min: 1,
+        meaning: "Seconds between posts of a phase's live output to the server",
+    },
+    audit_trails_kept: u64 = AuditTrailsKept {
+        kind: Count, default: Int(100), origin: ThisAgent,
+        meaning: "How many finished jobs' trails (their journals: every transition with its time and cause) stay in `<logging_basedir>/trails/` for `testflinger-agent explain`; the oldest go first, 0 keeps none",
+    },
+    oom_score_adj: i32 = OomScoreAdj {
+        kind: OomScore, default: Int(500), origin: ThisAgent,
+        meaning: "`oom_score_adj` given to every phase command (and inherited by what it starts), so that when memory runs out the kernel kills the job before the agent; raising it above the agent's own value needs no privilege, lowering it below needs root (CAP_SYS_RESOURCE), and a value the kernel refuses is ignored",
+    },
+}
+
+impl Key {
+    /// The key's spec in [`KEYS`].
+    pub fn spec(self) -> &'static KeySpec {
+        // `config_keys!` writes the variants and the rows of KEYS in the same order, so a
+        // variant's discriminant is its row's index.
+        &KEYS[self as usize]
+    }
+
+    /// The key holding `phase`'s command, e.g. [`Key::TestCommand`].
+    pub fn command_of(phase: Phase) -> Key {
+        match phase {
+            Phase::Setup => Key::SetupCommand,
+            Phase::Provision => Key::ProvisionCommand,
+            Phase::FirmwareUpdate => Key::FirmwareUpdateCommand,
+            Phase::Test => Key::TestCommand,
+            Phase::Allocate => Key::AllocateCommand,
+            Phase::Reserve => Key::ReserveCommand,
+            Phase::Cleanup => Key::CleanupCommand,
+        }
+    }
+}
+
+/// The layout of the agent's log lines (`logging_format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// UTC timestamp, level, message.
+    Agent,
+    /// The Python agent's layout, in local time.
+    Python,
+}
+
+/// A type a key's checked value can be read as: the payload of a [`Field`].
+trait FromValue: Sized {
+    /// The value as this type; `None` when it does not have this shape (which a checked
+    /// value of the right key never lacks).
+    fn from_value(value: &Value) -> Option<Self>;
+}
+
+impl FromValue for String {
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_str().map(str::to_owned)
+    }
+}
+
+impl FromValue for PathBuf {
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_str().map(PathBuf::from)
+    }
+}
+
+impl FromValue for bool {
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_bool()
+    }
+}
+
+impl FromValue for u64 {
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_u64()
+    }
+}
+
+impl FromValue for u16 {
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_u64().and_then(|n| u16::try_from(n).ok())
+    }
+}
+
+impl FromValue for i32 {
+    fn from_value(value: &Value) -> Option<Self> {
+        value.as_i64().and_then(|n| i32::try_from(n).ok())
+    }
+}
+
+impl FromValue for LogFormat {
+    fn from_value(value: &Value) -> Option<Self> {
+        Some(match value.as_str() {
+            Some("python") => LogFormat::Python,
+            _ => LogFormat::Agent,
+        })
+    }
+}
+
+/// A list keeps the items of the right shape.
+impl<T: FromValue> FromValue for Vec<T> {
+    fn from_value(value: &Value) -> Option<Self> {
+        Some(value.as_array()?.iter().filter_map(T::from_value).collect())
+    }
+}
+
+/// A mapping keeps the entries whose value has the right shape.
+impl<T: FromValue> FromValue for BTreeMap<String, T> {
+    fn from_value(value: &Value) -> Option<Self> {
+        let map = value.as_object()?;
+        Some(
+            map.iter()
+                .filter_map(|(k, v)| Some((k.clone(), T::from_value(v)?)))
+                .collect(),
+        )
+    }
+}
+
+/// The type of a [`Config`] field, read from its key's checked, defaulted value.
+trait Field: Sized {
+    fn read(
+        key: Key,
+        value: Option<&Value>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Self, ConfigError>;
+}
+
+/// A plain type: the key is required or has a default, so it always has a value.
+impl<T: FromValue> Field for T {
+    fn read(key: Key, value: Option<&Value>, _: &mut Vec<String>) -> Result<Self, ConfigError> {
+        value
+            .and_then(T::from_value)
+            .ok_or(ConfigError::Missing { key: key.name() })
+    }
+}
+
+/// An `Option`: `None` when the key is absent.
+impl<T: FromValue> Field for Option<T> {
+    fn read(_: Key, value: Option<&Value>, _: &mut Vec<String>) -> Result<Self, ConfigError> {
+        Ok(value.and_then(T::from_value))
+    }
+}
+
+/// `job_queues`, with a warning when the list is empty.
+fn read_job_queues(
+    key: Key,
+    value: Option<&Value>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<String>, ConfigError> {
+    let queues = Vec::<String>::read(key, value, warnings)?;
+    if queues.is_empty() {
+        warnings.push(format!(
+            "config key {} is an empty list: the agent will never get a job",
+            key.name()
+        ));
+    }
+    Ok(queues)
+}
+
+/// `logging_level`: a Python level name; an unknown one means INFO, with a warning.
+fn read_logging_level(
+    key: Key,
+    value: Option<&Value>,
+    warnings: &mut Vec<String>,
+) -> Result<log::LevelFilter, ConfigError> {
+    let name = value.and_then(Value::as_str).unwrap_or_default();
+    Ok(python_level(name).unwrap_or_else(|| {
+        warnings.push(format!(
+            "config key {}: unknown level {name:?}, using INFO \
+             (known: DEBUG, INFO, WARNING, WARN, ERROR, CRITICAL, FATAL, NOTSET)",
+            key.name()
+        ));
+        log::LevelFilter::Info
+    }))
+}
 
 /// The spec of `name`, if it is a config key.
 pub fn key_spec(name: &str) -> Option<&'static KeySpec> {
@@ -332,62 +658,6 @@ pub enum ConfigError {
     },
     #[error("config key {key}: {reason}")]
     Invalid { key: String, reason: String },
-}
-
-/// The effective configuration, defaults filled in.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub agent_id: String,
-    pub server_address: String,
-    pub job_queues: Vec<String>,
-    /// Seconds between polls.
-    pub polling_interval: u64,
-    pub execution_basedir: PathBuf,
-    pub logging_basedir: PathBuf,
-    pub results_basedir: PathBuf,
-    pub logging_level: log::LevelFilter,
-    pub logging_quiet: bool,
-    pub provision_type: Option<String>,
-    /// The config's cap on the job's global timeout, in seconds, when set.
-    pub global_timeout: Option<u64>,
-    /// The config's cap on the job's output timeout, in seconds, when set.
-    pub output_timeout: Option<u64>,
-    pub advertised_queues: Option<BTreeMap<String, String>>,
-    /// Always in the map shape, whatever shape the file used.
-    pub advertised_images: Option<BTreeMap<String, BTreeMap<String, String>>>,
-    pub identifier: Option<String>,
-    pub location: Option<String>,
-    /// Accepted and unused.
-    pub output_bytes: u64,
-    pub token_file: Option<String>,
-    pub metrics_endpoint_port: Option<u16>,
-    /// Where the metrics endpoint binds; `None` means all interfaces.
-    pub metrics_endpoint_address: Option<String>,
-    /// The Python agent's log line layout instead of ours.
-    pub logging_python_format: bool,
-    /// The syslog facility the log also goes to (`logging_syslog`), when on.
-    pub logging_syslog: Option<String>,
-    /// The syslog socket (`logging_syslog_socket`).
-    pub logging_syslog_socket: PathBuf,
-    /// Seconds between SIGTERM and SIGKILL when a command is stopped.
-    pub termination_grace_period: u64,
-    /// Milliseconds to wait for background processes holding a finished command's output.
-    pub straggler_wait_ms: u64,
-    /// Seconds cleanup may still run once the agent is stopping.
-    pub shutdown_cleanup_timeout: u64,
-    /// Seconds between cancellation checks while a command runs.
-    pub cancel_check_interval: u64,
-    /// Seconds between posts of live output.
-    pub output_post_interval: u64,
-    /// `oom_score_adj` of phase commands, -1000 to 1000.
-    pub oom_score_adj: i32,
-    /// How many finished jobs' trails stay under `logging_basedir/trails`.
-    pub audit_trails_kept: u64,
-    /// Problems that did not stop the load (such as an unknown `logging_level`), for the
-    /// caller to log once logging is set up.
-    pub warnings: Vec<String>,
-    /// Every key with its effective value, in [`KEYS`] order; absent optional keys left out.
-    effective: Map<String, Value>,
 }
 
 impl Config {
@@ -438,124 +708,9 @@ impl Config {
         Config::from_effective(effective, warnings)
     }
 
-    /// Fills the typed fields from the checked, defaulted map.
-    fn from_effective(
-        effective: Map<String, Value>,
-        mut warnings: Vec<String>,
-    ) -> Result<Config, ConfigError> {
-        let text = |name: &str| {
-            effective
-                .get(name)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        };
-        let int = |name: &str| effective.get(name).and_then(Value::as_u64);
-        let required_text =
-            |name: &'static str| text(name).ok_or(ConfigError::Missing { key: name });
-        let defaulted_int =
-            |name: &'static str| int(name).ok_or(ConfigError::Missing { key: name });
-        let path = |name: &'static str| required_text(name).map(PathBuf::from);
-
-        let job_queues: Vec<String> = effective
-            .get("job_queues")
-            .and_then(Value::as_array)
-            .map(|items| {
-                items
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if job_queues.is_empty() {
-            warnings.push(
-                "config key job_queues is an empty list: the agent will never get a job".to_owned(),
-            );
-        }
-        let level_name = text("logging_level").unwrap_or_default();
-        let logging_level = python_level(&level_name).unwrap_or_else(|| {
-            warnings.push(format!(
-                "config key logging_level: unknown level {level_name:?}, using INFO \
-                 (known: DEBUG, INFO, WARNING, WARN, ERROR, CRITICAL, FATAL, NOTSET)"
-            ));
-            log::LevelFilter::Info
-        });
-        let string_map = |name: &str| {
-            effective.get(name).and_then(Value::as_object).map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                    .collect::<BTreeMap<_, _>>()
-            })
-        };
-        let advertised_images = effective
-            .get("advertised_images")
-            .and_then(Value::as_object)
-            .map(|queues| {
-                queues
-                    .iter()
-                    .map(|(queue, images)| {
-                        let images = images
-                            .as_object()
-                            .map(|m| {
-                                m.iter()
-                                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        (queue.clone(), images)
-                    })
-                    .collect()
-            });
-
-        Ok(Config {
-            agent_id: required_text("agent_id")?,
-            server_address: required_text("server_address")?,
-            job_queues,
-            polling_interval: defaulted_int("polling_interval")?,
-            execution_basedir: path("execution_basedir")?,
-            logging_basedir: path("logging_basedir")?,
-            results_basedir: path("results_basedir")?,
-            logging_level,
-            logging_quiet: effective
-                .get("logging_quiet")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            provision_type: text("provision_type"),
-            global_timeout: int("global_timeout"),
-            output_timeout: int("output_timeout"),
-            advertised_queues: string_map("advertised_queues"),
-            advertised_images,
-            identifier: text("identifier"),
-            location: text("location"),
-            output_bytes: defaulted_int("output_bytes")?,
-            token_file: text("token_file"),
-            metrics_endpoint_port: int("metrics_endpoint_port").and_then(|p| u16::try_from(p).ok()),
-            metrics_endpoint_address: text("metrics_endpoint_address"),
-            logging_python_format: text("logging_format").as_deref() == Some("python"),
-            logging_syslog: text("logging_syslog"),
-            logging_syslog_socket: path("logging_syslog_socket")?,
-            termination_grace_period: defaulted_int("termination_grace_period")?,
-            straggler_wait_ms: defaulted_int("straggler_wait_ms")?,
-            shutdown_cleanup_timeout: defaulted_int("shutdown_cleanup_timeout")?,
-            cancel_check_interval: defaulted_int("cancel_check_interval")?,
-            output_post_interval: defaulted_int("output_post_interval")?,
-            audit_trails_kept: defaulted_int("audit_trails_kept")?,
-            oom_score_adj: effective
-                .get("oom_score_adj")
-                .and_then(Value::as_i64)
-                .and_then(|n| i32::try_from(n).ok())
-                .ok_or(ConfigError::Missing {
-                    key: "oom_score_adj",
-                })?,
-            warnings,
-            effective,
-        })
-    }
-
     /// The command configured for `phase`, `None` when missing, empty or only whitespace.
     pub fn command(&self, phase: Phase) -> Option<&str> {
-        self.effective
-            .get(phase.command_key())
+        self.value(Key::command_of(phase))
             .and_then(Value::as_str)
             .filter(|c| !c.trim().is_empty())
     }
@@ -575,18 +730,18 @@ impl Config {
     pub fn set_token_file(&mut self, path: &Path) {
         let text = path.to_string_lossy().into_owned();
         self.token_file = Some(text.clone());
-        self.set_effective("token_file", Value::String(text));
+        self.set_effective(Key::TokenFile, Value::String(text));
     }
 
     /// Sets `metrics_endpoint_port` from the command line.
     pub fn set_metrics_endpoint_port(&mut self, port: u16) {
         self.metrics_endpoint_port = Some(port);
-        self.set_effective("metrics_endpoint_port", Value::from(port));
+        self.set_effective(Key::MetricsEndpointPort, Value::from(port));
     }
 
     /// Inserts a key into the effective map, keeping [`KEYS`] order.
-    fn set_effective(&mut self, name: &str, value: Value) {
-        self.effective.insert(name.to_owned(), value);
+    fn set_effective(&mut self, key: Key, value: Value) {
+        self.effective.insert(key.name().to_owned(), value);
         let mut ordered = Map::new();
         for spec in KEYS {
             if let Some(v) = self.effective.remove(spec.name) {
@@ -596,7 +751,14 @@ impl Config {
         self.effective = ordered;
     }
 
-    /// The effective value of a key, as a JSON value (`None` for an absent optional key).
+    /// The effective value of `key`, as a JSON value (`None` for an absent optional key):
+    /// what the server is sent for the keys posted as they are.
+    pub fn value(&self, key: Key) -> Option<&Value> {
+        self.effective.get(key.name())
+    }
+
+    /// The effective value of the key named `name` (`None` for an absent optional key or
+    /// a name that is not a key); code that knows the key uses [`Config::value`].
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.effective.get(name)
     }
@@ -668,7 +830,7 @@ fn check_value(
         }
         Text | LogLevel => {
             let s = value.as_str().ok_or_else(|| wrong(value))?;
-            if spec.name == "server_address" && s.trim().is_empty() {
+            if spec.key == Key::ServerAddress && s.trim().is_empty() {
                 return Err(invalid("must not be empty".to_owned()));
             }
             Ok(value.clone())
