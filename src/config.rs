@@ -753,6 +753,22 @@ impl Config {
 
     /// The effective value of `key`, as a JSON value (`None` for an absent optional key):
     /// what the server is sent for the keys posted as they are.
+    ///
+    /// ```
+    /// use testflinger_agent::config::{Config, Key};
+    /// let config = Config::from_yaml("agent_id: a\nserver_address: http://x\njob_queues: [q]\n")
+    ///     .expect("a valid config");
+    /// assert_eq!(config.value(Key::PollingInterval).and_then(|v| v.as_u64()), Some(10));
+    /// ```
+    ///
+    /// A misspelt key does not compile (the same lines, one letter short):
+    ///
+    /// ```compile_fail
+    /// use testflinger_agent::config::{Config, Key};
+    /// let config = Config::from_yaml("agent_id: a\nserver_address: http://x\njob_queues: [q]\n")
+    ///     .expect("a valid config");
+    /// assert_eq!(config.value(Key::PolingInterval).and_then(|v| v.as_u64()), Some(10));
+    /// ```
     pub fn value(&self, key: Key) -> Option<&Value> {
         self.effective.get(key.name())
     }
@@ -1686,6 +1702,54 @@ output_bytes: 10485760
             "the config key table in {} differs from config::KEYS: {fix}",
             path.display()
         );
+    }
+
+    #[test]
+    fn each_key_is_its_row() {
+        assert_eq!(Key::ALL.len(), KEYS.len());
+        for (key, spec) in Key::ALL.iter().zip(KEYS) {
+            assert_eq!(spec.key, *key, "{}", spec.name);
+            assert_eq!(key.name(), spec.name);
+            assert_eq!(key.spec().key, *key, "{}", spec.name);
+            assert_eq!(key_spec(key.name()).map(|s| s.key), Some(*key));
+        }
+        for phase in Phase::ALL {
+            assert_eq!(
+                Key::command_of(phase).name(),
+                phase.command_key(),
+                "{phase}"
+            );
+        }
+    }
+
+    #[test]
+    fn typed_fields_hold_the_effective_values() {
+        let c = load(&format!(
+            "{MINIMAL}logging_format: Python\nlinks: {{a: b}}\ncontrol_host: {{h: p}}\n"
+        ));
+        assert_eq!(c.logging_format, LogFormat::Python);
+        assert_eq!(load(MINIMAL).logging_format, LogFormat::Agent);
+        assert_eq!(c.links, Some(BTreeMap::from([("a".into(), "b".into())])));
+        assert_eq!(
+            c.control_host,
+            Some(BTreeMap::from([("h".into(), "p".into())]))
+        );
+        assert_eq!(load(MINIMAL).links, None);
+        let c = load(PYTHON_EXAMPLE);
+        for phase in Phase::ALL {
+            assert_eq!(
+                c.value(Key::command_of(phase)).and_then(Value::as_str),
+                c.command(phase),
+                "{phase}"
+            );
+        }
+        assert_eq!(c.test_command, c.command(Phase::Test).expect("set"));
+        assert_eq!(c.cleanup_command, "echo Consider removing containers here");
+        assert_eq!(
+            c.value(Key::AdvertisedQueues),
+            Some(&json!({"rpi4": "Raspberry Pi 4 Model B, 4 GiB"}))
+        );
+        assert_eq!(c.value(Key::Links), None);
     }
 
     #[test]
