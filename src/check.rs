@@ -9,7 +9,7 @@
 //! in its nearest existing parent, the port is bound and closed, and the server is only
 //! read from (the token exchange is the one POST, and it changes nothing on the server).
 
-use crate::config::Config;
+use crate::config::{Config, Key};
 use crate::server::http::{HttpServer, HttpSettings};
 use crate::server::{RefreshCheckError, TokenFileError};
 use std::fmt;
@@ -144,11 +144,11 @@ pub fn run(mut config: Config, options: &Options) -> (Config, Report) {
     let user = current_user();
     report.as_root = user.root;
     for (key, dir) in [
-        ("execution_basedir", &config.execution_basedir),
-        ("results_basedir", &config.results_basedir),
-        ("logging_basedir", &config.logging_basedir),
+        (Key::ExecutionBasedir, &config.execution_basedir),
+        (Key::ResultsBasedir, &config.results_basedir),
+        (Key::LoggingBasedir, &config.logging_basedir),
     ] {
-        report.checks.push(check_dir(key, dir, &user.name));
+        report.checks.push(check_dir(key.name(), dir, &user.name));
     }
     report
         .checks

@@ -53,23 +53,18 @@ impl HealthSettings {
     /// The settings, `None` when `healthcheck_command` is absent or blank.
     pub fn from_config(config: &Config) -> Option<HealthSettings> {
         let command = config
-            .get("healthcheck_command")
-            .and_then(|v| v.as_str())
+            .healthcheck_command
+            .as_deref()
             .filter(|c| !c.trim().is_empty())?
             .to_owned();
-        let seconds =
-            |key: &str, default: u64| config.get(key).and_then(|v| v.as_u64()).unwrap_or(default);
-        let interval = seconds("healthcheck_interval", 0);
+        let interval = config.healthcheck_interval;
         Some(HealthSettings {
             command,
-            timeout: Duration::from_secs(seconds("healthcheck_timeout", 1800)),
-            after_failures: seconds("healthcheck_after_failures", 3),
+            timeout: Duration::from_secs(config.healthcheck_timeout),
+            after_failures: config.healthcheck_after_failures,
             interval: (interval > 0).then(|| Duration::from_secs(interval)),
-            retry_interval: Duration::from_secs(seconds("healthcheck_retry_interval", 600).max(1)),
-            on_start: config
-                .get("healthcheck_on_start")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+            retry_interval: Duration::from_secs(config.healthcheck_retry_interval.max(1)),
+            on_start: config.healthcheck_on_start,
         })
     }
 

@@ -12,7 +12,7 @@ use testflinger_agent::cli::{
     Cli, Command, DiagramFormat, ExplainFormat, EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_OK,
     EXIT_RESTART,
 };
-use testflinger_agent::config::Config;
+use testflinger_agent::config::{Config, LogFormat};
 use testflinger_agent::daemon::{AgentLock, Daemon, DaemonExit};
 use testflinger_agent::diagram::{self, Format};
 use testflinger_agent::healthcheck::{self, HealthSettings};
@@ -354,7 +354,7 @@ fn start(config: &Config) -> Result<StopSignal, ExitCode> {
         level: config.logging_level,
         quiet: config.logging_quiet,
         dir: config.logging_basedir.clone(),
-        python_format: config.logging_python_format,
+        python_format: config.logging_format == LogFormat::Python,
         syslog: config
             .logging_syslog
             .as_ref()

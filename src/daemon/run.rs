@@ -5,7 +5,7 @@
 use super::spool::{self, save_pending, PENDING_OUTPUT_FILE};
 use super::states::{DaemonEvent, DaemonMachine, DaemonState};
 use crate::artifacts;
-use crate::config::Config;
+use crate::config::{Config, Key};
 use crate::executor::{AgentRequest, PhaseExecutor, RECOVERY_OFFLINE_COMMENT_PREFIX};
 use crate::healthcheck::{self, CheckResult, HealthSettings};
 use crate::job::JobSpec;
@@ -173,7 +173,7 @@ impl Daemon {
     pub fn new(config: Config, stop: StopSignal) -> Result<Daemon, DaemonError> {
         ensure_writable_dir(&config.execution_basedir).map_err(|source| {
             DaemonError::Directory {
-                key: "execution_basedir",
+                key: Key::ExecutionBasedir.name(),
                 path: config.execution_basedir.clone(),
                 source,
             }
@@ -182,11 +182,11 @@ impl Daemon {
         // directories, its spool or its record on the server.
         let lock = super::lock::AgentLock::acquire(&config.execution_basedir, &config.agent_id)?;
         for (key, dir) in [
-            ("results_basedir", &config.results_basedir),
-            ("logging_basedir", &config.logging_basedir),
+            (Key::ResultsBasedir, &config.results_basedir),
+            (Key::LoggingBasedir, &config.logging_basedir),
         ] {
             ensure_writable_dir(dir).map_err(|source| DaemonError::Directory {
-                key,
+                key: key.name(),
                 path: dir.clone(),
                 source,
             })?;
@@ -369,7 +369,7 @@ impl Daemon {
             body["identifier"] = json!(identifier);
         }
         self.post_agent(body);
-        if let Some(images) = self.config.get("advertised_images") {
+        if let Some(images) = self.config.value(Key::AdvertisedImages) {
             if let Err(err) = self.server.post_images(images) {
                 log::warn!("advertising images failed: {err}");
             }
@@ -384,7 +384,7 @@ impl Daemon {
         {
             return;
         }
-        if let Some(queues) = self.config.get("advertised_queues") {
+        if let Some(queues) = self.config.value(Key::AdvertisedQueues) {
             match self.server.post_queues(queues) {
                 Ok(()) => self.queues_posted = Some(Instant::now()),
                 Err(err) => log::warn!("advertising queues failed: {err}"),

@@ -907,3 +907,31 @@ fn a_daemon_that_cannot_start_exits_2_after_a_delay_off_a_terminal() {
     };
     assert!(status.is_some_and(|s| !s.success()), "ended by the signal");
 }
+
+/// At start the daemon posts the config's `advertised_queues` and `advertised_images`, the
+/// latter written in the Python README's list shape and sent in the map shape the server
+/// accepts.
+#[test]
+fn the_advertised_queues_and_images_are_posted() {
+    let server = FakeServer::start();
+    let s = Scratch::new("daemon-advertised");
+    let name = format!("advertised-{}", std::process::id());
+    let config = "advertised_queues:\n  lab-rpi4: Raspberry Pi 4, 4 GiB\n\
+                  advertised_images:\n  lab-rpi4:\n    - core22: 'url: http://x/core22.img'\n    \
+                  - jammy: 'url: http://x/jammy.img'\n";
+    let _agent = Agent::start(&server, &s, &name, config);
+    wait_for(&server, "the queues and images to be advertised", |srv| {
+        srv.advertised_queues() != json!({}) && srv.advertised_images() != json!({})
+    });
+    assert_eq!(
+        server.advertised_queues(),
+        json!({"lab-rpi4": "Raspberry Pi 4, 4 GiB"})
+    );
+    assert_eq!(
+        server.advertised_images(),
+        json!({"lab-rpi4": {
+            "core22": "url: http://x/core22.img",
+            "jammy": "url: http://x/jammy.img",
+        }})
+    );
+}
