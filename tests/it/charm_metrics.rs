@@ -4,15 +4,15 @@
 
 use crate::support::agent::{finished, queue, wait_for, write_daemon_files, Agent};
 use crate::support::fake_server::{FakeConfig, FakeServer, Route};
+use crate::support::loopback::{free_port, http_get as get};
 use crate::support::scratch::Scratch;
 use openmetrics_parser::prometheus::parse_prometheus;
 use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
 
 type Exposition = MetricsExposition<PrometheusType, PrometheusValue>;
 
@@ -33,28 +33,6 @@ fn start_charm(
     let mut env = env.to_vec();
     env.push(("TESTFLINGER_AGENT_STARTUP_FAILURE_DELAY", Some("0")));
     Agent::exec(&args, &env, stderr)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral port")
-}
-
-/// `GET path` on loopback: status and body.
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
 }
 
 fn scrape(port: u16) -> Exposition {

@@ -4,6 +4,7 @@
 
 use crate::support::agent::BIN;
 use crate::support::fake_server::{FakeServer, Route, DEFAULT_REFRESH_TOKEN};
+use crate::support::loopback::free_port;
 use crate::support::scratch::Scratch;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -115,13 +116,6 @@ fn files(s: &Scratch, server_address: &str, dirs: [&Path; 3], extra: &str) -> (P
         ),
     );
     (config, token)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral port")
 }
 
 #[test]

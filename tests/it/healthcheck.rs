@@ -6,6 +6,7 @@
 
 use crate::support::agent::{finished, queue, wait_for, Agent, BIN, WAIT};
 use crate::support::fake_server::FakeServer;
+use crate::support::loopback::http_get;
 use crate::support::scratch::{KillByMarker, Scratch};
 use serde_json::json;
 use std::path::Path;
@@ -422,22 +423,6 @@ fn without_a_check_the_agents_old_maintenance_is_kept_like_an_administrators() {
         record(&server, &name),
         ("maintenance".to_owned(), comment.to_owned())
     );
-}
-
-/// `GET path` on loopback: status and body.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
 }
 
 /// The value of the sample `name{labels}` in a scrape, parsed as Prometheus text.

@@ -9,10 +9,9 @@
 
 use crate::support::agent::{finished, queue, wait_for, Agent};
 use crate::support::fake_server::FakeServer;
+use crate::support::loopback::{free_port, http_get};
 use crate::support::scratch::Scratch;
 use serde_json::json;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -173,26 +172,8 @@ fn a_server_that_accepts_and_never_answers_for_sixty_seconds() {
 
 /// `GET /health` on the agent's metrics port: status and body.
 fn health(port: u16) -> Option<(u16, serde_json::Value)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    stream
-        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split("\r\n\r\n").nth(1)?;
-    Some((status, serde_json::from_str(body).ok()?))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    let (status, body) = http_get(port, "/health")?;
+    Some((status, serde_json::from_str(&body).ok()?))
 }
 
 /// A job whose server stops answering mid-phase: a request that waits past the limit is

@@ -15,6 +15,7 @@
 
 use crate::support::agent::{finished, queue, wait_for, write_daemon_files, BIN, WAIT};
 use crate::support::fake_server::{FakeConfig, FakeServer};
+use crate::support::loopback::free_port;
 use crate::support::scratch::{living_carrying, stat_of, KillByMarker, Scratch};
 use serde_json::json;
 use std::cell::RefCell;
@@ -82,14 +83,6 @@ fn current_user() -> String {
         Ok(Some(user)) => user.name,
         _ => uid.to_string(),
     }
-}
-
-/// A loopback port nothing listens on now. The agent is given it as `-p`.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 /// One supervisord program: its name, its file's text, and the agent config it runs.

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod fake_server;
 pub mod http_wire;
 pub mod iso_time;
+pub mod loopback;
 pub mod multipart;
 pub mod schema;
 pub mod scratch;
