@@ -750,10 +750,15 @@ impl Daemon {
         self.outage.get_or_insert(tried);
         let wait = self.unreachable_backoff().saturating_sub(tried.elapsed());
         self.unreachable_streak += 1;
-        log::warn!(
-            "the server does not answer (next try in {:.1} s): {err}",
-            wait.as_secs_f64()
-        );
+        if wait.is_zero() {
+            // The failed call outlasted the step (its own retries, or a hang).
+            log::warn!("the server does not answer (asking again now): {err}");
+        } else {
+            log::warn!(
+                "the server does not answer (next try in {:.1} s): {err}",
+                wait.as_secs_f64()
+            );
+        }
         self.pause(wait);
     }
 
