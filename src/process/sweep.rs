@@ -20,6 +20,9 @@ pub(crate) struct ProcStat {
     pub flags: u64,
     /// Start time in clock ticks since boot.
     pub starttime: u64,
+    /// A hash of the command name (field 2): it changes when the process execs, which the
+    /// pid and start time do not show.
+    pub comm: u64,
 }
 
 /// `PF_EXITING` in the flags word: the process is inside `exit()`.
@@ -40,6 +43,7 @@ pub(crate) fn parse_stat(text: &[u8]) -> Option<ProcStat> {
     let open = text.iter().position(|&b| b == b'(')?;
     let close = text.iter().rposition(|&b| b == b')')?;
     let pid = parse_num(text.get(..open)?.trim_ascii())?;
+    let name = text.get(open + 1..close)?;
     let rest = text.get(close + 1..)?;
     // Fields after the name, numbered from 3 (state) as in proc(5).
     let mut fields = rest.split(|&b| b == b' ').filter(|f| !f.is_empty());
@@ -56,6 +60,14 @@ pub(crate) fn parse_stat(text: &[u8]) -> Option<ProcStat> {
         pgrp: i32::try_from(pgrp).ok()?,
         flags: u64::try_from(flags).ok()?,
         starttime: u64::try_from(starttime).ok()?,
+        comm: name_hash(name),
+    })
+}
+
+/// FNV-1a of a command name: enough to tell that a process exec'd another program.
+fn name_hash(name: &[u8]) -> u64 {
+    name.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 
@@ -179,7 +191,8 @@ mod tests {
                 ppid: 17,
                 pgrp: 4242,
                 flags: 4194560,
-                starttime: 987654
+                starttime: 987654,
+                comm: name_hash(b"my (weird) name"),
             }
         );
         assert!(stat.is_alive());

@@ -385,7 +385,16 @@ impl ProcessGroupGuard {
                 continue;
             }
             let id = (stat.pid, stat.starttime);
-            if self.terminated.iter().any(|t| t.id == id) {
+            if let Some(done) = self.terminated.iter_mut().find(|t| t.id == id) {
+                // A SIGTERM that reached a forked shell before it exec'd can be taken by
+                // the handler of a `trap` it inherited and lost at the exec: a process that
+                // has exec'd since it was signalled gets SIGTERM again.
+                if done.comm != stat.comm {
+                    done.comm = stat.comm;
+                    if let Some(pinned) = Pinned::new(stat.pid, stat.starttime, &mut buf) {
+                        pinned.signal(Signal::SIGTERM);
+                    }
+                }
                 alive += 1;
                 continue;
             }
@@ -410,6 +419,7 @@ impl ProcessGroupGuard {
                 id,
                 escapee: !in_group,
                 pidfd: pinned.pidfd,
+                comm: stat.comm,
             });
         }
         alive
@@ -561,6 +571,8 @@ struct Terminated {
     escapee: bool,
     /// Readable once it exits; dropped when seen readable.
     pidfd: Option<OwnedFd>,
+    /// Its command name's hash when it was signalled (see [`ProcStat::comm`]).
+    comm: u64,
 }
 
 impl Drop for ProcessGroupGuard {
