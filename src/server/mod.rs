@@ -4,6 +4,7 @@
 mod auth;
 pub mod backoff;
 mod client;
+mod fragment;
 pub mod http;
 pub mod local;
 mod resolve;

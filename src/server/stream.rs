@@ -35,7 +35,8 @@
 //! masker has decided every byte, so a resend, even after a restart, is the same fragment.
 
 use super::auth::human;
-use super::client::{Core, FragmentBody, Req};
+use super::client::{Core, Req};
+use super::fragment::FragmentBody;
 use super::settings::MAX_FRAGMENT_TEXT;
 use super::{LogType, ServerError, ServerErrorKind};
 use crate::mask::Masker;

@@ -3,6 +3,9 @@
 //! output to the [`Server`], watches for cancellation, records the exit status in
 //! `testflinger-outcome.json` and emits the job's events (PROTOCOL §6).
 
+mod metrics;
+mod sink;
+
 use crate::config::Config;
 use crate::job::JobSpec;
 use crate::journal::{CommandEnd, Ending, Journal, Why};
@@ -14,11 +17,12 @@ use crate::mask::Masker;
 use crate::outcome::{self, OutcomeFile};
 use crate::phase::{Phase, SkipReason};
 use crate::process::{self, CommandSpec, OutputSink, StopKind, StopSignal, Termination};
-use crate::release::ReleaseProbe;
 use crate::server::Server;
+use metrics::{record_escapees, record_kill, PhaseMetrics};
 use serde_json::{json, Value};
+use sink::PhaseSink;
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -823,108 +827,6 @@ impl PhaseExecutor<'_> {
     }
 }
 
-impl PhaseExecutor<'_> {
-    /// The Python agent's per-phase metrics (PROTOCOL §14.2): every phase the job reaches
-    /// but cleanup is observed in `phase_duration_seconds` (a skipped one at 0 s, in whole
-    /// seconds), a non-zero exit counts in `failures_total`, exit 46 also in
-    /// `recovery_failures_total`.
-    fn record_phase_metrics(&mut self, record: &PhaseRecord, failed_code: Option<i32>) {
-        let Some(metrics) = crate::metrics::get() else {
-            return;
-        };
-        let phase = record.phase;
-        if phase == Phase::Cleanup {
-            return;
-        }
-        if let Some(code) = failed_code {
-            metrics.phase_failed(phase.name());
-            if code == RECOVERY_FAILED_EXIT_CODE {
-                metrics.recovery_failed();
-            }
-        }
-        let seconds = match record.status {
-            PhaseStatus::Ran(result) => result.duration.as_secs(),
-            PhaseStatus::Skipped(_) => 0,
-        };
-        if phase == Phase::Provision
-            && matches!(record.status, PhaseStatus::Ran(r) if r.exit_code == 0)
-        {
-            let user = self
-                .spec
-                .phase_data(Phase::Test)
-                .and_then(|data| data.get("test_username"))
-                .and_then(|user| user.as_str());
-            self.phase_metrics
-                .start_probe(ReleaseProbe::start(&self.rundir, user));
-        }
-        self.phase_metrics.observe(phase, seconds);
-    }
-}
-
-/// Phase durations of one job, observed with the job's `release` label. After a
-/// provision that exited 0 the label is asked of the device ([`ReleaseProbe`]) beside the
-/// job, never in its way: the observations wait for the answer (at most the probe's 30 s,
-/// or until the job ends), the phases do not.
-#[derive(Default)]
-struct PhaseMetrics {
-    /// `""` until a provision succeeded, as in the Python agent.
-    release: String,
-    probe: Option<ReleaseProbe>,
-    /// Observations waiting for the probe's label.
-    waiting: Vec<(Phase, u64)>,
-}
-
-impl std::fmt::Debug for PhaseMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PhaseMetrics")
-            .field("release", &self.release)
-            .field("probing", &self.probe.is_some())
-            .field("waiting", &self.waiting)
-            .finish()
-    }
-}
-
-/// How long the end of a job waits for a probe still asking the device.
-const RELEASE_WAIT_AT_JOB_END: Duration = Duration::from_secs(5);
-
-impl PhaseMetrics {
-    fn start_probe(&mut self, probe: ReleaseProbe) {
-        self.probe = Some(probe);
-    }
-
-    fn observe(&mut self, phase: Phase, seconds: u64) {
-        if let Some(label) = self.probe.as_ref().and_then(ReleaseProbe::try_label) {
-            self.settle(label);
-        }
-        if self.probe.is_some() {
-            self.waiting.push((phase, seconds));
-            return;
-        }
-        if let Some(metrics) = crate::metrics::get() {
-            metrics.phase_duration(phase.name(), seconds, &self.release);
-        }
-    }
-
-    fn settle(&mut self, label: String) {
-        self.probe = None;
-        self.release = label;
-        if let Some(metrics) = crate::metrics::get() {
-            for (phase, seconds) in self.waiting.drain(..) {
-                metrics.phase_duration(phase.name(), seconds, &self.release);
-            }
-        }
-    }
-
-    /// The job is over: what still waits is observed, with the label if it comes in time.
-    /// (The probe must end before the daemon reaps orphans between jobs.)
-    fn flush(&mut self) {
-        if let Some(probe) = self.probe.take() {
-            let label = probe.wait_label(RELEASE_WAIT_AT_JOB_END);
-            self.settle(label);
-        }
-    }
-}
-
 /// How a command's tree ended, for the journal's trail.
 fn command_end(done: &process::CommandOutcome) -> CommandEnd {
     let how = match done.termination {
@@ -937,32 +839,6 @@ fn command_end(done: &process::CommandOutcome) -> CommandEnd {
         how,
         escapees: (done.escapees_killed + done.escapees_terminated) as u64,
         stragglers: done.stragglers_killed as u64,
-    }
-}
-
-/// The escapee counter: processes that had left the command's group and were ended.
-fn record_escapees(done: &process::CommandOutcome) {
-    let escapees = done.escapees_killed + done.escapees_terminated;
-    if let (Some(metrics), true) = (crate::metrics::get(), escapees > 0) {
-        metrics.escapees_killed(escapees as u64);
-    }
-}
-
-/// The kill counter, from how the phase ended: the agent ended its command (or, for an
-/// allocate hold, the phase) on a timeout, a cancellation or a shutdown.
-fn record_kill(end: PhaseEnd) {
-    use crate::metrics::KillCause;
-    let cause = match end {
-        PhaseEnd::GlobalTimeout => KillCause::GlobalTimeout,
-        PhaseEnd::OutputTimeout => KillCause::OutputTimeout,
-        PhaseEnd::Cancelled => KillCause::Cancel,
-        PhaseEnd::Shutdown => KillCause::Shutdown,
-        PhaseEnd::Exited | PhaseEnd::Signaled | PhaseEnd::AgentError | PhaseEnd::StorageFailed => {
-            return
-        }
-    };
-    if let Some(metrics) = crate::metrics::get() {
-        metrics.command_killed(cause);
     }
 }
 
@@ -1022,14 +898,6 @@ fn append_agent_line(
         }
     }
 }
-
-/// With direct capture, how often the disk is looked at (the runner follows the log at
-/// least once a second).
-const ROOM_CHECK: Duration = Duration::from_millis(900);
-
-/// How often a phase that keeps printing refreshes the journal's live-output progress, so
-/// that a restart after the agent's death resends little output twice.
-const JOURNAL_REFRESH: Duration = Duration::from_secs(5);
 
 /// Records the live output's progress in `journal` and writes it durably into `rundir`.
 /// A failure is logged and returned: during a job it ends the job (a restart after a
@@ -1180,259 +1048,6 @@ pub fn banner(phase: Phase, agent_id: &str) -> [String; 3] {
         format!("* {text} *\n"),
         format!("{row}\n"),
     ]
-}
-
-/// Where a phase's output goes: masked, appended to `<phase>.log`, handed to the server.
-struct PhaseSink<'a> {
-    /// `None` when `<phase>.log` could not be opened (cleanup runs all the same).
-    file: Option<File>,
-    len: u64,
-    rundir: &'a Path,
-    /// The job journal, lent for the command's run: written when it spawns, and every
-    /// [`JOURNAL_REFRESH`] while output flows.
-    journal: Option<Journal>,
-    journal_saved: Instant,
-    path: &'a Path,
-    server: &'a dyn Server,
-    job_id: &'a str,
-    phase: Phase,
-    masker: Masker,
-    /// Why the log could not be written, once it could not. From then on nothing more is
-    /// written to it, except in cleanup, which keeps trying (its command may free the
-    /// disk) and marks the hole with a line saying how many bytes are missing.
-    write_failed: Option<String>,
-    /// Bytes of output not in the log since the last write that succeeded.
-    lost: u64,
-    /// Why the journal could not be written during the command.
-    journal_failed: Option<String>,
-    /// Whether the command may write into the log itself ([`OutputSink::direct_output`]):
-    /// only when the server reads the live output back from the log (the daemon's
-    /// streamer, `run-job`'s copy to standard output; not crash recovery), and not once the
-    /// job could not be recorded (cleanup then marks every hole).
-    direct_allowed: bool,
-    /// Whether it does: the log grows without the sink, which catches up in `follow`.
-    direct: bool,
-    /// Direct capture: when the disk was last looked at, the log's length then, and
-    /// whether it had grown since the look before.
-    room_checked: Instant,
-    len_at_room_check: u64,
-    grew_before_check: bool,
-    /// See [`PhaseExecutor::with_follow_pause_max`].
-    follow_pause_max: Option<Duration>,
-    /// Where masked output is built when a chunk held a secret (kept between chunks).
-    scratch: Vec<u8>,
-}
-
-impl PhaseSink<'_> {
-    fn emit(&mut self, data: &[u8]) {
-        if data.is_empty() {
-            return;
-        }
-        self.record(data);
-        if self.journal.is_some() && self.journal_saved.elapsed() >= JOURNAL_REFRESH {
-            self.save_journal();
-        }
-    }
-
-    /// Writes `data` to the log (see `write_failed` for what happens once that fails).
-    fn record(&mut self, data: &[u8]) {
-        if self.write_failed.is_some() && self.phase != Phase::Cleanup {
-            return;
-        }
-        if self.file.is_none() {
-            self.lost += data.len() as u64;
-            return;
-        }
-        if self.lost > 0 {
-            let note = format!(
-                "\n[the agent could not record {} bytes of output here: {}]\n",
-                self.lost,
-                self.write_failed
-                    .as_deref()
-                    .unwrap_or("the log could not be written")
-            );
-            if !self.append(note.as_bytes()) {
-                self.lost += data.len() as u64;
-                return;
-            }
-            self.lost = 0;
-        }
-        self.append(data);
-    }
-
-    /// Appends `data` to the log and hands it to the live output; on a failure, records
-    /// why (logged once) and how much of `data` is missing. Whether all of it was written.
-    fn append(&mut self, data: &[u8]) -> bool {
-        let Some(file) = &mut self.file else {
-            self.lost += data.len() as u64;
-            return false;
-        };
-        if let Err(err) = file.write_all(data) {
-            if self.write_failed.is_none() {
-                log::error!(
-                    "job {}: writing {} failed: {err}",
-                    self.job_id,
-                    self.path.display()
-                );
-                self.write_failed = Some(format!("cannot write {}: {err}", self.path.display()));
-            }
-            // The part of `data` that reached the file is what the live output carries.
-            let now = file.metadata().map_or(self.len, |meta| meta.len());
-            let written = now.saturating_sub(self.len).min(data.len() as u64);
-            self.lost += data.len() as u64 - written;
-            if written > 0 {
-                self.len = now;
-                self.server
-                    .output(self.job_id, self.phase, &[], self.path, self.len);
-            }
-            return false;
-        }
-        if self.direct {
-            // The command writes into the same file: its order is the file's.
-            self.catch_up();
-            return true;
-        }
-        self.len += data.len() as u64;
-        self.server
-            .output(self.job_id, self.phase, data, self.path, self.len);
-        true
-    }
-
-    /// Direct capture: tells the live output (which reads the log back) how long the log
-    /// is now. When it grew: when it was last written.
-    fn catch_up(&mut self) -> Option<std::time::SystemTime> {
-        let meta = self.file.as_ref().and_then(|f| f.metadata().ok())?;
-        if meta.len() <= self.len {
-            return None;
-        }
-        self.len = meta.len();
-        self.server
-            .output(self.job_id, self.phase, &[], self.path, self.len);
-        Some(
-            meta.modified()
-                .unwrap_or_else(|_| std::time::SystemTime::now()),
-        )
-    }
-
-    /// Direct capture: a write the command makes into a full disk fails without the agent
-    /// seeing it. Output that was flowing and stopped while the file system has no block
-    /// left for the agent is taken as output that can no longer be recorded.
-    fn check_room(&mut self) {
-        self.room_checked = Instant::now();
-        let grew = self.len != self.len_at_room_check;
-        let was_flowing = std::mem::replace(&mut self.grew_before_check, grew);
-        self.len_at_room_check = self.len;
-        if grew || !was_flowing || self.write_failed.is_some() {
-            return;
-        }
-        let Some(file) = &self.file else { return };
-        if crate::outcome::has_room(file) {
-            return;
-        }
-        let err = std::io::Error::from_raw_os_error(libc::ENOSPC);
-        log::error!(
-            "job {}: the {} command's output stopped and {} has no room left: {err}",
-            self.job_id,
-            self.phase,
-            self.path.display()
-        );
-        self.write_failed = Some(format!("cannot write {}: {err}", self.path.display()));
-    }
-
-    fn save_journal(&mut self) {
-        if let Some(journal) = &mut self.journal {
-            if let Err(err) = save_journal(journal, self.server, self.rundir) {
-                self.journal_failed
-                    .get_or_insert_with(|| format!("cannot write the job journal: {err}"));
-            }
-            self.journal_saved = Instant::now();
-        }
-    }
-
-    /// Flushes what the masker held back and tells the server the phase's output is done.
-    fn finish(&mut self) {
-        let rest = self.masker.finish();
-        self.emit(&rest);
-        self.server.finish_output(self.job_id, self.phase);
-    }
-}
-
-impl OutputSink for PhaseSink<'_> {
-    fn spawning(&mut self, token: &str) {
-        if let Some(journal) = &mut self.journal {
-            journal.token = Some(token.to_owned());
-            if let Err(err) = journal.save_live(self.rundir) {
-                log::error!(
-                    "job {}: cannot write {} in {}: {err}",
-                    self.job_id,
-                    crate::journal::LIVE_FILE,
-                    self.rundir.display()
-                );
-                self.journal_failed
-                    .get_or_insert_with(|| format!("cannot write the job journal: {err}"));
-            }
-        }
-    }
-
-    /// The group id goes to disk with the next journal write (the refresh while output
-    /// flows, or the phase's end): recovery finds the tree by the token, already on disk.
-    fn spawned(&mut self, pgid: i32, token: &str) {
-        if let Some(journal) = &mut self.journal {
-            journal_command_spawned(journal, pgid, token);
-        }
-    }
-
-    fn direct_output(&mut self) -> Option<File> {
-        if !self.direct_allowed
-            || !self.masker.is_empty()
-            || self.write_failed.is_some()
-            || self.file.is_none()
-        {
-            return None;
-        }
-        // A description of the command's own: the runner watches for its last close.
-        let file = OpenOptions::new().append(true).open(self.path).ok()?;
-        self.direct = true;
-        self.catch_up();
-        self.len_at_room_check = self.len;
-        Some(file)
-    }
-
-    fn follow(&mut self) -> Option<std::time::SystemTime> {
-        let grew = self.catch_up();
-        if self.room_checked.elapsed() >= ROOM_CHECK {
-            self.check_room();
-        }
-        if grew.is_some()
-            && self.journal.is_some()
-            && self.journal_saved.elapsed() >= JOURNAL_REFRESH
-        {
-            self.save_journal();
-        }
-        grew
-    }
-
-    fn follow_pause_max(&self) -> Option<Duration> {
-        self.follow_pause_max
-    }
-
-    fn unrecordable(&self) -> bool {
-        // Cleanup is never stopped for this: it must put the device back.
-        self.phase != Phase::Cleanup
-            && (self.write_failed.is_some() || self.journal_failed.is_some())
-    }
-
-    fn output(&mut self, chunk: &[u8]) {
-        if self.masker.is_empty() {
-            self.emit(chunk);
-        } else {
-            // No copy of the chunk where no secret is in it (the common case).
-            let mut scratch = std::mem::take(&mut self.scratch);
-            let masked = self.masker.mask_borrowed(chunk, &mut scratch);
-            self.emit(masked);
-            self.scratch = scratch;
-        }
-    }
 }
 
 /// The job's cumulative event list (PROTOCOL §3.15); inert when the job has no webhook.
