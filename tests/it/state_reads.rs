@@ -45,6 +45,18 @@ fn posted_states(server: &FakeServer, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the job is finished on the server and its final state post is in the
+/// request log too (the server applies a post before it logs the request, so a test that
+/// saw the state could read the log a moment before the post is in it).
+fn wait_finished(server: &FakeServer, id: &str) {
+    wait_for(server, "the job to finish", |srv| {
+        finished(srv, id)
+            && posted_states(srv, id)
+                .last()
+                .is_some_and(|s| s == "complete" || s == "cancelled")
+    });
+}
+
 /// When the test phase's exit status reached the server (the phase is over: its output
 /// was delivered before).
 fn test_status_posted(server: &FakeServer, id: &str) -> Instant {
@@ -89,7 +101,7 @@ fn with_status_every_read_before_and_during_phases_is_a_status_read() {
     let commands = format!("{COMMANDS}test_command: echo start; sleep 4; echo end\n");
     let _agent = Agent::start(&server, &s, &name, &commands);
     let id = submit(&server, &name);
-    wait_for(&server, "the job to finish", |srv| finished(srv, &id));
+    wait_finished(&server, &id);
     let reads = server.state_reads(&id);
     let during_test = reads
         .iter()
@@ -145,7 +157,7 @@ fn without_status_one_404_decides_and_every_read_is_a_full_one() {
         "test_data": {"test_cmds": "x"},
         "reserve_data": {"ssh_keys": ["lp:someone"]},
     }));
-    wait_for(&server, "the job to finish", |srv| finished(srv, &id));
+    wait_finished(&server, &id);
     let probes = status_requests(&server);
     assert_eq!(
         probes.len(),
@@ -209,7 +221,7 @@ fn a_server_that_starts_answering_404_for_status_is_read_in_full_from_then_on() 
             >= 2
     });
     std::fs::write(&go, "").expect("write the go file");
-    wait_for(&server, "the job to finish", |srv| finished(srv, &id));
+    wait_finished(&server, &id);
     let after: Vec<RequestRecord> = status_requests(&server)
         .into_iter()
         .filter(|r| r.at > switched)
@@ -253,7 +265,7 @@ fn after_an_outage_the_server_is_asked_again_for_status() {
             >= 2
     });
     std::fs::write(&go, "").expect("write the go file");
-    wait_for(&server, "the job to finish", |srv| finished(srv, &id));
+    wait_finished(&server, &id);
     let full_after = server
         .state_reads(&id)
         .iter()
@@ -272,7 +284,7 @@ fn without_status_no_full_read_sits_between_the_test_phase_and_cleanup() {
     let commands = format!("{COMMANDS}test_command: head -c 2000000 /dev/zero | tr '\\0' x\n");
     let _agent = Agent::start(&server, &s, &name, &commands);
     let id = submit(&server, &name);
-    wait_for(&server, "the job to finish", |srv| finished(srv, &id));
+    wait_finished(&server, &id);
     let test_done = test_status_posted(&server, &id);
     let cleanup = cleanup_started(&server, &id);
     assert!(test_done < cleanup);
