@@ -1002,6 +1002,31 @@ fn go_down_closes_kept_alive_connections() {
     );
 }
 
+/// The soak's outage: a request being handled when it starts still gets its answer (with
+/// `go_down` that answer is cut, and a job handed out by a poll would be lost for good);
+/// then connections are refused until the server comes back.
+#[test]
+fn going_down_between_requests_finishes_the_answer_being_handled() {
+    let server = FakeServer::start();
+    server.delay(Route::Health, Duration::from_millis(500));
+    let client = Client::new(&server);
+    std::thread::scope(|scope| {
+        let slow = scope.spawn(|| client.try_get("/v1").map(|a| a.status));
+        // The request is in the handler (its delay) when the outage starts.
+        assert!(server.wait_until(Duration::from_secs(10), |s| {
+            s.requests().is_empty() && s.connections_accepted() >= 1
+        }));
+        std::thread::sleep(Duration::from_millis(100));
+        server.go_down_between_requests();
+        assert_eq!(slow.join().expect("slow request").ok(), Some(200));
+    });
+    assert!(server.is_down());
+    assert!(TcpStream::connect(("127.0.0.1", server.port())).is_err());
+    server.delay(Route::Health, Duration::ZERO);
+    server.come_back();
+    assert_eq!(Client::new(&server).get("/v1").status, 200);
+}
+
 #[test]
 fn delay_holds_one_route_without_blocking_others() {
     let server = FakeServer::start();

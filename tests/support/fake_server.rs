@@ -779,6 +779,12 @@ impl FakeServer {
         self.wire.go_down();
     }
 
+    /// Goes down between requests: answers being written are finished first, and nothing
+    /// read from now on is handled (see [`WireServer::go_down_between_requests`]).
+    pub fn go_down_between_requests(&self) {
+        self.wire.go_down_between_requests();
+    }
+
     /// Listens again, on the same port.
     pub fn come_back(&self) {
         self.wire

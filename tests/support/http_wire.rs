@@ -31,7 +31,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -151,6 +151,13 @@ struct Inner {
     swallowing: AtomicBool,
     /// Requests read and never answered so far.
     swallowed: AtomicU64,
+    /// Held (shared) by each request from before it is handled until its answer is
+    /// written; [`WireServer::go_down_between_requests`] takes it exclusively, so the
+    /// outage starts between requests.
+    handling: RwLock<()>,
+    /// Set by [`WireServer::go_down_between_requests`]: requests read from now on are
+    /// dropped unhandled.
+    refusing: AtomicBool,
     conns: Mutex<Connections>,
 }
 
@@ -210,6 +217,8 @@ impl WireServer {
             closing: AtomicBool::new(false),
             swallowing: AtomicBool::new(false),
             swallowed: AtomicU64::new(0),
+            handling: RwLock::new(()),
+            refusing: AtomicBool::new(false),
             conns: Mutex::new(Connections::default()),
         });
         let server = WireServer {
@@ -271,9 +280,26 @@ impl WireServer {
         }
     }
 
+    /// Like [`Self::go_down`], but between requests: a request being handled gets its whole
+    /// answer first, and a request read from now on is dropped without being handled. An
+    /// outage then never loses the answer to a request the server applied (a job handed
+    /// out by `GET /v1/job`, which nobody could hand out again); `go_down` is the outage
+    /// that can.
+    pub fn go_down_between_requests(&self) {
+        self.inner.refusing.store(true, Ordering::SeqCst);
+        let in_flight = self
+            .inner
+            .handling
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.go_down();
+        drop(in_flight);
+    }
+
     /// Listens again on the same port: on the socket that kept it reserved, or, when there
     /// is none, binding it again (retried for a few seconds if the port is busy).
     pub fn come_back(&self) -> io::Result<()> {
+        self.inner.refusing.store(false, Ordering::SeqCst);
         if self.is_listening() {
             return Ok(());
         }
@@ -425,22 +451,32 @@ fn serve_connection(stream: TcpStream, inner: &Inner) {
         }
         let keep_alive = wants_keep_alive(&request);
         let http10 = request.http10;
+        // From here until the answer is written, an outage between requests waits.
+        let handling = inner
+            .handling
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if inner.refusing.load(Ordering::SeqCst) {
+            break;
+        }
         let reply = (inner.handler)(request);
         if inner.closing.load(Ordering::SeqCst) {
             break;
         }
-        match reply {
+        let written = match reply {
             Reply::Drop => {
                 let _ = writer.shutdown(Shutdown::Both);
-                break;
+                false
             }
             Reply::Send(resp) => {
                 // An HTTP/1.0 client gets a streamed body up to the end of the connection.
                 let keep_alive = keep_alive && !(http10 && resp.streamed.is_some());
-                if write_response(&mut writer, &resp, keep_alive).is_err() || !keep_alive {
-                    break;
-                }
+                write_response(&mut writer, &resp, keep_alive).is_ok() && keep_alive
             }
+        };
+        drop(handling);
+        if !written {
+            break;
         }
     }
     let _ = writer.shutdown(Shutdown::Both);

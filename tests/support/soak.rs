@@ -151,8 +151,10 @@ fn inject(server: &FakeServer, n: usize) {
         }
         90 | 170 => server.expire_all_tokens(),
         100 => {
-            // An outage: every connection refused for a while.
-            server.go_down();
+            // An outage: every connection refused for a while. It starts between requests:
+            // an answer cut after the server dequeued a job would lose that job for good
+            // (no agent can ask for it again), which is the server's loss, not the agent's.
+            server.go_down_between_requests();
             std::thread::sleep(Duration::from_millis(400));
             server.come_back();
         }
