@@ -21,29 +21,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const MAX_CROSSINGS: usize = 5;
 
 fn dot_installed() -> bool {
-    let runs = Command::new("dot")
-        .arg("-V")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if runs {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "dot not found on PATH, but CI is set: .ci/run should have installed it \
-         (apt-get install graphviz)"
-    );
-    // Written to the stderr handle, not with eprintln!, which the test harness captures.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n********************************************************************\n\
-         skipped: Graphviz dot not installed (apt-get install graphviz)\n\
-         ********************************************************************"
-    );
-    false
+    crate::support::tools::installed("dot", "-V", "Graphviz dot", "graphviz")
 }
 
 /// `dot ARGS` on `source`: its standard output and standard error.

@@ -10,3 +10,4 @@ pub mod schema;
 pub mod scratch;
 pub mod soak;
 pub mod tls_front;
+pub mod tools;
