@@ -191,6 +191,11 @@ pub struct Journal {
     #[serde(default)]
     pub output: OutputProgress,
     pub trail: Vec<TrailEntry>,
+    /// The job was run by `run-job`: no server knows it, and a daemon sharing
+    /// `execution_basedir` leaves its run directory alone (neither recovered nor reported).
+    /// Absent in journals written before it existed, and in the daemon's: `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 impl Journal {
@@ -208,6 +213,7 @@ impl Journal {
             cleanup_attempts: 0,
             finished: false,
             output: OutputProgress::default(),
+            local: false,
             trail: vec![TrailEntry {
                 at,
                 from: String::new(),

@@ -116,6 +116,7 @@ pub fn run_local(
     // written at every transition. A failure is logged; the executor's next write finds it
     // again and ends the job.
     let mut journal = Journal::taken(spec.job_id(), crate::time::now_iso());
+    journal.local = true;
     let _ = save_journal(&mut journal, &server, &rundir);
     let mut executor =
         PhaseExecutor::new(config, spec, rundir.clone(), outcome_file, &server, stop)
@@ -131,8 +132,8 @@ pub fn run_local(
     let (outcome, mut executor) = done.finish();
     executor.job_finished(&outcome);
     if let Some(mut journal) = executor.take_journal() {
-        // Finished: a daemon sharing execution_basedir reports this directory as it is
-        // rather than recovering the job (its cleanup has run).
+        // Finished, for `explain`. Marked local, the directory is left alone by a daemon
+        // sharing execution_basedir, finished or not.
         journal.finished = true;
         let _ = save_journal(&mut journal, &server, &rundir);
         crate::trails::keep(config, &journal);

@@ -6,7 +6,7 @@
 //!
 //! Everything here is local: a server that is down delays only the report.
 
-use super::spool::{self, save_pending};
+use super::spool::{self, save_pending, Leave};
 use crate::config::Config;
 use crate::executor::{AgentRequest, PhaseExecutor};
 use crate::job::JobSpec;
@@ -36,6 +36,15 @@ pub fn recover_interrupted(config: &Config, stop: &StopSignal) -> Option<AgentRe
     let mut offline = None;
     spool::recover_interrupted(&config.execution_basedir, &config.results_basedir, |dir| {
         match journal::read(dir) {
+            Ok(journal) if journal.local => {
+                log::warn!(
+                    "{}: job {} was run by `run-job` (pid {}), not taken from the server: left as it is (neither recovered nor reported; remove it when done with it)",
+                    dir.display(),
+                    journal.job_id,
+                    journal.agent_pid
+                );
+                return Leave::InPlace;
+            }
             Ok(journal) if journal.finished => log::info!(
                 "{}: job {} had finished when its agent stopped; reporting it",
                 dir.display(),
@@ -55,6 +64,7 @@ pub fn recover_interrupted(config: &Config, stop: &StopSignal) -> Option<AgentRe
                 dir.display()
             ),
         }
+        Leave::ToSpool
     });
     offline
 }

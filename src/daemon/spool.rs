@@ -94,15 +94,30 @@ pub fn job_dirs(dir: &Path) -> Vec<PathBuf> {
     dirs.into_iter().map(|(_, path)| path).collect()
 }
 
+/// What becomes of a run directory found at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leave {
+    /// Moved to the spool, to be reported.
+    ToSpool,
+    /// Left where it is: not a job of this agent's server (`run-job`'s).
+    InPlace,
+}
+
 /// Run directories left in `execution_basedir` by an agent that died during a job (crash,
 /// SIGKILL, power loss): `finish` ends each one (crash recovery), then it goes to the
-/// spool, to be reported.
-pub fn recover_interrupted(execution_basedir: &Path, spool: &Path, mut finish: impl FnMut(&Path)) {
+/// spool, to be reported, unless `finish` returns [`Leave::InPlace`].
+pub fn recover_interrupted(
+    execution_basedir: &Path,
+    spool: &Path,
+    mut finish: impl FnMut(&Path) -> Leave,
+) {
     for dir in job_dirs(execution_basedir) {
         if !dir.join(crate::outcome::JOB_FILE).is_file() {
             continue;
         }
-        finish(&dir);
+        if finish(&dir) == Leave::InPlace {
+            continue;
+        }
         let Some(name) = dir.file_name() else {
             continue;
         };
@@ -154,13 +169,25 @@ mod tests {
         }
         fs::create_dir_all(run.join("not-a-job")).expect("mkdir");
         fs::create_dir_all(&spool).expect("mkdir");
-        recover_interrupted(&run, &spool, |_| {});
+        fs::create_dir_all(run.join("local")).expect("mkdir");
+        fs::write(run.join("local").join(crate::outcome::JOB_FILE), b"{}").expect("write");
+        recover_interrupted(&run, &spool, |dir| {
+            if dir.ends_with("local") {
+                Leave::InPlace
+            } else {
+                Leave::ToSpool
+            }
+        });
         let names: Vec<_> = job_dirs(&spool)
             .iter()
             .map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect();
         assert_eq!(names, [Some("job-a".to_owned()), Some("job-b".to_owned())]);
         assert!(run.join("not-a-job").exists(), "only job directories move");
+        assert!(
+            run.join("local").exists(),
+            "a directory left in place stays"
+        );
         let _ = fs::remove_dir_all(base);
     }
 }

@@ -552,3 +552,132 @@ fn a_recovered_cleanup_that_exits_46_takes_the_device_offline() {
 }
 
 use std::os::unix::process::CommandExt;
+
+/// The run directories under `run/`, by name.
+fn rundirs(s: &Scratch) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(s.path("run"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// `run-job` with the daemon's own config shares its `execution_basedir`. What it leaves
+/// there, finished or killed mid-phase, is no job of the server's: the daemon neither
+/// recovers it (no cleanup run, no command killed: the `run-job` might still be running)
+/// nor reports it, and says so.
+#[test]
+fn run_job_directories_are_left_alone_by_the_daemon() {
+    let server = FakeServer::start();
+    let s = Scratch::new("crash-local");
+    let name = format!("crash-local-{}", std::process::id());
+    let marker = s.marker();
+    let left = KillByMarker::new(&marker);
+    let count = s.path("cleanup-count");
+    let test_command = format!(
+        "test_command: {}",
+        yaml_string(&format!(
+            "echo test ran; if [ -n \"$TF_TEST_HANG\" ]; then {}; fi",
+            tree(&marker)
+        ))
+    );
+    let config: Vec<String> = commands(None, &marker, &count)
+        .lines()
+        .map(|l| {
+            if l.starts_with("test_command:") {
+                test_command.clone()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    let config = config.join("\n");
+    let files = crate::support::agent::write_daemon_files(&server, &s, &name, &config);
+    let job = s.write("job.yaml", "job_queue: local\ntest_data:\n  test_cmds: x\n");
+    let run_job = || {
+        let mut cmd = std::process::Command::new(crate::support::agent::BIN);
+        cmd.arg("run-job")
+            .arg("-c")
+            .arg(&files.config)
+            .arg(&job)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd
+    };
+
+    // One run-job runs to its end, another is SIGKILLed in its test phase.
+    let finished_run = run_job().status().expect("run-job runs");
+    assert_eq!(finished_run.code(), Some(0));
+    assert_eq!(count_lines(&count), 1, "the finished run-job's cleanup ran");
+    let mut killed = run_job()
+        .env("TF_TEST_HANG", "1")
+        .spawn()
+        .expect("run-job starts");
+    wait_local("the killed run-job's tree", Duration::from_secs(60), || {
+        rundirs(&s).iter().any(|d| {
+            std::fs::read_to_string(s.path("run").join(d).join("test.log"))
+                .is_ok_and(|t| t.contains("tree up"))
+        })
+    });
+    killed.kill().expect("SIGKILL run-job");
+    let _ = killed.wait();
+    let local = rundirs(&s);
+    assert_eq!(local.len(), 2, "{local:?}");
+    let living = left.living().len();
+    assert!(living > 0, "the killed run-job's tree outlives it");
+
+    // The daemon starts on the same directories and takes a job of the server's.
+    let _agent = Agent::start(&server, &s, &name, &config);
+    let id = server.submit_job(job_for(&name));
+    wait_for(&server, "the server's job", |srv| finished(srv, &id));
+
+    assert_eq!(
+        count_lines(&count),
+        2,
+        "cleanup ran for run-job's finished job and the server's job, not in a recovery"
+    );
+    assert_eq!(
+        left.living().len(),
+        living,
+        "no process of run-job's was killed"
+    );
+    for dir in &local {
+        assert!(
+            s.path("run").join(dir).join(JOURNAL_FILE).is_file(),
+            "{dir} stays where run-job left it"
+        );
+        assert!(
+            !s.path("results").join(dir).exists(),
+            "{dir} is not spooled"
+        );
+        let asked: Vec<String> = server
+            .requests()
+            .into_iter()
+            .map(|r| r.path)
+            .filter(|path| path.contains(dir.as_str()))
+            .collect();
+        assert!(
+            asked.is_empty(),
+            "nothing about {dir} reaches the server: {asked:?}"
+        );
+    }
+    let log = stderr_log(&s, &name);
+    assert_eq!(
+        log.matches("was run by `run-job`").count(),
+        2,
+        "each run-job directory is named:\n{log}"
+    );
+    assert!(!log.contains("recovering job"), "{log}");
+}
+
+/// A job of the server's queue for the agent `name`, with no phase data but a test.
+fn job_for(name: &str) -> Value {
+    json!({"job_queue": queue(name), "test_data": {"test_cmds": "x"}})
+}
