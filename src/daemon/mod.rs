@@ -1,6 +1,7 @@
 //! The daemon: takes jobs from a Testflinger server and runs them, one at a time.
 
 mod delivery;
+mod health;
 mod lock;
 mod recovery;
 mod run;

@@ -2,10 +2,11 @@
 //! cycle) and running a job from the server; its report is delivered by [`super::delivery`].
 
 use super::delivery::loose_job_id;
+use super::health::OwnHold;
 use super::states::{DaemonEvent, DaemonMachine, DaemonState};
 use crate::config::{Config, Key};
-use crate::executor::{AgentRequest, PhaseExecutor, RECOVERY_OFFLINE_COMMENT_PREFIX};
-use crate::healthcheck::{self, CheckResult, HealthSettings};
+use crate::executor::{AgentRequest, PhaseExecutor};
+use crate::healthcheck::HealthSettings;
 use crate::job::JobSpec;
 use crate::journal::Journal;
 use crate::lifecycle::{run_to_completion, AbortReason, Job, Plan};
@@ -105,15 +106,6 @@ pub enum DaemonExit {
     Restart,
 }
 
-/// The agent's own `maintenance` after a failed health check.
-#[derive(Debug)]
-struct OwnHold {
-    /// Failed checks in a row.
-    failures: u32,
-    /// When the check runs again.
-    retry_at: Instant,
-}
-
 /// The running daemon.
 pub struct Daemon {
     pub(super) config: Config,
@@ -131,7 +123,7 @@ pub struct Daemon {
     restart_after_job: bool,
     /// The `offline` or `maintenance` the server holds the agent in (an administrator's,
     /// or the agent's own after exit 46), as last seen.
-    held: Option<AgentRequest>,
+    pub(super) held: Option<AgentRequest>,
     /// Why `execution_basedir` has no room for a job, while it has none (no job is taken).
     no_room: Option<String>,
     /// When the spool was last listed and found empty, if the agent has spooled nothing
@@ -140,18 +132,18 @@ pub struct Daemon {
     /// Where the daemon is; every change of state goes through its table.
     pub(super) machine: DaemonMachine,
     /// The device health check, when `healthcheck_command` is set.
-    health: Option<HealthSettings>,
+    pub(super) health: Option<HealthSettings>,
     /// Jobs in a row whose provision failed.
-    provision_failures: u64,
+    pub(super) provision_failures: u64,
     /// A health check asked for and not run yet (the reason), for the next idle moment.
-    check_due: Option<String>,
+    pub(super) check_due: Option<String>,
     /// SIGUSR2: a health check at the next idle moment.
-    check_signal: Arc<AtomicBool>,
+    pub(super) check_signal: Arc<AtomicBool>,
     /// When the last health check ended (or the daemon started): the idle interval counts
     /// from it.
-    last_check: Instant,
+    pub(super) last_check: Instant,
     /// Held in `maintenance` by its own failed health check.
-    own_hold: Option<OwnHold>,
+    pub(super) own_hold: Option<OwnHold>,
     /// One agent per `agent_id` on this host, for as long as this one lives.
     _lock: super::lock::AgentLock,
     /// The metrics endpoint, when a port was given; stops when the daemon is dropped.
@@ -273,7 +265,7 @@ impl Daemon {
 
     /// Sleeps up to `period`, waking early when a stop is requested; beats all along (the
     /// loop is healthy while it waits).
-    fn pause(&self, period: Duration) {
+    pub(super) fn pause(&self, period: Duration) {
         let deadline = Instant::now() + period;
         let step = crate::notify::watchdog_timeout()
             .map_or(period, |timeout| (timeout / 4).max(PAUSE_BEAT_MIN));
@@ -335,7 +327,7 @@ impl Daemon {
         crate::notify::state(state, job_id);
     }
 
-    fn post_agent(&self, body: Value) {
+    pub(super) fn post_agent(&self, body: Value) {
         if let Err(err) = self.server.post_agent_data(&body) {
             log::warn!("posting agent data {body} failed: {err}");
         }
@@ -756,7 +748,9 @@ impl Daemon {
     /// Reads the agent record: as a call with retries while the server answers, as one
     /// probe bounded by the back-off step that is due while it does not. Says when the
     /// server answers again after giving no answer.
-    fn read_record(&mut self) -> Result<Option<AgentRecord>, crate::server::ServerError> {
+    pub(super) fn read_record(
+        &mut self,
+    ) -> Result<Option<AgentRecord>, crate::server::ServerError> {
         let tried = Instant::now();
         let result = match self.outage {
             None => self.server.read_agent_record(),
@@ -908,234 +902,9 @@ impl Daemon {
         self.back_to_waiting_or_check(deferred.as_ref(), check);
     }
 
-    /// Whether a hold on the server (`state` with `comment`) is the agent's own, which a
-    /// health check may lift: its failed check's `maintenance`, or its `offline` after exit
-    /// 46. Only with a health check configured; without one every hold is an
-    /// administrator's (today's rule).
-    fn is_own_hold(&self, state: &str, comment: &str) -> bool {
-        self.health.is_some()
-            && match state {
-                "maintenance" => healthcheck::is_own_comment(comment),
-                "offline" => comment.starts_with(RECOVERY_OFFLINE_COMMENT_PREFIX),
-                _ => false,
-            }
-    }
-
-    /// After a job: counts jobs in a row whose provision failed (a job without a provision
-    /// phase changes nothing), and says why a health check is due, if one is: a phase exited
-    /// 46, or `healthcheck_after_failures` provisions in a row failed.
-    fn count_provision(&mut self, statuses: &Value) -> Option<String> {
-        let status = statuses.get("status").and_then(Value::as_object);
-        match status
-            .and_then(|s| s.get("provision"))
-            .and_then(Value::as_i64)
-        {
-            Some(0) => self.provision_failures = 0,
-            Some(_) => self.provision_failures += 1,
-            None => {}
-        }
-        publish_provision_failures(self.provision_failures);
-        let settings = self.health.as_ref()?;
-        let exit_46 = status.is_some_and(|s| {
-            s.values()
-                .any(|v| v.as_i64() == Some(i64::from(crate::lifecycle::RECOVERY_FAILED_EXIT_CODE)))
-        });
-        if exit_46 {
-            return Some("a phase exited 46 (device recovery failed)".to_owned());
-        }
-        (settings.after_failures > 0 && self.provision_failures >= settings.after_failures).then(
-            || {
-                format!(
-                    "{} jobs in a row failed in provision (healthcheck_after_failures)",
-                    self.provision_failures
-                )
-            },
-        )
-    }
-
-    /// A check due now, at an idle moment: one asked for earlier, SIGUSR2, or the idle
-    /// interval passed.
-    fn check_wanted(&mut self) -> Option<String> {
-        let settings = self.health.as_ref()?;
-        if let Some(why) = self.check_due.take() {
-            return Some(why);
-        }
-        if self.check_signal.swap(false, Ordering::SeqCst) {
-            return Some("asked by SIGUSR2".to_owned());
-        }
-        let interval = settings.interval?;
-        (self.last_check.elapsed() >= interval)
-            .then(|| "idle interval (healthcheck_interval)".to_owned())
-    }
-
-    /// While the agent holds itself after a failed check, one cycle: `false` when the cycle
-    /// is over (still held; the check re-ran if its retry was due, or SIGUSR2 asked), `true`
-    /// when it goes on because the hold is no longer the agent's own: an administrator
-    /// replaced it with theirs (kept, as any administrator's hold) or lifted it (jobs are
-    /// taken again, provision failures counted from zero).
-    fn own_hold_goes_on(&mut self, server_state: Option<&str>, comment: &str) -> bool {
-        let Some(state) = server_state else {
-            // The record could not be read: stay held rather than guess.
-            self.pause(self.config.polling_period());
-            return false;
-        };
-        if self.is_own_hold(state, comment) {
-            let retry_at = self
-                .own_hold
-                .as_ref()
-                .map_or_else(Instant::now, |h| h.retry_at);
-            let asked = self.check_signal.swap(false, Ordering::SeqCst);
-            if asked || Instant::now() >= retry_at {
-                self.fire(DaemonEvent::CheckDue, "");
-                self.check_now(if asked {
-                    "asked by SIGUSR2, while held by a failed check"
-                } else {
-                    "retry of a failed health check"
-                });
-            } else {
-                self.pause(
-                    self.config
-                        .polling_period()
-                        .min(retry_at.saturating_duration_since(Instant::now())),
-                );
-            }
-            return false;
-        }
-        self.own_hold = None;
-        if matches!(state, "offline" | "maintenance") {
-            log::warn!(
-                "an administrator replaced the agent's own hold with {state} ({comment:?}); kept until an administrator lifts it"
-            );
-            // The administrator's hold is taken up by the caller, as any other.
-            self.held = None;
-        } else {
-            log::warn!(
-                "an administrator released the agent from its own maintenance (the server says {state:?}); taking jobs again, provision failures counted from zero"
-            );
-            self.held = None;
-            self.provision_failures = 0;
-            publish_provision_failures(0);
-            self.fire(DaemonEvent::Released, "");
-        }
-        true
-    }
-
-    /// Runs the health check now (the machine is in `checking`) and acts on its result:
-    /// a pass releases the agent's own hold and posts `waiting`, a failure posts the agent's
-    /// own `maintenance` and schedules a retry. Neither touches a hold an administrator set
-    /// meanwhile (the record is read again first). A stop ends the check like a phase, and
-    /// the daemon with it.
-    fn check_now(&mut self, why: &str) {
-        let Some(settings) = self.health.clone() else {
-            log::error!("internal: a health check without healthcheck_command");
-            self.fire(DaemonEvent::CheckPassed, "");
-            return;
-        };
-        let report = match healthcheck::run_check(&self.config, &settings, &self.stop, why) {
-            Ok(report) => report,
-            Err(err) => {
-                log::error!("health check ({why}) could not run: {err}");
-                let started = std::time::SystemTime::now();
-                healthcheck::CheckReport {
-                    result: Some(CheckResult::Fail),
-                    at: crate::time::iso_at(started),
-                    started,
-                    duration: Duration::ZERO,
-                    exit_code: crate::process::AGENT_FAILURE_EXIT_CODE,
-                    last_line: err.to_string(),
-                    log: None,
-                }
-            }
-        };
-        self.last_check = Instant::now();
-        crate::process::reap_orphans();
-        let Some(result) = report.result else {
-            // Stopped during the check: `run` ends the daemon as it does after a phase.
-            self.fire(DaemonEvent::Stop, "");
-            return;
-        };
-        if let Some(metrics) = crate::metrics::get() {
-            metrics.healthcheck_ran(
-                result.as_str(),
-                &report.at,
-                report.started,
-                report.duration.as_secs_f64(),
-            );
-        }
-        // An administrator may have set a hold while the check ran: theirs stays.
-        let admin_hold = match self.read_record() {
-            Ok(Some(record)) => record
-                .state
-                .as_deref()
-                .filter(|s| matches!(*s, "offline" | "maintenance"))
-                .filter(|s| !self.is_own_hold(s, &record.comment))
-                .map(|s| (s.to_owned(), record.comment.clone())),
-            _ => None,
-        };
-        if let Some((state, comment)) = &admin_hold {
-            log::warn!(
-                "an administrator holds the agent {state} ({comment:?}); the health check's result changes nothing on the server"
-            );
-        }
-        if result == CheckResult::Pass {
-            self.provision_failures = 0;
-            publish_provision_failures(0);
-            if self.own_hold.take().is_some() {
-                log::info!("health check passed: the agent releases its own hold");
-            }
-            self.held = None;
-            self.fire(DaemonEvent::CheckPassed, "");
-            if admin_hold.is_none() {
-                self.post_agent(json!({"state": "waiting", "comment": ""}));
-            }
-            return;
-        }
-        let failures = self.own_hold.as_ref().map_or(0, |h| h.failures) + 1;
-        let wait = settings.retry_after(failures);
-        let comment = report.failure_comment();
-        log::warn!(
-            "health check failed ({failures} in a row): holding the agent in maintenance, next check in {} s",
-            wait.as_secs()
-        );
-        self.own_hold = Some(OwnHold {
-            failures,
-            retry_at: Instant::now() + wait,
-        });
-        self.fire(DaemonEvent::CheckFailed, "");
-        if admin_hold.is_none() {
-            self.post_agent(json!({"state": "maintenance", "comment": comment}));
-            self.held = Some(AgentRequest {
-                state: "maintenance".to_owned(),
-                comment,
-            });
-        }
-    }
-
-    /// After a job: [`Self::back_to_waiting`], unless the job calls for a health check
-    /// (`check`, its reason), which then runs at once, before `waiting` is posted; a hold or
-    /// restart asked for during the job goes first, and the check waits for the next idle
-    /// moment.
-    fn back_to_waiting_or_check(&mut self, deferred: Option<&AgentRequest>, check: Option<String>) {
-        let Some(why) = check else {
-            self.back_to_waiting(deferred);
-            return;
-        };
-        if deferred.is_some() || self.stopping() || self.machine.state() != DaemonState::Busy {
-            if !self.stopping() {
-                self.check_due = Some(why);
-            }
-            self.back_to_waiting(deferred);
-            return;
-        }
-        self.fire(DaemonEvent::CheckDue, "");
-        crate::process::reap_orphans();
-        self.post_agent(json!({"job_id": ""}));
-        self.check_now(&why);
-    }
-
     /// After a job: clear the job id, then carry out a request deferred during the job
     /// (offline, maintenance, restart), or go back to `waiting`.
-    fn back_to_waiting(&mut self, deferred: Option<&AgentRequest>) {
+    pub(super) fn back_to_waiting(&mut self, deferred: Option<&AgentRequest>) {
         let event = match deferred {
             _ if self.machine.state() == DaemonState::Draining => DaemonEvent::Drained,
             Some(request) if request.state == "restart" => DaemonEvent::RestartAsked,
@@ -1194,13 +963,6 @@ impl Daemon {
         );
         let statuses = outcome.body();
         self.finish_job(job_id, rundir, false, Some(journal), statuses);
-    }
-}
-
-/// The consecutive-provision-failures gauge.
-fn publish_provision_failures(count: u64) {
-    if let Some(metrics) = crate::metrics::get() {
-        metrics.set_consecutive_provision_failures(count);
     }
 }
 
