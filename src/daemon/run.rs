@@ -18,7 +18,7 @@ use crate::server::Server;
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,6 +139,10 @@ pub struct Daemon {
     pub(super) check_due: Option<String>,
     /// SIGUSR2: a health check at the next idle moment.
     pub(super) check_signal: Arc<AtomicBool>,
+    /// How many times SIGUSR2 came: each new one ends the pause under way once.
+    check_asks: Arc<AtomicU64>,
+    /// The count of [`Self::check_asks`] a pause last ended early for.
+    check_asks_woken: AtomicU64,
     /// When the last health check ended (or the daemon started): the idle interval counts
     /// from it.
     pub(super) last_check: Instant,
@@ -227,12 +231,9 @@ impl Daemon {
         }
         let health = HealthSettings::from_config(&config);
         let check_signal = Arc::new(AtomicBool::new(false));
+        let check_asks = Arc::new(AtomicU64::new(0));
         if health.is_some() {
-            if let Err(err) =
-                signal_hook::flag::register(signal_hook::consts::SIGUSR2, check_signal.clone())
-            {
-                log::warn!("cannot install the SIGUSR2 handler (a health check on demand): {err}");
-            }
+            super::health::listen_for_sigusr2(&check_signal, &check_asks, &stop);
         }
         Ok(Daemon {
             config,
@@ -252,6 +253,8 @@ impl Daemon {
             provision_failures: 0,
             check_due: None,
             check_signal,
+            check_asks,
+            check_asks_woken: AtomicU64::new(0),
             last_check: Instant::now(),
             own_hold: None,
             _lock: lock,
@@ -263,18 +266,28 @@ impl Daemon {
         self.stop.is_shutting_down()
     }
 
-    /// Sleeps up to `period`, waking early when a stop is requested; beats all along (the
-    /// loop is healthy while it waits).
+    /// Sleeps up to `period`, waking early when a stop is requested, and once for each
+    /// SIGUSR2 (a health check asked for runs at the next idle moment, not after the
+    /// pause); beats all along (the loop is healthy while it waits).
     pub(super) fn pause(&self, period: Duration) {
         let deadline = Instant::now() + period;
         let step = crate::notify::watchdog_timeout()
             .map_or(period, |timeout| (timeout / 4).max(PAUSE_BEAT_MIN));
         loop {
             crate::metrics::beat();
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !self.stop.sleep_unless_shutdown(left.min(step)) {
+            if self.stopping() {
                 break;
             }
+            let asks = self.check_asks.load(Ordering::SeqCst);
+            if self.check_asks_woken.swap(asks, Ordering::SeqCst) != asks {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // The stop signal's wake pipe: a stop request and SIGUSR2 both wake it.
+            self.stop.wake_pipe().wait(left.min(step));
         }
         crate::metrics::beat();
     }

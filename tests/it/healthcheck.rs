@@ -5,7 +5,7 @@
 //! and an administrator's).
 
 use crate::support::agent::{finished, queue, wait_for, Agent, BIN, WAIT};
-use crate::support::fake_server::FakeServer;
+use crate::support::fake_server::{FakeServer, Route};
 use crate::support::loopback::http_get;
 use crate::support::scratch::{KillByMarker, Scratch};
 use serde_json::json;
@@ -553,6 +553,44 @@ fn sigusr2_runs_a_check_at_the_next_idle_moment() {
     agent.signal(nix::sys::signal::Signal::SIGUSR2);
     wait_for(&server, "the check SIGUSR2 asked for", |_| {
         check_logs(&s).len() == 1
+    });
+}
+
+#[test]
+fn sigusr2_wakes_the_idle_pause_instead_of_waiting_for_the_polling_interval() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-usr2-wake");
+    let name = format!("hc-usr2-wake-{}", std::process::id());
+    let agent = Agent::start(
+        &server,
+        &s,
+        &name,
+        "polling_interval: 300\nhealthcheck_command: echo woken\n",
+    );
+    // After its first poll the agent sleeps for 300 s; a signal sent just before the sleep
+    // starts must end it all the same.
+    wait_for(&server, "the first job poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+    let asked = Instant::now();
+    agent.signal(nix::sys::signal::Signal::SIGUSR2);
+    let log_path = Agent::stderr_path(&s, &name);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // WAIT (60 s) is far below the polling interval: only a woken pause meets it.
+    wait_for(&server, "the check SIGUSR2 asked for", |_| {
+        log().contains("health check (asked by SIGUSR2): pass")
+    });
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    let log = log();
+    assert!(
+        log.contains("SIGUSR2: a health check is asked for; it runs at the next idle moment"),
+        "{log}"
+    );
+    assert_eq!(check_logs(&s).len(), 1, "one check for one signal");
+    // The cycle after the check polls again at once, then sleeps its interval.
+    wait_for(&server, "the poll after the check", |srv| {
+        srv.request_count(&Route::JobPoll) >= 2
     });
 }
 
