@@ -2,6 +2,7 @@
 
 mod delivery;
 mod health;
+mod job;
 mod lock;
 mod recovery;
 mod run;
