@@ -7,6 +7,7 @@ mod lock;
 mod recovery;
 mod run;
 mod spool;
+mod startup;
 mod states;
 
 pub use delivery::{deliver, DeliverError};
