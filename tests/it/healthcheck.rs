@@ -22,10 +22,14 @@ struct OneShot {
 }
 
 fn one_shot(config: &Path) -> OneShot {
+    run_bin(&["healthcheck".as_ref(), "-c".as_ref(), config.as_os_str()])
+}
+
+/// The binary run to its end with `args`.
+fn run_bin(args: &[&std::ffi::OsStr]) -> OneShot {
     let started = Instant::now();
     let out = Command::new(BIN)
-        .args(["healthcheck", "-c"])
-        .arg(config)
+        .args(args)
         .output()
         .expect("the binary runs");
     OneShot {
@@ -625,18 +629,9 @@ fn sigterm_during_a_check_ends_it_like_a_phase_and_the_agent_exits_0() {
 
 /// `explain` through the real binary.
 fn explain(args: &[&std::ffi::OsStr]) -> OneShot {
-    let started = Instant::now();
-    let out = Command::new(BIN)
-        .arg("explain")
-        .args(args)
-        .output()
-        .expect("the binary runs");
-    OneShot {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        took: started.elapsed(),
-    }
+    let mut all = vec!["explain".as_ref()];
+    all.extend_from_slice(args);
+    run_bin(&all)
 }
 
 /// The row of an explain table whose `to` column is `to`, split into its columns.
