@@ -114,19 +114,40 @@ pub fn explain_table(journal: &Journal) -> String {
             .collect();
         format!("{}\n", padded.join("  ").trim_end())
     };
-    let mut out = format!(
-        "job {} ({}, {})\n",
-        journal.job_id,
-        if journal.finished {
-            "finished"
-        } else {
-            "not finished"
-        },
-        summary(journal)
-    );
+    let mut out = match &journal.check {
+        Some(check) => check_heading(journal, check),
+        None => format!(
+            "job {} ({}, {})\n",
+            journal.job_id,
+            if journal.finished {
+                "finished"
+            } else {
+                "not finished"
+            },
+            summary(journal)
+        ),
+    };
     out.push_str(&line(header.to_vec()));
     for row in &rows {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// The heading of a device health check's trail: when it started, what it came to and
+/// in how long, what asked for it, its last output line and where its output is.
+fn check_heading(journal: &Journal, check: &crate::journal::CheckSummary) -> String {
+    let started = journal.trail.first().map_or("?", |entry| entry.at.as_str());
+    let mut out = format!(
+        "health check started {started} ({}): {} in {:.1} s\n",
+        check.why,
+        check.result,
+        // Milliseconds to seconds for the reader; the precision lost is below the shown one.
+        check.duration_ms as f64 / 1000.0
+    );
+    out.push_str(&format!("last output line: {:?}\n", check.last_line));
+    if let Some(log) = &check.log {
+        out.push_str(&format!("output: {log}\n"));
     }
     out
 }

@@ -117,10 +117,12 @@ pub enum Command {
         #[arg(long)]
         write: Option<PathBuf>,
     },
-    /// Show the path one job took through the lifecycle, from its journal's trail.
+    /// Show the path one job took through the lifecycle, from its journal's trail (or one
+    /// health check, like a phase).
     Explain {
         /// A run directory (the daemon's or run-job's), a spooled one, or a kept trail
-        /// (`<logging_basedir>/trails/<job_id>.json`).
+        /// (`<logging_basedir>/trails/<job_id>.json`); or a health check's trail or log in
+        /// `<logging_basedir>/healthchecks/`, or that directory (its newest check).
         path: PathBuf,
         /// The agent config whose `logging_basedir` holds the kept trails: when PATH has
         /// no trail, they are listed from there (else from the default `logging_basedir`).

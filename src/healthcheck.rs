@@ -5,12 +5,14 @@
 //! same kill rules ([`crate::process::run_command`]: `healthcheck_timeout` ends it like a
 //! phase's global timeout, SIGTERM to the tree, `termination_grace_period`, SIGKILL; a stop of
 //! the agent ends it the same way). Its output goes byte-exact to
-//! `<logging_basedir>/healthchecks/<time>.log` (the last [`LOGS_KEPT`] are kept), the agent
-//! log gets one summary line, and `last.json` beside the logs records the last result for
-//! `check-config`. What the result means for the agent (its own `maintenance`, the retries)
+//! `<logging_basedir>/healthchecks/<time>.log`, its trail (the journal's format, for
+//! `explain`) to `<time>.trail.json` beside it (the last [`LOGS_KEPT`] checks are kept), the
+//! agent log gets one summary line, and `last.json` beside the logs records the last result
+//! for `check-config`. What the result means for the agent (its own `maintenance`, the retries)
 //! is the daemon's business; the one-shot `testflinger-agent healthcheck` uses the same run.
 
 use crate::config::Config;
+use crate::journal::{CheckSummary, CommandEnd, Ending, Journal, Why};
 use crate::process::{self, CommandSpec, OutputSink, StopSignal, Termination};
 use serde_json::json;
 use std::ffi::OsString;
@@ -245,8 +247,155 @@ pub fn run_check(
     if report.result.is_some() {
         write_last(&log_dir, &report);
     }
+    keep_trail(&log_dir, &report, &outcome, why);
     prune_logs(&log_dir, LOGS_KEPT);
     Ok(report)
+}
+
+/// The trail of one check, in the journal's format so that `explain` reads it like a
+/// job's: a start entry and an end entry (exit code, how the command's tree ended), and
+/// the check's summary. Beside the check's log as `<stem>.trail.json`.
+pub fn trail_of(report: &CheckReport, outcome: &process::CommandOutcome, why: &str) -> Journal {
+    let stem = report
+        .log
+        .as_deref()
+        .and_then(log_stem)
+        .unwrap_or_else(|| name_stem(&report.at));
+    let mut journal = Journal::taken(&format!("healthcheck-{stem}"), report.at.clone());
+    if let Some(first) = journal.trail.first_mut() {
+        first.to = CHECKING.to_owned();
+        first.phase = Some(TRAIL_PHASE.to_owned());
+        first.why = Why::CheckStarted;
+    }
+    journal.state = CHECKING.to_owned();
+    let (to, why_end) = match (report.result, outcome.termination) {
+        (Some(CheckResult::Pass), _) => ("Passed", Why::Exit),
+        (Some(CheckResult::Timeout), _) => ("TimedOut", Why::GlobalTimeout),
+        (None, _) => ("Interrupted", Why::Shutdown),
+        (Some(CheckResult::Fail), Termination::Signaled(_)) => ("Failed", Why::Signal),
+        (Some(CheckResult::Fail), Termination::Unrecordable) => ("Failed", Why::StorageFailed),
+        (Some(CheckResult::Fail), _) => ("Failed", Why::Exit),
+    };
+    let ended = crate::time::iso_at(report.started + report.duration);
+    journal.transition(
+        ended,
+        to,
+        Some(TRAIL_PHASE),
+        why_end,
+        Some(report.exit_code),
+    );
+    journal.annotate_last(command_end(outcome));
+    journal.set_status(TRAIL_PHASE, report.exit_code);
+    journal.finished = true;
+    journal.check = Some(CheckSummary {
+        why: why.to_owned(),
+        result: report
+            .result
+            .map_or(INTERRUPTED, CheckResult::as_str)
+            .to_owned(),
+        duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
+        last_line: report.last_line.clone(),
+        log: report.log.as_ref().map(|p| p.display().to_string()),
+    });
+    journal
+}
+
+/// The trail's state while the check runs.
+const CHECKING: &str = "Checking";
+/// The phase name a check's trail shows.
+const TRAIL_PHASE: &str = "healthcheck";
+/// The result a check's trail records when the agent's stop ended it.
+const INTERRUPTED: &str = "interrupted";
+/// How a check's trail file ends; its stem is its log's.
+pub const TRAIL_SUFFIX: &str = ".trail.json";
+
+/// How the check's tree ended (the same reading as a phase's).
+fn command_end(done: &process::CommandOutcome) -> CommandEnd {
+    let how = match done.termination {
+        Termination::Exited(_) => Ending::Exited,
+        Termination::Signaled(_) => Ending::Signaled,
+        _ if done.needed_sigkill => Ending::SigkillNeeded,
+        _ => Ending::SigtermHonoured,
+    };
+    CommandEnd {
+        how,
+        escapees: u64::try_from(done.escapees_killed + done.escapees_terminated)
+            .unwrap_or(u64::MAX),
+        stragglers: u64::try_from(done.stragglers_killed).unwrap_or(u64::MAX),
+    }
+}
+
+/// Writes the check's trail beside its log; a failure is logged, the check's result stands.
+fn keep_trail(dir: &Path, report: &CheckReport, outcome: &process::CommandOutcome, why: &str) {
+    let journal = trail_of(report, outcome, why);
+    let stem = journal
+        .job_id
+        .strip_prefix("healthcheck-")
+        .unwrap_or(&journal.job_id)
+        .to_owned();
+    let path = dir.join(format!("{stem}{TRAIL_SUFFIX}"));
+    if let Err(err) = fs::create_dir_all(dir).and_then(|()| fs::write(&path, journal.to_bytes())) {
+        log::warn!(
+            "health check: its trail is not kept in {}: {err}",
+            path.display()
+        );
+    }
+}
+
+/// The name a check's files share, from its start time (`:` left out).
+fn name_stem(at: &str) -> String {
+    at.chars().filter(|c| *c != ':').collect()
+}
+
+/// The stem of a check's log file (`<stem>.log`).
+fn log_stem(log: &Path) -> Option<String> {
+    Some(log.file_name()?.to_str()?.strip_suffix(".log")?.to_owned())
+}
+
+/// The stem of a check's file: its log (`<stem>.log`) or its trail (`<stem>.trail.json`).
+fn check_file_stem(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_suffix(".log")
+        .or_else(|| name.strip_suffix(TRAIL_SUFFIX))
+        .map(str::to_owned)
+}
+
+/// The check trail `explain` reads for `path`, when `path` names one of the health checks'
+/// files rather than a job's: their directory (its newest check, with how many it holds)
+/// or a check's log (its trail beside it). `None` for any other path.
+pub fn trail_for(path: &Path) -> Option<(PathBuf, usize)> {
+    if path.is_dir() {
+        if path.join(crate::journal::JOURNAL_FILE).exists() {
+            return None;
+        }
+        let trails = trails_in(path);
+        let count = trails.len();
+        return trails.into_iter().next().map(|newest| (newest, count));
+    }
+    let stem = path.file_name()?.to_str()?.strip_suffix(".log")?;
+    let trail = path.with_file_name(format!("{stem}{TRAIL_SUFFIX}"));
+    trail.is_file().then_some((trail, 1))
+}
+
+/// The check trails kept in `dir`, newest first (their names sort by start time); none
+/// when `dir` cannot be read.
+pub fn trails_in(dir: &Path) -> Vec<PathBuf> {
+    let mut trails: Vec<PathBuf> = match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(TRAIL_SUFFIX))
+            })
+            .filter(|p| p.is_file())
+            .collect(),
+        Err(_) => return Vec::new(),
+    };
+    trails.sort();
+    trails.reverse();
+    trails
 }
 
 /// [`process::run_command`] with a thread beside it that beats for the main loop (a check
@@ -317,7 +466,7 @@ fn last_line(tail: &[u8]) -> String {
 /// checks start in the same microsecond).
 fn open_log(dir: &Path, at: &str) -> std::io::Result<(File, PathBuf)> {
     fs::create_dir_all(dir)?;
-    let stem: String = at.chars().filter(|c| *c != ':').collect();
+    let stem = name_stem(at);
     for n in 0..100u32 {
         let name = if n == 0 {
             format!("{stem}.log")
@@ -338,25 +487,32 @@ fn open_log(dir: &Path, at: &str) -> std::io::Result<(File, PathBuf)> {
     Err(std::io::Error::other("no free log name"))
 }
 
-/// Removes the oldest `*.log` files of `dir` beyond `keep` (their names sort by time).
+/// Removes the oldest checks of `dir` beyond `keep`: each check's log and its trail go
+/// together (their names share a stem that sorts by time).
 fn prune_logs(dir: &Path, keep: usize) {
-    let mut logs: Vec<PathBuf> = match fs::read_dir(dir) {
+    let files: Vec<(String, PathBuf)> = match fs::read_dir(dir) {
         Ok(entries) => entries
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .filter_map(|p| Some((check_file_stem(&p)?, p)))
             .collect(),
         Err(_) => return,
     };
-    if logs.len() <= keep {
+    let mut stems: Vec<&str> = files.iter().map(|(stem, _)| stem.as_str()).collect();
+    stems.sort_unstable();
+    stems.dedup();
+    if stems.len() <= keep {
         return;
     }
-    logs.sort();
-    for old in &logs[..logs.len() - keep] {
-        if let Err(err) = fs::remove_file(old) {
+    let old = &stems[..stems.len() - keep];
+    for (_, path) in files
+        .iter()
+        .filter(|(stem, _)| old.contains(&stem.as_str()))
+    {
+        if let Err(err) = fs::remove_file(path) {
             log::warn!(
-                "health check: cannot remove the old log {}: {err}",
-                old.display()
+                "health check: cannot remove the old file {}: {err}",
+                path.display()
             );
         }
     }
@@ -468,7 +624,17 @@ mod tests {
         fs::create_dir_all(&dir).expect("temp dir");
         for n in 0..25 {
             fs::write(dir.join(format!("2026-01-01T00{n:02}.log")), b"x").expect("write");
+            // Every other check kept a trail beside its log.
+            if n % 2 == 0 {
+                fs::write(
+                    dir.join(format!("2026-01-01T00{n:02}{TRAIL_SUFFIX}")),
+                    b"{}",
+                )
+                .expect("write");
+            }
         }
+        // A trail whose log could not be written counts as a check of its own.
+        fs::write(dir.join(format!("2026-01-01T0005-1{TRAIL_SUFFIX}")), b"{}").expect("write");
         fs::write(dir.join(LAST_FILE), b"{}").expect("write");
         prune_logs(&dir, LOGS_KEPT);
         let mut left: Vec<String> = fs::read_dir(&dir)
@@ -477,8 +643,18 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left.len(), LOGS_KEPT + 1);
-        assert_eq!(left[0], "2026-01-01T0005.log");
+        let logs = left.iter().filter(|n| n.ends_with(".log")).count();
+        // The newest 20 checks are 05-1 (a trail alone) and 06..=24 (19 logs, 10 trails).
+        assert_eq!(logs, LOGS_KEPT - 1, "{left:?}");
+        assert_eq!(left.len(), 19 + 10 + 1 + 1, "{left:?}");
+        assert_eq!(left[0], "2026-01-01T0005-1.trail.json");
+        assert_eq!(left[1], "2026-01-01T0006.log");
+        assert!(
+            !left.iter().any(|n| n.starts_with("2026-01-01T0004")),
+            "{left:?}"
+        );
+        assert_eq!(trails_in(&dir).len(), 11);
+        assert!(trails_in(&dir)[0].ends_with("2026-01-01T0024.trail.json"));
         assert!(left.contains(&LAST_FILE.to_owned()));
         let _ = fs::remove_dir_all(&dir);
     }

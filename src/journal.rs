@@ -42,6 +42,8 @@ pub enum Why {
     StorageFailed,
     /// The agent died during the job; a restarted agent ended it.
     CrashRecovery,
+    /// A device health check started (the first entry of a check's trail).
+    CheckStarted,
 }
 
 /// One transition of the job, in the order they happened.
@@ -130,6 +132,7 @@ impl Why {
             Why::AgentError => "agent error",
             Why::StorageFailed => "cannot record",
             Why::CrashRecovery => "crash recovery",
+            Why::CheckStarted => "check started",
         }
     }
 }
@@ -196,6 +199,25 @@ pub struct Journal {
     /// Absent in journals written before it existed, and in the daemon's: `false`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local: bool,
+    /// Set in the trail of a device health check (not a job): what the check came to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSummary>,
+}
+
+/// What a device health check came to, kept in its trail beside its output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSummary {
+    /// What asked for it (failed provisions, exit 46, the idle interval, SIGUSR2, …).
+    pub why: String,
+    /// `pass`, `fail`, `timeout`, or `interrupted` (the agent stopped during the check).
+    pub result: String,
+    /// From the start to the last process reaped, in milliseconds.
+    pub duration_ms: u64,
+    /// The last non-empty line of its output (`""`: it printed none).
+    pub last_line: String,
+    /// Its output file, when one was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
 }
 
 impl Journal {
@@ -214,6 +236,7 @@ impl Journal {
             finished: false,
             output: OutputProgress::default(),
             local: false,
+            check: None,
             trail: vec![TrailEntry {
                 at,
                 from: String::new(),

@@ -181,6 +181,20 @@ fn diagram(format: DiagramFormat, machine: &str, write: Option<&Path>) -> ExitCo
 }
 
 fn explain(path: &Path, config: Option<&Path>, format: ExplainFormat) -> ExitCode {
+    // A health check's directory or log: the check's trail beside it.
+    let check_trail = testflinger_agent::healthcheck::trail_for(path);
+    if let Some((trail, count)) = &check_trail {
+        if path.is_dir() {
+            eprintln!(
+                "the newest of {count} health check trail(s) in {}: {}",
+                path.display(),
+                trail.display()
+            );
+        }
+    }
+    let path = check_trail
+        .as_ref()
+        .map_or(path, |(trail, _)| trail.as_path());
     let journal = match testflinger_agent::journal::read_any(path) {
         Ok(journal) => journal,
         Err(err) => {
@@ -206,6 +220,13 @@ fn explain(path: &Path, config: Option<&Path>, format: ExplainFormat) -> ExitCod
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
+    if journal.check.is_some() && !matches!(format, ExplainFormat::Table) {
+        eprintln!(
+            "testflinger-agent: {} is a health check's trail, not a job's: it has no lifecycle to draw (--format table shows it)",
+            path.display()
+        );
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
     match format {
         ExplainFormat::Table => print!("{}", audit::explain_table(&journal)),
         ExplainFormat::Mermaid => print!("{}", audit::explain_diagram(&journal, Format::Mermaid)),

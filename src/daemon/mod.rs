@@ -1,10 +1,13 @@
 //! The daemon: takes jobs from a Testflinger server and runs them, one at a time.
 
 mod delivery;
+mod health;
+mod job;
 mod lock;
 mod recovery;
 mod run;
 mod spool;
+mod startup;
 mod states;
 
 pub use delivery::{deliver, DeliverError};

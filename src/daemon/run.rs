@@ -1,23 +1,19 @@
-//! The daemon loop: start-up, the polling loop of PROTOCOL §9.1 (one agent-record read per
-//! cycle) and running a job from the server; its report is delivered by [`super::delivery`].
+//! The daemon loop: the daemon set up, the polling loop of PROTOCOL §9.1 (one agent-record
+//! read per cycle), holds, restarts and a server that does not answer. Start-up against the
+//! server is [`super::startup`]; a job from the server is run by [`super::job`], its report
+//! delivered by [`super::delivery`]; the health check is [`super::health`].
 
-use super::delivery::loose_job_id;
+use super::health::OwnHold;
 use super::states::{DaemonEvent, DaemonMachine, DaemonState};
 use crate::config::{Config, Key};
-use crate::executor::{AgentRequest, PhaseExecutor, RECOVERY_OFFLINE_COMMENT_PREFIX};
-use crate::healthcheck::{self, CheckResult, HealthSettings};
-use crate::job::JobSpec;
-use crate::journal::Journal;
-use crate::lifecycle::{run_to_completion, AbortReason, Job, Plan};
-use crate::outcome::OutcomeFile;
-use crate::process::{StopKind, StopSignal};
-use crate::run_job::prepare_rundir;
+use crate::executor::AgentRequest;
+use crate::healthcheck::HealthSettings;
+use crate::process::StopSignal;
 use crate::server::http::{AgentRecord, HttpServer};
-use crate::server::Server;
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,12 +31,7 @@ const AGENT_OOM_SCORE_ADJ: i32 = -500;
 /// for its cycles.
 const PAUSE_BEAT_MIN: Duration = Duration::from_millis(100);
 /// The comment of a restart asked for by SIGUSR1 (the Python agent's words).
-const RESTART_SIGNAL_COMMENT: &str = "Restart signal detected from supervisor process";
-/// Comments of `offline` states that an agent posted itself on a stop or a restart, not an
-/// administrator: this agent before it posted `restart` and `waiting` instead, and the
-/// Python agent 1.2.0 on a SIGUSR1 restart. Such a record does not hold the next start.
-const TRANSIENT_OFFLINE_COMMENTS: &[&str] = &["Agent stopped by signal", RESTART_SIGNAL_COMMENT];
-
+pub(super) const RESTART_SIGNAL_COMMENT: &str = "Restart signal detected from supervisor process";
 /// How long the health endpoint lets the main loop go without a beat before it reports
 /// it stalled: longer than the longest wait between cycles (the polling interval, or the
 /// back-off while the server is unreachable) and than a watched phase's check interval.
@@ -62,21 +53,6 @@ fn call_stall_limit(config: &Config) -> Duration {
 /// probes keep their cadence through a server that accepts and never answers.
 const PROBE_TIMEOUT_MIN: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT_MAX: Duration = Duration::from_secs(30);
-
-/// Whether a record read at start-up holds the agent: `offline` or `maintenance`, unless
-/// the comment shows the agent posted it itself on a stop or restart.
-fn admin_hold(record: &AgentRecord) -> Option<AgentRequest> {
-    let state = record.state.as_deref()?;
-    match state {
-        "maintenance" => {}
-        "offline" if !TRANSIENT_OFFLINE_COMMENTS.contains(&record.comment.as_str()) => {}
-        _ => return None,
-    }
-    Some(AgentRequest {
-        state: state.to_owned(),
-        comment: record.comment.clone(),
-    })
-}
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -105,15 +81,6 @@ pub enum DaemonExit {
     Restart,
 }
 
-/// The agent's own `maintenance` after a failed health check.
-#[derive(Debug)]
-struct OwnHold {
-    /// Failed checks in a row.
-    failures: u32,
-    /// When the check runs again.
-    retry_at: Instant,
-}
-
 /// The running daemon.
 pub struct Daemon {
     pub(super) config: Config,
@@ -122,36 +89,40 @@ pub struct Daemon {
     restart_signal: Arc<AtomicBool>,
     marker_dir: PathBuf,
     queues_posted: Option<Instant>,
-    unreachable_streak: usize,
+    pub(super) unreachable_streak: usize,
     /// Since when the server has given no answer at all (refused, unreachable, or
     /// accepting and never answering), while it gives none: the record is then read as one
     /// probe per back-off step instead of a call with retries.
     outage: Option<Instant>,
     /// A restart was asked for during the last job: carried out before the next poll.
-    restart_after_job: bool,
+    pub(super) restart_after_job: bool,
     /// The `offline` or `maintenance` the server holds the agent in (an administrator's,
     /// or the agent's own after exit 46), as last seen.
-    held: Option<AgentRequest>,
+    pub(super) held: Option<AgentRequest>,
     /// Why `execution_basedir` has no room for a job, while it has none (no job is taken).
-    no_room: Option<String>,
+    pub(super) no_room: Option<String>,
     /// When the spool was last listed and found empty, if the agent has spooled nothing
     /// since: until [`SPOOL_RELIST`](super::delivery::SPOOL_RELIST) has passed, the cycles need not list it again.
     pub(super) spool_empty_since: Option<Instant>,
     /// Where the daemon is; every change of state goes through its table.
     pub(super) machine: DaemonMachine,
     /// The device health check, when `healthcheck_command` is set.
-    health: Option<HealthSettings>,
+    pub(super) health: Option<HealthSettings>,
     /// Jobs in a row whose provision failed.
-    provision_failures: u64,
+    pub(super) provision_failures: u64,
     /// A health check asked for and not run yet (the reason), for the next idle moment.
-    check_due: Option<String>,
+    pub(super) check_due: Option<String>,
     /// SIGUSR2: a health check at the next idle moment.
-    check_signal: Arc<AtomicBool>,
+    pub(super) check_signal: Arc<AtomicBool>,
+    /// How many times SIGUSR2 came: each new one ends the pause under way once.
+    check_asks: Arc<AtomicU64>,
+    /// The count of [`Self::check_asks`] a pause last ended early for.
+    check_asks_woken: AtomicU64,
     /// When the last health check ended (or the daemon started): the idle interval counts
     /// from it.
-    last_check: Instant,
+    pub(super) last_check: Instant,
     /// Held in `maintenance` by its own failed health check.
-    own_hold: Option<OwnHold>,
+    pub(super) own_hold: Option<OwnHold>,
     /// One agent per `agent_id` on this host, for as long as this one lives.
     _lock: super::lock::AgentLock,
     /// The metrics endpoint, when a port was given; stops when the daemon is dropped.
@@ -235,12 +206,9 @@ impl Daemon {
         }
         let health = HealthSettings::from_config(&config);
         let check_signal = Arc::new(AtomicBool::new(false));
+        let check_asks = Arc::new(AtomicU64::new(0));
         if health.is_some() {
-            if let Err(err) =
-                signal_hook::flag::register(signal_hook::consts::SIGUSR2, check_signal.clone())
-            {
-                log::warn!("cannot install the SIGUSR2 handler (a health check on demand): {err}");
-            }
+            super::health::listen_for_sigusr2(&check_signal, &check_asks, &stop);
         }
         Ok(Daemon {
             config,
@@ -260,6 +228,8 @@ impl Daemon {
             provision_failures: 0,
             check_due: None,
             check_signal,
+            check_asks,
+            check_asks_woken: AtomicU64::new(0),
             last_check: Instant::now(),
             own_hold: None,
             _lock: lock,
@@ -271,18 +241,28 @@ impl Daemon {
         self.stop.is_shutting_down()
     }
 
-    /// Sleeps up to `period`, waking early when a stop is requested; beats all along (the
-    /// loop is healthy while it waits).
-    fn pause(&self, period: Duration) {
+    /// Sleeps up to `period`, waking early when a stop is requested, and once for each
+    /// SIGUSR2 (a health check asked for runs at the next idle moment, not after the
+    /// pause); beats all along (the loop is healthy while it waits).
+    pub(super) fn pause(&self, period: Duration) {
         let deadline = Instant::now() + period;
         let step = crate::notify::watchdog_timeout()
             .map_or(period, |timeout| (timeout / 4).max(PAUSE_BEAT_MIN));
         loop {
             crate::metrics::beat();
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !self.stop.sleep_unless_shutdown(left.min(step)) {
+            if self.stopping() {
                 break;
             }
+            let asks = self.check_asks.load(Ordering::SeqCst);
+            if self.check_asks_woken.swap(asks, Ordering::SeqCst) != asks {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // The stop signal's wake pipe: a stop request and SIGUSR2 both wake it.
+            self.stop.wake_pipe().wait(left.min(step));
         }
         crate::metrics::beat();
     }
@@ -309,7 +289,7 @@ impl Daemon {
 
     /// A hold (`offline` or `maintenance`, by the server's state or the marker file): its
     /// event, and the state it holds the daemon in.
-    fn hold_of(state: &str) -> (DaemonEvent, DaemonState) {
+    pub(super) fn hold_of(state: &str) -> (DaemonEvent, DaemonState) {
         if state == "maintenance" {
             (DaemonEvent::HeldMaintenance, DaemonState::Maintenance)
         } else {
@@ -319,7 +299,7 @@ impl Daemon {
 
     /// Enters the hold `state` names, unless the daemon is held so already (a hold is seen
     /// again every cycle while it lasts).
-    fn hold(&mut self, state: &str) {
+    pub(super) fn hold(&mut self, state: &str) {
         let (event, held) = Self::hold_of(state);
         if self.machine.state() != held {
             self.fire(event, "");
@@ -335,40 +315,13 @@ impl Daemon {
         crate::notify::state(state, job_id);
     }
 
-    fn post_agent(&self, body: Value) {
+    pub(super) fn post_agent(&self, body: Value) {
         if let Err(err) = self.server.post_agent_data(&body) {
             log::warn!("posting agent data {body} failed: {err}");
         }
     }
 
-    /// The start-up posts: the state (`waiting`, or the hold re-posted with its comment),
-    /// the agent's data, advertised images and queues.
-    fn announce(&mut self) {
-        let (state, comment) = match &self.held {
-            Some(hold) => (hold.state.clone(), hold.comment.clone()),
-            None => ("waiting".to_owned(), String::new()),
-        };
-        let mut body = json!({
-            "state": state,
-            "comment": comment,
-            "job_id": "",
-            "queues": self.config.job_queues,
-            "location": self.config.location.clone().unwrap_or_default(),
-            "provision_type": self.config.provision_type.clone().unwrap_or_default(),
-        });
-        if let Some(identifier) = &self.config.identifier {
-            body["identifier"] = json!(identifier);
-        }
-        self.post_agent(body);
-        if let Some(images) = self.config.value(Key::AdvertisedImages) {
-            if let Err(err) = self.server.post_images(images) {
-                log::warn!("advertising images failed: {err}");
-            }
-        }
-        self.refresh_queues();
-    }
-
-    fn refresh_queues(&mut self) {
+    pub(super) fn refresh_queues(&mut self) {
         if self
             .queues_posted
             .is_some_and(|at| at.elapsed() < QUEUE_REFRESH)
@@ -460,98 +413,6 @@ impl Daemon {
             }
         }
         crate::notify::watch(|| metrics.health().since_last_beat());
-    }
-
-    /// Start-up (PROTOCOL §14.3): read the agent record before posting anything, then come
-    /// up `waiting`, or held in an administrator's `offline` or `maintenance` with its
-    /// comment. While the record cannot be read the agent posts nothing and asks again;
-    /// systemd is told it is ready anyway at the first failure [`crate::notify::ready_wait`]
-    /// after the first try. `recovered_offline`: a recovered job's cleanup exited 46, so the
-    /// agent comes up `offline` unless an administrator's hold is already there. `Some` when
-    /// a stop arrived first.
-    fn come_up(&mut self, recovered_offline: Option<AgentRequest>) -> Option<DaemonExit> {
-        let first_try = Instant::now();
-        let record = loop {
-            if self.stopping() {
-                return Some(DaemonExit::Stopped);
-            }
-            let tried = Instant::now();
-            match self.read_record() {
-                Ok(record) => break record,
-                Err(err) => {
-                    let wait = self.unreachable_backoff();
-                    self.unreachable_streak += 1;
-                    log::warn!(
-                        "cannot read this agent's record before starting (next try in {wait:?}): {err}"
-                    );
-                    if first_try.elapsed() >= crate::notify::ready_wait()
-                        && !crate::notify::is_ready()
-                    {
-                        crate::notify::status("starting: the server has not answered yet");
-                        if crate::notify::ready() {
-                            log::warn!(
-                                "the server has not answered for {}s: telling systemd the agent \
-                                 is up anyway; it keeps asking, and posts nothing and takes no job \
-                                 until the server answers",
-                                first_try.elapsed().as_secs()
-                            );
-                        }
-                    }
-                    self.pause(wait.saturating_sub(tried.elapsed()));
-                }
-            }
-        };
-        self.unreachable_streak = 0;
-        self.held = record.as_ref().and_then(admin_hold);
-        if self.held.is_none() {
-            self.held = recovered_offline;
-        }
-        let own = self
-            .held
-            .as_ref()
-            .is_some_and(|hold| self.is_own_hold(&hold.state, &hold.comment));
-        let on_start = self.health.as_ref().is_some_and(|h| h.on_start);
-        match self.held.clone() {
-            Some(hold) if own => {
-                log::warn!(
-                    "the agent's own {} ({:?}) is on the server: running the health check before taking a job",
-                    hold.state,
-                    hold.comment
-                );
-                self.fire(DaemonEvent::CheckDue, "");
-                self.announce();
-                self.check_now("start-up, the agent's own hold on the server");
-                return None;
-            }
-            None if on_start => {
-                self.fire(DaemonEvent::CheckDue, "");
-                self.announce();
-                self.check_now("start-up (healthcheck_on_start)");
-                return None;
-            }
-            Some(hold) => {
-                if on_start {
-                    self.check_due = Some("start-up (healthcheck_on_start)".to_owned());
-                }
-                self.hold(&hold.state);
-                log::warn!(
-                    "the server holds this agent {} ({:?}); no job is taken until an administrator changes it",
-                    hold.state,
-                    hold.comment
-                );
-            }
-            None => {
-                self.fire(DaemonEvent::CameUp, "");
-                if let Some((state, comment)) = record
-                    .as_ref()
-                    .and_then(|r| Some((r.state.as_deref()?, &r.comment)))
-                {
-                    log::info!("agent record was {state:?} ({comment:?}); coming up waiting");
-                }
-            }
-        }
-        self.announce();
-        None
     }
 
     /// One polling cycle: spool, one agent-record read, one job poll, jobs back to back.
@@ -694,33 +555,9 @@ impl Daemon {
         None
     }
 
-    /// Whether `execution_basedir` can take a job (see [`probe_room`]). A job taken without
-    /// room would only fail at once; instead the job waits on the server until there is
-    /// room again. Said once each way in the log.
-    fn room_for_a_job(&mut self) -> bool {
-        match probe_room(&self.config.execution_basedir) {
-            Ok(()) => {
-                if let Some(problem) = self.no_room.take() {
-                    log::info!("execution_basedir has room again ({problem} before); taking jobs");
-                }
-                true
-            }
-            Err(err) => {
-                if self.no_room.is_none() {
-                    log::error!(
-                        "execution_basedir {} cannot take a job ({err}); not taking jobs until it can",
-                        self.config.execution_basedir.display()
-                    );
-                }
-                self.no_room = Some(err.to_string());
-                false
-            }
-        }
-    }
-
     /// Before exiting for a restart: `restart`, not `offline`, so that the next start does
     /// not take it for an administrator's decision (PROTOCOL §14.3).
-    fn post_restart(&self, comment: &str) {
+    pub(super) fn post_restart(&self, comment: &str) {
         log::info!("restarting ({comment})");
         self.post_agent(json!({"state": "restart", "comment": comment}));
     }
@@ -728,7 +565,7 @@ impl Daemon {
     /// The wait after the server could not be reached: the polling interval, doubling with
     /// each failure in a row, at most eight polling intervals and never more than
     /// [`UNREACHABLE_BACKOFF_CAP`].
-    fn unreachable_backoff(&self) -> Duration {
+    pub(super) fn unreachable_backoff(&self) -> Duration {
         let base = self.config.polling_period().max(Duration::from_secs(1));
         let factor = 1u32 << self.unreachable_streak.min(3);
         base.saturating_mul(factor).min(UNREACHABLE_BACKOFF_CAP)
@@ -756,7 +593,9 @@ impl Daemon {
     /// Reads the agent record: as a call with retries while the server answers, as one
     /// probe bounded by the back-off step that is due while it does not. Says when the
     /// server answers again after giving no answer.
-    fn read_record(&mut self) -> Result<Option<AgentRecord>, crate::server::ServerError> {
+    pub(super) fn read_record(
+        &mut self,
+    ) -> Result<Option<AgentRecord>, crate::server::ServerError> {
         let tried = Instant::now();
         let result = match self.outage {
             None => self.server.read_agent_record(),
@@ -794,438 +633,6 @@ impl Daemon {
             }));
         }
     }
-
-    /// Runs one job the server handed out. Never fails: whatever goes wrong is reported to
-    /// the server when it can be, and the run directory is spooled when it cannot.
-    fn run_server_job(&mut self, body: &[u8]) {
-        let Some(job_id) = loose_job_id(body) else {
-            let saved = self.config.logging_basedir.join(format!(
-                "unusable-job-{}.json",
-                crate::time::now_iso().replace([':', '+', '.'], "-")
-            ));
-            let _ = fs::write(&saved, body);
-            log::error!(
-                "the server sent a job without a usable job_id; there is no job to report to (body saved as {})",
-                saved.display()
-            );
-            return;
-        };
-        if let Some(metrics) = crate::metrics::get() {
-            metrics.job_taken();
-        }
-        self.fire(DaemonEvent::JobTaken, &job_id);
-        self.server.attach(&job_id);
-        // testflinger.json first, exactly as received, then the journal, before any other
-        // request: an agent that dies from here on leaves a job a restart can finish.
-        let (rundir, outcome_file) = match prepare_rundir(&self.config, &job_id, body) {
-            Ok(prepared) => prepared,
-            Err(err) => {
-                self.post_agent(json!({"job_id": job_id}));
-                log::error!("job {job_id}: {err}");
-                let body = json!({
-                    "status": {"setup": crate::process::AGENT_FAILURE_EXIT_CODE},
-                    "job_state": "complete",
-                });
-                if let Err(err) = self.server.post_result(&job_id, &body) {
-                    log::warn!("job {job_id}: could not close the job: {err}");
-                }
-                self.back_to_waiting(None);
-                return;
-            }
-        };
-        let mut journal = Journal::taken(&job_id, crate::time::now_iso());
-        // A failure is logged; the executor's next write finds it again and ends the job.
-        let _ = crate::executor::save_journal(&mut journal, &self.server, &rundir);
-        self.post_agent(json!({"job_id": job_id}));
-        let mut spec = match JobSpec::from_json(body) {
-            Ok(spec) => spec,
-            Err(err) => {
-                let message = format!("the agent cannot run this job: {err}");
-                log::error!("job {job_id}: {message}");
-                self.close_unrunnable(&job_id, &rundir, outcome_file, &message, journal);
-                self.back_to_waiting(None);
-                return;
-            }
-        };
-        log::info!("job {job_id}: starting in {}", rundir.display());
-        // A cancellation seen during the previous job was that job's.
-        self.stop.clear(StopKind::Cancel);
-        let unrunnable = if spec.attachments_complete() {
-            match self.fetch_attachments(&job_id, &rundir) {
-                Ok(()) => {
-                    spec.drop_attachment_lists();
-                    None
-                }
-                Err(message) => {
-                    log::error!("job {job_id}: {message}");
-                    Some(message)
-                }
-            }
-        } else {
-            None
-        };
-        let server: &dyn Server = &self.server;
-        let mut executor = PhaseExecutor::new(
-            &self.config,
-            &spec,
-            rundir.clone(),
-            outcome_file,
-            server,
-            self.stop.clone(),
-        )
-        .with_journal(journal);
-        if let Some(message) = unrunnable {
-            executor.refuse_job(message);
-        }
-        executor.job_started();
-        let plan = Plan::for_job(&self.config, &spec);
-        let done = run_to_completion(Job::new(job_id.as_str(), plan, executor));
-        let (outcome, mut executor) = done.finish();
-        executor.job_finished(&outcome);
-        let deferred = executor.deferred.clone();
-        let journal = executor.take_journal();
-        let statuses = executor.outcome_body();
-        let cancelled = matches!(outcome.abort, Some(AbortReason::Cancelled { .. }))
-            || executor.cancelled_after_phases();
-        drop(executor);
-        log::info!("job {job_id}: finished ({})", outcome.end_detail());
-        let check = self.count_provision(&statuses);
-        // Exit 46 with a health check: the check decides, not an administrator. Until it
-        // has, the agent's own `offline` (posted during the job) stands: a stop during the
-        // check leaves it, and the next start checks again.
-        let deferred = match deferred {
-            Some(request)
-                if check.is_some()
-                    && !self.stopping()
-                    && self.is_own_hold(&request.state, &request.comment) =>
-            {
-                self.held = Some(request);
-                None
-            }
-            other => other,
-        };
-        self.finish_job(&job_id, &rundir, cancelled, journal, statuses);
-        self.back_to_waiting_or_check(deferred.as_ref(), check);
-    }
-
-    /// Whether a hold on the server (`state` with `comment`) is the agent's own, which a
-    /// health check may lift: its failed check's `maintenance`, or its `offline` after exit
-    /// 46. Only with a health check configured; without one every hold is an
-    /// administrator's (today's rule).
-    fn is_own_hold(&self, state: &str, comment: &str) -> bool {
-        self.health.is_some()
-            && match state {
-                "maintenance" => healthcheck::is_own_comment(comment),
-                "offline" => comment.starts_with(RECOVERY_OFFLINE_COMMENT_PREFIX),
-                _ => false,
-            }
-    }
-
-    /// After a job: counts jobs in a row whose provision failed (a job without a provision
-    /// phase changes nothing), and says why a health check is due, if one is: a phase exited
-    /// 46, or `healthcheck_after_failures` provisions in a row failed.
-    fn count_provision(&mut self, statuses: &Value) -> Option<String> {
-        let status = statuses.get("status").and_then(Value::as_object);
-        match status
-            .and_then(|s| s.get("provision"))
-            .and_then(Value::as_i64)
-        {
-            Some(0) => self.provision_failures = 0,
-            Some(_) => self.provision_failures += 1,
-            None => {}
-        }
-        publish_provision_failures(self.provision_failures);
-        let settings = self.health.as_ref()?;
-        let exit_46 = status.is_some_and(|s| {
-            s.values()
-                .any(|v| v.as_i64() == Some(i64::from(crate::lifecycle::RECOVERY_FAILED_EXIT_CODE)))
-        });
-        if exit_46 {
-            return Some("a phase exited 46 (device recovery failed)".to_owned());
-        }
-        (settings.after_failures > 0 && self.provision_failures >= settings.after_failures).then(
-            || {
-                format!(
-                    "{} jobs in a row failed in provision (healthcheck_after_failures)",
-                    self.provision_failures
-                )
-            },
-        )
-    }
-
-    /// A check due now, at an idle moment: one asked for earlier, SIGUSR2, or the idle
-    /// interval passed.
-    fn check_wanted(&mut self) -> Option<String> {
-        let settings = self.health.as_ref()?;
-        if let Some(why) = self.check_due.take() {
-            return Some(why);
-        }
-        if self.check_signal.swap(false, Ordering::SeqCst) {
-            return Some("asked by SIGUSR2".to_owned());
-        }
-        let interval = settings.interval?;
-        (self.last_check.elapsed() >= interval)
-            .then(|| "idle interval (healthcheck_interval)".to_owned())
-    }
-
-    /// While the agent holds itself after a failed check, one cycle: `false` when the cycle
-    /// is over (still held; the check re-ran if its retry was due, or SIGUSR2 asked), `true`
-    /// when it goes on because the hold is no longer the agent's own: an administrator
-    /// replaced it with theirs (kept, as any administrator's hold) or lifted it (jobs are
-    /// taken again, provision failures counted from zero).
-    fn own_hold_goes_on(&mut self, server_state: Option<&str>, comment: &str) -> bool {
-        let Some(state) = server_state else {
-            // The record could not be read: stay held rather than guess.
-            self.pause(self.config.polling_period());
-            return false;
-        };
-        if self.is_own_hold(state, comment) {
-            let retry_at = self
-                .own_hold
-                .as_ref()
-                .map_or_else(Instant::now, |h| h.retry_at);
-            let asked = self.check_signal.swap(false, Ordering::SeqCst);
-            if asked || Instant::now() >= retry_at {
-                self.fire(DaemonEvent::CheckDue, "");
-                self.check_now(if asked {
-                    "asked by SIGUSR2, while held by a failed check"
-                } else {
-                    "retry of a failed health check"
-                });
-            } else {
-                self.pause(
-                    self.config
-                        .polling_period()
-                        .min(retry_at.saturating_duration_since(Instant::now())),
-                );
-            }
-            return false;
-        }
-        self.own_hold = None;
-        if matches!(state, "offline" | "maintenance") {
-            log::warn!(
-                "an administrator replaced the agent's own hold with {state} ({comment:?}); kept until an administrator lifts it"
-            );
-            // The administrator's hold is taken up by the caller, as any other.
-            self.held = None;
-        } else {
-            log::warn!(
-                "an administrator released the agent from its own maintenance (the server says {state:?}); taking jobs again, provision failures counted from zero"
-            );
-            self.held = None;
-            self.provision_failures = 0;
-            publish_provision_failures(0);
-            self.fire(DaemonEvent::Released, "");
-        }
-        true
-    }
-
-    /// Runs the health check now (the machine is in `checking`) and acts on its result:
-    /// a pass releases the agent's own hold and posts `waiting`, a failure posts the agent's
-    /// own `maintenance` and schedules a retry. Neither touches a hold an administrator set
-    /// meanwhile (the record is read again first). A stop ends the check like a phase, and
-    /// the daemon with it.
-    fn check_now(&mut self, why: &str) {
-        let Some(settings) = self.health.clone() else {
-            log::error!("internal: a health check without healthcheck_command");
-            self.fire(DaemonEvent::CheckPassed, "");
-            return;
-        };
-        let report = match healthcheck::run_check(&self.config, &settings, &self.stop, why) {
-            Ok(report) => report,
-            Err(err) => {
-                log::error!("health check ({why}) could not run: {err}");
-                let started = std::time::SystemTime::now();
-                healthcheck::CheckReport {
-                    result: Some(CheckResult::Fail),
-                    at: crate::time::iso_at(started),
-                    started,
-                    duration: Duration::ZERO,
-                    exit_code: crate::process::AGENT_FAILURE_EXIT_CODE,
-                    last_line: err.to_string(),
-                    log: None,
-                }
-            }
-        };
-        self.last_check = Instant::now();
-        crate::process::reap_orphans();
-        let Some(result) = report.result else {
-            // Stopped during the check: `run` ends the daemon as it does after a phase.
-            self.fire(DaemonEvent::Stop, "");
-            return;
-        };
-        if let Some(metrics) = crate::metrics::get() {
-            metrics.healthcheck_ran(
-                result.as_str(),
-                &report.at,
-                report.started,
-                report.duration.as_secs_f64(),
-            );
-        }
-        // An administrator may have set a hold while the check ran: theirs stays.
-        let admin_hold = match self.read_record() {
-            Ok(Some(record)) => record
-                .state
-                .as_deref()
-                .filter(|s| matches!(*s, "offline" | "maintenance"))
-                .filter(|s| !self.is_own_hold(s, &record.comment))
-                .map(|s| (s.to_owned(), record.comment.clone())),
-            _ => None,
-        };
-        if let Some((state, comment)) = &admin_hold {
-            log::warn!(
-                "an administrator holds the agent {state} ({comment:?}); the health check's result changes nothing on the server"
-            );
-        }
-        if result == CheckResult::Pass {
-            self.provision_failures = 0;
-            publish_provision_failures(0);
-            if self.own_hold.take().is_some() {
-                log::info!("health check passed: the agent releases its own hold");
-            }
-            self.held = None;
-            self.fire(DaemonEvent::CheckPassed, "");
-            if admin_hold.is_none() {
-                self.post_agent(json!({"state": "waiting", "comment": ""}));
-            }
-            return;
-        }
-        let failures = self.own_hold.as_ref().map_or(0, |h| h.failures) + 1;
-        let wait = settings.retry_after(failures);
-        let comment = report.failure_comment();
-        log::warn!(
-            "health check failed ({failures} in a row): holding the agent in maintenance, next check in {} s",
-            wait.as_secs()
-        );
-        self.own_hold = Some(OwnHold {
-            failures,
-            retry_at: Instant::now() + wait,
-        });
-        self.fire(DaemonEvent::CheckFailed, "");
-        if admin_hold.is_none() {
-            self.post_agent(json!({"state": "maintenance", "comment": comment}));
-            self.held = Some(AgentRequest {
-                state: "maintenance".to_owned(),
-                comment,
-            });
-        }
-    }
-
-    /// After a job: [`Self::back_to_waiting`], unless the job calls for a health check
-    /// (`check`, its reason), which then runs at once, before `waiting` is posted; a hold or
-    /// restart asked for during the job goes first, and the check waits for the next idle
-    /// moment.
-    fn back_to_waiting_or_check(&mut self, deferred: Option<&AgentRequest>, check: Option<String>) {
-        let Some(why) = check else {
-            self.back_to_waiting(deferred);
-            return;
-        };
-        if deferred.is_some() || self.stopping() || self.machine.state() != DaemonState::Busy {
-            if !self.stopping() {
-                self.check_due = Some(why);
-            }
-            self.back_to_waiting(deferred);
-            return;
-        }
-        self.fire(DaemonEvent::CheckDue, "");
-        crate::process::reap_orphans();
-        self.post_agent(json!({"job_id": ""}));
-        self.check_now(&why);
-    }
-
-    /// After a job: clear the job id, then carry out a request deferred during the job
-    /// (offline, maintenance, restart), or go back to `waiting`.
-    fn back_to_waiting(&mut self, deferred: Option<&AgentRequest>) {
-        let event = match deferred {
-            _ if self.machine.state() == DaemonState::Draining => DaemonEvent::Drained,
-            Some(request) if request.state == "restart" => DaemonEvent::RestartAsked,
-            Some(request) => Self::hold_of(&request.state).0,
-            None => DaemonEvent::JobDone,
-        };
-        self.fire(event, "");
-        // No command runs now: reap what the job's escaped processes left as zombies.
-        crate::process::reap_orphans();
-        self.post_agent(json!({"job_id": ""}));
-        match deferred {
-            Some(request) if request.state == "restart" => {
-                self.post_restart(&request.comment);
-                self.restart_after_job = true;
-            }
-            Some(request) => {
-                self.post_agent(json!({"state": request.state, "comment": request.comment}));
-                self.held = Some(request.clone());
-            }
-            // When stopping, `run` posts `waiting` on its way out.
-            None if !self.stopping() => {
-                self.post_agent(json!({"state": "waiting", "comment": ""}));
-            }
-            None => {}
-        }
-    }
-
-    fn fetch_attachments(&self, job_id: &str, rundir: &Path) -> Result<(), String> {
-        let archive = rundir.join(".attachments.tar.gz");
-        self.server
-            .download_attachments(job_id, &archive)
-            .map_err(|err| format!("downloading the attachments failed: {err}"))?;
-        let unpacked = crate::attachments::unpack(&archive, &rundir.join("attachments"))
-            .map_err(|err| format!("the attachments archive was refused: {err}"));
-        let _ = fs::remove_file(&archive);
-        unpacked
-    }
-
-    /// A job the agent cannot run at all: the reason goes into `setup.log` and the live
-    /// output, setup is recorded as failed (100), and the report follows the normal path.
-    fn close_unrunnable(
-        &mut self,
-        job_id: &str,
-        rundir: &Path,
-        mut outcome: OutcomeFile,
-        message: &str,
-        journal: Journal,
-    ) {
-        crate::executor::record_refusal(
-            &self.server,
-            job_id,
-            rundir,
-            &mut outcome,
-            crate::phase::Phase::Setup,
-            message,
-        );
-        let statuses = outcome.body();
-        self.finish_job(job_id, rundir, false, Some(journal), statuses);
-    }
-}
-
-/// The consecutive-provision-failures gauge.
-fn publish_provision_failures(count: u64) {
-    if let Some(metrics) = crate::metrics::get() {
-        metrics.set_consecutive_provision_failures(count);
-    }
-}
-
-/// The free space [`Daemon::room_for_a_job`] asks for: enough for the first files and log
-/// lines of a job. (A full disk later in the job is handled where the write fails.)
-const ROOM_FOR_A_JOB: u64 = 64 * 1024;
-
-/// Whether `dir` can take a job: writable for this process, on a filesystem mounted
-/// read-write with [`ROOM_FOR_A_JOB`] free for it. Two system calls, nothing written: the
-/// check runs every cycle of an idle agent.
-fn probe_room(dir: &Path) -> std::io::Result<()> {
-    use nix::sys::statvfs::{statvfs, FsFlags};
-    let stats = statvfs(dir).map_err(std::io::Error::from)?;
-    if stats.flags().contains(FsFlags::ST_RDONLY) {
-        return Err(std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem));
-    }
-    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).map_err(std::io::Error::from)?;
-    let free = crate::outcome::free_bytes(&stats);
-    if free < ROOM_FOR_A_JOB {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::StorageFull,
-            format!("{free} bytes free, a job needs at least {ROOM_FOR_A_JOB}"),
-        ));
-    }
-    Ok(())
 }
 
 fn ensure_writable_dir(dir: &Path) -> std::io::Result<()> {

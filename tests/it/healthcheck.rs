@@ -5,7 +5,7 @@
 //! and an administrator's).
 
 use crate::support::agent::{finished, queue, wait_for, Agent, BIN, WAIT};
-use crate::support::fake_server::FakeServer;
+use crate::support::fake_server::{FakeServer, Route};
 use crate::support::loopback::http_get;
 use crate::support::scratch::{KillByMarker, Scratch};
 use serde_json::json;
@@ -22,10 +22,14 @@ struct OneShot {
 }
 
 fn one_shot(config: &Path) -> OneShot {
+    run_bin(&["healthcheck".as_ref(), "-c".as_ref(), config.as_os_str()])
+}
+
+/// The binary run to its end with `args`.
+fn run_bin(args: &[&std::ffi::OsStr]) -> OneShot {
     let started = Instant::now();
     let out = Command::new(BIN)
-        .args(["healthcheck", "-c"])
-        .arg(config)
+        .args(args)
         .output()
         .expect("the binary runs");
     OneShot {
@@ -557,6 +561,44 @@ fn sigusr2_runs_a_check_at_the_next_idle_moment() {
 }
 
 #[test]
+fn sigusr2_wakes_the_idle_pause_instead_of_waiting_for_the_polling_interval() {
+    let server = FakeServer::start();
+    let s = Scratch::new("hc-usr2-wake");
+    let name = format!("hc-usr2-wake-{}", std::process::id());
+    let agent = Agent::start(
+        &server,
+        &s,
+        &name,
+        "polling_interval: 300\nhealthcheck_command: echo woken\n",
+    );
+    // After its first poll the agent sleeps for 300 s; a signal sent just before the sleep
+    // starts must end it all the same.
+    wait_for(&server, "the first job poll", |srv| {
+        srv.request_count(&Route::JobPoll) >= 1
+    });
+    let asked = Instant::now();
+    agent.signal(nix::sys::signal::Signal::SIGUSR2);
+    let log_path = Agent::stderr_path(&s, &name);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // WAIT (60 s) is far below the polling interval: only a woken pause meets it.
+    wait_for(&server, "the check SIGUSR2 asked for", |_| {
+        log().contains("health check (asked by SIGUSR2): pass")
+    });
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    let log = log();
+    assert!(
+        log.contains("SIGUSR2: a health check is asked for; it runs at the next idle moment"),
+        "{log}"
+    );
+    assert_eq!(check_logs(&s).len(), 1, "one check for one signal");
+    // The cycle after the check polls again at once, then sleeps its interval.
+    wait_for(&server, "the poll after the check", |srv| {
+        srv.request_count(&Route::JobPoll) >= 2
+    });
+}
+
+#[test]
 fn sigterm_during_a_check_ends_it_like_a_phase_and_the_agent_exits_0() {
     let server = FakeServer::start();
     let s = Scratch::new("hc-term");
@@ -583,4 +625,122 @@ fn sigterm_during_a_check_ends_it_like_a_phase_and_the_agent_exits_0() {
     );
     let last = s.path("logs/healthchecks/last.json");
     assert!(!last.exists(), "an interrupted check is no result");
+}
+
+/// `explain` through the real binary.
+fn explain(args: &[&std::ffi::OsStr]) -> OneShot {
+    let mut all = vec!["explain".as_ref()];
+    all.extend_from_slice(args);
+    run_bin(&all)
+}
+
+/// The row of an explain table whose `to` column is `to`, split into its columns.
+fn row<'a>(table: &'a str, to: &str) -> Vec<&'a str> {
+    table
+        .lines()
+        .map(|line| {
+            line.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .find(|cells| cells.get(3) == Some(&to))
+        .unwrap_or_else(|| panic!("no row to {to} in:\n{table}"))
+}
+
+#[test]
+fn explain_shows_a_checks_trail_like_a_phase() {
+    let s = Scratch::new("hc-explain");
+    let name = format!("hc-explain-{}", std::process::id());
+    let pass = check_config(&s, &name, "echo probing; echo device fine", "");
+    assert_eq!(one_shot(&pass).code, Some(0));
+    let hang = check_config(
+        &s,
+        &name,
+        "echo waiting for the console; sleep 30",
+        "healthcheck_timeout: 1\ntermination_grace_period: 1\n",
+    );
+    assert_eq!(one_shot(&hang).code, Some(1));
+    let dir = s.path("logs/healthchecks");
+    let mut trails: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the checks' directory")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".trail.json"))
+        .collect();
+    trails.sort();
+    assert_eq!(trails.len(), 2, "one trail per check, beside its log");
+    let logs = check_logs(&s);
+    for (trail, log) in trails.iter().zip(&logs) {
+        let stem = log.file_stem().expect("a log name").to_string_lossy();
+        assert!(trail
+            .to_string_lossy()
+            .ends_with(&format!("{stem}.trail.json")));
+    }
+
+    // The passing check: started, then exited 0.
+    let run = explain(&[trails[0].as_os_str()]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let out = &run.stdout;
+    assert!(
+        out.contains("(asked on the command line): pass in "),
+        "{out}"
+    );
+    assert!(out.contains("last output line: \"device fine\""), "{out}");
+    assert!(
+        out.contains(&format!("output: {}", logs[0].display())),
+        "{out}"
+    );
+    let start = row(out, "Checking");
+    assert_eq!(
+        &start[4..],
+        ["healthcheck", "check started", "-", "-"],
+        "{out}"
+    );
+    let end = row(out, "Passed");
+    assert_eq!(
+        &end[2..],
+        ["Checking", "Passed", "healthcheck", "exit", "0", "exited"],
+        "{out}"
+    );
+
+    // The directory shows its newest check: the one killed at its timeout.
+    let run = explain(&[dir.as_os_str()]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let out = &run.stdout;
+    assert!(
+        run.stderr.contains("the newest of 2 health check trail(s)"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        out.contains("(asked on the command line): timeout in 1."),
+        "{out}"
+    );
+    assert!(
+        out.contains("last output line: \"ERROR: Global timeout reached! (1s)\""),
+        "{out}"
+    );
+    let end = row(out, "TimedOut");
+    assert_eq!(
+        &end[4..7],
+        ["healthcheck", "global timeout", "247"],
+        "{out}"
+    );
+    assert!(
+        matches!(end[7], "SIGTERM honoured" | "SIGKILL needed"),
+        "ended by the agent: {out}"
+    );
+    // The check's log leads to its trail too.
+    let by_log = explain(&[logs[1].as_os_str()]);
+    assert_eq!(by_log.stdout, run.stdout);
+
+    // A check has no lifecycle to draw.
+    let run = explain(&["--format".as_ref(), "dot".as_ref(), trails[1].as_os_str()]);
+    assert_eq!(run.code, Some(2));
+    assert!(
+        run.stderr.contains("health check's trail"),
+        "{}",
+        run.stderr
+    );
 }
