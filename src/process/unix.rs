@@ -35,11 +35,8 @@ use nix::unistd::{getpid, pipe2, read, write, Pid};
 
 use super::sweep::{self, PhaseMarks, ProcStat, TOKEN_VAR};
 use super::{
-    stop_line, straggler_line, CommandOutcome, CommandSpec, CommandState, OutputSink, ProcessError,
-    StopKind, StopSignal, Termination, EV_CANCEL, EV_EXIT, EV_EXIT_LEFT_BACKGROUND,
-    EV_GLOBAL_TIMEOUT, EV_GRACE_EXPIRED, EV_GROUP_EXITED, EV_GROUP_EXITED_LEFT_ESCAPEES,
-    EV_KILL_NOW, EV_OUTPUT_TIMEOUT, EV_OUTPUT_UNRECORDABLE, EV_REAPED, EV_SHUTDOWN,
-    EV_STRAGGLER_WAIT_OVER, KILL_NOW_LINE,
+    stop_line, straggler_line, CommandEvent, CommandOutcome, CommandSpec, CommandState, OutputSink,
+    ProcessError, StopKind, StopSignal, Termination, KILL_NOW_LINE,
 };
 
 /// One read from the output pipe; the buffer is reused for the whole command.
@@ -758,7 +755,7 @@ pub fn run_command(
                     sink.output(KILL_NOW_LINE.as_bytes());
                 }
                 needed_sigkill = true;
-                state.step(EV_KILL_NOW);
+                state.step(CommandEvent::KillNow);
                 break LoopEnd::Kill;
             }
             if let (None, Some(budget), false, true) = (
@@ -790,17 +787,17 @@ pub fn run_command(
                     }
                 }
                 let stop_for = if spec.honour_cancel && stop.is_requested(StopKind::Cancel) {
-                    Some((Termination::Cancelled, EV_CANCEL))
+                    Some((Termination::Cancelled, CommandEvent::Cancel))
                 } else if spec.honour_shutdown && stop.is_requested(StopKind::Shutdown) {
-                    Some((Termination::Shutdown, EV_SHUTDOWN))
+                    Some((Termination::Shutdown, CommandEvent::Shutdown))
                 } else if global_deadline.is_some_and(|d| now >= d) {
-                    Some((Termination::GlobalTimeout, EV_GLOBAL_TIMEOUT))
+                    Some((Termination::GlobalTimeout, CommandEvent::GlobalTimeout))
                 } else if output_deadline.is_some_and(|d| now >= d) {
-                    Some((Termination::OutputTimeout, EV_OUTPUT_TIMEOUT))
+                    Some((Termination::OutputTimeout, CommandEvent::OutputTimeout))
                 } else if shutdown_deadline.is_some_and(|d| now >= d) {
-                    Some((Termination::Shutdown, EV_SHUTDOWN))
+                    Some((Termination::Shutdown, CommandEvent::Shutdown))
                 } else if sink.unrecordable() {
-                    Some((Termination::Unrecordable, EV_OUTPUT_UNRECORDABLE))
+                    Some((Termination::Unrecordable, CommandEvent::OutputUnrecordable))
                 } else {
                     None
                 };
@@ -818,7 +815,8 @@ pub fn run_command(
                     rescan_pause = TERM_RESCAN_FIRST;
                     next_rescan = last_scan + rescan_pause;
                     log::debug!(
-                        "pgid {leader}: {event}, SIGTERM sent to the group and {} other processes",
+                        "pgid {leader}: {}, SIGTERM sent to the group and {} other processes",
+                        event.label(),
                         guard.terminated.iter().filter(|t| t.escapee).count()
                     );
                     if leader_exit_at.is_some() && alive == 0 {
@@ -848,7 +846,7 @@ pub fn run_command(
             }
             if now >= kill_at {
                 needed_sigkill = true;
-                state.step(EV_GRACE_EXPIRED);
+                state.step(CommandEvent::GraceExpired);
                 break LoopEnd::Kill;
             }
         }
@@ -863,7 +861,7 @@ pub fn run_command(
                 || (spec.honour_shutdown && stop.is_requested(StopKind::Shutdown));
             if stop_requested || deadline.is_some_and(|d| now >= d) {
                 held_output_for = Some(now.duration_since(exit_at).min(spec.straggler_wait));
-                state.step(EV_STRAGGLER_WAIT_OVER);
+                state.step(CommandEvent::StragglerWaitOver);
                 break LoopEnd::Kill;
             }
             straggler_deadline = deadline;
@@ -990,10 +988,10 @@ pub fn run_command(
     let (killed, escapees_killed) = guard.sweep();
     if let LoopEnd::Done = end {
         let event = match (state, killed > 0) {
-            (CommandState::Running, false) => EV_EXIT,
-            (CommandState::Running, true) => EV_EXIT_LEFT_BACKGROUND,
-            (_, false) => EV_GROUP_EXITED,
-            (_, true) => EV_GROUP_EXITED_LEFT_ESCAPEES,
+            (CommandState::Running, false) => CommandEvent::Exit,
+            (CommandState::Running, true) => CommandEvent::ExitLeftBackground,
+            (_, false) => CommandEvent::GroupExited,
+            (_, true) => CommandEvent::GroupExitedLeftEscapees,
         };
         state.step(event);
         if killed > 0 && reason.is_some() {
@@ -1023,7 +1021,7 @@ pub fn run_command(
     let status = guard.reap_leader()?;
     let duration = start.elapsed();
     if state == CommandState::Killed {
-        state.step(EV_REAPED);
+        state.step(CommandEvent::Reaped);
     }
     debug_assert_eq!(state, CommandState::Exited);
 
