@@ -3,8 +3,18 @@
 //! that left it, grace period, SIGKILL), and a sweep that leaves no descendant alive when
 //! the phase ends.
 //!
-//! All nix calls live in `unix.rs`, the `/proc` scan in `sweep.rs`; this file holds the
-//! platform-neutral types, the stop lines and the command state table.
+//! This file holds the platform-neutral types, the stop lines and the command state table;
+//! the nix calls are in the files below it, one concept each:
+//!
+//! - `unix.rs`: the runner, one command from spawn to reap ([`run_command`]);
+//! - `spawn.rs`: the phase token and the `oom_score_adj` written between fork and exec;
+//! - `capture.rs`: the output pipe, or the sink's file followed with direct capture;
+//! - `poll.rs`: the stop signal's wake pipe and deadlines as `poll()` timeouts;
+//! - `group.rs`: the process group from spawn to reap: SIGTERM, the final sweep, reaping;
+//! - `pinned.rs`: signalling one process through a pidfd, never a reused pid;
+//! - `reap.rs`: the subreaper setting and `waitpid`;
+//! - `sweep.rs`: the `/proc` scan that finds a phase's processes;
+//! - `leftovers.rs`: killing what a dead agent's phase left running.
 //!
 //! A command's states, in order: `running` (the shell or the output pipe is alive),
 //! `terminating` (SIGTERM sent to the group and to every process of the phase outside it,
@@ -16,7 +26,13 @@
 //! agent adopted as subreaper. [`COMMAND_TRANSITIONS`] lists every edge the runner takes: the
 //! runner's state changes only along it, in every build.
 
+mod capture;
+mod group;
 mod leftovers;
+mod pinned;
+mod poll;
+mod reap;
+mod spawn;
 mod sweep;
 mod unix;
 
@@ -27,8 +43,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use leftovers::{kill_leftovers, Leftovers};
+pub use reap::{become_subreaper, reap_orphans};
 pub use sweep::claim_orphans;
-pub use unix::{become_subreaper, reap_orphans, run_command};
+pub use unix::run_command;
 
 /// Exit code recorded when the agent killed the command (Python reports -9, modulo 256).
 pub const KILLED_EXIT_CODE: i32 = 247;
@@ -351,7 +368,7 @@ pub struct StopSignal {
 #[derive(Debug)]
 struct StopInner {
     kinds: AtomicU8,
-    wake: unix::WakePipe,
+    wake: poll::WakePipe,
 }
 
 impl StopSignal {
@@ -360,7 +377,7 @@ impl StopSignal {
         Ok(StopSignal {
             inner: Arc::new(StopInner {
                 kinds: AtomicU8::new(0),
-                wake: unix::WakePipe::new()?,
+                wake: poll::WakePipe::new()?,
             }),
         })
     }
@@ -405,7 +422,7 @@ impl StopSignal {
         }
     }
 
-    pub(crate) fn wake_pipe(&self) -> &unix::WakePipe {
+    pub(crate) fn wake_pipe(&self) -> &poll::WakePipe {
         &self.inner.wake
     }
 }
@@ -477,6 +494,11 @@ pub struct CommandOutcome {
 /// The write's error: `InvalidInput` out of range, `PermissionDenied` without privilege.
 pub fn set_own_oom_score_adj(value: i32) -> std::io::Result<()> {
     std::fs::write("/proc/self/oom_score_adj", value.to_string())
+}
+
+/// Maps a failed system call to [`ProcessError::Sys`], naming what was attempted.
+fn sys(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> ProcessError {
+    move |source| ProcessError::Sys { what, source }
 }
 
 /// Errors from running a command. All of them are the agent's or the host's fault.
