@@ -6,13 +6,19 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use std::process::Stdio;
+
 use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
-use nix::unistd::read;
+use nix::unistd::{pipe2, read};
 
 use super::poll::poll_timeout;
 use super::{sys, OutputSink, ProcessError};
+
+/// Requested size of the output pipe (the unprivileged maximum by default).
+const PIPE_SIZE: i32 = 1 << 20;
 
 /// Where the command's output goes.
 pub(super) enum Capture {
@@ -26,6 +32,43 @@ pub(super) enum Capture {
 }
 
 impl Capture {
+    /// Opens the command's output: direct capture when the sink offers a file and the
+    /// kernel can watch it, else a non-blocking pipe. Returns the runner's end and the
+    /// command's stdout and stderr (one description, shared). `spawn_error` wraps an error
+    /// duplicating a descriptor, as a failure to start the command.
+    pub(super) fn open(
+        sink: &mut dyn OutputSink,
+        spawn_error: impl Fn(std::io::Error) -> ProcessError,
+    ) -> Result<(Capture, Stdio, Stdio), ProcessError> {
+        match sink.direct_output().and_then(watch_direct) {
+            Some((watch, file)) => {
+                let err = file.try_clone().map_err(spawn_error)?;
+                Ok((Capture::Follow(watch), Stdio::from(file), Stdio::from(err)))
+            }
+            None => {
+                let (out_read, out_write) =
+                    pipe2(OFlag::O_CLOEXEC).map_err(sys("creating the command's output pipe"))?;
+                let flags = fcntl(&out_read, FcntlArg::F_GETFL)
+                    .map_err(sys("F_GETFL on the output pipe"))?;
+                fcntl(
+                    &out_read,
+                    FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK),
+                )
+                .map_err(sys("making the output pipe non-blocking"))?;
+                // Throughput only: a larger pipe means fewer wake-ups. The default 64 KiB works.
+                let _ = fcntl(&out_read, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+                // The duplicate is close-on-exec too (F_DUPFD_CLOEXEC), so a command spawned by
+                // another thread cannot inherit it and hold this pipe open.
+                let err_write = out_write.try_clone().map_err(spawn_error)?;
+                Ok((
+                    Capture::Pipe(out_read),
+                    Stdio::from(out_write),
+                    Stdio::from(err_write),
+                ))
+            }
+        }
+    }
+
     pub(super) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
             Capture::Pipe(fd) => fd.as_fd(),
