@@ -54,7 +54,7 @@ pub const AGENT_FAILURE_EXIT_CODE: i32 = 100;
 
 /// Every edge of a command's state machine: `(from, event, to)`.
 ///
-/// The runner moves through these and nothing else: [`CommandState::step`] takes the
+/// The runner moves through these and nothing else: `CommandState::step` takes the
 /// target state from this table; [`command_machine`] draws it.
 pub const COMMAND_TRANSITIONS: &[(CommandState, CommandEvent, CommandState)] = &[
     (S::Running, E::Exit, S::Exited),
