@@ -178,6 +178,8 @@ struct Ready {
 }
 
 impl<'a> Run<'a> {
+    /// The state right after [`spawn`]: running, nothing stopped,
+    /// the output open, the timeouts counted from the start.
     fn new(
         spec: &'a CommandSpec,
         sink: &'a mut dyn OutputSink,
@@ -416,6 +418,7 @@ impl<'a> Run<'a> {
         ControlFlow::Continue(deadline)
     }
 
+    /// When the output timeout expires, counted from the last output.
     fn output_deadline(&self) -> Option<Instant> {
         self.spec
             .output_timeout
