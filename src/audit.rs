@@ -275,7 +275,12 @@ mod tests {
             crate::process::COMMAND_TRANSITIONS.len()
         );
         for (from, event, to) in crate::process::COMMAND_TRANSITIONS {
-            assert!(command.edges.contains(&Edge::new(from, *event, to, false)));
+            assert!(command.edges.contains(&Edge::new(
+                from.name(),
+                event.label(),
+                to.name(),
+                false
+            )));
         }
         let job = find("job-lifecycle");
         assert_eq!(job.edges.len(), crate::lifecycle::TRANSITIONS.len());

@@ -3,8 +3,18 @@
 //! that left it, grace period, SIGKILL), and a sweep that leaves no descendant alive when
 //! the phase ends.
 //!
-//! All nix calls live in `unix.rs`, the `/proc` scan in `sweep.rs`; this file holds the
-//! platform-neutral types, the stop lines and the command state table.
+//! This file holds the platform-neutral types, the stop lines and the command state table;
+//! the nix calls are in the files below it, one concept each:
+//!
+//! - `unix.rs`: the runner, one command from spawn to reap ([`run_command`]);
+//! - `spawn.rs`: the phase token and the `oom_score_adj` written between fork and exec;
+//! - `capture.rs`: the output pipe, or the sink's file followed with direct capture;
+//! - `poll.rs`: the stop signal's wake pipe and deadlines as `poll()` timeouts;
+//! - `group.rs`: the process group from spawn to reap: SIGTERM, the final sweep, reaping;
+//! - `pinned.rs`: signalling one process through a pidfd, never a reused pid;
+//! - `reap.rs`: the subreaper setting and `waitpid`;
+//! - `sweep.rs`: the `/proc` scan that finds a phase's processes;
+//! - `leftovers.rs`: killing what a dead agent's phase left running.
 //!
 //! A command's states, in order: `running` (the shell or the output pipe is alive),
 //! `terminating` (SIGTERM sent to the group and to every process of the phase outside it,
@@ -16,7 +26,13 @@
 //! agent adopted as subreaper. [`COMMAND_TRANSITIONS`] lists every edge the runner takes: the
 //! runner's state changes only along it, in every build.
 
+mod capture;
+mod group;
 mod leftovers;
+mod pinned;
+mod poll;
+mod reap;
+mod spawn;
 mod sweep;
 mod unix;
 
@@ -27,8 +43,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use leftovers::{kill_leftovers, Leftovers};
+pub use reap::{become_subreaper, reap_orphans};
 pub use sweep::claim_orphans;
-pub use unix::{become_subreaper, reap_orphans, run_command};
+pub use unix::run_command;
 
 /// Exit code recorded when the agent killed the command (Python reports -9, modulo 256).
 pub const KILLED_EXIT_CODE: i32 = 247;
@@ -37,109 +54,163 @@ pub const AGENT_FAILURE_EXIT_CODE: i32 = 100;
 
 /// Every edge of a command's state machine: `(from, event, to)`.
 ///
-/// The runner moves through these and nothing else: [`CommandState::step`] takes the
+/// The runner moves through these and nothing else: `CommandState::step` takes the
 /// target state from this table; [`command_machine`] draws it.
-pub const COMMAND_TRANSITIONS: &[(&str, &str, &str)] = &[
-    ("running", EV_EXIT, "exited"),
-    ("running", EV_EXIT_LEFT_BACKGROUND, "killed"),
-    ("running", EV_STRAGGLER_WAIT_OVER, "killed"),
-    ("running", EV_GLOBAL_TIMEOUT, "terminating"),
-    ("running", EV_OUTPUT_TIMEOUT, "terminating"),
-    ("running", EV_CANCEL, "terminating"),
-    ("running", EV_SHUTDOWN, "terminating"),
-    ("running", EV_OUTPUT_UNRECORDABLE, "terminating"),
-    ("running", EV_KILL_NOW, "killed"),
-    ("terminating", EV_GROUP_EXITED, "exited"),
-    ("terminating", EV_GROUP_EXITED_LEFT_ESCAPEES, "killed"),
-    ("terminating", EV_GRACE_EXPIRED, "killed"),
-    ("terminating", EV_KILL_NOW, "killed"),
-    ("killed", EV_REAPED, "exited"),
+pub const COMMAND_TRANSITIONS: &[(CommandState, CommandEvent, CommandState)] = &[
+    (S::Running, E::Exit, S::Exited),
+    (S::Running, E::ExitLeftBackground, S::Killed),
+    (S::Running, E::StragglerWaitOver, S::Killed),
+    (S::Running, E::GlobalTimeout, S::Terminating),
+    (S::Running, E::OutputTimeout, S::Terminating),
+    (S::Running, E::Cancel, S::Terminating),
+    (S::Running, E::Shutdown, S::Terminating),
+    (S::Running, E::OutputUnrecordable, S::Terminating),
+    (S::Running, E::KillNow, S::Killed),
+    (S::Terminating, E::GroupExited, S::Exited),
+    (S::Terminating, E::GroupExitedLeftEscapees, S::Killed),
+    (S::Terminating, E::GraceExpired, S::Killed),
+    (S::Terminating, E::KillNow, S::Killed),
+    (S::Killed, E::Reaped, S::Exited),
 ];
+
+use CommandEvent as E;
+use CommandState as S;
 
 /// The command machine to draw, from [`COMMAND_TRANSITIONS`].
 pub fn command_machine() -> crate::diagram::Machine {
+    let table: Vec<(&'static str, &'static str, &'static str)> = COMMAND_TRANSITIONS
+        .iter()
+        .map(|(from, event, to)| (from.name(), event.label(), to.name()))
+        .collect();
     crate::diagram::Machine::from_table(
         "command",
         "One phase command (process group)",
-        "running",
-        "exited",
-        COMMAND_TRANSITIONS,
+        S::Running.name(),
+        S::Exited.name(),
+        &table,
     )
 }
 
-/// The shell exited and the output closed; nothing of the phase was left.
-pub(crate) const EV_EXIT: &str = "exit";
-/// The shell exited and the output closed, but the final sweep found processes left.
-pub(crate) const EV_EXIT_LEFT_BACKGROUND: &str = "exit, background processes left";
-/// The shell exited; background processes kept the output open past `straggler_wait`
-/// (or a stop request / the global deadline cut that wait short).
-pub(crate) const EV_STRAGGLER_WAIT_OVER: &str = "straggler wait over";
-pub(crate) const EV_GLOBAL_TIMEOUT: &str = "global timeout";
-pub(crate) const EV_OUTPUT_TIMEOUT: &str = "output timeout";
-pub(crate) const EV_CANCEL: &str = "cancel";
-pub(crate) const EV_SHUTDOWN: &str = "shutdown";
-pub(crate) const EV_KILL_NOW: &str = "kill now";
-/// The sink could not record the command's output (disk full, directory unwritable).
-pub(crate) const EV_OUTPUT_UNRECORDABLE: &str = "output cannot be recorded";
-/// After SIGTERM the shell and every process of the phase exited (the output need not
-/// be closed: only a process outside the phase can still hold it).
-pub(crate) const EV_GROUP_EXITED: &str = "group exited within grace";
-/// As above, but the final sweep still found processes of the phase alive (forked just
-/// as the last scan ran).
-pub(crate) const EV_GROUP_EXITED_LEFT_ESCAPEES: &str = "group exited, escapees left";
-pub(crate) const EV_GRACE_EXPIRED: &str = "grace expired";
-pub(crate) const EV_REAPED: &str = "reaped";
+/// What moves a command along [`COMMAND_TRANSITIONS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandEvent {
+    /// The shell exited and the output closed; nothing of the phase was left.
+    Exit,
+    /// The shell exited and the output closed, but the final sweep found processes left.
+    ExitLeftBackground,
+    /// The shell exited; background processes kept the output open past `straggler_wait`
+    /// (or a stop request / the global deadline cut that wait short).
+    StragglerWaitOver,
+    /// The command ran for its global timeout.
+    GlobalTimeout,
+    /// The command printed nothing for its output timeout.
+    OutputTimeout,
+    /// The job was cancelled ([`StopKind::Cancel`]).
+    Cancel,
+    /// The agent is shutting down ([`StopKind::Shutdown`]), or a command that outlives a
+    /// shutdown used up its budget.
+    Shutdown,
+    /// The sink could not record the command's output (disk full, directory unwritable).
+    OutputUnrecordable,
+    /// [`StopKind::KillNow`]: kill at once.
+    KillNow,
+    /// After SIGTERM the shell and every process of the phase exited (the output need not
+    /// be closed: only a process outside the phase can still hold it).
+    GroupExited,
+    /// As above, but the final sweep still found processes of the phase alive (forked just
+    /// as the last scan ran).
+    GroupExitedLeftEscapees,
+    /// The grace period after SIGTERM ran out.
+    GraceExpired,
+    /// The shell was reaped after SIGKILL.
+    Reaped,
+}
+
+impl CommandEvent {
+    pub const ALL: [CommandEvent; 13] = [
+        E::Exit,
+        E::ExitLeftBackground,
+        E::StragglerWaitOver,
+        E::GlobalTimeout,
+        E::OutputTimeout,
+        E::Cancel,
+        E::Shutdown,
+        E::OutputUnrecordable,
+        E::KillNow,
+        E::GroupExited,
+        E::GroupExitedLeftEscapees,
+        E::GraceExpired,
+        E::Reaped,
+    ];
+
+    /// The label of the event's edges (in the diagram, the transition table and the log).
+    pub fn label(self) -> &'static str {
+        match self {
+            E::Exit => "exit",
+            E::ExitLeftBackground => "exit, background processes left",
+            E::StragglerWaitOver => "straggler wait over",
+            E::GlobalTimeout => "global timeout",
+            E::OutputTimeout => "output timeout",
+            E::Cancel => "cancel",
+            E::Shutdown => "shutdown",
+            E::OutputUnrecordable => "output cannot be recorded",
+            E::KillNow => "kill now",
+            E::GroupExited => "group exited within grace",
+            E::GroupExitedLeftEscapees => "group exited, escapees left",
+            E::GraceExpired => "grace expired",
+            E::Reaped => "reaped",
+        }
+    }
+}
 
 /// Where the runner is in [`COMMAND_TRANSITIONS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum CommandState {
+pub enum CommandState {
+    /// The shell or the output is alive.
     Running,
+    /// SIGTERM sent to the group and to every process of the phase outside it; the grace
+    /// period runs until none of them is alive.
     Terminating,
+    /// SIGKILL sent to the group and to every process of the phase.
     Killed,
+    /// Everything reaped.
     Exited,
 }
 
 impl CommandState {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            CommandState::Running => "running",
-            CommandState::Terminating => "terminating",
-            CommandState::Killed => "killed",
-            CommandState::Exited => "exited",
-        }
-    }
+    pub const ALL: [CommandState; 4] = [S::Running, S::Terminating, S::Killed, S::Exited];
 
-    fn from_name(name: &str) -> Option<CommandState> {
-        [
-            CommandState::Running,
-            CommandState::Terminating,
-            CommandState::Killed,
-            CommandState::Exited,
-        ]
-        .into_iter()
-        .find(|state| state.name() == name)
+    pub fn name(self) -> &'static str {
+        match self {
+            S::Running => "running",
+            S::Terminating => "terminating",
+            S::Killed => "killed",
+            S::Exited => "exited",
+        }
     }
 
     /// Takes the edge of [`COMMAND_TRANSITIONS`] that `event` labels from this state: the
     /// state it leads to comes from the table, in every build, so an edge the table lacks
     /// cannot be taken. Such an event is a bug: debug builds panic, release builds log it
     /// and stay (the runner's kills do not depend on the state's name).
-    pub(crate) fn step(&mut self, event: &'static str) {
+    pub(crate) fn step(&mut self, event: CommandEvent) {
         let to = COMMAND_TRANSITIONS
             .iter()
-            .find(|(from, on, _)| *from == self.name() && *on == event)
-            .and_then(|(_, _, to)| CommandState::from_name(to));
+            .find(|(from, on, _)| *from == *self && *on == event)
+            .map(|(_, _, to)| *to);
         match to {
             Some(to) => *self = to,
             None => {
                 debug_assert!(
                     false,
-                    "command transition {} --{event}--> is not in COMMAND_TRANSITIONS",
-                    self.name()
+                    "command transition {} --{}--> is not in COMMAND_TRANSITIONS",
+                    self.name(),
+                    event.label()
                 );
                 log::error!(
-                    "internal: command transition {} --{event}--> is not in the table; staying",
-                    self.name()
+                    "internal: command transition {} --{}--> is not in the table; staying",
+                    self.name(),
+                    event.label()
                 );
             }
         }
@@ -297,7 +368,7 @@ pub struct StopSignal {
 #[derive(Debug)]
 struct StopInner {
     kinds: AtomicU8,
-    wake: unix::WakePipe,
+    wake: poll::WakePipe,
 }
 
 impl StopSignal {
@@ -306,7 +377,7 @@ impl StopSignal {
         Ok(StopSignal {
             inner: Arc::new(StopInner {
                 kinds: AtomicU8::new(0),
-                wake: unix::WakePipe::new()?,
+                wake: poll::WakePipe::new()?,
             }),
         })
     }
@@ -351,7 +422,7 @@ impl StopSignal {
         }
     }
 
-    pub(crate) fn wake_pipe(&self) -> &unix::WakePipe {
+    pub(crate) fn wake_pipe(&self) -> &poll::WakePipe {
         &self.inner.wake
     }
 }
@@ -425,6 +496,11 @@ pub fn set_own_oom_score_adj(value: i32) -> std::io::Result<()> {
     std::fs::write("/proc/self/oom_score_adj", value.to_string())
 }
 
+/// Maps a failed system call to [`ProcessError::Sys`], naming what was attempted.
+fn sys(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> ProcessError {
+    move |source| ProcessError::Sys { what, source }
+}
+
 /// Errors from running a command. All of them are the agent's or the host's fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -445,13 +521,6 @@ pub enum ProcessError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const STATES: [CommandState; 4] = [
-        CommandState::Running,
-        CommandState::Terminating,
-        CommandState::Killed,
-        CommandState::Exited,
-    ];
 
     fn spec(global: Option<Duration>, output: Option<Duration>) -> CommandSpec {
         CommandSpec {
@@ -505,30 +574,26 @@ mod tests {
     }
 
     #[test]
-    fn transitions_use_known_states_and_end_in_exited() {
-        let names: Vec<&str> = STATES.iter().map(|s| s.name()).collect();
-        for (from, event, to) in COMMAND_TRANSITIONS {
-            assert!(names.contains(from), "unknown state {from}");
-            assert!(names.contains(to), "unknown state {to}");
-            assert!(!event.is_empty());
-            assert_ne!(*from, "exited", "exited is terminal");
+    fn transitions_end_in_exited() {
+        for (from, _, _) in COMMAND_TRANSITIONS {
+            assert_ne!(*from, CommandState::Exited, "exited is terminal");
         }
         // Every state is reachable from running and reaches exited.
-        for state in names {
-            let mut seen = vec!["running"];
+        for state in CommandState::ALL {
+            let mut seen = vec![CommandState::Running];
             let mut i = 0;
             while i < seen.len() {
                 for (from, _, to) in COMMAND_TRANSITIONS {
                     if *from == seen[i] && !seen.contains(to) {
-                        seen.push(to);
+                        seen.push(*to);
                     }
                 }
                 i += 1;
             }
-            assert!(seen.contains(&state), "{state} unreachable from running");
+            assert!(seen.contains(&state), "{state:?} unreachable from running");
             let mut at = state;
-            for _ in 0..STATES.len() {
-                if at == "exited" {
+            for _ in 0..CommandState::ALL.len() {
+                if at == CommandState::Exited {
                     break;
                 }
                 at = COMMAND_TRANSITIONS
@@ -537,8 +602,35 @@ mod tests {
                     .map(|(_, _, to)| *to)
                     .expect("non-terminal state has an edge");
             }
-            assert_eq!(at, "exited", "{state} does not reach exited");
+            assert_eq!(at, CommandState::Exited, "{state:?} does not reach exited");
         }
+    }
+
+    /// Every event labels an edge, and no two events share a label (the diagram and the
+    /// log name an event by its label).
+    #[test]
+    fn every_event_is_used_and_labelled_once() {
+        for (i, event) in CommandEvent::ALL.iter().enumerate() {
+            assert!(!event.label().is_empty());
+            assert!(
+                COMMAND_TRANSITIONS.iter().any(|(_, on, _)| on == event),
+                "{event:?} labels no edge"
+            );
+            for other in &CommandEvent::ALL[i + 1..] {
+                assert_ne!(event.label(), other.label(), "{event:?} and {other:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_follows_the_table() {
+        let mut state = CommandState::Running;
+        state.step(CommandEvent::OutputTimeout);
+        assert_eq!(state, CommandState::Terminating);
+        state.step(CommandEvent::GraceExpired);
+        assert_eq!(state, CommandState::Killed);
+        state.step(CommandEvent::Reaped);
+        assert_eq!(state, CommandState::Exited);
     }
 
     #[test]
