@@ -121,8 +121,10 @@ impl ProcessGroupGuard {
             if let Some(done) = self.terminated.iter_mut().find(|t| t.id == id) {
                 // A SIGTERM that reached a forked shell before it exec'd can be taken by
                 // the handler of a `trap` it inherited and lost at the exec: a process that
-                // has exec'd since it was signalled gets SIGTERM again.
-                if done.comm != stat.comm {
+                // has exec'd since it was signalled gets SIGTERM again. Not a member the
+                // first scan only assumed `killpg` reached: the command's trap may have
+                // forked it after the `killpg` (what the trap starts is left to it).
+                if done.comm != stat.comm && !done.by_killpg {
                     done.comm = stat.comm;
                     if let Some(pinned) = Pinned::new(stat.pid, stat.starttime, &mut buf) {
                         pinned.signal(Signal::SIGTERM);
@@ -140,7 +142,8 @@ impl ProcessGroupGuard {
                 continue;
             };
             // In the first scan the group's members already had it from `killpg`.
-            let had_it = (first && in_group) || pinned.signal(Signal::SIGTERM);
+            let by_killpg = first && in_group;
+            let had_it = by_killpg || pinned.signal(Signal::SIGTERM);
             if !had_it {
                 continue;
             }
@@ -153,6 +156,7 @@ impl ProcessGroupGuard {
                 escapee: !in_group,
                 pidfd: pinned.pidfd,
                 comm: stat.comm,
+                by_killpg,
             });
         }
         alive
@@ -306,6 +310,10 @@ pub(super) struct Terminated {
     pub(super) pidfd: Option<OwnedFd>,
     /// Its command name's hash when it was signalled (see [`ProcStat::comm`]).
     comm: u64,
+    /// Counted as signalled by the first scan's `killpg`, not by a signal of its own: it
+    /// may have been forked after the `killpg` (by the command's SIGTERM trap), and is
+    /// then left to the command as with `killpg` alone, exec or not.
+    by_killpg: bool,
 }
 
 impl Drop for ProcessGroupGuard {
