@@ -4,6 +4,7 @@
 //! `testflinger-outcome.json` and emits the job's events (PROTOCOL §6).
 
 mod allocate;
+mod events;
 mod journal;
 mod metrics;
 mod sink;
@@ -20,6 +21,7 @@ use crate::outcome::{self, OutcomeFile};
 use crate::phase::{Phase, SkipReason};
 use crate::process::{self, CommandSpec, OutputSink, StopKind, StopSignal, Termination};
 use crate::server::Server;
+use events::Events;
 use journal::command_end;
 pub use journal::{
     journal_command_spawned, journal_phase_finished, journal_phase_starting,
@@ -802,39 +804,4 @@ pub fn banner(phase: Phase, agent_id: &str) -> [String; 3] {
         format!("* {text} *\n"),
         format!("{row}\n"),
     ]
-}
-
-/// The job's cumulative event list (PROTOCOL §3.15); inert when the job has no webhook.
-#[derive(Debug)]
-struct Events {
-    header: Option<Value>,
-    list: Vec<Value>,
-}
-
-impl Events {
-    fn for_job(config: &Config, spec: &JobSpec) -> Events {
-        let header = spec.job_status_webhook().map(|hook| {
-            json!({
-                "agent_id": config.agent_id,
-                "job_queue": spec.job_queue().unwrap_or(""),
-                "job_status_webhook": hook,
-            })
-        });
-        Events {
-            header,
-            list: Vec::new(),
-        }
-    }
-
-    /// Appends an event; returns the body to post, `None` without a webhook.
-    fn push(&mut self, name: &str, detail: &str) -> Option<Value> {
-        let mut body = self.header.clone()?;
-        self.list.push(json!({
-            "event_name": name,
-            "timestamp": crate::time::now_iso(),
-            "detail": detail,
-        }));
-        body["events"] = Value::Array(self.list.clone());
-        Some(body)
-    }
 }
