@@ -4,10 +4,13 @@
 //! through [`super::stream`].
 
 use super::backoff;
-use super::client::{detail_of, seg, Core, Method, Payload, Repeat, Reply, Req, SaveError};
+use super::client::Core;
+use super::reply::{detail_of, Reply, SaveError};
+use super::request::{Method, Payload, Repeat, Req};
 pub use super::settings::{HttpSettings, Timeouts, FRAGMENT_SIZE, MAX_FRAGMENT_TEXT};
 use super::stream::{self, Streamer};
 pub use super::stream::{PendingOutput, PendingPhase};
+use super::urls::seg;
 use super::{LogType, RefreshCheckError, Server, ServerError, ServerErrorKind};
 use crate::phase::Phase;
 use serde_json::{json, Value};

@@ -7,19 +7,22 @@ mod client;
 mod fragment;
 pub mod http;
 pub mod local;
+mod reply;
+mod request;
 mod resolve;
 mod settings;
 pub mod stream;
 mod tls;
+mod urls;
 
 // The pure parsers of every answer the agent reads from the server (and of the
 // refresh-token file), for `crate::fuzz_api`; the request code calls these same functions.
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use auth::parse_token_file;
 #[cfg(any(test, feature = "fuzzing"))]
-pub(crate) use client::{detail_of, parse_job_state, parse_refresh_answer};
-#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use http::{parse_agent_record, parse_job_poll};
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use reply::{detail_of, parse_job_state, parse_refresh_answer};
 
 use crate::phase::Phase;
 use serde_json::Value;

@@ -35,8 +35,9 @@
 //! masker has decided every byte, so a resend, even after a restart, is the same fragment.
 
 use super::auth::human;
-use super::client::{Core, Req};
+use super::client::Core;
 use super::fragment::FragmentBody;
+use super::request::Req;
 use super::settings::MAX_FRAGMENT_TEXT;
 use super::{LogType, ServerError, ServerErrorKind};
 use crate::mask::Masker;
