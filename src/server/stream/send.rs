@@ -94,8 +94,9 @@ pub(in crate::server) fn send_file(
     refused.map_or(Ok(()), Err)
 }
 
-/// Sends what [`Streamer::detach`](super::Streamer::detach) left, from the files in `rundir`; `pending` follows
-/// what the server accepted, so it can be stored again after an error.
+/// Sends what [`Streamer::detach`](super::Streamer::detach) left, from the files in
+/// `rundir`; `pending` follows what the server accepted, so it can be stored again after
+/// an error.
 pub(in crate::server) fn send_pending(
     core: &Core,
     job_id: &str,
