@@ -22,8 +22,10 @@
 //! Submodules: `process` reads the `process_*` metrics from `/proc/self` at scrape time,
 //! `health` keeps what `/health` reports, `serve` is the HTTP endpoint.
 
+mod bind;
 mod health;
 mod process;
+mod request;
 mod serve;
 
 use std::sync::atomic::AtomicU64;
