@@ -3,12 +3,15 @@
 //! output to the [`Server`], watches for cancellation, records the exit status in
 //! `testflinger-outcome.json` and emits the job's events (PROTOCOL §6).
 
+mod allocate;
+mod events;
+mod journal;
 mod metrics;
 mod sink;
 
 use crate::config::Config;
 use crate::job::JobSpec;
-use crate::journal::{CommandEnd, Ending, Journal, Why};
+use crate::journal::{CommandEnd, Journal};
 use crate::lifecycle::{
     AbortReason, JobOutcome, PhaseEnd, PhaseRecord, PhaseResult, PhaseRunner, PhaseStatus,
     StopCause, RECOVERY_FAILED_EXIT_CODE,
@@ -18,6 +21,12 @@ use crate::outcome::{self, OutcomeFile};
 use crate::phase::{Phase, SkipReason};
 use crate::process::{self, CommandSpec, OutputSink, StopKind, StopSignal, Termination};
 use crate::server::Server;
+use events::Events;
+use journal::command_end;
+pub use journal::{
+    journal_command_spawned, journal_phase_finished, journal_phase_starting,
+    journal_stopped_before, save_journal,
+};
 use metrics::{record_escapees, record_kill, PhaseMetrics};
 use serde_json::{json, Value};
 use sink::PhaseSink;
@@ -699,147 +708,6 @@ impl PhaseExecutor<'_> {
             duration: result.duration,
         }
     }
-
-    /// An allocated device is useless to its parent job without its device info
-    /// (PROTOCOL §5.7): after a successful allocate, `device-info.json` must exist and the
-    /// server must take it, else the phase counts as failed. The post is retried while the
-    /// server is unreachable, until it succeeds, the job is cancelled or the agent stops.
-    fn publish_device_info(&self, result: PhaseResult) -> PhaseResult {
-        if result.exit_code != 0 {
-            return result;
-        }
-        let job_id = self.spec.job_id();
-        let period = self.config.cancel_check_period();
-        let problem = loop {
-            let Some(info) = outcome::read_device_info(&self.rundir) else {
-                break format!(
-                    "allocate finished without writing {} (a JSON object)",
-                    outcome::DEVICE_INFO_FILE
-                );
-            };
-            match self.server.post_result(job_id, &info) {
-                Ok(()) => return result,
-                Err(err) if !err.is_retryable() => {
-                    break format!("the server refused the device info: {err}")
-                }
-                Err(err) => {
-                    log::warn!("job {job_id}: posting device info failed, retrying: {err}");
-                    let cancelled = matches!(
-                        self.server.job_state(job_id),
-                        Ok(Some(state)) if state == "cancelled"
-                    );
-                    if cancelled || !self.stop.sleep_unless_shutdown(period) {
-                        return result;
-                    }
-                }
-            }
-        };
-        let message = format!("\nERROR: {problem}; the parent job cannot use this device.\n");
-        log::error!("job {job_id}: {}", message.trim());
-        append_agent_line(self.server, job_id, &self.rundir, Phase::Allocate, &message);
-        PhaseResult {
-            exit_code: process::AGENT_FAILURE_EXIT_CODE,
-            end: PhaseEnd::AgentError,
-            duration: result.duration,
-        }
-    }
-
-    /// After a successful allocate whose device info the server took: post `allocated`,
-    /// then hold the device until this job or its parent is complete or cancelled (the
-    /// parent releases its sub-jobs by cancelling them), the agent shuts down, or the
-    /// phase's global timeout (from the start of the allocate command) expires: an orphaned
-    /// sub-job must not hold the device for ever (PROTOCOL §14.4). On expiry the phase ends
-    /// as a global timeout: the event, exit code 247, the log line, and cleanup runs. Own
-    /// state is read every `cancel_check_interval`, the parent's every sixth time.
-    fn hold_allocation(
-        &mut self,
-        mut result: PhaseResult,
-        started: Instant,
-        global_timeout: Option<Duration>,
-    ) -> PhaseResult {
-        let deadline = global_timeout.map(|limit| started + limit);
-        let job_id = self.spec.job_id().to_owned();
-        let period = self.config.cancel_check_period();
-        self.post_result(&json!({"job_state": "allocated"}), "allocated state");
-        log::info!("job {job_id}: allocated; waiting for this job or its parent to finish");
-        let released = |state: Option<String>| {
-            matches!(
-                state.as_deref(),
-                Some("complete" | "completed" | "cancelled")
-            )
-        };
-        let parent = self.spec.parent_job_id().map(str::to_owned);
-        for tick in 0u64.. {
-            crate::metrics::beat();
-            let wait = match deadline {
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        result.duration = started.elapsed();
-                        return self.allocation_timed_out(result);
-                    }
-                    left.min(period)
-                }
-                None => period,
-            };
-            if !self.stop.sleep_unless_shutdown(wait) {
-                return result;
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                continue;
-            }
-            if released(self.server.job_state(&job_id).ok().flatten()) {
-                break;
-            }
-            if let Some(parent) = parent.as_deref().filter(|_| tick % 6 == 5) {
-                if released(self.server.job_state(parent).ok().flatten()) {
-                    break;
-                }
-            }
-        }
-        log::info!("job {job_id}: allocation released");
-        // The phase lasted until the release (the metrics' phase duration says so).
-        result.duration = started.elapsed();
-        result
-    }
-
-    /// The allocate hold outlived the phase's global timeout.
-    fn allocation_timed_out(&mut self, result: PhaseResult) -> PhaseResult {
-        let job_id = self.spec.job_id();
-        let limit = self.spec.global_timeout(self.config).as_secs();
-        let detail = format!("ERROR: Global timeout reached! ({limit}s)");
-        log::warn!(
-            "job {job_id}: allocate: neither this job nor its parent was released within the global timeout ({limit}s); ending the phase"
-        );
-        append_agent_line(
-            self.server,
-            job_id,
-            &self.rundir,
-            Phase::Allocate,
-            &format!("\n{detail} The device was held allocated and nothing released it.\n"),
-        );
-        self.emit("global_timeout", &detail);
-        PhaseResult {
-            exit_code: process::KILLED_EXIT_CODE,
-            end: PhaseEnd::GlobalTimeout,
-            duration: result.duration,
-        }
-    }
-}
-
-/// How a command's tree ended, for the journal's trail.
-fn command_end(done: &process::CommandOutcome) -> CommandEnd {
-    let how = match done.termination {
-        Termination::Exited(_) => Ending::Exited,
-        Termination::Signaled(_) => Ending::Signaled,
-        _ if done.needed_sigkill => Ending::SigkillNeeded,
-        _ => Ending::SigtermHonoured,
-    };
-    CommandEnd {
-        how,
-        escapees: (done.escapees_killed + done.escapees_terminated) as u64,
-        stragglers: done.stragglers_killed as u64,
-    }
 }
 
 /// Records that the agent could not run a job: `message` goes into `<phase>.log` and the
@@ -899,118 +767,6 @@ fn append_agent_line(
     }
 }
 
-/// Records the live output's progress in `journal` and writes it durably into `rundir`.
-/// A failure is logged and returned: during a job it ends the job (a restart after a
-/// crash would not know where the job was).
-pub fn save_journal(
-    journal: &mut Journal,
-    server: &dyn Server,
-    rundir: &Path,
-) -> std::io::Result<()> {
-    if let Some(progress) = server.output_progress(&journal.job_id) {
-        journal.output = progress;
-    }
-    journal.save(rundir).inspect_err(|err| {
-        log::error!(
-            "job {}: cannot write the job journal {} in {}: {err}",
-            journal.job_id,
-            crate::journal::JOURNAL_FILE,
-            rundir.display()
-        );
-    })
-}
-
-// What the journal records at each step of a job, as pure functions of the journal: the
-// executor writes the result durably after each, and the exhaustive lifecycle check
-// (tests/it/lifecycle_paths.rs) drives the same functions from a scripted runner, so the
-// journal a crash leaves behind on any path is the one these write.
-
-/// A phase is about to start: it is the phase running now and, for cleanup, one more start
-/// is counted (on disk before cleanup starts: however often the agent dies, a restart knows
-/// how many times cleanup was started). A skipped phase starts nothing and changes nothing.
-/// Returns whether the journal changed.
-pub fn journal_phase_starting(
-    journal: &mut Journal,
-    phase: Phase,
-    skip: Option<SkipReason>,
-) -> bool {
-    if skip.is_some() {
-        return false;
-    }
-    journal.phase = Some(phase.name().to_owned());
-    if phase == Phase::Cleanup {
-        journal.cleanup_attempts += 1;
-    }
-    true
-}
-
-/// The phase's command has started: its process group and phase token, for a restart to
-/// kill what is left of it (the token is on disk already: it is written just before the
-/// command spawns; the group goes with the next write).
-pub fn journal_command_spawned(journal: &mut Journal, pgid: i32, token: &str) {
-    journal.pgid = Some(pgid);
-    journal.token = Some(token.to_owned());
-}
-
-/// A phase ended (or was skipped): its exit code and the transition it took, at `at`.
-pub fn journal_phase_finished(
-    journal: &mut Journal,
-    at: String,
-    record: &PhaseRecord,
-    abort: Option<&AbortReason>,
-) {
-    let phase = record.phase;
-    let to = state_after(phase, abort.is_some());
-    let (why, exit_code) = match record.status {
-        PhaseStatus::Skipped(_) => (Why::Skipped, None),
-        PhaseStatus::Ran(result) => (why_of(result.end), Some(result.exit_code)),
-    };
-    if let Some(code) = exit_code {
-        journal.set_status(phase.name(), code);
-    }
-    journal.transition(at, to, Some(phase.name()), why, exit_code);
-}
-
-/// A stop seen before a phase ended the forward path, at `at`.
-pub fn journal_stopped_before(journal: &mut Journal, at: String, reason: &AbortReason) {
-    let why = match reason {
-        AbortReason::Cancelled { .. } => Why::Cancel,
-        AbortReason::Shutdown { .. } => Why::Shutdown,
-        AbortReason::StorageFailed { .. } => Why::StorageFailed,
-        _ => Why::AgentError,
-    };
-    journal.transition(at, "Aborted", Some(reason.phase().name()), why, None);
-}
-
-/// The lifecycle state after `phase` ended (as named in [`crate::lifecycle::TRANSITIONS`]).
-fn state_after(phase: Phase, aborted: bool) -> &'static str {
-    use crate::lifecycle::{EdgeKind, TRANSITIONS};
-    let kind = if phase == Phase::Cleanup {
-        EdgeKind::Cleanup
-    } else if aborted {
-        EdgeKind::Abort
-    } else {
-        EdgeKind::Forward
-    };
-    TRANSITIONS
-        .iter()
-        .find(|t| t.kind == kind && (kind == EdgeKind::Cleanup || t.method == phase.name()))
-        .map_or("Aborted", |t| t.to)
-}
-
-fn why_of(end: PhaseEnd) -> Why {
-    match end {
-        PhaseEnd::Exited => Why::Exit,
-        PhaseEnd::Signaled => Why::Signal,
-        PhaseEnd::GlobalTimeout => Why::GlobalTimeout,
-        PhaseEnd::OutputTimeout => Why::OutputTimeout,
-        PhaseEnd::Cancelled => Why::Cancel,
-        PhaseEnd::Shutdown => Why::Shutdown,
-        PhaseEnd::AgentError => Why::AgentError,
-        PhaseEnd::StorageFailed => Why::StorageFailed,
-    }
-}
-
 fn agent_failure(started: Instant) -> PhaseResult {
     PhaseResult {
         exit_code: process::AGENT_FAILURE_EXIT_CODE,
@@ -1048,39 +804,4 @@ pub fn banner(phase: Phase, agent_id: &str) -> [String; 3] {
         format!("* {text} *\n"),
         format!("{row}\n"),
     ]
-}
-
-/// The job's cumulative event list (PROTOCOL §3.15); inert when the job has no webhook.
-#[derive(Debug)]
-struct Events {
-    header: Option<Value>,
-    list: Vec<Value>,
-}
-
-impl Events {
-    fn for_job(config: &Config, spec: &JobSpec) -> Events {
-        let header = spec.job_status_webhook().map(|hook| {
-            json!({
-                "agent_id": config.agent_id,
-                "job_queue": spec.job_queue().unwrap_or(""),
-                "job_status_webhook": hook,
-            })
-        });
-        Events {
-            header,
-            list: Vec::new(),
-        }
-    }
-
-    /// Appends an event; returns the body to post, `None` without a webhook.
-    fn push(&mut self, name: &str, detail: &str) -> Option<Value> {
-        let mut body = self.header.clone()?;
-        self.list.push(json!({
-            "event_name": name,
-            "timestamp": crate::time::now_iso(),
-            "detail": detail,
-        }));
-        body["events"] = Value::Array(self.list.clone());
-        Some(body)
-    }
 }

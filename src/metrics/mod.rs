@@ -20,10 +20,13 @@
 //! merges equal bounds, so only a query naming `le="60.0"` literally on Prometheus 2 sees it.
 //!
 //! Submodules: `process` reads the `process_*` metrics from `/proc/self` at scrape time,
-//! `health` keeps what `/health` reports, `serve` is the HTTP endpoint.
+//! `health` keeps what `/health` reports, `serve` is the HTTP endpoint (`request` parses and
+//! answers one scrape, `bind` resolves the address it listens on).
 
+mod bind;
 mod health;
 mod process;
+mod request;
 mod serve;
 
 use std::sync::atomic::AtomicU64;

@@ -1,25 +1,31 @@
 //! What the lifecycle and the daemon need from a Testflinger server, as a trait, with a
 //! local implementation for `run-job` ([`local`]) and the HTTP one for the daemon.
 
+mod agent_record;
 mod auth;
 pub mod backoff;
 mod client;
 mod fragment;
 pub mod http;
 pub mod local;
+mod reply;
+mod request;
 mod resolve;
 mod settings;
 pub mod stream;
 mod tls;
+mod urls;
 
 // The pure parsers of every answer the agent reads from the server (and of the
 // refresh-token file), for `crate::fuzz_api`; the request code calls these same functions.
 #[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use agent_record::parse_agent_record;
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use auth::parse_token_file;
 #[cfg(any(test, feature = "fuzzing"))]
-pub(crate) use client::{detail_of, parse_job_state, parse_refresh_answer};
+pub(crate) use http::parse_job_poll;
 #[cfg(any(test, feature = "fuzzing"))]
-pub(crate) use http::{parse_agent_record, parse_job_poll};
+pub(crate) use reply::{detail_of, parse_job_state, parse_refresh_answer};
 
 use crate::phase::Phase;
 use serde_json::Value;
