@@ -244,6 +244,8 @@ impl Core {
         let backoff = self.settings.retry.backoff();
         let exchange = |refresh: &str| self.refresh_exchange(refresh);
         let mut failures = 0u32;
+        // Why the first attempt failed, for the line that says the server answered after all.
+        let mut first_failure: Option<String> = None;
         let mut replayed = false;
         // One deadline for the whole call, attempts and waits between them included: a
         // server that accepts and never answers costs one timeout, not one per attempt.
@@ -291,6 +293,7 @@ impl Core {
                             log::debug!("{what}: answered {status}; replaying with a new token");
                             continue;
                         }
+                        answered_after(&what, failures, first_failure.as_deref(), started);
                         return Ok(reply);
                     }
                     if status < 500 {
@@ -300,6 +303,7 @@ impl Core {
                                 reply.detail()
                             );
                         }
+                        answered_after(&what, failures, first_failure.as_deref(), started);
                         return Ok(reply);
                     }
                     let why = format!("answered {status}: {}", reply.detail());
@@ -307,6 +311,7 @@ impl Core {
                 }
             };
             failures += 1;
+            first_failure.get_or_insert_with(|| why.clone());
             if ambiguous && req.repeat == Repeat::Fragment {
                 log::warn!(
                     "{what}: {why}; the server may have stored {} although it did not \
@@ -556,6 +561,19 @@ fn classify(e: ureq::Error, context: &TlsContext) -> AttemptError {
         _ => e.to_string(),
     };
     AttemptError::Transport { text, sent }
+}
+
+/// A call that succeeded after failed attempts says so: the retries that absorbed a server
+/// blip are otherwise logged at debug level only, and an operator would see nothing of an
+/// outage shorter than a call's retries.
+fn answered_after(what: &str, failures: u32, first: Option<&str>, started: Instant) {
+    if failures > 0 {
+        log::warn!(
+            "{what}: answered after {failures} failed attempt(s) in {} (the first: {})",
+            human(started.elapsed()),
+            first.unwrap_or("no answer")
+        );
+    }
 }
 
 #[cfg(test)]

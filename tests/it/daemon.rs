@@ -209,7 +209,7 @@ fn outages_and_5xx_storms_lose_nothing() {
     let s = Scratch::new("daemon-outage");
     let name = format!("outage-{}", std::process::id());
     let commands = "test_command: |\n  i=0\n  while [ $i -lt 40 ]; do echo \"slow line $i\"; i=$((i+1)); sleep 0.05; done\n";
-    let _agent = Agent::start(&server, &s, &name, commands);
+    let agent = Agent::start(&server, &s, &name, commands);
     server.fail_next(Route::LogPost, 6, 503);
     server.fail_next(Route::ResultPost, 3, 500);
     let id = server.submit_job(json!({"job_queue": queue(&name), "test_data": {"test_cmds": "x"}}));
@@ -235,6 +235,15 @@ fn outages_and_5xx_storms_lose_nothing() {
     }
     assert_gap_free(&server, &id, "output");
     assert_eq!(server.result_data(&id)["status"]["test"], 0);
+    // The retries that absorbed the 500s are in the agent's log, not only at debug level.
+    let agent_log = std::fs::read_to_string(agent.log.as_ref().expect("the agent's log"))
+        .expect("the agent's log is readable");
+    assert!(
+        agent_log
+            .lines()
+            .any(|l| l.contains("failed attempt(s) in") && l.contains("answered 500")),
+        "a call that succeeded after the 500s says so:\n{agent_log}"
+    );
 }
 
 #[test]

@@ -93,13 +93,18 @@ fn outages_of_0_4_and_5_seconds_end_at_the_step_that_was_due_and_are_logged() {
         long <= Duration::from_secs(4) + SLACK,
         "after a 5 s outage the agent asked again {long:?} after the server came back"
     );
+    // Said as an outage (a call gave up, the next ones probe), or, when one call's retries
+    // outlasted it (a loaded machine stretches them), as a call answered after failures.
+    let absorbed = log_lines(&log, "failed attempt(s) in");
     assert!(
-        log_lines(&log, "the server does not answer") >= 1,
+        log_lines(&log, "the server does not answer") >= 1 || absorbed >= 1,
         "the outage is in the agent's log"
     );
-    wait_for(&server, "the end of the outage in the agent's log", |_| {
-        log_lines(&log, "the server answers again") >= 1
-    });
+    if absorbed == 0 {
+        wait_for(&server, "the end of the outage in the agent's log", |_| {
+            log_lines(&log, "the server answers again") >= 1
+        });
+    }
     a_job_completes(&server, &name);
 }
 
