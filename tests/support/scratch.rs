@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// The agent's repository (this crate is tests/support in it).
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
 /// A scratch directory holding the agent's directories; removed on drop.
 pub struct Scratch {
