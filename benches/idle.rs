@@ -19,9 +19,7 @@
 
 #[allow(dead_code)]
 mod common;
-#[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
-mod support;
+use testflinger_agent_test_support as support;
 
 use serde_json::json;
 use std::collections::BTreeMap;

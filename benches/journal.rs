@@ -6,9 +6,7 @@
 //!
 //! Run with `cargo bench --bench journal`. Prints numbers, asserts nothing.
 
-#[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
-mod support;
+use testflinger_agent_test_support as support;
 
 use serde_json::json;
 use std::os::unix::process::CommandExt;

@@ -8,9 +8,7 @@
 //!
 //! Figures, not assertions; tests/it/outage.rs asserts the outcomes.
 
-#[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
-mod support;
+use testflinger_agent_test_support as support;
 
 use std::time::{Duration, Instant};
 use support::agent::Agent;

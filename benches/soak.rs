@@ -8,9 +8,7 @@
 //! Run with `cargo bench --bench soak [-- JOBS]` (default 2000). Prints numbers, asserts
 //! nothing.
 
-#[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
-mod support;
+use testflinger_agent_test_support as support;
 
 use std::time::{Duration, Instant};
 use support::soak;

@@ -12,27 +12,8 @@
 //! refresh token `fake-refresh-token`, as in the tests. Loopback only: nothing here is
 //! meant to face a network.
 
-// The fake server and the fixtures it is built on, as siblings at the root (it names them
-// through `super::`). The rest of tests/support needs the agent binary's path, which only
-// test and bench targets are given.
-#[path = "../tests/support/fake_server.rs"]
-#[allow(dead_code)]
-mod fake_server;
-#[path = "../tests/support/http_wire.rs"]
-#[allow(dead_code)]
-mod http_wire;
-#[path = "../tests/support/iso_time.rs"]
-#[allow(dead_code)]
-mod iso_time;
-#[path = "../tests/support/multipart.rs"]
-#[allow(dead_code)]
-mod multipart;
-#[path = "../tests/support/schema.rs"]
-#[allow(dead_code)]
-mod schema;
-
-use fake_server::FakeServer;
 use std::io::Write;
+use testflinger_agent_test_support::fake_server::FakeServer;
 
 fn main() {
     let mut url_file = None;

@@ -84,11 +84,12 @@ mod tests {
     use super::*;
     use flate2::read::GzDecoder;
 
-    fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tf-artifacts-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temp dir is writable");
-        dir
+    /// A temporary directory `tf-artifacts-<name>-<random>`, removed when dropped.
+    fn tempdir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("tf-artifacts-{name}-"))
+            .tempdir()
+            .expect("temp dir is writable")
     }
 
     fn members(archive: &Path) -> Vec<(String, tar::EntryType)> {
@@ -108,25 +109,26 @@ mod tests {
 
     #[test]
     fn missing_or_empty_folder_packs_nothing() {
-        let dir = tempdir("empty");
+        let tmp = tempdir("empty");
+        let dir = tmp.path();
         let archive = dir.join("a.tar.gz");
-        assert!(!pack(&dir, &archive).expect("no error"));
+        assert!(!pack(dir, &archive).expect("no error"));
         fs::create_dir(dir.join(ARTIFACTS_DIR)).expect("mkdir");
-        assert!(!pack(&dir, &archive).expect("no error"));
+        assert!(!pack(dir, &archive).expect("no error"));
         assert!(!archive.exists());
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
     fn packs_tree_and_keeps_symlinks_as_links() {
-        let dir = tempdir("tree");
+        let tmp = tempdir("tree");
+        let dir = tmp.path();
         let art = dir.join(ARTIFACTS_DIR);
         fs::create_dir_all(art.join("sub")).expect("mkdir");
         fs::write(art.join("a.txt"), "A").expect("write");
         fs::write(art.join("sub/b.bin"), [0u8, 255, 1]).expect("write");
         std::os::unix::fs::symlink("/etc/passwd", art.join("leak")).expect("symlink");
         let archive = dir.join("out.tar.gz");
-        assert!(pack(&dir, &archive).expect("pack"));
+        assert!(pack(dir, &archive).expect("pack"));
         let got = members(&archive);
         let names: Vec<_> = got.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
@@ -144,6 +146,5 @@ mod tests {
             .find(|(n, _)| n == "artifacts/leak")
             .expect("link member");
         assert_eq!(leak.1, tar::EntryType::Symlink, "the link is not followed");
-        let _ = fs::remove_dir_all(dir);
     }
 }

@@ -264,11 +264,12 @@ mod tests {
     use flate2::write::GzEncoder;
     use proptest::prelude::*;
 
-    fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tf-attach-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temp dir is writable");
-        dir
+    /// A temporary directory `tf-attach-<name>-<random>`, removed when dropped.
+    fn tempdir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("tf-attach-{name}-"))
+            .tempdir()
+            .expect("temp dir is writable")
     }
 
     enum Member<'a> {
@@ -327,9 +328,10 @@ mod tests {
 
     #[test]
     fn unpacks_files_dirs_and_inside_links_with_safe_modes() {
-        let dir = tempdir("ok");
+        let tmp = tempdir("ok");
+        let dir = tmp.path();
         let a = archive(
-            &dir,
+            dir,
             &[
                 Member::Dir("test/sub"),
                 Member::File("test/sub/run.sh", b"echo hi", 0o4777),
@@ -352,7 +354,6 @@ mod tests {
             fs::read(root.join("test/cfg")).expect("link resolves"),
             b"{}"
         );
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -369,10 +370,11 @@ mod tests {
             ("hard link", vec![Member::Hard("test/h", "test/x")]),
         ];
         for (label, members) in cases {
-            let dir = tempdir("bad");
+            let tmp = tempdir("bad");
+            let dir = tmp.path();
             let mut all = vec![Member::File("test/first", b"written?", 0o644)];
             all.extend(members);
-            let a = archive(&dir, &all);
+            let a = archive(dir, &all);
             let root = dir.join("attachments");
             let err = unpack(&a, &root).expect_err(label);
             assert!(
@@ -380,19 +382,18 @@ mod tests {
                 "{label}: {err}"
             );
             assert!(!root.exists(), "{label}: nothing written before the check");
-            let _ = fs::remove_dir_all(dir);
         }
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let dir = tempdir("garbage");
+        let tmp = tempdir("garbage");
+        let dir = tmp.path();
         let a = dir.join("x.tar.gz");
         fs::write(&a, b"not gzip at all").expect("write");
         assert!(unpack(&a, &dir.join("out")).is_err());
         fs::write(&a, b"").expect("write");
         assert!(unpack(&a, &dir.join("out")).is_err());
-        let _ = fs::remove_dir_all(dir);
     }
 
     fn arb_component() -> impl Strategy<Value = &'static str> {
@@ -475,7 +476,8 @@ mod tests {
         fn unpacked_archives_stay_in_their_root(
             members in prop::collection::vec(arb_member(), 1..5),
         ) {
-            let dir = tempdir("prop");
+            let tmp = tempdir("prop");
+            let dir = tmp.path();
             let built: Vec<Member<'_>> = members
                 .iter()
                 .map(|(kind, path, target)| match kind {
@@ -486,17 +488,17 @@ mod tests {
                     _ => Member::Fifo(path),
                 })
                 .collect();
-            let bytes = fs::read(archive(&dir, &built)).expect("read the archive");
-            let _ = fs::remove_dir_all(&dir);
+            let bytes = fs::read(archive(dir, &built)).expect("read the archive");
             crate::fuzz_api::attachments(&bytes);
         }
     }
 
     #[test]
     fn links_through_links_are_refused() {
-        let dir = tempdir("chain");
+        let tmp = tempdir("chain");
+        let dir = tmp.path();
         let a = archive(
-            &dir,
+            dir,
             &[
                 Member::Link("test/up", "../provision"),
                 Member::Link("test/esc", "up/../../x"),
@@ -504,13 +506,12 @@ mod tests {
         );
         assert!(unpack(&a, &dir.join("attachments")).is_err());
         let b = archive(
-            &dir,
+            dir,
             &[
                 Member::Link("test/d", "../provision"),
                 Member::File("test/d/evil", b"x", 0o644),
             ],
         );
         assert!(unpack(&b, &dir.join("attachments2")).is_err());
-        let _ = fs::remove_dir_all(dir);
     }
 }

@@ -504,14 +504,12 @@ fn check_record(server: &HttpServer, agent_id: &str) -> Check {
 mod tests {
     use super::*;
 
-    fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "tf-check-{name}-{}-{}",
-            std::process::id(),
-            probe_name()
-        ));
-        fs::create_dir_all(&dir).expect("the temp dir is writable");
-        dir
+    /// A temporary directory `tf-check-<name>-<random>`, removed when dropped.
+    fn tempdir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("tf-check-{name}-"))
+            .tempdir()
+            .expect("temp dir is writable")
     }
 
     fn entries(dir: &Path) -> Vec<PathBuf> {
@@ -525,7 +523,8 @@ mod tests {
 
     #[test]
     fn directories_present_absent_or_blocked() {
-        let dir = tempdir("dirs");
+        let tmp = tempdir("dirs");
+        let dir = tmp.path();
         fs::create_dir(dir.join("here")).expect("mkdir");
         fs::write(dir.join("file"), "x").expect("write");
         let present = check_dir("execution_basedir", &dir.join("here"), "me");
@@ -543,9 +542,8 @@ mod tests {
             "{under_file}"
         );
         // Nothing was left behind.
-        assert_eq!(entries(&dir), vec![dir.join("file"), dir.join("here")]);
+        assert_eq!(entries(dir), vec![dir.join("file"), dir.join("here")]);
         assert!(entries(&dir.join("here")).is_empty());
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -799,8 +799,8 @@ mod tests {
 
     #[test]
     fn load_picks_json_or_yaml_by_first_byte() {
-        let dir = std::env::temp_dir().join(format!("tf-job-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
         let write = |name: &str, body: &[u8]| {
             let path = dir.join(name);
             std::fs::write(&path, body).expect("write");
@@ -838,7 +838,6 @@ mod tests {
         let missing = dir.join("missing.json");
         let e = JobSpec::load(&missing).expect_err("missing").to_string();
         assert!(e.contains("missing.json"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

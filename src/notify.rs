@@ -478,9 +478,8 @@ mod tests {
 
     #[test]
     fn sends_datagrams_to_a_path() {
-        let dir = std::env::temp_dir().join(format!("tf-notify-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
         let path = dir.join("notify.sock");
         let receiver = UnixDatagram::bind(&path).expect("bind");
         let notifier = Notifier {
@@ -500,7 +499,7 @@ mod tests {
         let n = receiver.recv(&mut buf).expect("a datagram");
         assert_eq!(&buf[..n], b"READY=1");
         drop(receiver);
-        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::remove_dir_all(dir).expect("remove the socket's directory");
         // The socket is gone now: one warning, no panic, no error returned.
         notifier.send("STATUS=x");
         assert!(notifier.warned.load(Ordering::Relaxed));

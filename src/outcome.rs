@@ -195,21 +195,19 @@ pub fn parse_device_info(text: &[u8]) -> Option<Value> {
 mod tests {
     use super::*;
 
-    fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "tf-outcome-{name}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temp dir is writable");
-        dir
+    /// A temporary directory `tf-outcome-<name>-<random>`, removed when dropped.
+    fn tempdir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("tf-outcome-{name}-"))
+            .tempdir()
+            .expect("temp dir is writable")
     }
 
     #[test]
     fn status_is_cumulative_and_in_phase_order() {
-        let dir = tempdir("status");
-        let mut outcome = OutcomeFile::create(&dir).expect("create");
+        let tmp = tempdir("status");
+        let dir = tmp.path();
+        let mut outcome = OutcomeFile::create(dir).expect("create");
         assert_eq!(
             fs::read_to_string(dir.join(OUTCOME_FILE)).expect("read"),
             "{}"
@@ -218,46 +216,45 @@ mod tests {
         outcome.set_status(Phase::Test, 1).expect("write");
         let text = fs::read_to_string(dir.join(OUTCOME_FILE)).expect("read");
         assert_eq!(text, r#"{"status":{"setup":0,"test":1}}"#);
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
     fn connector_files_over_the_limit_are_ignored_not_read_whole() {
-        let dir = tempdir("limit");
+        let tmp = tempdir("limit");
+        let dir = tmp.path();
         let info = format!(
             r#"{{"device_ip": "10.0.0.1", "pad": "{}"}}"#,
             "x".repeat(1000)
         );
         fs::write(dir.join(DEVICE_INFO_FILE), &info).expect("write");
-        assert!(read_device_info(&dir).is_some(), "a normal file is read");
+        assert!(read_device_info(dir).is_some(), "a normal file is read");
         // Sparse: the size is there without the disk space.
         let big = fs::File::create(dir.join(DEVICE_INFO_FILE)).expect("create");
         big.set_len(CONNECTOR_FILE_LIMIT + 1).expect("set_len");
-        assert_eq!(read_device_info(&dir), None);
+        assert_eq!(read_device_info(dir), None);
         let error = fs::File::create(dir.join(CONNECTOR_ERROR_FILE)).expect("create");
         error.set_len(CONNECTOR_FILE_LIMIT + 1).expect("set_len");
-        assert_eq!(connector_error_detail(&dir, Phase::Provision), "");
-        let _ = fs::remove_dir_all(dir);
+        assert_eq!(connector_error_detail(dir, Phase::Provision), "");
     }
 
     #[test]
     fn connector_errors_concatenated_and_garbage() {
-        let dir = tempdir("conn");
+        let tmp = tempdir("conn");
+        let dir = tmp.path();
         let path = dir.join(CONNECTOR_ERROR_FILE);
         fs::write(&path, "").expect("write");
-        assert_eq!(connector_error_detail(&dir, Phase::Provision), "");
+        assert_eq!(connector_error_detail(dir, Phase::Provision), "");
         fs::write(
             &path,
             r#"{"provision_exception_info": {"exception_name": "ProvisioningError", "exception_message": "no boot", "exception_cause": "timeout"}}{"test_exception_info": {"exception_name": "E", "exception_message": "m"}}"#,
         )
         .expect("write");
         assert_eq!(
-            connector_error_detail(&dir, Phase::Provision),
+            connector_error_detail(dir, Phase::Provision),
             "ProvisioningError: no boot caused by timeout"
         );
-        assert_eq!(connector_error_detail(&dir, Phase::Test), "E: m");
+        assert_eq!(connector_error_detail(dir, Phase::Test), "E: m");
         fs::write(&path, b"\xff{not json").expect("write");
-        assert_eq!(connector_error_detail(&dir, Phase::Test), "");
-        let _ = fs::remove_dir_all(dir);
+        assert_eq!(connector_error_detail(dir, Phase::Test), "");
     }
 }

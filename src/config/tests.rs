@@ -438,9 +438,8 @@ fn load_names_the_file() {
     let missing = Path::new("/nonexistent/testflinger-agent.conf");
     let e = Config::load(missing).expect_err("missing file").to_string();
     assert!(e.contains("/nonexistent/testflinger-agent.conf"), "{e}");
-    let dir = std::env::temp_dir().join(format!("tf-config-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let file = dir.join("bad.conf");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("bad.conf");
     std::fs::write(&file, "agent_id: a\n").expect("write");
     let e = Config::load(&file).expect_err("incomplete").to_string();
     assert!(
@@ -449,7 +448,6 @@ fn load_names_the_file() {
     );
     std::fs::write(&file, MINIMAL).expect("write");
     assert_eq!(Config::load(&file).expect("valid").agent_id, "rpi4-001");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

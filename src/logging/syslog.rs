@@ -102,11 +102,12 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixDatagram;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tf-syslog-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir
+    /// A temporary directory `tf-syslog-<name>-<random>`, removed when dropped.
+    fn scratch(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("tf-syslog-{name}-"))
+            .tempdir()
+            .expect("temp dir")
     }
 
     fn receive(socket: &UnixDatagram) -> String {
@@ -120,7 +121,8 @@ mod tests {
 
     #[test]
     fn facility_and_severity_make_the_priority() {
-        let dir = scratch("pri");
+        let tmp = scratch("pri");
+        let dir = tmp.path();
         let path = dir.join("log.sock");
         let server = UnixDatagram::bind(&path).expect("bind");
         let mut sink = Sink::connect("local3", &path).expect("connects");
@@ -141,23 +143,23 @@ mod tests {
                 "{line}"
             );
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn an_absent_socket_is_an_error_not_a_panic() {
-        let dir = scratch("absent");
+        let tmp = scratch("absent");
+        let dir = tmp.path();
         let err = match Sink::connect("daemon", &dir.join("nothing-here")) {
             Ok(_) => panic!("no socket there"),
             Err(err) => err,
         };
         assert!(err.contains("nothing-here"), "{err}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn reconnects_after_the_daemon_restarts() {
-        let dir = scratch("restart");
+        let tmp = scratch("restart");
+        let dir = tmp.path();
         let path = dir.join("log.sock");
         let first = UnixDatagram::bind(&path).expect("bind");
         let mut sink = Sink::connect("user", &path).expect("connects");
@@ -173,6 +175,5 @@ mod tests {
         sink.send(Level::Info, "two", t0 + RECONNECT_AFTER);
         let line = receive(&second);
         assert!(line.ends_with("two"), "{line}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -345,6 +345,32 @@ fn run_example(s: &Scratch, config: &str, job: &str, expected_exit: i32) -> (Pat
     (s.rundir(), crate::run_job::text(&out.stdout))
 }
 
+/// The README's first command, `run-job` on the shipped example config and job (it passes),
+/// in a scratch named `name`.
+struct PassingRunJob {
+    s: Scratch,
+    rundir: PathBuf,
+    /// The job's id: the run directory's name.
+    id: String,
+    /// What run-job printed.
+    printed: String,
+}
+
+fn passing_run_job(name: &str) -> PassingRunJob {
+    let s = Scratch::new(name);
+    let (rundir, printed) = run_example(&s, "examples/agent.yaml", "examples/job.yaml", 0);
+    let id = rundir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .expect("the run directory is named after the job");
+    PassingRunJob {
+        s,
+        rundir,
+        id,
+        printed,
+    }
+}
+
 /// The phase column of `explain`'s table rows, in order (the first row, the job taken,
 /// has none).
 fn table_phases(table: &str) -> Vec<String> {
@@ -359,12 +385,12 @@ fn table_phases(table: &str) -> Vec<String> {
 /// each with how it ended; the same trail is kept under `<logging_basedir>/trails/`.
 #[test]
 fn explain_reads_the_run_directory_of_a_passing_run_job() {
-    let s = Scratch::new("explain-runjob-pass");
-    let (rundir, printed) = run_example(&s, "examples/agent.yaml", "examples/job.yaml", 0);
-    let id = rundir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .expect("the run directory is named after the job");
+    let PassingRunJob {
+        s,
+        rundir,
+        id,
+        printed,
+    } = passing_run_job("explain-runjob-pass");
     assert!(
         printed.ends_with(&format!(
             "run directory: {d}\nthe job's path: testflinger-agent explain {d}\n",
@@ -466,12 +492,7 @@ fn explain_reads_the_run_directory_of_a_failed_provision() {
 /// job's own kept trail when the directory is a run directory whose journal is gone.
 #[test]
 fn explain_without_a_trail_says_where_trails_are_kept() {
-    let s = Scratch::new("explain-none");
-    let (rundir, _) = run_example(&s, "examples/agent.yaml", "examples/job.yaml", 0);
-    let id = rundir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .expect("the run directory is named after the job");
+    let PassingRunJob { s, rundir, id, .. } = passing_run_job("explain-none");
     let config = s.path("agent.yaml");
     let run = |args: &[&std::ffi::OsStr]| {
         let out = Command::new(BIN)

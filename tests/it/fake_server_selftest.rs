@@ -1129,3 +1129,16 @@ fn iso_time_renders_like_the_server() {
     assert_eq!(iso_time::parse_iso_datetime("2026-02-29T00:00:00"), None);
     assert_eq!(iso_time::parse_iso_datetime("yesterday"), None);
 }
+
+/// The fixtures find the agent binary at run time (they are a library, which cargo does not
+/// give its path); it is the file cargo names to this test.
+#[test]
+fn the_fixtures_run_the_binary_cargo_built_for_this_test() {
+    let found = crate::support::agent::bin()
+        .canonicalize()
+        .expect("the binary the fixtures found exists");
+    let given = std::path::Path::new(crate::support::agent::BIN)
+        .canonicalize()
+        .expect("the binary cargo names exists");
+    assert_eq!(found, given);
+}

@@ -159,8 +159,8 @@ fn missing_required_config_keys_are_named() {
 
 #[test]
 fn empty_and_unreadable_config_files() {
-    let dir = std::env::temp_dir().join(format!("tf-inputs-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
     let empty = dir.join("empty.conf");
     std::fs::write(&empty, "").expect("write");
     let e = Config::load(&empty).expect_err("empty config").to_string();
@@ -169,7 +169,6 @@ fn empty_and_unreadable_config_files() {
         .expect_err("absent")
         .to_string();
     assert!(e.contains("absent.conf"), "{e}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn job_json_error(text: &str) -> String {
@@ -208,13 +207,12 @@ fn malformed_jobs_name_the_field() {
 
 #[test]
 fn empty_job_files_are_refused() {
-    let dir = std::env::temp_dir().join(format!("tf-inputs-job-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
     for name in ["empty.json", "blank.yaml"] {
         let path = dir.join(name);
         std::fs::write(&path, if name == "empty.json" { "" } else { "\n  \n" }).expect("write");
         let e = JobSpec::load(&path).expect_err("empty job").to_string();
         assert!(e.contains(name) && e.contains("empty"), "{e}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

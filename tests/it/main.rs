@@ -1,8 +1,18 @@
 //! Integration tests, one binary with one module per behaviour.
 
-#[path = "../support/mod.rs"]
-#[allow(dead_code)]
-mod support;
+/// The test fixtures (tests/support, the workspace's `testflinger-agent-test-support`), with
+/// the agent binary's path as cargo gives it to this package's tests.
+mod support {
+    pub use testflinger_agent_test_support::*;
+
+    pub mod agent {
+        pub use testflinger_agent_test_support::agent::*;
+
+        /// The agent binary, as cargo names it to this test (the fixtures find the same file
+        /// at run time: `fake_server_selftest` checks that they agree).
+        pub const BIN: &str = env!("CARGO_BIN_EXE_testflinger-agent");
+    }
+}
 
 mod admin_state;
 mod audit;

@@ -761,15 +761,6 @@ fn a_signal_death_is_reported_as_such() {
     assert!(!outcome.termination.killed_by_agent());
 }
 
-/// A file in the temp dir, removed on drop.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn binary_output_arrives_byte_exact() {
     let mut data = vec![0u8; 3_000_000];
@@ -784,9 +775,9 @@ fn binary_output_arrives_byte_exact() {
         }
     }
     assert!(std::str::from_utf8(&data).is_err());
-    let file = TempFile(std::env::temp_dir().join(format!("tf-bytes-{}", Marker::new().digits)));
-    std::fs::write(&file.0, &data).expect("write sample");
-    let (outcome, out) = run(&spec(&format!("cat '{}'", file.0.display())));
+    let file = tempfile::NamedTempFile::new().expect("a temp file");
+    std::fs::write(file.path(), &data).expect("write sample");
+    let (outcome, out) = run(&spec(&format!("cat '{}'", file.path().display())));
     assert_eq!(outcome.termination, Termination::Exited(0));
     assert_eq!(out.len(), data.len());
     assert!(out == data, "output differs from the file");

@@ -10,6 +10,7 @@ use crate::support::agent::{finished, queue, wait_for, Agent};
 use crate::support::fake_server::{FakeConfig, FakeServer, ReadKind, RequestRecord, Route};
 use crate::support::scratch::Scratch;
 use serde_json::{json, Value};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Every phase has a command; a job with only `test_data` skips provision, firmware_update,
@@ -91,6 +92,52 @@ fn status_requests(server: &FakeServer) -> Vec<RequestRecord> {
 
 fn agent_log(s: &Scratch, name: &str) -> String {
     std::fs::read_to_string(Agent::stderr_path(s, name)).expect("agent log")
+}
+
+/// The scenario of the tests that act while the test phase runs: an agent (every phase with
+/// a command, `extra` config lines after them) whose test command prints `start`, waits for
+/// a go file, runs `after_go` and prints `end`, and one job submitted to it. Fields drop in
+/// order: the agent (printing its log's tail if the test failed) before its scratch.
+struct WaitingForGo {
+    _agent: Agent,
+    s: Scratch,
+    server: FakeServer,
+    name: String,
+    go: PathBuf,
+    id: String,
+}
+
+impl WaitingForGo {
+    /// Starts it against a fake server with or without `/status` (`tag` names the scratch
+    /// directory and the agent) and waits until the test phase has printed `start`.
+    fn start(status: bool, tag: &str, extra: &str, after_go: &str) -> WaitingForGo {
+        let server = server_with_status(status);
+        let s = Scratch::new(&format!("state-{tag}"));
+        let name = format!("state-{tag}-{}", std::process::id());
+        let go = s.path("go");
+        let commands = format!(
+            "{COMMANDS}{extra}test_command: echo start; while [ ! -e {go} ]; do sleep 0.1; done; {after_go}echo end\n",
+            go = go.display()
+        );
+        let agent = Agent::start(&server, &s, &name, &commands);
+        let id = submit(&server, &name);
+        wait_for(&server, "the test phase to start", |srv| {
+            srv.log_text(&id, "output").contains("start")
+        });
+        WaitingForGo {
+            _agent: agent,
+            s,
+            server,
+            name,
+            go,
+            id,
+        }
+    }
+
+    /// Lets the test command go on to its end.
+    fn go(&self) {
+        std::fs::write(&self.go, "").expect("write the go file");
+    }
 }
 
 #[test]
@@ -193,63 +240,48 @@ fn without_status_one_404_decides_and_every_read_is_a_full_one() {
 
 #[test]
 fn a_server_that_starts_answering_404_for_status_is_read_in_full_from_then_on() {
-    let server = server_with_status(true);
-    let s = Scratch::new("state-switch");
-    let name = format!("state-switch-{}", std::process::id());
-    let go = s.path("go");
-    let commands = format!(
-        "{COMMANDS}test_command: echo start; while [ ! -e {go} ]; do sleep 0.1; done; echo end\n",
-        go = go.display()
-    );
-    let _agent = Agent::start(&server, &s, &name, &commands);
-    let id = submit(&server, &name);
-    wait_for(&server, "the test phase to start", |srv| {
-        srv.log_text(&id, "output").contains("start")
-    });
-    wait_for(&server, "a status read during the test phase", |srv| {
-        srv.state_reads(&id)
+    let scenario = WaitingForGo::start(true, "switch", "", "");
+    let WaitingForGo {
+        server,
+        s,
+        name,
+        id,
+        ..
+    } = &scenario;
+    wait_for(server, "a status read during the test phase", |srv| {
+        srv.state_reads(id)
             .iter()
-            .any(|r| r.at > server_time_of_state(srv, &id, "test"))
+            .any(|r| r.at > server_time_of_state(srv, id, "test"))
     });
     let switched = Instant::now();
     server.set_status_endpoint(false);
-    wait_for(&server, "two full reads during the test phase", |srv| {
-        srv.state_reads(&id)
+    wait_for(server, "two full reads during the test phase", |srv| {
+        srv.state_reads(id)
             .iter()
             .filter(|r| r.kind == ReadKind::Full && r.at > switched)
             .count()
             >= 2
     });
-    std::fs::write(&go, "").expect("write the go file");
-    wait_finished(&server, &id);
-    let after: Vec<RequestRecord> = status_requests(&server)
+    scenario.go();
+    wait_finished(server, id);
+    let after: Vec<RequestRecord> = status_requests(server)
         .into_iter()
         .filter(|r| r.at > switched)
         .collect();
     assert_eq!(after.len(), 1, "one 404 for /status, then none");
     assert_eq!(after[0].status, 404);
-    assert_eq!(server.job_state(&id).as_deref(), Some("complete"));
-    assert!(agent_log(&s, &name).contains("now answers 404"));
+    assert_eq!(server.job_state(id).as_deref(), Some("complete"));
+    assert!(agent_log(s, name).contains("now answers 404"));
 }
 
 #[test]
 fn after_an_outage_the_server_is_asked_again_for_status() {
-    let server = server_with_status(false);
-    let s = Scratch::new("state-outage");
-    let name = format!("state-outage-{}", std::process::id());
-    let go = s.path("go");
-    let commands = format!(
-        "{COMMANDS}test_command: echo start; while [ ! -e {go} ]; do sleep 0.1; done; echo end\n",
-        go = go.display()
-    );
-    let _agent = Agent::start(&server, &s, &name, &commands);
-    let id = submit(&server, &name);
-    wait_for(&server, "a full read during the test phase", |srv| {
-        srv.log_text(&id, "output").contains("start")
-            && srv
-                .state_reads(&id)
-                .iter()
-                .any(|r| r.kind == ReadKind::Full && r.at > server_time_of_state(srv, &id, "test"))
+    let scenario = WaitingForGo::start(false, "outage", "", "");
+    let WaitingForGo { server, id, .. } = &scenario;
+    wait_for(server, "a full read during the test phase", |srv| {
+        srv.state_reads(id)
+            .iter()
+            .any(|r| r.kind == ReadKind::Full && r.at > server_time_of_state(srv, id, "test"))
     });
     // The server goes away and comes back as a newer build.
     server.go_down();
@@ -257,22 +289,22 @@ fn after_an_outage_the_server_is_asked_again_for_status() {
     server.set_status_endpoint(true);
     let back = Instant::now();
     server.come_back();
-    wait_for(&server, "status reads after the outage", |srv| {
-        srv.state_reads(&id)
+    wait_for(server, "status reads after the outage", |srv| {
+        srv.state_reads(id)
             .iter()
             .filter(|r| r.kind == ReadKind::Status && r.at > back)
             .count()
             >= 2
     });
-    std::fs::write(&go, "").expect("write the go file");
-    wait_finished(&server, &id);
+    scenario.go();
+    wait_finished(server, id);
     let full_after = server
-        .state_reads(&id)
+        .state_reads(id)
         .iter()
         .filter(|r| r.kind == ReadKind::Full && r.at > back)
         .count();
     assert_eq!(full_after, 0, "back from the outage, /status is used");
-    assert_eq!(server.job_state(&id).as_deref(), Some("complete"));
+    assert_eq!(server.job_state(id).as_deref(), Some("complete"));
 }
 
 #[test]
@@ -322,36 +354,29 @@ fn without_status_no_full_read_sits_between_the_test_phase_and_cleanup() {
 /// server with `/status` the read before allocate sees it; on one without, the read after
 /// cleanup does. Either way no `job_state` overwrites it.
 fn cancel_in_the_last_second(status: bool) {
-    let server = server_with_status(status);
-    let tag = if status { "status" } else { "full" };
-    let s = Scratch::new(&format!("state-cancel-{tag}"));
-    let name = format!("state-cancel-{tag}-{}", std::process::id());
-    let go = s.path("go");
-    let commands = format!(
-        "{COMMANDS}cancel_check_interval: 60\ntest_command: echo start; while [ ! -e {go} ]; do sleep 0.1; done; sleep 0.5; echo end\n",
-        go = go.display()
-    );
-    let _agent = Agent::start(&server, &s, &name, &commands);
-    let id = submit(&server, &name);
-    wait_for(&server, "the test phase to start", |srv| {
-        srv.log_text(&id, "output").contains("start")
-    });
+    let tag = if status {
+        "cancel-status"
+    } else {
+        "cancel-full"
+    };
+    let scenario = WaitingForGo::start(status, tag, "cancel_check_interval: 60\n", "sleep 0.5; ");
+    let WaitingForGo { server, id, .. } = &scenario;
     let cancelled_at = Instant::now();
-    assert!(server.cancel_job(&id));
-    std::fs::write(&go, "").expect("write the go file");
+    assert!(server.cancel_job(id));
+    scenario.go();
     // The cancel alone makes the job look finished: wait for the agent's final post.
-    wait_for(&server, "cleanup and the final state", |srv| {
-        srv.log_text(&id, "output").contains("cleanup ran")
-            && posted_states(srv, &id)
+    wait_for(server, "cleanup and the final state", |srv| {
+        srv.log_text(id, "output").contains("cleanup ran")
+            && posted_states(srv, id)
                 .last()
                 .is_some_and(|s| s == "cancelled" || s == "complete")
     });
     assert!(
-        server.log_text(&id, "output").contains("end"),
+        server.log_text(id, "output").contains("end"),
         "the test command ended on its own"
     );
-    assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
-    let after_cancel: Vec<Value> = result_posts(&server, &id)
+    assert_eq!(server.job_state(id).as_deref(), Some("cancelled"));
+    let after_cancel: Vec<Value> = result_posts(server, id)
         .into_iter()
         .filter(|(at, _)| *at > cancelled_at)
         .filter_map(|(_, body)| body.get("job_state").cloned())
@@ -360,14 +385,14 @@ fn cancel_in_the_last_second(status: bool) {
         after_cancel,
         [json!("cancelled")],
         "only the final state: {:?}",
-        result_posts(&server, &id)
+        result_posts(server, id)
     );
     if !status {
-        let test_done = test_status_posted(&server, &id);
-        let cleanup = cleanup_started(&server, &id);
+        let test_done = test_status_posted(server, id);
+        let cleanup = cleanup_started(server, id);
         assert!(
             !server
-                .state_reads(&id)
+                .state_reads(id)
                 .iter()
                 .any(|r| r.at > test_done && r.at < cleanup),
             "no full read between test and cleanup"

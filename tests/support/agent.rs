@@ -1,15 +1,39 @@
 //! A daemon started through the real binary against the fake server, with its config in a
 //! scratch directory; killed on drop (the tests kill its command trees by marker).
 
-use super::fake_server::{FakeServer, DEFAULT_REFRESH_TOKEN};
-use super::scratch::Scratch;
+use crate::fake_server::{FakeServer, DEFAULT_REFRESH_TOKEN};
+use crate::scratch::Scratch;
 use serde_json::json;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_testflinger-agent");
+/// The agent binary cargo built for the running test or bench: `testflinger-agent` in the
+/// profile directory (`target/<profile>/`) that holds the `deps/` (tests, benches) or
+/// `examples/` directory of the running executable. Cargo gives its path at compile time
+/// (`CARGO_BIN_EXE_testflinger-agent`) only to the agent package's own tests and benches,
+/// not to a library like this one; tests/it checks that both name the same file.
+pub fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the running executable has a path");
+        let found = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|profile| profile.join("testflinger-agent"));
+        match found {
+            Some(path) if path.is_file() => path,
+            _ => panic!(
+                "no agent binary beside {} (expected target/<profile>/testflinger-agent: \
+                 run the tests and benches through cargo)",
+                exe.display()
+            ),
+        }
+    })
+}
+
 pub const WAIT: Duration = Duration::from_secs(60);
 
 /// A running agent daemon; killed (with its command trees, by marker) on drop.
@@ -79,7 +103,7 @@ impl Agent {
     /// Starts the binary with exactly `args`, `env` changed as in [`Agent::start_env`],
     /// stdin and stdout from /dev/null, stderr into `stderr`.
     pub fn exec(args: &[OsString], env: &[(&str, Option<&str>)], stderr: std::fs::File) -> Agent {
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(bin());
         for (key, value) in env {
             match value {
                 Some(value) => command.env(key, value),

@@ -67,10 +67,10 @@
 //! Dropping the server stops it: delayed requests are cut short, every connection is
 //! closed and every thread joined. Nothing in `Drop` panics.
 
-use super::http_wire::{Handler, Reply, Streamed, WireRequest, WireResponse, WireServer};
-use super::iso_time::{now_micros, parse_iso_datetime, render_aware, render_naive};
-use super::multipart;
-use super::schema::{self, is_valid_uuid, validate, PHASES};
+use crate::http_wire::{Handler, Reply, Streamed, WireRequest, WireResponse, WireServer};
+use crate::iso_time::{now_micros, parse_iso_datetime, render_aware, render_naive};
+use crate::multipart;
+use crate::schema::{self, is_valid_uuid, validate, PHASES};
 use serde_json::{json, Map, Value};
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -1087,8 +1087,6 @@ fn route_request(method: &str, raw_path: &str) -> Routing {
 /// Who may call an endpoint (PROTOCOL §1.3).
 #[derive(Clone, Copy)]
 enum Access {
-    /// No authentication.
-    Open,
     /// Needs a valid token; the roles text is used in 403 messages.
     Agent(&'static str),
     /// Any role; anonymous too when OIDC is off.
@@ -1232,7 +1230,6 @@ impl Shared {
         let oidc = self.config.oidc_enabled;
         let needs_auth = || error(401, "Authentication is required for specified endpoint");
         match (access, header) {
-            (Access::Open, _) => Ok(()),
             (Access::Client, None) => Ok(()),
             (Access::Client, Some(h)) => {
                 self.check_token(st, h, CLIENT_ROLES)?;

@@ -6,7 +6,7 @@
 //! agent should not rely on (numeric strings or floats for integers, `"yes"` for booleans),
 //! the fake is stricter: an agent that passes here passes on the real server.
 
-use super::iso_time::parse_iso_datetime;
+use crate::iso_time::parse_iso_datetime;
 use serde_json::{json, Map, Value};
 
 /// The seven phases, in order (the server's `TestPhase`).

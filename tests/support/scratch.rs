@@ -4,11 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// The agent's repository (this crate is tests/support in it).
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
-/// A scratch directory holding the agent's directories; removed on drop.
+/// A scratch directory holding the agent's directories: a [`tempfile::TempDir`] named
+/// `tf-it-<name>-<random>`, removed on drop unless `TF_KEEP_SCRATCH` is set (to read an
+/// agent's log after a failure).
 pub struct Scratch {
-    dir: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl Scratch {
@@ -18,26 +21,25 @@ impl Scratch {
 
     /// A scratch directory under `base` (e.g. a tmpfs, where fsync costs nothing).
     pub fn new_in(base: &Path, name: &str) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = base.join(format!(
-            "tf-it-{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir is writable");
+        // Created with the umask's mode, as before (0755 under the usual 022), not
+        // owner-only: some tests run the agent as another user inside it.
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tf-it-{name}-"))
+            .disable_cleanup(std::env::var_os("TF_KEEP_SCRATCH").is_some())
+            .tempdir_in(base)
+            .expect("scratch dir is writable");
         Scratch { dir }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.dir.path().join(name)
     }
 
     /// Writes `agent.yaml`: `body` plus this scratch's directories.
     pub fn config(&self, body: &str) -> PathBuf {
         let text = format!(
             "{body}\nexecution_basedir: {d}/run\nlogging_basedir: {d}/logs\nresults_basedir: {d}/results\n",
-            d = self.dir.display()
+            d = self.dir.path().display()
         );
         self.write("agent.yaml", &text)
     }
@@ -83,16 +85,6 @@ impl Scratch {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed) % 1000
         )
-    }
-}
-
-impl Drop for Scratch {
-    /// Removes the directory, unless `TF_KEEP_SCRATCH` is set (to read an agent's log
-    /// after a failure).
-    fn drop(&mut self) {
-        if std::env::var_os("TF_KEEP_SCRATCH").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 

@@ -10,9 +10,9 @@
 //! job, nothing queued), and its resident memory, open descriptors, threads and child
 //! processes are read from `/proc`.
 
-use super::agent::{finished, queue, Agent};
-use super::fake_server::{FakeConfig, FakeServer, Route};
-use super::scratch::{living_carrying, KillByMarker, Scratch};
+use crate::agent::{finished, queue, Agent};
+use crate::fake_server::{FakeConfig, FakeServer, Route};
+use crate::scratch::{living_carrying, KillByMarker, Scratch};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;

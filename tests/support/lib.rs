@@ -1,4 +1,5 @@
-//! Test fixtures shared by the integration tests.
+//! Test fixtures shared by the integration tests (tests/it), the benches and
+//! examples/fake-server.rs: a crate of the workspace, compiled once for all of them.
 
 pub mod agent;
 pub mod fake_server;
