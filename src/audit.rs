@@ -189,6 +189,11 @@ pub fn where_trails_are(
         crate::journal::JOURNAL_FILE,
         crate::trails::TRAILS_DIR
     );
+    out.push_str(&format!(
+        "Device health checks keep theirs beside their output in <logging_basedir>/{}/ \
+         (explain takes that directory, for the newest, or a check's .trail.json).\n",
+        crate::healthcheck::LOG_DIR
+    ));
     let where_ = format!("{} ({whence})", trails_dir.display());
     let trails = match trails {
         Ok(trails) => trails,

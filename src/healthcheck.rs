@@ -12,7 +12,7 @@
 //! is the daemon's business; the one-shot `testflinger-agent healthcheck` uses the same run.
 
 use crate::config::Config;
-use crate::journal::{CheckSummary, CommandEnd, Ending, Journal, Why};
+use crate::journal::{CheckSummary, CommandEnd, Journal, Why};
 use crate::process::{self, CommandSpec, OutputSink, StopSignal, Termination};
 use serde_json::json;
 use std::ffi::OsString;
@@ -284,7 +284,7 @@ pub fn trail_of(report: &CheckReport, outcome: &process::CommandOutcome, why: &s
         why_end,
         Some(report.exit_code),
     );
-    journal.annotate_last(command_end(outcome));
+    journal.annotate_last(CommandEnd::of(outcome));
     journal.set_status(TRAIL_PHASE, report.exit_code);
     journal.finished = true;
     journal.check = Some(CheckSummary {
@@ -308,22 +308,6 @@ const TRAIL_PHASE: &str = "healthcheck";
 const INTERRUPTED: &str = "interrupted";
 /// How a check's trail file ends; its stem is its log's.
 pub const TRAIL_SUFFIX: &str = ".trail.json";
-
-/// How the check's tree ended (the same reading as a phase's).
-fn command_end(done: &process::CommandOutcome) -> CommandEnd {
-    let how = match done.termination {
-        Termination::Exited(_) => Ending::Exited,
-        Termination::Signaled(_) => Ending::Signaled,
-        _ if done.needed_sigkill => Ending::SigkillNeeded,
-        _ => Ending::SigtermHonoured,
-    };
-    CommandEnd {
-        how,
-        escapees: u64::try_from(done.escapees_killed + done.escapees_terminated)
-            .unwrap_or(u64::MAX),
-        stragglers: u64::try_from(done.stragglers_killed).unwrap_or(u64::MAX),
-    }
-}
 
 /// Writes the check's trail beside its log; a failure is logged, the check's result stands.
 fn keep_trail(dir: &Path, report: &CheckReport, outcome: &process::CommandOutcome, why: &str) {

@@ -79,6 +79,26 @@ pub struct CommandEnd {
     pub stragglers: u64,
 }
 
+impl CommandEnd {
+    /// How the command `done` ended, for its transition in a trail (a phase's or a health
+    /// check's).
+    pub fn of(done: &crate::process::CommandOutcome) -> CommandEnd {
+        use crate::process::Termination;
+        let how = match done.termination {
+            Termination::Exited(_) => Ending::Exited,
+            Termination::Signaled(_) => Ending::Signaled,
+            _ if done.needed_sigkill => Ending::SigkillNeeded,
+            _ => Ending::SigtermHonoured,
+        };
+        CommandEnd {
+            how,
+            escapees: u64::try_from(done.escapees_killed + done.escapees_terminated)
+                .unwrap_or(u64::MAX),
+            stragglers: u64::try_from(done.stragglers_killed).unwrap_or(u64::MAX),
+        }
+    }
+}
+
 /// The last signal a phase command's tree needed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

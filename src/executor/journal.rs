@@ -1,10 +1,9 @@
 //! The job journal as the executor keeps it: what each step of a job records, and the
 //! durable write after each (the trail a crash leaves, read by recovery and `explain`).
 
-use crate::journal::{CommandEnd, Ending, Journal, Why};
+use crate::journal::{Journal, Why};
 use crate::lifecycle::{AbortReason, PhaseEnd, PhaseRecord, PhaseStatus};
 use crate::phase::{Phase, SkipReason};
-use crate::process::{self, Termination};
 use crate::server::Server;
 use std::path::Path;
 
@@ -117,20 +116,5 @@ fn why_of(end: PhaseEnd) -> Why {
         PhaseEnd::Shutdown => Why::Shutdown,
         PhaseEnd::AgentError => Why::AgentError,
         PhaseEnd::StorageFailed => Why::StorageFailed,
-    }
-}
-
-/// How a command's tree ended, for the journal's trail.
-pub(super) fn command_end(done: &process::CommandOutcome) -> CommandEnd {
-    let how = match done.termination {
-        Termination::Exited(_) => Ending::Exited,
-        Termination::Signaled(_) => Ending::Signaled,
-        _ if done.needed_sigkill => Ending::SigkillNeeded,
-        _ => Ending::SigtermHonoured,
-    };
-    CommandEnd {
-        how,
-        escapees: (done.escapees_killed + done.escapees_terminated) as u64,
-        stragglers: done.stragglers_killed as u64,
     }
 }

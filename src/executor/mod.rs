@@ -22,7 +22,6 @@ use crate::phase::{Phase, SkipReason};
 use crate::process::{self, CommandSpec, OutputSink, StopKind, StopSignal, Termination};
 use crate::server::Server;
 use events::Events;
-use journal::command_end;
 pub use journal::{
     journal_command_spawned, journal_phase_finished, journal_phase_starting,
     journal_stopped_before, save_journal,
@@ -560,7 +559,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
                     Termination::Unrecordable => (PhaseEnd::StorageFailed, None),
                 };
                 record_escapees(&done);
-                self.last_command = Some(command_end(&done));
+                self.last_command = Some(CommandEnd::of(&done));
                 if done.stragglers_killed > 0 {
                     log::warn!(
                         "job {job_id}: {phase} left {} background process(es) running; killed",

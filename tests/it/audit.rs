@@ -530,6 +530,10 @@ fn explain_without_a_trail_says_where_trails_are_kept() {
         "the newest trails are named:\n{stderr}"
     );
     assert!(!stderr.contains("This job's trail"), "{stderr}");
+    assert!(
+        stderr.contains("<logging_basedir>/healthchecks/"),
+        "where health checks keep their trails:\n{stderr}"
+    );
 
     // Without -c: the default logging_basedir's trails directory is named.
     let (code, _, stderr) = run(&[empty.as_os_str()]);
