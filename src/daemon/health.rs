@@ -3,23 +3,13 @@
 //! the agent's own `maintenance` hold that a failed check sets and a passing one lifts.
 //! The check itself (its process, output and report) is [`crate::healthcheck`].
 
-use super::run::Daemon;
+use super::run::{Daemon, OwnHold};
 use super::states::{DaemonEvent, DaemonState};
 use crate::executor::{AgentRequest, RECOVERY_OFFLINE_COMMENT_PREFIX};
 use crate::healthcheck::{self, CheckResult};
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// The agent's own `maintenance` after a failed health check.
-#[derive(Debug)]
-pub(super) struct OwnHold {
-    /// Failed checks in a row.
-    failures: u32,
-    /// When the check runs again.
-    retry_at: Instant,
-}
 
 impl Daemon {
     /// Whether a hold on the server (`state` with `comment`) is the agent's own, which a
@@ -249,38 +239,6 @@ impl Daemon {
         crate::process::reap_orphans();
         self.post_agent(json!({"job_id": ""}));
         self.check_now(&why);
-    }
-}
-
-/// SIGUSR2 asks for a health check at the next idle moment: a thread (no logic in a signal
-/// handler) sets `asked`, counts the request in `count` and wakes the stop signal's pipe,
-/// which ends the daemon's idle pause ([`Daemon::pause`]) so that the check need not wait
-/// for the polling interval.
-pub(super) fn listen_for_sigusr2(
-    asked: &Arc<AtomicBool>,
-    count: &Arc<AtomicU64>,
-    stop: &crate::process::StopSignal,
-) {
-    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR2]) {
-        Ok(signals) => signals,
-        Err(err) => {
-            log::warn!("cannot install the SIGUSR2 handler (a health check on demand): {err}");
-            return;
-        }
-    };
-    let (asked, count, stop) = (asked.clone(), count.clone(), stop.clone());
-    let spawned = std::thread::Builder::new()
-        .name("sigusr2".into())
-        .spawn(move || {
-            for _ in signals.forever() {
-                log::info!("SIGUSR2: a health check is asked for; it runs at the next idle moment");
-                asked.store(true, Ordering::SeqCst);
-                count.fetch_add(1, Ordering::SeqCst);
-                stop.wake_pipe().wake();
-            }
-        });
-    if let Err(err) = spawned {
-        log::warn!("cannot start the SIGUSR2 thread (a health check on demand): {err}");
     }
 }
 

@@ -3,7 +3,6 @@
 //! server is [`super::startup`]; a job from the server is run by [`super::job`], its report
 //! delivered by [`super::delivery`]; the health check is [`super::health`].
 
-use super::health::OwnHold;
 use super::states::{DaemonEvent, DaemonMachine, DaemonState};
 use crate::config::{Config, Key};
 use crate::executor::AgentRequest;
@@ -79,6 +78,15 @@ pub enum DaemonExit {
     Stopped,
     /// A restart was requested (server state or SIGUSR1): exit non-zero for the supervisor.
     Restart,
+}
+
+/// The agent's own `maintenance` after a failed health check.
+#[derive(Debug)]
+pub(super) struct OwnHold {
+    /// Failed checks in a row.
+    pub(super) failures: u32,
+    /// When the check runs again.
+    pub(super) retry_at: Instant,
 }
 
 /// The running daemon.
@@ -208,7 +216,7 @@ impl Daemon {
         let check_signal = Arc::new(AtomicBool::new(false));
         let check_asks = Arc::new(AtomicU64::new(0));
         if health.is_some() {
-            super::health::listen_for_sigusr2(&check_signal, &check_asks, &stop);
+            crate::signals::on_sigusr2(&check_signal, &check_asks, &stop);
         }
         Ok(Daemon {
             config,
