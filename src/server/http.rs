@@ -8,7 +8,7 @@ use super::client::{detail_of, seg, Core, Method, Payload, Repeat, Reply, Req, S
 pub use super::settings::{HttpSettings, Timeouts, FRAGMENT_SIZE, MAX_FRAGMENT_TEXT};
 use super::stream::{self, Streamer};
 pub use super::stream::{PendingOutput, PendingPhase};
-use super::{LogType, RefreshCheckError, Server, ServerError, ServerErrorKind};
+use super::{LogType, PendingState, RefreshCheckError, Server, ServerError, ServerErrorKind};
 use crate::phase::Phase;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -155,15 +155,7 @@ impl HttpServer {
     /// `GET /v1/result/<id>` once (PROTOCOL §3.10): only `job_state` is parsed, but the
     /// server builds the whole answer, every log of the job included.
     fn read_full(&self, job_id: &str) -> Result<Option<String>, ServerError> {
-        let req = Req::get(format!("/v1/result/{}", seg(job_id)))
-            .attempts(1)
-            .token_optional();
-        let what = req.what();
-        let reply = self.core.expect_success(&req)?;
-        if reply.status == 204 {
-            return Ok(None);
-        }
-        reply.job_state(&what)
+        read_full(&self.core, job_id)
     }
 
     /// The base every endpoint is joined to, e.g. `http://host:8000` (for messages and the
@@ -449,6 +441,15 @@ impl Server for HttpServer {
 
     fn state_reads_are_costly(&self) -> bool {
         self.state_endpoint() == Some(StateEndpoint::Full)
+    }
+
+    fn start_job_state(&self, job_id: &str) -> PendingState {
+        if self.state_endpoint() != Some(StateEndpoint::Full) {
+            return PendingState::ready(self.job_state(job_id));
+        }
+        let core = Arc::clone(&self.core);
+        let job_id = job_id.to_owned();
+        PendingState::spawn(move || read_full(&core, &job_id))
     }
 
     fn post_agent_state(&self, state: &str, comment: &str) -> Result<(), ServerError> {
@@ -792,6 +793,19 @@ impl<'de> serde::de::Visitor<'de> for QueueNamesVisitor {
     fn visit_unit<E>(self) -> Result<QueueNames, E> {
         Ok(QueueNames(Vec::new()))
     }
+}
+
+/// `GET /v1/result/<id>` (every log of the job comes with it) for the job state.
+fn read_full(core: &Core, job_id: &str) -> Result<Option<String>, ServerError> {
+    let req = Req::get(format!("/v1/result/{}", seg(job_id)))
+        .attempts(1)
+        .token_optional();
+    let what = req.what();
+    let reply = core.expect_success(&req)?;
+    if reply.status == 204 {
+        return Ok(None);
+    }
+    reply.job_state(&what)
 }
 
 #[cfg(test)]

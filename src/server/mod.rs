@@ -120,6 +120,80 @@ pub enum RefreshCheckError {
     Unavailable(String),
 }
 
+/// A job-state read started by [`Server::start_job_state`].
+#[derive(Debug)]
+pub struct PendingState(Pending);
+
+#[derive(Debug)]
+enum Pending {
+    Ready(Result<Option<String>, ServerError>),
+    Running(std::thread::JoinHandle<Result<Option<String>, ServerError>>),
+}
+
+impl PendingState {
+    /// A read that has already answered.
+    pub fn ready(answer: Result<Option<String>, ServerError>) -> PendingState {
+        PendingState(Pending::Ready(answer))
+    }
+
+    /// Runs `read` on a thread of its own (inline when no thread can be made).
+    pub fn spawn(
+        read: impl FnOnce() -> Result<Option<String>, ServerError> + Send + 'static,
+    ) -> PendingState {
+        let read = std::sync::Arc::new(std::sync::Mutex::new(Some(read)));
+        let on_thread = std::sync::Arc::clone(&read);
+        let spawned = std::thread::Builder::new()
+            .name("state-read".into())
+            .spawn(move || {
+                let read = on_thread
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                match read {
+                    Some(read) => read(),
+                    None => Err(ServerError::new(
+                        ServerErrorKind::Local,
+                        "job state read",
+                        "the read was already made",
+                    )),
+                }
+            });
+        match spawned {
+            Ok(handle) => PendingState(Pending::Running(handle)),
+            Err(err) => {
+                log::warn!("cannot start a thread for a job state read ({err}); reading now");
+                let read = read
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                PendingState::ready(match read {
+                    Some(read) => read(),
+                    None => Err(ServerError::new(
+                        ServerErrorKind::Local,
+                        "job state read",
+                        "the read was already made",
+                    )),
+                })
+            }
+        }
+    }
+
+    /// The read's answer, once it has come (a read whose thread panicked is an error:
+    /// state unknown).
+    pub fn wait(self) -> Result<Option<String>, ServerError> {
+        match self.0 {
+            Pending::Ready(answer) => answer,
+            Pending::Running(handle) => handle.join().unwrap_or_else(|_| {
+                Err(ServerError::new(
+                    ServerErrorKind::Local,
+                    "job state read",
+                    "the reading thread panicked",
+                ))
+            }),
+        }
+    }
+}
+
 /// The job-level calls the lifecycle makes. Implementations must be cheap to call from
 /// the phase loop: [`Server::output`] in particular must never block on the network.
 pub trait Server: Send + Sync {
@@ -135,6 +209,13 @@ pub trait Server: Send + Sync {
     /// state only where it can change what the agent does next.
     fn state_reads_are_costly(&self) -> bool {
         false
+    }
+
+    /// Starts a [`Server::job_state`] read that runs beside the caller (on a thread where
+    /// the read is a costly one); [`PendingState::wait`] takes its answer. The server sees
+    /// the read now, so the answer tells the state as of this call.
+    fn start_job_state(&self, job_id: &str) -> PendingState {
+        PendingState::ready(self.job_state(job_id))
     }
 
     /// Agent state while a job runs (`POST /v1/agents/data/<agent>` with `state`, `comment`).
