@@ -269,3 +269,32 @@ pub trait Server: Send + Sync {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_state_read_gives_the_threads_answer() {
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let pending = PendingState::spawn(move || {
+            // Answers only once the caller has gone on: the read runs beside it.
+            wait.recv().map_err(|_| {
+                ServerError::new(ServerErrorKind::Local, "test", "the caller went away")
+            })?;
+            Ok(Some("cancelled".to_owned()))
+        });
+        go.send(())
+            .expect("the reading thread waits on this channel");
+        assert_eq!(pending.wait().ok().flatten().as_deref(), Some("cancelled"));
+        let ready = PendingState::ready(Ok(None));
+        assert!(matches!(ready.wait(), Ok(None)));
+    }
+
+    #[test]
+    fn a_pending_state_read_whose_thread_panicked_is_an_error() {
+        let pending = PendingState::spawn(|| panic!("a read that panics"));
+        let err = pending.wait().expect_err("a panicked read has no answer");
+        assert_eq!(err.kind, ServerErrorKind::Local);
+    }
+}
