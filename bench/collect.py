@@ -139,18 +139,19 @@ for _kind, _words in [("old", "a server without `/status`"),
          f"the limit: the kit's `ingest-bench.py`, 1 MiB fragments on one connection, into "
          f"{_words} ({{server}}, commit {{commit}}, on {{host}})", None, "", REALSERVER),
         (f"realserver_{_kind}_live_mb_s", "MB/s",
-         f"daemon, a test phase printing {{bytes}} into {_words}: the live rate (the `test` state post to "
-         f"the end of its last fragment, from the server's request log)", None, "", REALSERVER),
+         f"daemon, a test phase printing {{bytes}} into {_words} ({{server}} on {{host}}): the live "
+         f"rate (the `test` state post to the end of its last fragment, from the server's request log)", None, "", REALSERVER),
         (f"realserver_{_kind}_live_vs_bare_ratio", "ratio",
-         f"that live rate / the bare client's, {_words}", (">=", 0.80), "≥ 0.80×", REALSERVER),
+         f"that live rate / the bare client's, {_words} ({{server}} on {{host}}, same run)", (">=", 0.80), "≥ 0.80×", REALSERVER),
         (f"realserver_{_kind}_job_output_mb_s", "MB/s",
-         f"the job's output rate into {_words}: {{bytes}} / (the `test` state post → the next "
-         f"state post)", None, "", REALSERVER),
+         f"the job's output rate into {_words} ({{server}} on {{host}}): {{bytes}} / (the `test` "
+         f"state post → the next state post)", None, "", REALSERVER),
         (f"realserver_{_kind}_job_vs_bare_ratio", "ratio",
-         f"that job output rate / the bare client's, {_words}", (">=", 0.75), "≥ 0.75×",
+         f"that job output rate / the bare client's, {_words} ({{server}} on {{host}}, same run)", (">=", 0.75), "≥ 0.75×",
          REALSERVER),
         (f"realserver_{_kind}_switch_ms", "ms",
-         f"the end of the test phase's last fragment → the next state post, {_words}",
+         f"the end of the test phase's last fragment → the next state post, {_words} "
+         f"({{server}} on {{host}})",
          ("<=", 50.0), "≤ 50 ms", REALSERVER),
     ]
 

@@ -70,11 +70,23 @@ pub struct PhaseExecutor<'a> {
     storage_told: bool,
     /// How the last phase command ended, for its transition in the journal's trail.
     last_command: Option<CommandEnd>,
-    /// Set on a server whose state reads return every log (no `/status`) when every
-    /// phase left before cleanup is skipped: the state is then not read before those
-    /// phases, their `job_state` is not posted (it could overwrite a `cancelled` the agent
-    /// has not read), and it is read once after cleanup, for the final state.
+    /// On a server whose state reads return every log (no `/status`): the read started
+    /// when the command of a phase after which only skipped phases are left (before
+    /// cleanup) ended. It runs while the phase's output is delivered, so the server
+    /// rebuilds the logs stored so far instead of all of them, and the phases after it
+    /// start on its answer without another read.
+    early_read: Option<crate::server::PendingState>,
+    /// The early read has answered (not cancelled): the skipped phases left before cleanup
+    /// are not read before again.
+    state_read_early: bool,
+    /// Set on a server whose state reads return every log when the job goes on to skipped
+    /// phases only: the state is read once after cleanup, for the final state. Without an
+    /// early read (the server was found to lack `/status` only during the last phase),
+    /// those phases' `job_state` is not posted either (`unread_skips`).
     state_read_after_cleanup: bool,
+    /// No state read covers the skipped phases left: their `job_state` is not posted (it
+    /// could overwrite a `cancelled` the agent has not read).
+    unread_skips: bool,
     /// That read after cleanup found the job cancelled.
     cancelled_after_phases: bool,
     /// With direct capture, the longest pause between two looks at a quiet log
@@ -118,7 +130,10 @@ impl<'a> PhaseExecutor<'a> {
             storage_failed: None,
             storage_told: false,
             last_command: None,
+            early_read: None,
+            state_read_early: false,
             state_read_after_cleanup: false,
+            unread_skips: false,
             cancelled_after_phases: false,
             follow_pause_max: None,
         }
@@ -137,6 +152,43 @@ impl<'a> PhaseExecutor<'a> {
             .iter()
             .filter(|p| **p >= next && **p != Phase::Cleanup)
             .all(|p| plan.skip(*p).is_some())
+    }
+
+    /// Whether at least one forward phase comes after `phase` and all of them (up to
+    /// reserve) are skipped.
+    fn only_skipped_phases_after(&self, phase: Phase) -> bool {
+        let plan = crate::lifecycle::Plan::for_job(self.config, self.spec);
+        let mut after = Phase::ALL
+            .iter()
+            .filter(|p| **p > phase && **p != Phase::Cleanup)
+            .peekable();
+        after.peek().is_some() && after.all(|p| plan.skip(*p).is_some())
+    }
+
+    /// Reads the job state before `next`: `Some(Cancelled)` when the server says it was.
+    fn judge_state(
+        &mut self,
+        answer: Result<Option<String>, crate::server::ServerError>,
+        next: Phase,
+    ) -> Option<StopCause> {
+        match answer {
+            Ok(Some(state)) if state == "cancelled" => {
+                log::info!(
+                    "job {}: cancelled on the server before {next}",
+                    self.spec.job_id()
+                );
+                self.stop.request(StopKind::Cancel);
+                Some(StopCause::Cancelled)
+            }
+            Ok(_) => None,
+            Err(err) => {
+                log::warn!(
+                    "job {}: cannot read the job state before {next} (carrying on): {err}",
+                    self.spec.job_id()
+                );
+                None
+            }
+        }
     }
 
     /// Keeps `journal` up to date in the run directory at every transition, and when a
@@ -398,7 +450,18 @@ impl PhaseRunner for PhaseExecutor<'_> {
         if self.stop.is_requested(StopKind::Cancel) {
             return Some(StopCause::Cancelled);
         }
-        if self.state_read_after_cleanup {
+        if let Some(read) = self.early_read.take() {
+            // Started when the last phase's command ended: the state as of then, read
+            // while that phase's output was still being delivered.
+            log::info!(
+                "job {}: {next} and the phases after it are skipped; the job state read when the last command ended stands for them, and it is read again after cleanup (this server returns every log with it)",
+                self.spec.job_id()
+            );
+            self.state_read_early = true;
+            self.state_read_after_cleanup = true;
+            return self.judge_state(read.wait(), next);
+        }
+        if self.state_read_early || self.unread_skips {
             return None;
         }
         if self.server.state_reads_are_costly() && self.only_skipped_phases_from(next) {
@@ -409,26 +472,11 @@ impl PhaseRunner for PhaseExecutor<'_> {
                 self.spec.job_id()
             );
             self.state_read_after_cleanup = true;
+            self.unread_skips = true;
             return None;
         }
-        match self.server.job_state(self.spec.job_id()) {
-            Ok(Some(state)) if state == "cancelled" => {
-                log::info!(
-                    "job {}: cancelled on the server before {next}",
-                    self.spec.job_id()
-                );
-                self.stop.request(StopKind::Cancel);
-                Some(StopCause::Cancelled)
-            }
-            Ok(_) => None,
-            Err(err) => {
-                log::warn!(
-                    "job {}: cannot read the job state before {next} (carrying on): {err}",
-                    self.spec.job_id()
-                );
-                None
-            }
-        }
+        let answer = self.server.job_state(self.spec.job_id());
+        self.judge_state(answer, next)
     }
 
     fn phase_starting(&mut self, phase: Phase, skip: Option<SkipReason>) {
@@ -444,7 +492,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
         if phase != Phase::Cleanup {
             // Not after a state read was left for after cleanup: unread, a `cancelled`
             // could be overwritten.
-            if !self.state_read_after_cleanup {
+            if !self.unread_skips {
                 self.post_result(&json!({ "job_state": phase.name() }), "job state");
             }
             if self.deferred.is_none() {
@@ -545,6 +593,21 @@ impl PhaseRunner for PhaseExecutor<'_> {
         };
         let spec = self.command_spec(phase, command);
         let ran = self.run_command(&spec, &mut sink);
+        if phase != Phase::Cleanup
+            && ran.as_ref().is_ok_and(|done| {
+                matches!(
+                    done.termination,
+                    Termination::Exited(_) | Termination::Signaled(_)
+                )
+            })
+            && self.server.state_reads_are_costly()
+            && self.only_skipped_phases_after(phase)
+        {
+            // The command has ended; its output's tail is still on its way to the server.
+            // The state read the skipped phases after this one start on is made now, beside
+            // that delivery, while the server has fewer of the job's logs to rebuild.
+            self.early_read = Some(self.server.start_job_state(&job_id));
+        }
         self.journal = sink.journal.take();
         let unrecorded = sink.write_failed.take().or(sink.journal_failed.take());
         let result = match ran {

@@ -13,7 +13,7 @@ pub use super::settings::{HttpSettings, Timeouts, FRAGMENT_SIZE, MAX_FRAGMENT_TE
 use super::stream::{self, Streamer};
 pub use super::stream::{PendingOutput, PendingPhase};
 use super::urls::seg;
-use super::{LogType, RefreshCheckError, Server, ServerError, ServerErrorKind};
+use super::{LogType, PendingState, RefreshCheckError, Server, ServerError, ServerErrorKind};
 use crate::phase::Phase;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -147,15 +147,7 @@ impl HttpServer {
     /// `GET /v1/result/<id>` once (PROTOCOL §3.10): only `job_state` is parsed, but the
     /// server builds the whole answer, every log of the job included.
     fn read_full(&self, job_id: &str) -> Result<Option<String>, ServerError> {
-        let req = Req::get(format!("/v1/result/{}", seg(job_id)))
-            .attempts(1)
-            .token_optional();
-        let what = req.what();
-        let reply = self.core.expect_success(&req)?;
-        if reply.status == 204 {
-            return Ok(None);
-        }
-        reply.job_state(&what)
+        read_full(&self.core, job_id)
     }
 
     /// The base every endpoint is joined to, e.g. `http://host:8000` (for messages and the
@@ -443,6 +435,15 @@ impl Server for HttpServer {
         self.state_endpoint() == Some(StateEndpoint::Full)
     }
 
+    fn start_job_state(&self, job_id: &str) -> PendingState {
+        if self.state_endpoint() != Some(StateEndpoint::Full) {
+            return PendingState::ready(self.job_state(job_id));
+        }
+        let core = Arc::clone(&self.core);
+        let job_id = job_id.to_owned();
+        PendingState::spawn(move || read_full(&core, &job_id))
+    }
+
     fn post_agent_state(&self, state: &str, comment: &str) -> Result<(), ServerError> {
         self.post_agent_data(&json!({"state": state, "comment": comment}))
     }
@@ -602,6 +603,19 @@ pub(crate) fn parse_job_poll(body: Vec<u8>) -> Option<Vec<u8>> {
     } else {
         Some(body)
     }
+}
+
+/// `GET /v1/result/<id>` (every log of the job comes with it) for the job state.
+fn read_full(core: &Core, job_id: &str) -> Result<Option<String>, ServerError> {
+    let req = Req::get(format!("/v1/result/{}", seg(job_id)))
+        .attempts(1)
+        .token_optional();
+    let what = req.what();
+    let reply = core.expect_success(&req)?;
+    if reply.status == 204 {
+        return Ok(None);
+    }
+    reply.job_state(&what)
 }
 
 #[cfg(test)]

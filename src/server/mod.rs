@@ -126,6 +126,80 @@ pub enum RefreshCheckError {
     Unavailable(String),
 }
 
+/// A job-state read started by [`Server::start_job_state`].
+#[derive(Debug)]
+pub struct PendingState(Pending);
+
+#[derive(Debug)]
+enum Pending {
+    Ready(Result<Option<String>, ServerError>),
+    Running(std::thread::JoinHandle<Result<Option<String>, ServerError>>),
+}
+
+impl PendingState {
+    /// A read that has already answered.
+    pub fn ready(answer: Result<Option<String>, ServerError>) -> PendingState {
+        PendingState(Pending::Ready(answer))
+    }
+
+    /// Runs `read` on a thread of its own (inline when no thread can be made).
+    pub fn spawn(
+        read: impl FnOnce() -> Result<Option<String>, ServerError> + Send + 'static,
+    ) -> PendingState {
+        let read = std::sync::Arc::new(std::sync::Mutex::new(Some(read)));
+        let on_thread = std::sync::Arc::clone(&read);
+        let spawned = std::thread::Builder::new()
+            .name("state-read".into())
+            .spawn(move || {
+                let read = on_thread
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                match read {
+                    Some(read) => read(),
+                    None => Err(ServerError::new(
+                        ServerErrorKind::Local,
+                        "job state read",
+                        "the read was already made",
+                    )),
+                }
+            });
+        match spawned {
+            Ok(handle) => PendingState(Pending::Running(handle)),
+            Err(err) => {
+                log::warn!("cannot start a thread for a job state read ({err}); reading now");
+                let read = read
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                PendingState::ready(match read {
+                    Some(read) => read(),
+                    None => Err(ServerError::new(
+                        ServerErrorKind::Local,
+                        "job state read",
+                        "the read was already made",
+                    )),
+                })
+            }
+        }
+    }
+
+    /// The read's answer, once it has come (a read whose thread panicked is an error:
+    /// state unknown).
+    pub fn wait(self) -> Result<Option<String>, ServerError> {
+        match self.0 {
+            Pending::Ready(answer) => answer,
+            Pending::Running(handle) => handle.join().unwrap_or_else(|_| {
+                Err(ServerError::new(
+                    ServerErrorKind::Local,
+                    "job state read",
+                    "the reading thread panicked",
+                ))
+            }),
+        }
+    }
+}
+
 /// The job-level calls the lifecycle makes. Implementations must be cheap to call from
 /// the phase loop: [`Server::output`] in particular must never block on the network.
 pub trait Server: Send + Sync {
@@ -141,6 +215,13 @@ pub trait Server: Send + Sync {
     /// state only where it can change what the agent does next.
     fn state_reads_are_costly(&self) -> bool {
         false
+    }
+
+    /// Starts a [`Server::job_state`] read that runs beside the caller (on a thread where
+    /// the read is a costly one); [`PendingState::wait`] takes its answer. The server sees
+    /// the read now, so the answer tells the state as of this call.
+    fn start_job_state(&self, job_id: &str) -> PendingState {
+        PendingState::ready(self.job_state(job_id))
     }
 
     /// Agent state while a job runs (`POST /v1/agents/data/<agent>` with `state`, `comment`).
@@ -192,5 +273,34 @@ pub trait Server: Send + Sync {
     /// job journal; `None` when this server does not stream (`run-job`).
     fn output_progress(&self, _job_id: &str) -> Option<crate::journal::OutputProgress> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_state_read_gives_the_threads_answer() {
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let pending = PendingState::spawn(move || {
+            // Answers only once the caller has gone on: the read runs beside it.
+            wait.recv().map_err(|_| {
+                ServerError::new(ServerErrorKind::Local, "test", "the caller went away")
+            })?;
+            Ok(Some("cancelled".to_owned()))
+        });
+        go.send(())
+            .expect("the reading thread waits on this channel");
+        assert_eq!(pending.wait().ok().flatten().as_deref(), Some("cancelled"));
+        let ready = PendingState::ready(Ok(None));
+        assert!(matches!(ready.wait(), Ok(None)));
+    }
+
+    #[test]
+    fn a_pending_state_read_whose_thread_panicked_is_an_error() {
+        let pending = PendingState::spawn(|| panic!("a read that panics"));
+        let err = pending.wait().expect_err("a panicked read has no answer");
+        assert_eq!(err.kind, ServerErrorKind::Local);
     }
 }

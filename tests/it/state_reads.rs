@@ -1,10 +1,12 @@
 //! How the daemon reads its job's state (PROTOCOL §3.10, §15.1): through
 //! `GET /v1/result/<id>/status` where the server has it, through the full
 //! `GET /v1/result/<id>` where it answers 404, decided once per server and asked again after
-//! an outage or a 404 where `/status` had answered; on a server without `/status`, no full
-//! read between a test phase and cleanup when every phase between them is skipped, and a
-//! job cancelled in the last second of its test phase still ends `cancelled`. Counted on
-//! the fake server (each read with its kind), through the real binary; no timings.
+//! an outage or a 404 where `/status` had answered; on a server without `/status`, when
+//! every phase between test and cleanup is skipped, one read for them made beside the test
+//! output's tail (not after it) and one after cleanup; a job cancelled in the last second of
+//! its test phase, or during cleanup, still ends `cancelled`. Counted on the fake server
+//! (each read with its kind and the log bytes it carried), through the real binary; no
+//! timings.
 
 use crate::support::agent::{finished, queue, wait_for, Agent};
 use crate::support::fake_server::{FakeConfig, FakeServer, ReadKind, RequestRecord, Route};
@@ -307,30 +309,51 @@ fn after_an_outage_the_server_is_asked_again_for_status() {
     assert_eq!(server.job_state(id).as_deref(), Some("complete"));
 }
 
+/// When the test phase's `job_state` was posted.
+fn state_posted(server: &FakeServer, id: &str, state: &str) -> Instant {
+    result_posts(server, id)
+        .into_iter()
+        .find(|(_, body)| body.get("job_state").and_then(Value::as_str) == Some(state))
+        .map(|(at, _)| at)
+        .unwrap_or_else(|| panic!("job_state {state} was posted"))
+}
+
 #[test]
-fn without_status_no_full_read_sits_between_the_test_phase_and_cleanup() {
+fn without_status_the_read_for_the_skipped_phases_overlaps_the_output_tail() {
     let server = server_with_status(false);
     let s = Scratch::new("state-nofull");
     let name = format!("state-nofull-{}", std::process::id());
-    // 2 MB of output: each full read would carry it all.
+    // 2 MB of output, every fragment held 700 ms by the server: the command is long over
+    // while its output is still on its way, and a read made after the last fragment would
+    // carry it all.
     let commands = format!("{COMMANDS}test_command: head -c 2000000 /dev/zero | tr '\\0' x\n");
+    server.delay(Route::LogPost, Duration::from_millis(700));
     let _agent = Agent::start(&server, &s, &name, &commands);
     let id = submit(&server, &name);
     wait_finished(&server, &id);
-    let test_done = test_status_posted(&server, &id);
+    let test_started = state_posted(&server, &id, "test");
+    let allocate = state_posted(&server, &id, "allocate");
     let cleanup = cleanup_started(&server, &id);
-    assert!(test_done < cleanup);
+    assert!(test_started < allocate && allocate < cleanup);
     let reads = server.state_reads(&id);
-    let between: Vec<_> = reads
+    // One read stands for allocate and reserve: made before allocate's job_state was
+    // posted, while the test output was not all stored yet.
+    let for_skipped: Vec<_> = reads
         .iter()
-        .filter(|r| r.at > test_done && r.at < cleanup)
+        .filter(|r| r.at > test_started && r.at < cleanup)
         .collect();
-    assert!(
-        between.is_empty(),
-        "reads between test and cleanup: {between:?}"
+    assert_eq!(
+        for_skipped.len(),
+        1,
+        "reads for the skipped phases: {for_skipped:?}"
     );
-    // The state is read once after cleanup, for the final state; that read carried the
-    // whole output (what it spared between the phases).
+    assert!(for_skipped[0].at < allocate);
+    assert!(
+        for_skipped[0].log_bytes < 2_000_000,
+        "the read came after the output's tail: {} log bytes",
+        for_skipped[0].log_bytes
+    );
+    // The state is read once more after cleanup, for the final state.
     let after: Vec<_> = reads.iter().filter(|r| r.at > cleanup).collect();
     assert_eq!(after.len(), 1, "one read after cleanup: {after:?}");
     assert!(
@@ -338,14 +361,69 @@ fn without_status_no_full_read_sits_between_the_test_phase_and_cleanup() {
         "{} log bytes",
         after[0].log_bytes
     );
-    // Allocate and reserve are skipped: their job_state is not posted unread.
+    // The job_state posts are the Python agent's, allocate and reserve included.
     assert_eq!(
         posted_states(&server, &id),
-        ["setup", "provision", "firmware_update", "test", "complete"]
+        [
+            "setup",
+            "provision",
+            "firmware_update",
+            "test",
+            "allocate",
+            "reserve",
+            "complete"
+        ]
     );
     assert_eq!(
         server.log_text(&id, "output").matches('x').count(),
         2_000_000
+    );
+}
+
+/// On a server without `/status`, a cancel that lands during cleanup (after the read the
+/// skipped phases started on) ends the job `cancelled`: the read after cleanup sees it.
+#[test]
+fn without_status_a_cancel_during_cleanup_ends_cancelled() {
+    let server = server_with_status(false);
+    let s = Scratch::new("state-cancel-cleanup");
+    let name = format!("state-cancel-cleanup-{}", std::process::id());
+    let go = s.path("go");
+    let commands = format!(
+        "setup_command: echo setup ran\nallocate_command: echo allocate ran\nreserve_command: echo reserve ran\ncancel_check_interval: 60\ntest_command: echo test ran\ncleanup_command: echo cleanup began; while [ ! -e {go} ]; do sleep 0.1; done; echo cleanup ended\n",
+        go = go.display()
+    );
+    let _agent = Agent::start(&server, &s, &name, &commands);
+    let id = submit(&server, &name);
+    wait_for(&server, "cleanup to start", |srv| {
+        srv.log_text(&id, "output").contains("cleanup began")
+    });
+    let cancelled_at = Instant::now();
+    assert!(server.cancel_job(&id));
+    std::fs::write(&go, "").expect("write the go file");
+    wait_for(&server, "the final state", |srv| {
+        srv.log_text(&id, "output").contains("cleanup ended")
+            && posted_states(srv, &id)
+                .last()
+                .is_some_and(|s| s == "cancelled" || s == "complete")
+    });
+    assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
+    let after_cancel: Vec<Value> = result_posts(&server, &id)
+        .into_iter()
+        .filter(|(at, _)| *at > cancelled_at)
+        .filter_map(|(_, body)| body.get("job_state").cloned())
+        .collect();
+    assert_eq!(after_cancel, [json!("cancelled")]);
+    assert_eq!(
+        posted_states(&server, &id),
+        [
+            "setup",
+            "provision",
+            "firmware_update",
+            "test",
+            "allocate",
+            "reserve",
+            "cancelled"
+        ]
     );
 }
 
@@ -388,14 +466,18 @@ fn cancel_in_the_last_second(status: bool) {
         result_posts(server, id)
     );
     if !status {
-        let test_done = test_status_posted(server, id);
+        // One full read from the start of the test phase to cleanup: the one that found
+        // the cancel, started when the command ended.
         let cleanup = cleanup_started(server, id);
-        assert!(
-            !server
-                .state_reads(id)
+        let test_started = state_posted(server, id, "test");
+        let reads = server.state_reads(id);
+        assert_eq!(
+            reads
                 .iter()
-                .any(|r| r.at > test_done && r.at < cleanup),
-            "no full read between test and cleanup"
+                .filter(|r| r.at > test_started && r.at < cleanup)
+                .count(),
+            1,
+            "{reads:?}"
         );
     }
 }
