@@ -311,7 +311,9 @@ def main():
         if i == 0:
             print("  ".join("-" * w for w in widths))
     not_met = [f["name"] for f in figures if f["met"] is False]
-    print(f"\n{len(figures)} of {len(FIGURES)} figures; {len(not_met)} not at their target"
+    optional = sum(1 for f in figures if f["name"] not in {row[0] for row in FIGURES})
+    print(f"\n{len(figures) - optional} of {len(FIGURES)} figures, {optional} against the real"
+          f" servers; {len(not_met)} not at their target"
           f"{': ' + ', '.join(not_met) if not_met else ''}; JSON: {args.json}")
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
