@@ -603,9 +603,11 @@ mod tests {
 
     #[test]
     fn old_logs_go_first() {
-        let dir = std::env::temp_dir().join(format!("tf-hc-prune-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("tf-hc-prune-")
+            .tempdir()
+            .expect("a temp dir can be made");
+        let dir = tmp.path().to_path_buf();
         for n in 0..25 {
             fs::write(dir.join(format!("2026-01-01T00{n:02}.log")), b"x").expect("write");
             // Every other check kept a trail beside its log.
@@ -640,6 +642,5 @@ mod tests {
         assert_eq!(trails_in(&dir).len(), 11);
         assert!(trails_in(&dir)[0].ends_with("2026-01-01T0024.trail.json"));
         assert!(left.contains(&LAST_FILE.to_owned()));
-        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -474,20 +474,18 @@ pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "tf-journal-{name}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temp dir is writable");
-        dir
+    /// A fresh directory, removed when the returned guard drops.
+    fn tempdir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("tf-journal-{name}-"))
+            .tempdir()
+            .expect("a temp dir can be made")
     }
 
     #[test]
     fn the_live_file_gives_the_running_command_until_the_next_transition() {
-        let dir = tempdir("live");
+        let tmp = tempdir("live");
+        let dir = tmp.path().to_path_buf();
         let mut journal = Journal::taken("job-1", "t0".into());
         journal.save(&dir).expect("saved");
         journal.phase = Some("setup".into());
@@ -510,7 +508,6 @@ mod tests {
         other.token = Some("tok-2".into());
         other.save_live(&dir).expect("live");
         assert!(read(&dir).expect("reads").token.is_none());
-        let _ = fs::remove_dir_all(&dir);
     }
 
     fn sample() -> Journal {
@@ -531,18 +528,19 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let dir = tempdir("round");
+        let tmp = tempdir("round");
+        let dir = tmp.path().to_path_buf();
         let journal = sample();
         journal.save(&dir).expect("save");
         assert_eq!(read(&dir).expect("read back"), journal);
         assert_eq!(journal.trail[1].from, "Polled");
         assert_eq!(journal.state, "Setup");
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
     fn durable_write_leaves_no_temp_file() {
-        let dir = tempdir("durable");
+        let tmp = tempdir("durable");
+        let dir = tmp.path().to_path_buf();
         let path = dir.join("file.json");
         write_durable(&path, b"one").expect("write");
         write_durable(&path, b"two").expect("overwrite");
@@ -553,7 +551,6 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names, [std::ffi::OsString::from("file.json")]);
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -580,8 +577,8 @@ mod tests {
             Journal::from_bytes(br#"{"version":1,"job_id":"x"}"#),
             Err(JournalError::Parse(_))
         ));
-        let dir = tempdir("missing");
+        let tmp = tempdir("missing");
+        let dir = tmp.path().to_path_buf();
         assert!(matches!(read(&dir), Err(JournalError::Missing(_))));
-        let _ = fs::remove_dir_all(dir);
     }
 }

@@ -108,15 +108,12 @@ mod tests {
     use super::*;
     use crate::journal::{read_any, JournalError, Why};
 
-    fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "tf-trails-{name}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temp dir is writable");
-        dir
+    /// A fresh directory, removed when the returned guard drops.
+    fn tempdir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("tf-trails-{name}-"))
+            .tempdir()
+            .expect("a temp dir can be made")
     }
 
     fn sample(job_id: &str) -> Journal {
@@ -138,7 +135,8 @@ mod tests {
 
     #[test]
     fn kept_trails_are_pruned_oldest_first_and_read_back() {
-        let dir = tempdir("keep");
+        let tmp = tempdir("keep");
+        let dir = tmp.path().to_path_buf();
         for i in 0..5 {
             keep_in(&sample(&format!("job-{i}")), &dir, 3).expect("kept");
             age(&dir, &format!("job-{i}"), 1000 + i);
@@ -158,12 +156,12 @@ mod tests {
             read_any(&dir.join("missing.json")),
             Err(JournalError::Read { .. })
         ));
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn the_list_is_newest_first_and_holds_only_trail_files() {
-        let dir = tempdir("list");
+        let tmp = tempdir("list");
+        let dir = tmp.path().to_path_buf();
         assert_eq!(list(&dir.join("absent")).expect("absent is empty"), []);
         for (job_id, secs) in [("old", 10), ("new", 30), ("mid", 20)] {
             keep_in(&sample(job_id), &dir, 10).expect("kept");
@@ -177,7 +175,6 @@ mod tests {
             .map(KeptTrail::job_id)
             .collect();
         assert_eq!(ids, ["new", "mid", "old"]);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

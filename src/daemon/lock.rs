@@ -164,8 +164,11 @@ mod tests {
 
     #[test]
     fn a_second_lock_names_the_holder_and_a_dropped_lock_frees_the_id() {
-        let dir = std::env::temp_dir().join(format!("tf-lock-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("tf-lock-")
+            .tempdir()
+            .expect("a temp dir can be made");
+        let dir = tmp.path().to_path_buf();
         let first = AgentLock::acquire(&dir, "dut-1").expect("first lock");
         // flock locks belong to the open file description: a second open in the same
         // process conflicts like another process would.
@@ -184,15 +187,17 @@ mod tests {
         assert_eq!(holder(&dir, "dut-3").expect("no file"), None);
         drop((again, other_id));
         assert_eq!(holder(&dir, "dut-1").expect("readable"), None, "released");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Two agents starting at once: the first has the lock but has not written its pid yet.
     /// The second must still name it, from the kernel's record.
     #[test]
     fn a_holder_that_has_not_written_its_pid_is_named_from_the_kernel() {
-        let dir = std::env::temp_dir().join(format!("tf-lock-early-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("tf-lock-early-")
+            .tempdir()
+            .expect("a temp dir can be made");
+        let dir = tmp.path().to_path_buf();
         let path = dir.join(".testflinger-agent-dut-early.lock");
         let early = File::create(&path).expect("create the lock file");
         early.try_lock().expect("the test takes the lock first");
@@ -212,7 +217,6 @@ mod tests {
             Some(Some(std::process::id()))
         );
         drop(early);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

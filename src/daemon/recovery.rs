@@ -421,9 +421,11 @@ mod tests {
 
     #[test]
     fn pending_output_resumes_from_the_journal() {
-        let dir = std::env::temp_dir().join(format!("tf-recovery-pending-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("mkdir");
+        let tmp = tempfile::Builder::new()
+            .prefix("tf-recovery-pending-")
+            .tempdir()
+            .expect("a temp dir can be made");
+        let dir = tmp.path().to_path_buf();
         fs::write(dir.join("setup.log"), b"0123456789").expect("write");
         fs::write(dir.join("provision.log"), b"abc").expect("write");
         fs::write(dir.join("test.log"), b"xyz").expect("write");
@@ -457,6 +459,5 @@ mod tests {
             ["test-serial.log"],
             "setup's serial log was delivered"
         );
-        let _ = fs::remove_dir_all(dir);
     }
 }

@@ -139,8 +139,11 @@ mod tests {
 
     #[test]
     fn copy_tree_keeps_files_and_links() {
-        let base = std::env::temp_dir().join(format!("tf-spool-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
+        let tmp = tempfile::Builder::new()
+            .prefix("tf-spool-")
+            .tempdir()
+            .expect("a temp dir can be made");
+        let base = tmp.path().to_path_buf();
         let from = base.join("from");
         fs::create_dir_all(from.join("sub")).expect("mkdir");
         fs::write(from.join("sub/a.log"), b"\xffbytes").expect("write");
@@ -154,13 +157,15 @@ mod tests {
             fs::read_link(base.join("to/link")).expect("a link"),
             PathBuf::from("/etc/passwd")
         );
-        let _ = fs::remove_dir_all(base);
     }
 
     #[test]
     fn interrupted_jobs_are_spooled_oldest_first() {
-        let base = std::env::temp_dir().join(format!("tf-recover-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
+        let tmp = tempfile::Builder::new()
+            .prefix("tf-recover-")
+            .tempdir()
+            .expect("a temp dir can be made");
+        let base = tmp.path().to_path_buf();
         let (run, spool) = (base.join("run"), base.join("results"));
         for name in ["job-a", "job-b"] {
             fs::create_dir_all(run.join(name)).expect("mkdir");
@@ -188,6 +193,5 @@ mod tests {
             run.join("local").exists(),
             "a directory left in place stays"
         );
-        let _ = fs::remove_dir_all(base);
     }
 }

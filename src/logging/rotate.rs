@@ -244,42 +244,33 @@ mod tests {
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Mutex;
 
-    /// A scratch directory removed on drop, even when the test fails.
-    struct Scratch(PathBuf);
+    /// A scratch directory removed on drop (its `TempDir`), even when the test fails.
+    struct Scratch(tempfile::TempDir);
 
     impl Scratch {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "tf-logging-{name}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("the temp dir is writable");
-            Scratch(dir)
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!("tf-logging-{name}-"))
+                .tempdir()
+                .expect("a temp dir can be made");
+            Scratch(tmp)
         }
 
         fn log(&self) -> PathBuf {
-            self.0.join(LOG_FILE)
+            self.0.path().join(LOG_FILE)
         }
 
         fn rotated(&self, date: &str) -> PathBuf {
-            self.0.join(format!("{LOG_FILE}.{date}"))
+            self.0.path().join(format!("{LOG_FILE}.{date}"))
         }
 
         fn names(&self) -> Vec<String> {
-            let mut names: Vec<String> = std::fs::read_dir(&self.0)
+            let mut names: Vec<String> = std::fs::read_dir(self.0.path())
                 .expect("the scratch dir lists")
                 .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
                 .collect();
             names.sort();
             names
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 
@@ -328,7 +319,7 @@ mod tests {
             format!("{LOG_FILE}.2001-1-01"),
         ];
         for name in &unrelated {
-            std::fs::write(dir.0.join(name), "keep me").expect("writable");
+            std::fs::write(dir.0.path().join(name), "keep me").expect("writable");
         }
         // A directory with a rotated file's name is not a rotated file either.
         let lookalike = dir.rotated("2000-01-01");
@@ -351,7 +342,7 @@ mod tests {
         expected.sort();
         assert_eq!(dir.names(), expected);
         for name in &unrelated {
-            assert_eq!(read(&dir.0.join(name)), "keep me");
+            assert_eq!(read(&dir.0.path().join(name)), "keep me");
         }
         for (day, date) in dates.iter().enumerate().take(8).skip(2) {
             assert_eq!(read(&dir.rotated(date)), format!("day {day}\n"));
@@ -432,11 +423,11 @@ mod tests {
         let dir = Scratch::new("reopen");
         let mut log = RotatingFile::open(&dir.log(), noon(0)).expect("opens");
         log.write_line(noon(0), b"before logrotate\n");
-        std::fs::rename(dir.log(), dir.0.join("moved")).expect("renames");
+        std::fs::rename(dir.log(), dir.0.path().join("moved")).expect("renames");
         log.reopen(noon(1)).expect("reopens");
         assert_eq!(log.rollover_at(), next_local_midnight(noon(1)));
         log.write_line(noon(1), b"after\n");
-        assert_eq!(read(&dir.0.join("moved")), "before logrotate\n");
+        assert_eq!(read(&dir.0.path().join("moved")), "before logrotate\n");
         assert_eq!(read(&dir.log()), "after\n");
         assert_eq!(dir.names(), vec!["moved".to_string(), LOG_FILE.to_string()]);
     }

@@ -351,14 +351,12 @@ mod tests {
         path
     }
 
-    fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "tf-auth-{name}-{}-{}",
-            std::process::id(),
-            super::super::backoff::random_u64()
-        ));
-        std::fs::create_dir_all(&dir).expect("create a temp dir");
-        dir
+    /// A fresh directory, removed when the returned guard drops.
+    fn tempdir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("tf-auth-{name}-"))
+            .tempdir()
+            .expect("a temp dir can be made")
     }
 
     const FAST: Backoff = Backoff {
@@ -427,7 +425,8 @@ mod tests {
 
     #[test]
     fn a_token_about_to_expire_is_renewed_before_the_server_refuses_it() {
-        let dir = tempdir("early");
+        let tmp = tempdir("early");
+        let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, r#"{"refresh_token": "r1"}"#);
         let source = TokenSource::new(Some(path), FAST);
         let calls = AtomicU32::new(0);
@@ -444,12 +443,12 @@ mod tests {
         assert_ne!(second, first, "renewed before it expires");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(source.token(&exchange), second);
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn a_fresh_token_is_only_ever_the_cached_one_before_it_is_due() {
-        let dir = tempdir("fresh");
+        let tmp = tempdir("fresh");
+        let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, r#"{"refresh_token": "r1"}"#);
         let source = TokenSource::new(Some(path), FAST);
         let calls = AtomicU32::new(0);
@@ -472,12 +471,12 @@ mod tests {
         assert!(!source.anonymous_refused());
         source.note_anonymous_refused("GET /v1/result/x", 401);
         assert!(source.anonymous_refused());
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn a_failed_early_renewal_keeps_the_token_and_waits_for_the_back_off() {
-        let dir = tempdir("early-fail");
+        let tmp = tempdir("early-fail");
+        let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, r#"{"refresh_token": "r1"}"#);
         let slow = Backoff {
             base: Duration::from_secs(30),
@@ -502,7 +501,6 @@ mod tests {
             2,
             "one attempt, then the back-off"
         );
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -520,7 +518,8 @@ mod tests {
 
     #[test]
     fn token_is_fetched_lazily_cached_and_renewed_after_a_refusal() {
-        let dir = tempdir("cache");
+        let tmp = tempdir("cache");
+        let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, r#"{"refresh_token": "r1", "obtained_at": "x"}"#);
         let source = TokenSource::new(Some(path), FAST);
         let seen = RefCell::new(Vec::new());
@@ -541,12 +540,12 @@ mod tests {
             Some("access2")
         );
         assert_eq!(seen.borrow().as_slice(), ["r1", "r1"]);
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn failure_backs_off_and_is_retried_later_with_the_rewritten_file() {
-        let dir = tempdir("retry");
+        let tmp = tempdir("retry");
+        let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, "not json");
         let source = TokenSource::new(Some(path.clone()), FAST);
         let calls = AtomicU32::new(0);
@@ -571,17 +570,16 @@ mod tests {
         std::thread::sleep(FAST.cap + Duration::from_millis(5));
         assert_eq!(source.token(&exchange).as_deref(), Some("access"));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn empty_or_missing_token_is_an_error() {
-        let dir = tempdir("empty");
+        let tmp = tempdir("empty");
+        let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, r#"{"refresh_token": "  "}"#);
         assert!(read_refresh_token(&path).is_err());
         assert!(read_refresh_token(&dir.join("absent")).is_err());
         let path = token_file(&dir, r#"{"refresh_token": 5}"#);
         assert!(read_refresh_token(&path).is_err());
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -208,8 +208,11 @@ mod tests {
 
     #[test]
     fn multipart_body_has_the_promised_length() {
-        let dir = std::env::temp_dir().join(format!("tf-mp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("tf-mp-")
+            .tempdir()
+            .expect("a temp dir can be made");
+        let dir = tmp.path().to_path_buf();
         let path = dir.join("a.tar.gz");
         std::fs::write(&path, b"\x1f\x8b binary \r\n-- data").expect("write");
         let (mut reader, length) = multipart_body(&path, "XYZ").expect("body");
@@ -221,6 +224,5 @@ mod tests {
             "--XYZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"file\"\r\n"
         ));
         assert!(text.ends_with("\r\n--XYZ--\r\n"));
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

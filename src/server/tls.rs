@@ -538,11 +538,12 @@ mod tests {
         assert_eq!(rustls_error(&other_io), None);
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tf-tls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir
+    /// A fresh directory, removed when the returned guard drops.
+    fn temp_dir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("tf-tls-{name}-"))
+            .tempdir()
+            .expect("a temp dir can be made")
     }
 
     /// A PEM block whose content is not a certificate rustls can use as a root.
@@ -550,7 +551,8 @@ mod tests {
 
     #[test]
     fn an_unusable_bundle_gives_one_warning_naming_variable_and_path() {
-        let dir = temp_dir("bad");
+        let tmp = temp_dir("bad");
+        let dir = tmp.path().to_path_buf();
         let missing = dir.join("missing.pem");
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "no certificate here\n").expect("write");
@@ -583,7 +585,6 @@ mod tests {
             assert!(w.ends_with("trusting Mozilla's roots built into the agent (no system CA bundle found) without it"), "{w}");
         }
         assert!(matches!(trust.root_certs(), ureq::tls::RootCerts::WebPki));
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// A self-signed CA certificate in PEM.
@@ -599,7 +600,8 @@ mod tests {
 
     #[test]
     fn the_system_store_and_the_named_bundles_add_up() {
-        let dir = temp_dir("union");
+        let tmp = temp_dir("union");
+        let dir = tmp.path().to_path_buf();
         let (a, b, c) = (ca_pem("A"), ca_pem("B"), ca_pem("C"));
         let system = dir.join("system.crt");
         std::fs::write(&system, format!("# system\n{a}")).expect("write");
@@ -665,7 +667,6 @@ mod tests {
             ),
             "{warning}"
         );
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -217,12 +217,11 @@ mod tests {
 
     #[test]
     fn read_piece_respects_max_and_finished() {
-        let dir = std::env::temp_dir().join(format!(
-            "tf-stream-{}-{}",
-            std::process::id(),
-            crate::server::backoff::random_u64()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("tf-stream-")
+            .tempdir()
+            .expect("a temp dir can be made");
+        let dir = tmp.path().to_path_buf();
         let path = dir.join("test.log");
         std::fs::write(&path, "ab€".as_bytes()).expect("write");
         match read_piece(&path, 0, 4, 100, false) {
@@ -251,7 +250,6 @@ mod tests {
             read_piece(&dir.join("absent"), 0, 1, 100, true),
             Piece::Unreadable(_)
         ));
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     proptest::proptest! {
@@ -272,12 +270,11 @@ mod tests {
                     data.extend_from_slice(secret.as_bytes());
                 }
             }
-            let dir = std::env::temp_dir().join(format!(
-                "tf-stream-mask-{}-{}",
-                std::process::id(),
-                crate::server::backoff::random_u64()
-            ));
-            std::fs::create_dir_all(&dir).expect("temp dir");
+            let tmp = tempfile::Builder::new()
+                .prefix("tf-stream-mask-")
+                .tempdir()
+                .expect("a temp dir can be made");
+            let dir = tmp.path().to_path_buf();
             let path = dir.join("test-serial.log");
             std::fs::write(&path, &data).expect("write");
             let masker = Masker::new(&secrets);
@@ -297,7 +294,6 @@ mod tests {
                     Piece::Unreadable(why) => proptest::prop_assert!(false, "{}", why),
                 }
             }
-            let _ = std::fs::remove_dir_all(&dir);
             for secret in &secrets {
                 proptest::prop_assert!(!sent.contains(secret.as_str()), "{:?} in {:?}", secret, sent);
             }
