@@ -8,6 +8,7 @@ mod events;
 mod journal;
 mod metrics;
 mod sink;
+mod state;
 
 use crate::config::Config;
 use crate::job::JobSpec;
@@ -136,58 +137,6 @@ impl<'a> PhaseExecutor<'a> {
             unread_skips: false,
             cancelled_after_phases: false,
             follow_pause_max: None,
-        }
-    }
-
-    /// Whether the job was found cancelled only after its cleanup (see
-    /// `state_read_after_cleanup`): its final state is `cancelled` all the same.
-    pub fn cancelled_after_phases(&self) -> bool {
-        self.cancelled_after_phases
-    }
-
-    /// Whether every forward phase from `next` to reserve is skipped.
-    fn only_skipped_phases_from(&self, next: Phase) -> bool {
-        let plan = crate::lifecycle::Plan::for_job(self.config, self.spec);
-        Phase::ALL
-            .iter()
-            .filter(|p| **p >= next && **p != Phase::Cleanup)
-            .all(|p| plan.skip(*p).is_some())
-    }
-
-    /// Whether at least one forward phase comes after `phase` and all of them (up to
-    /// reserve) are skipped.
-    fn only_skipped_phases_after(&self, phase: Phase) -> bool {
-        let plan = crate::lifecycle::Plan::for_job(self.config, self.spec);
-        let mut after = Phase::ALL
-            .iter()
-            .filter(|p| **p > phase && **p != Phase::Cleanup)
-            .peekable();
-        after.peek().is_some() && after.all(|p| plan.skip(*p).is_some())
-    }
-
-    /// Reads the job state before `next`: `Some(Cancelled)` when the server says it was.
-    fn judge_state(
-        &mut self,
-        answer: Result<Option<String>, crate::server::ServerError>,
-        next: Phase,
-    ) -> Option<StopCause> {
-        match answer {
-            Ok(Some(state)) if state == "cancelled" => {
-                log::info!(
-                    "job {}: cancelled on the server before {next}",
-                    self.spec.job_id()
-                );
-                self.stop.request(StopKind::Cancel);
-                Some(StopCause::Cancelled)
-            }
-            Ok(_) => None,
-            Err(err) => {
-                log::warn!(
-                    "job {}: cannot read the job state before {next} (carrying on): {err}",
-                    self.spec.job_id()
-                );
-                None
-            }
         }
     }
 
@@ -450,33 +399,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
         if self.stop.is_requested(StopKind::Cancel) {
             return Some(StopCause::Cancelled);
         }
-        if let Some(read) = self.early_read.take() {
-            // Started when the last phase's command ended: the state as of then, read
-            // while that phase's output was still being delivered.
-            log::info!(
-                "job {}: {next} and the phases after it are skipped; the job state read when the last command ended stands for them, and it is read again after cleanup (this server returns every log with it)",
-                self.spec.job_id()
-            );
-            self.state_read_early = true;
-            self.state_read_after_cleanup = true;
-            return self.judge_state(read.wait(), next);
-        }
-        if self.state_read_early || self.unread_skips {
-            return None;
-        }
-        if self.server.state_reads_are_costly() && self.only_skipped_phases_from(next) {
-            // Reading the state here would make the server rebuild every log of the job
-            // (a second or more after a large test phase), for phases that do nothing.
-            log::info!(
-                "job {}: {next} and the phases after it are skipped; the job state is read after cleanup (this server returns every log with it)",
-                self.spec.job_id()
-            );
-            self.state_read_after_cleanup = true;
-            self.unread_skips = true;
-            return None;
-        }
-        let answer = self.server.job_state(self.spec.job_id());
-        self.judge_state(answer, next)
+        self.read_state_before(next)
     }
 
     fn phase_starting(&mut self, phase: Phase, skip: Option<SkipReason>) {
