@@ -84,14 +84,6 @@ mod tests {
     use super::*;
     use flate2::read::GzDecoder;
 
-    /// A temporary directory `tf-artifacts-<name>-<random>`, removed when dropped.
-    fn tempdir(name: &str) -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix(&format!("tf-artifacts-{name}-"))
-            .tempdir()
-            .expect("temp dir is writable")
-    }
-
     fn members(archive: &Path) -> Vec<(String, tar::EntryType)> {
         let file = File::open(archive).expect("archive exists");
         let mut tar = tar::Archive::new(GzDecoder::new(file));
@@ -109,7 +101,7 @@ mod tests {
 
     #[test]
     fn missing_or_empty_folder_packs_nothing() {
-        let tmp = tempdir("empty");
+        let tmp = crate::testing::tempdir("artifacts-empty");
         let dir = tmp.path();
         let archive = dir.join("a.tar.gz");
         assert!(!pack(dir, &archive).expect("no error"));
@@ -120,7 +112,7 @@ mod tests {
 
     #[test]
     fn packs_tree_and_keeps_symlinks_as_links() {
-        let tmp = tempdir("tree");
+        let tmp = crate::testing::tempdir("artifacts-tree");
         let dir = tmp.path();
         let art = dir.join(ARTIFACTS_DIR);
         fs::create_dir_all(art.join("sub")).expect("mkdir");

@@ -264,14 +264,6 @@ mod tests {
     use flate2::write::GzEncoder;
     use proptest::prelude::*;
 
-    /// A temporary directory `tf-attach-<name>-<random>`, removed when dropped.
-    fn tempdir(name: &str) -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix(&format!("tf-attach-{name}-"))
-            .tempdir()
-            .expect("temp dir is writable")
-    }
-
     enum Member<'a> {
         File(&'a str, &'a [u8], u32),
         Dir(&'a str),
@@ -328,7 +320,7 @@ mod tests {
 
     #[test]
     fn unpacks_files_dirs_and_inside_links_with_safe_modes() {
-        let tmp = tempdir("ok");
+        let tmp = crate::testing::tempdir("attach-ok");
         let dir = tmp.path();
         let a = archive(
             dir,
@@ -370,7 +362,7 @@ mod tests {
             ("hard link", vec![Member::Hard("test/h", "test/x")]),
         ];
         for (label, members) in cases {
-            let tmp = tempdir("bad");
+            let tmp = crate::testing::tempdir("attach-bad");
             let dir = tmp.path();
             let mut all = vec![Member::File("test/first", b"written?", 0o644)];
             all.extend(members);
@@ -387,7 +379,7 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let tmp = tempdir("garbage");
+        let tmp = crate::testing::tempdir("attach-garbage");
         let dir = tmp.path();
         let a = dir.join("x.tar.gz");
         fs::write(&a, b"not gzip at all").expect("write");
@@ -476,7 +468,7 @@ mod tests {
         fn unpacked_archives_stay_in_their_root(
             members in prop::collection::vec(arb_member(), 1..5),
         ) {
-            let tmp = tempdir("prop");
+            let tmp = crate::testing::tempdir("attach-prop");
             let dir = tmp.path();
             let built: Vec<Member<'_>> = members
                 .iter()
@@ -495,7 +487,7 @@ mod tests {
 
     #[test]
     fn links_through_links_are_refused() {
-        let tmp = tempdir("chain");
+        let tmp = crate::testing::tempdir("attach-chain");
         let dir = tmp.path();
         let a = archive(
             dir,

@@ -504,14 +504,6 @@ fn check_record(server: &HttpServer, agent_id: &str) -> Check {
 mod tests {
     use super::*;
 
-    /// A temporary directory `tf-check-<name>-<random>`, removed when dropped.
-    fn tempdir(name: &str) -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix(&format!("tf-check-{name}-"))
-            .tempdir()
-            .expect("temp dir is writable")
-    }
-
     fn entries(dir: &Path) -> Vec<PathBuf> {
         let mut found: Vec<PathBuf> = fs::read_dir(dir)
             .expect("readable")
@@ -523,7 +515,7 @@ mod tests {
 
     #[test]
     fn directories_present_absent_or_blocked() {
-        let tmp = tempdir("dirs");
+        let tmp = crate::testing::tempdir("check-dirs");
         let dir = tmp.path();
         fs::create_dir(dir.join("here")).expect("mkdir");
         fs::write(dir.join("file"), "x").expect("write");

@@ -603,10 +603,7 @@ mod tests {
 
     #[test]
     fn old_logs_go_first() {
-        let tmp = tempfile::Builder::new()
-            .prefix("tf-hc-prune-")
-            .tempdir()
-            .expect("a temp dir can be made");
+        let tmp = crate::testing::tempdir("hc-prune");
         let dir = tmp.path().to_path_buf();
         for n in 0..25 {
             fs::write(dir.join(format!("2026-01-01T00{n:02}.log")), b"x").expect("write");

@@ -474,17 +474,9 @@ pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// A fresh directory, removed when the returned guard drops.
-    fn tempdir(name: &str) -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix(&format!("tf-journal-{name}-"))
-            .tempdir()
-            .expect("a temp dir can be made")
-    }
-
     #[test]
     fn the_live_file_gives_the_running_command_until_the_next_transition() {
-        let tmp = tempdir("live");
+        let tmp = crate::testing::tempdir("journal-live");
         let dir = tmp.path().to_path_buf();
         let mut journal = Journal::taken("job-1", "t0".into());
         journal.save(&dir).expect("saved");
@@ -528,7 +520,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let tmp = tempdir("round");
+        let tmp = crate::testing::tempdir("journal-round");
         let dir = tmp.path().to_path_buf();
         let journal = sample();
         journal.save(&dir).expect("save");
@@ -539,7 +531,7 @@ mod tests {
 
     #[test]
     fn durable_write_leaves_no_temp_file() {
-        let tmp = tempdir("durable");
+        let tmp = crate::testing::tempdir("journal-durable");
         let dir = tmp.path().to_path_buf();
         let path = dir.join("file.json");
         write_durable(&path, b"one").expect("write");
@@ -577,7 +569,7 @@ mod tests {
             Journal::from_bytes(br#"{"version":1,"job_id":"x"}"#),
             Err(JournalError::Parse(_))
         ));
-        let tmp = tempdir("missing");
+        let tmp = crate::testing::tempdir("journal-missing");
         let dir = tmp.path().to_path_buf();
         assert!(matches!(read(&dir), Err(JournalError::Missing(_))));
     }

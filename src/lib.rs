@@ -36,6 +36,8 @@ pub mod release;
 pub mod run_job;
 pub mod server;
 pub mod signals;
+#[cfg(test)]
+mod testing;
 pub mod time;
 pub mod trails;
 pub mod yaml;

@@ -195,17 +195,9 @@ pub fn parse_device_info(text: &[u8]) -> Option<Value> {
 mod tests {
     use super::*;
 
-    /// A temporary directory `tf-outcome-<name>-<random>`, removed when dropped.
-    fn tempdir(name: &str) -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix(&format!("tf-outcome-{name}-"))
-            .tempdir()
-            .expect("temp dir is writable")
-    }
-
     #[test]
     fn status_is_cumulative_and_in_phase_order() {
-        let tmp = tempdir("status");
+        let tmp = crate::testing::tempdir("outcome-status");
         let dir = tmp.path();
         let mut outcome = OutcomeFile::create(dir).expect("create");
         assert_eq!(
@@ -220,7 +212,7 @@ mod tests {
 
     #[test]
     fn connector_files_over_the_limit_are_ignored_not_read_whole() {
-        let tmp = tempdir("limit");
+        let tmp = crate::testing::tempdir("outcome-limit");
         let dir = tmp.path();
         let info = format!(
             r#"{{"device_ip": "10.0.0.1", "pad": "{}"}}"#,
@@ -239,7 +231,7 @@ mod tests {
 
     #[test]
     fn connector_errors_concatenated_and_garbage() {
-        let tmp = tempdir("conn");
+        let tmp = crate::testing::tempdir("outcome-conn");
         let dir = tmp.path();
         let path = dir.join(CONNECTOR_ERROR_FILE);
         fs::write(&path, "").expect("write");

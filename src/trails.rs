@@ -108,14 +108,6 @@ mod tests {
     use super::*;
     use crate::journal::{read_any, JournalError, Why};
 
-    /// A fresh directory, removed when the returned guard drops.
-    fn tempdir(name: &str) -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix(&format!("tf-trails-{name}-"))
-            .tempdir()
-            .expect("a temp dir can be made")
-    }
-
     fn sample(job_id: &str) -> Journal {
         let mut journal = Journal::taken(job_id, "2026-01-01T00:00:00+00:00".into());
         journal.transition("t1".into(), "Setup", Some("setup"), Why::Exit, Some(0));
@@ -135,7 +127,7 @@ mod tests {
 
     #[test]
     fn kept_trails_are_pruned_oldest_first_and_read_back() {
-        let tmp = tempdir("keep");
+        let tmp = crate::testing::tempdir("trails-keep");
         let dir = tmp.path().to_path_buf();
         for i in 0..5 {
             keep_in(&sample(&format!("job-{i}")), &dir, 3).expect("kept");
@@ -160,7 +152,7 @@ mod tests {
 
     #[test]
     fn the_list_is_newest_first_and_holds_only_trail_files() {
-        let tmp = tempdir("list");
+        let tmp = crate::testing::tempdir("trails-list");
         let dir = tmp.path().to_path_buf();
         assert_eq!(list(&dir.join("absent")).expect("absent is empty"), []);
         for (job_id, secs) in [("old", 10), ("new", 30), ("mid", 20)] {

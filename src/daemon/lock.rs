@@ -164,10 +164,7 @@ mod tests {
 
     #[test]
     fn a_second_lock_names_the_holder_and_a_dropped_lock_frees_the_id() {
-        let tmp = tempfile::Builder::new()
-            .prefix("tf-lock-")
-            .tempdir()
-            .expect("a temp dir can be made");
+        let tmp = crate::testing::tempdir("lock");
         let dir = tmp.path().to_path_buf();
         let first = AgentLock::acquire(&dir, "dut-1").expect("first lock");
         // flock locks belong to the open file description: a second open in the same
@@ -193,10 +190,7 @@ mod tests {
     /// The second must still name it, from the kernel's record.
     #[test]
     fn a_holder_that_has_not_written_its_pid_is_named_from_the_kernel() {
-        let tmp = tempfile::Builder::new()
-            .prefix("tf-lock-early-")
-            .tempdir()
-            .expect("a temp dir can be made");
+        let tmp = crate::testing::tempdir("lock-early");
         let dir = tmp.path().to_path_buf();
         let path = dir.join(".testflinger-agent-dut-early.lock");
         let early = File::create(&path).expect("create the lock file");

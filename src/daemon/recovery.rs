@@ -421,10 +421,7 @@ mod tests {
 
     #[test]
     fn pending_output_resumes_from_the_journal() {
-        let tmp = tempfile::Builder::new()
-            .prefix("tf-recovery-pending-")
-            .tempdir()
-            .expect("a temp dir can be made");
+        let tmp = crate::testing::tempdir("recovery-pending");
         let dir = tmp.path().to_path_buf();
         fs::write(dir.join("setup.log"), b"0123456789").expect("write");
         fs::write(dir.join("provision.log"), b"abc").expect("write");

@@ -139,10 +139,7 @@ mod tests {
 
     #[test]
     fn copy_tree_keeps_files_and_links() {
-        let tmp = tempfile::Builder::new()
-            .prefix("tf-spool-")
-            .tempdir()
-            .expect("a temp dir can be made");
+        let tmp = crate::testing::tempdir("spool");
         let base = tmp.path().to_path_buf();
         let from = base.join("from");
         fs::create_dir_all(from.join("sub")).expect("mkdir");
@@ -161,10 +158,7 @@ mod tests {
 
     #[test]
     fn interrupted_jobs_are_spooled_oldest_first() {
-        let tmp = tempfile::Builder::new()
-            .prefix("tf-recover-")
-            .tempdir()
-            .expect("a temp dir can be made");
+        let tmp = crate::testing::tempdir("recover");
         let base = tmp.path().to_path_buf();
         let (run, spool) = (base.join("run"), base.join("results"));
         for name in ["job-a", "job-b"] {

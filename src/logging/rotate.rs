@@ -249,11 +249,7 @@ mod tests {
 
     impl Scratch {
         fn new(name: &str) -> Self {
-            let tmp = tempfile::Builder::new()
-                .prefix(&format!("tf-logging-{name}-"))
-                .tempdir()
-                .expect("a temp dir can be made");
-            Scratch(tmp)
+            Scratch(crate::testing::tempdir(&format!("logging-{name}")))
         }
 
         fn log(&self) -> PathBuf {

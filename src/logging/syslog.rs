@@ -102,14 +102,6 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixDatagram;
 
-    /// A temporary directory `tf-syslog-<name>-<random>`, removed when dropped.
-    fn scratch(name: &str) -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix(&format!("tf-syslog-{name}-"))
-            .tempdir()
-            .expect("temp dir")
-    }
-
     fn receive(socket: &UnixDatagram) -> String {
         let mut buf = [0u8; 1024];
         socket
@@ -121,7 +113,7 @@ mod tests {
 
     #[test]
     fn facility_and_severity_make_the_priority() {
-        let tmp = scratch("pri");
+        let tmp = crate::testing::tempdir("syslog-pri");
         let dir = tmp.path();
         let path = dir.join("log.sock");
         let server = UnixDatagram::bind(&path).expect("bind");
@@ -147,7 +139,7 @@ mod tests {
 
     #[test]
     fn an_absent_socket_is_an_error_not_a_panic() {
-        let tmp = scratch("absent");
+        let tmp = crate::testing::tempdir("syslog-absent");
         let dir = tmp.path();
         let err = match Sink::connect("daemon", &dir.join("nothing-here")) {
             Ok(_) => panic!("no socket there"),
@@ -158,7 +150,7 @@ mod tests {
 
     #[test]
     fn reconnects_after_the_daemon_restarts() {
-        let tmp = scratch("restart");
+        let tmp = crate::testing::tempdir("syslog-restart");
         let dir = tmp.path();
         let path = dir.join("log.sock");
         let first = UnixDatagram::bind(&path).expect("bind");

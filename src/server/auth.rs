@@ -351,14 +351,6 @@ mod tests {
         path
     }
 
-    /// A fresh directory, removed when the returned guard drops.
-    fn tempdir(name: &str) -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix(&format!("tf-auth-{name}-"))
-            .tempdir()
-            .expect("a temp dir can be made")
-    }
-
     const FAST: Backoff = Backoff {
         base: Duration::from_millis(20),
         cap: Duration::from_millis(40),
@@ -425,7 +417,7 @@ mod tests {
 
     #[test]
     fn a_token_about_to_expire_is_renewed_before_the_server_refuses_it() {
-        let tmp = tempdir("early");
+        let tmp = crate::testing::tempdir("auth-early");
         let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, r#"{"refresh_token": "r1"}"#);
         let source = TokenSource::new(Some(path), FAST);
@@ -447,7 +439,7 @@ mod tests {
 
     #[test]
     fn a_fresh_token_is_only_ever_the_cached_one_before_it_is_due() {
-        let tmp = tempdir("fresh");
+        let tmp = crate::testing::tempdir("auth-fresh");
         let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, r#"{"refresh_token": "r1"}"#);
         let source = TokenSource::new(Some(path), FAST);
@@ -475,7 +467,7 @@ mod tests {
 
     #[test]
     fn a_failed_early_renewal_keeps_the_token_and_waits_for_the_back_off() {
-        let tmp = tempdir("early-fail");
+        let tmp = crate::testing::tempdir("auth-early-fail");
         let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, r#"{"refresh_token": "r1"}"#);
         let slow = Backoff {
@@ -518,7 +510,7 @@ mod tests {
 
     #[test]
     fn token_is_fetched_lazily_cached_and_renewed_after_a_refusal() {
-        let tmp = tempdir("cache");
+        let tmp = crate::testing::tempdir("auth-cache");
         let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, r#"{"refresh_token": "r1", "obtained_at": "x"}"#);
         let source = TokenSource::new(Some(path), FAST);
@@ -544,7 +536,7 @@ mod tests {
 
     #[test]
     fn failure_backs_off_and_is_retried_later_with_the_rewritten_file() {
-        let tmp = tempdir("retry");
+        let tmp = crate::testing::tempdir("auth-retry");
         let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, "not json");
         let source = TokenSource::new(Some(path.clone()), FAST);
@@ -574,7 +566,7 @@ mod tests {
 
     #[test]
     fn empty_or_missing_token_is_an_error() {
-        let tmp = tempdir("empty");
+        let tmp = crate::testing::tempdir("auth-empty");
         let dir = tmp.path().to_path_buf();
         let path = token_file(&dir, r#"{"refresh_token": "  "}"#);
         assert!(read_refresh_token(&path).is_err());

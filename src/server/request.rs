@@ -208,10 +208,7 @@ mod tests {
 
     #[test]
     fn multipart_body_has_the_promised_length() {
-        let tmp = tempfile::Builder::new()
-            .prefix("tf-mp-")
-            .tempdir()
-            .expect("a temp dir can be made");
+        let tmp = crate::testing::tempdir("mp");
         let dir = tmp.path().to_path_buf();
         let path = dir.join("a.tar.gz");
         std::fs::write(&path, b"\x1f\x8b binary \r\n-- data").expect("write");

@@ -538,20 +538,12 @@ mod tests {
         assert_eq!(rustls_error(&other_io), None);
     }
 
-    /// A fresh directory, removed when the returned guard drops.
-    fn temp_dir(name: &str) -> tempfile::TempDir {
-        tempfile::Builder::new()
-            .prefix(&format!("tf-tls-{name}-"))
-            .tempdir()
-            .expect("a temp dir can be made")
-    }
-
     /// A PEM block whose content is not a certificate rustls can use as a root.
     const NOT_A_ROOT: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
 
     #[test]
     fn an_unusable_bundle_gives_one_warning_naming_variable_and_path() {
-        let tmp = temp_dir("bad");
+        let tmp = crate::testing::tempdir("tls-bad");
         let dir = tmp.path().to_path_buf();
         let missing = dir.join("missing.pem");
         let empty = dir.join("empty.pem");
@@ -600,7 +592,7 @@ mod tests {
 
     #[test]
     fn the_system_store_and_the_named_bundles_add_up() {
-        let tmp = temp_dir("union");
+        let tmp = crate::testing::tempdir("tls-union");
         let dir = tmp.path().to_path_buf();
         let (a, b, c) = (ca_pem("A"), ca_pem("B"), ca_pem("C"));
         let system = dir.join("system.crt");

@@ -217,10 +217,7 @@ mod tests {
 
     #[test]
     fn read_piece_respects_max_and_finished() {
-        let tmp = tempfile::Builder::new()
-            .prefix("tf-stream-")
-            .tempdir()
-            .expect("a temp dir can be made");
+        let tmp = crate::testing::tempdir("stream");
         let dir = tmp.path().to_path_buf();
         let path = dir.join("test.log");
         std::fs::write(&path, "ab€".as_bytes()).expect("write");
@@ -270,10 +267,7 @@ mod tests {
                     data.extend_from_slice(secret.as_bytes());
                 }
             }
-            let tmp = tempfile::Builder::new()
-                .prefix("tf-stream-mask-")
-                .tempdir()
-                .expect("a temp dir can be made");
+            let tmp = crate::testing::tempdir("stream-mask");
             let dir = tmp.path().to_path_buf();
             let path = dir.join("test-serial.log");
             std::fs::write(&path, &data).expect("write");
