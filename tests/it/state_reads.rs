@@ -48,6 +48,26 @@ fn posted_states(server: &FakeServer, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// The `job_state` values posted after `at`.
+fn states_posted_after(server: &FakeServer, id: &str, at: Instant) -> Vec<Value> {
+    result_posts(server, id)
+        .into_iter()
+        .filter(|(posted, _)| *posted > at)
+        .filter_map(|(_, body)| body.get("job_state").cloned())
+        .collect()
+}
+
+/// Waits, after a cancel (which alone makes the job look finished), until the output holds
+/// `last_line` and the agent's final state post (`cancelled` or `complete`) is in.
+fn wait_final_post(server: &FakeServer, id: &str, last_line: &str) {
+    wait_for(server, "the last command and the final state", |srv| {
+        srv.log_text(id, "output").contains(last_line)
+            && posted_states(srv, id)
+                .last()
+                .is_some_and(|s| s == "cancelled" || s == "complete")
+    });
+}
+
 /// Waits until the job is finished on the server and its final state post is in the
 /// request log too (the server applies a post before it logs the request, so a test that
 /// saw the state could read the log a moment before the post is in it).
@@ -113,18 +133,30 @@ impl WaitingForGo {
     /// Starts it against a fake server with or without `/status` (`tag` names the scratch
     /// directory and the agent) and waits until the test phase has printed `start`.
     fn start(status: bool, tag: &str, extra: &str, after_go: &str) -> WaitingForGo {
+        WaitingForGo::start_with(status, tag, "start", |go| {
+            format!(
+                "{COMMANDS}{extra}test_command: echo start; while [ ! -e {go} ]; do sleep 0.1; done; {after_go}echo end\n",
+                go = go.display()
+            )
+        })
+    }
+
+    /// Like [`WaitingForGo::start`], with the config `commands` makes from the go file's
+    /// path; waits until the job's output holds `started`.
+    fn start_with(
+        status: bool,
+        tag: &str,
+        started: &str,
+        commands: impl FnOnce(&std::path::Path) -> String,
+    ) -> WaitingForGo {
         let server = server_with_status(status);
         let s = Scratch::new(&format!("state-{tag}"));
         let name = format!("state-{tag}-{}", std::process::id());
         let go = s.path("go");
-        let commands = format!(
-            "{COMMANDS}{extra}test_command: echo start; while [ ! -e {go} ]; do sleep 0.1; done; {after_go}echo end\n",
-            go = go.display()
-        );
-        let agent = Agent::start(&server, &s, &name, &commands);
+        let agent = Agent::start(&server, &s, &name, &commands(&go));
         let id = submit(&server, &name);
-        wait_for(&server, "the test phase to start", |srv| {
-            srv.log_text(&id, "output").contains("start")
+        wait_for(&server, "the waiting command to start", |srv| {
+            srv.log_text(&id, "output").contains(started)
         });
         WaitingForGo {
             _agent: agent,
@@ -136,7 +168,7 @@ impl WaitingForGo {
         }
     }
 
-    /// Lets the test command go on to its end.
+    /// Lets the waiting command go on to its end.
     fn go(&self) {
         std::fs::write(&self.go, "").expect("write the go file");
     }
@@ -384,37 +416,24 @@ fn without_status_the_read_for_the_skipped_phases_overlaps_the_output_tail() {
 /// skipped phases started on) ends the job `cancelled`: the read after cleanup sees it.
 #[test]
 fn without_status_a_cancel_during_cleanup_ends_cancelled() {
-    let server = server_with_status(false);
-    let s = Scratch::new("state-cancel-cleanup");
-    let name = format!("state-cancel-cleanup-{}", std::process::id());
-    let go = s.path("go");
-    let commands = format!(
-        "setup_command: echo setup ran\nallocate_command: echo allocate ran\nreserve_command: echo reserve ran\ncancel_check_interval: 60\ntest_command: echo test ran\ncleanup_command: echo cleanup began; while [ ! -e {go} ]; do sleep 0.1; done; echo cleanup ended\n",
-        go = go.display()
-    );
-    let _agent = Agent::start(&server, &s, &name, &commands);
-    let id = submit(&server, &name);
-    wait_for(&server, "cleanup to start", |srv| {
-        srv.log_text(&id, "output").contains("cleanup began")
+    let scenario = WaitingForGo::start_with(false, "cancel-cleanup", "cleanup began", |go| {
+        format!(
+            "setup_command: echo setup ran\nallocate_command: echo allocate ran\nreserve_command: echo reserve ran\ncancel_check_interval: 60\ntest_command: echo test ran\ncleanup_command: echo cleanup began; while [ ! -e {go} ]; do sleep 0.1; done; echo cleanup ended\n",
+            go = go.display()
+        )
     });
+    let WaitingForGo { server, id, .. } = &scenario;
     let cancelled_at = Instant::now();
-    assert!(server.cancel_job(&id));
-    std::fs::write(&go, "").expect("write the go file");
-    wait_for(&server, "the final state", |srv| {
-        srv.log_text(&id, "output").contains("cleanup ended")
-            && posted_states(srv, &id)
-                .last()
-                .is_some_and(|s| s == "cancelled" || s == "complete")
-    });
-    assert_eq!(server.job_state(&id).as_deref(), Some("cancelled"));
-    let after_cancel: Vec<Value> = result_posts(&server, &id)
-        .into_iter()
-        .filter(|(at, _)| *at > cancelled_at)
-        .filter_map(|(_, body)| body.get("job_state").cloned())
-        .collect();
-    assert_eq!(after_cancel, [json!("cancelled")]);
+    assert!(server.cancel_job(id));
+    scenario.go();
+    wait_final_post(server, id, "cleanup ended");
+    assert_eq!(server.job_state(id).as_deref(), Some("cancelled"));
     assert_eq!(
-        posted_states(&server, &id),
+        states_posted_after(server, id, cancelled_at),
+        [json!("cancelled")]
+    );
+    assert_eq!(
+        posted_states(server, id),
         [
             "setup",
             "provision",
@@ -442,25 +461,14 @@ fn cancel_in_the_last_second(status: bool) {
     let cancelled_at = Instant::now();
     assert!(server.cancel_job(id));
     scenario.go();
-    // The cancel alone makes the job look finished: wait for the agent's final post.
-    wait_for(server, "cleanup and the final state", |srv| {
-        srv.log_text(id, "output").contains("cleanup ran")
-            && posted_states(srv, id)
-                .last()
-                .is_some_and(|s| s == "cancelled" || s == "complete")
-    });
+    wait_final_post(server, id, "cleanup ran");
     assert!(
         server.log_text(id, "output").contains("end"),
         "the test command ended on its own"
     );
     assert_eq!(server.job_state(id).as_deref(), Some("cancelled"));
-    let after_cancel: Vec<Value> = result_posts(server, id)
-        .into_iter()
-        .filter(|(at, _)| *at > cancelled_at)
-        .filter_map(|(_, body)| body.get("job_state").cloned())
-        .collect();
     assert_eq!(
-        after_cancel,
+        states_posted_after(server, id, cancelled_at),
         [json!("cancelled")],
         "only the final state: {:?}",
         result_posts(server, id)
