@@ -452,6 +452,20 @@ impl Streamer {
         }
     }
 
+    /// Waits up to `left` for the streamer's next progress (a fragment delivered or given
+    /// up, a thread ended), and gives the state back.
+    fn wait_progress<'s>(
+        &'s self,
+        state: MutexGuard<'s, State>,
+        left: Duration,
+    ) -> MutexGuard<'s, State> {
+        self.shared
+            .progress
+            .wait_timeout(state, left)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0)
+    }
+
     /// `phase` of `job_id` has ended: send the rest now and wait up to `wait` for it, or
     /// less when the server is failing (the rest then stays in the log file).
     pub(super) fn finish(&self, job_id: &str, phase: Phase, wait: Duration) {
@@ -491,12 +505,7 @@ impl Streamer {
                 );
                 return;
             }
-            state = self
-                .shared
-                .progress
-                .wait_timeout(state, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            state = self.wait_progress(state, deadline - now);
         }
     }
 
@@ -524,12 +533,7 @@ impl Streamer {
             if now >= deadline || !self.shared.alive.load(Ordering::SeqCst) {
                 return false;
             }
-            state = self
-                .shared
-                .progress
-                .wait_timeout(state, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            state = self.wait_progress(state, deadline - now);
         }
     }
 
@@ -545,12 +549,7 @@ impl Streamer {
         while state.jobs.get(job_id).is_some_and(|j| j.outstanding > 0)
             && self.shared.alive.load(Ordering::SeqCst)
         {
-            state = self
-                .shared
-                .progress
-                .wait_timeout(state, Duration::from_millis(100))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            state = self.wait_progress(state, Duration::from_millis(100));
         }
         let job = state.jobs.remove(job_id);
         // What is left of a detached job travels with its run directory, not this backlog.
