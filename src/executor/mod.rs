@@ -9,6 +9,7 @@ mod journal;
 mod metrics;
 mod sink;
 mod state;
+use state::SkippedRead;
 
 use crate::config::Config;
 use crate::job::JobSpec;
@@ -71,23 +72,9 @@ pub struct PhaseExecutor<'a> {
     storage_told: bool,
     /// How the last phase command ended, for its transition in the journal's trail.
     last_command: Option<CommandEnd>,
-    /// On a server whose state reads return every log (no `/status`): the read started
-    /// when the command of a phase after which only skipped phases are left (before
-    /// cleanup) ended. It runs while the phase's output is delivered, so the server
-    /// rebuilds the logs stored so far instead of all of them, and the phases after it
-    /// start on its answer without another read.
-    early_read: Option<crate::server::PendingState>,
-    /// The early read has answered (not cancelled): the skipped phases left before cleanup
-    /// are not read before again.
-    state_read_early: bool,
-    /// Set on a server whose state reads return every log when the job goes on to skipped
-    /// phases only: the state is read once after cleanup, for the final state. Without an
-    /// early read (the server was found to lack `/status` only during the last phase),
-    /// those phases' `job_state` is not posted either (`unread_skips`).
-    state_read_after_cleanup: bool,
-    /// No state read covers the skipped phases left: their `job_state` is not posted (it
-    /// could overwrite a `cancelled` the agent has not read).
-    unread_skips: bool,
+    /// How the job state is read for the skipped phases left before cleanup, on a server
+    /// whose state reads return every log (no `/status`).
+    skipped_read: SkippedRead,
     /// That read after cleanup found the job cancelled.
     cancelled_after_phases: bool,
     /// With direct capture, the longest pause between two looks at a quiet log
@@ -131,10 +118,7 @@ impl<'a> PhaseExecutor<'a> {
             storage_failed: None,
             storage_told: false,
             last_command: None,
-            early_read: None,
-            state_read_early: false,
-            state_read_after_cleanup: false,
-            unread_skips: false,
+            skipped_read: SkippedRead::Each,
             cancelled_after_phases: false,
             follow_pause_max: None,
         }
@@ -211,7 +195,7 @@ impl<'a> PhaseExecutor<'a> {
     /// The last event of a job (`job_end`, with `normal_exit` or the event that ended it).
     pub fn job_finished(&mut self, outcome: &JobOutcome) {
         let mut end_detail = outcome.end_detail();
-        if self.state_read_after_cleanup && outcome.abort.is_none() {
+        if self.skipped_read.read_after_cleanup() && outcome.abort.is_none() {
             let job_id = self.spec.job_id();
             match self.server.job_state(job_id) {
                 Ok(Some(state)) if state == "cancelled" => {
@@ -415,7 +399,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
         if phase != Phase::Cleanup {
             // Not after a state read was left for after cleanup: unread, a `cancelled`
             // could be overwritten.
-            if !self.unread_skips {
+            if !matches!(self.skipped_read, SkippedRead::Unread) {
                 self.post_result(&json!({ "job_state": phase.name() }), "job state");
             }
             if self.deferred.is_none() {
@@ -529,7 +513,7 @@ impl PhaseRunner for PhaseExecutor<'_> {
             // The command has ended; its output's tail is still on its way to the server.
             // The state read the skipped phases after this one start on is made now, beside
             // that delivery, while the server has fewer of the job's logs to rebuild.
-            self.early_read = Some(self.server.start_job_state(&job_id));
+            self.skipped_read = SkippedRead::Started(self.server.start_job_state(&job_id));
         }
         self.journal = sink.journal.take();
         let unrecorded = sink.write_failed.take().or(sink.journal_failed.take());

@@ -8,10 +8,35 @@ use super::PhaseExecutor;
 use crate::lifecycle::StopCause;
 use crate::phase::Phase;
 use crate::process::StopKind;
+use crate::server::PendingState;
+
+/// How the job state is read for the skipped phases left before cleanup. Past `Each`, it
+/// is read again after cleanup, for the final state.
+pub(super) enum SkippedRead {
+    /// Before each phase, as usual.
+    Each,
+    /// Started when the command of a phase after which only skipped phases are left
+    /// ended: it runs while that phase's output is delivered, so the server rebuilds the
+    /// logs stored so far instead of all of them. Not answered yet.
+    Started(PendingState),
+    /// That early read answered (not cancelled): it stands for the skipped phases.
+    ReadEarly,
+    /// No read covers the skipped phases (the server was found to lack `/status` only
+    /// during the last phase): their `job_state` is not posted either, since it could
+    /// overwrite a `cancelled` the agent has not read.
+    Unread,
+}
+
+impl SkippedRead {
+    /// Whether the state is read after cleanup.
+    pub(super) fn read_after_cleanup(&self) -> bool {
+        matches!(self, SkippedRead::ReadEarly | SkippedRead::Unread)
+    }
+}
 
 impl PhaseExecutor<'_> {
     /// Whether the job was found cancelled only after its cleanup (see
-    /// `state_read_after_cleanup`): its final state is `cancelled` all the same.
+    /// [`SkippedRead::read_after_cleanup`]): its final state is `cancelled` all the same.
     pub fn cancelled_after_phases(&self) -> bool {
         self.cancelled_after_phases
     }
@@ -66,19 +91,22 @@ impl PhaseExecutor<'_> {
     /// read's answer, none for skipped phases whose read was left for after cleanup, or a
     /// read now. `Some(Cancelled)` when the server says the job was cancelled.
     pub(super) fn read_state_before(&mut self, next: Phase) -> Option<StopCause> {
-        if let Some(read) = self.early_read.take() {
-            // Started when the last phase's command ended: the state as of then, read
-            // while that phase's output was still being delivered.
-            log::info!(
-                "job {}: {next} and the phases after it are skipped; the job state read when the last command ended stands for them, and it is read again after cleanup (this server returns every log with it)",
-                self.spec.job_id()
-            );
-            self.state_read_early = true;
-            self.state_read_after_cleanup = true;
-            return self.judge_state(read.wait(), next);
-        }
-        if self.state_read_early || self.unread_skips {
-            return None;
+        match std::mem::replace(&mut self.skipped_read, SkippedRead::Each) {
+            SkippedRead::Started(read) => {
+                // Started when the last phase's command ended: the state as of then, read
+                // while that phase's output was still being delivered.
+                log::info!(
+                    "job {}: {next} and the phases after it are skipped; the job state read when the last command ended stands for them, and it is read again after cleanup (this server returns every log with it)",
+                    self.spec.job_id()
+                );
+                self.skipped_read = SkippedRead::ReadEarly;
+                return self.judge_state(read.wait(), next);
+            }
+            SkippedRead::Each => {}
+            done @ (SkippedRead::ReadEarly | SkippedRead::Unread) => {
+                self.skipped_read = done;
+                return None;
+            }
         }
         if self.server.state_reads_are_costly() && self.only_skipped_phases_from(next) {
             // Reading the state here would make the server rebuild every log of the job
@@ -87,8 +115,7 @@ impl PhaseExecutor<'_> {
                 "job {}: {next} and the phases after it are skipped; the job state is read after cleanup (this server returns every log with it)",
                 self.spec.job_id()
             );
-            self.state_read_after_cleanup = true;
-            self.unread_skips = true;
+            self.skipped_read = SkippedRead::Unread;
             return None;
         }
         let answer = self.server.job_state(self.spec.job_id());
