@@ -142,44 +142,40 @@ impl PendingState {
         PendingState(Pending::Ready(answer))
     }
 
-    /// Runs `read` on a thread of its own (inline when no thread can be made).
-    pub fn spawn(
-        read: impl FnOnce() -> Result<Option<String>, ServerError> + Send + 'static,
-    ) -> PendingState {
-        let read = std::sync::Arc::new(std::sync::Mutex::new(Some(read)));
-        let on_thread = std::sync::Arc::clone(&read);
+    /// Runs `read` on a thread of its own (inline when no thread can be made: the closure
+    /// waits in a slot both sides share, since a failed spawn does not give it back).
+    pub fn spawn<F>(read: F) -> PendingState
+    where
+        F: FnOnce() -> Result<Option<String>, ServerError> + Send + 'static,
+    {
+        /// Runs the closure left in `slot`, once.
+        fn run<F>(slot: &std::sync::Mutex<Option<F>>) -> Result<Option<String>, ServerError>
+        where
+            F: FnOnce() -> Result<Option<String>, ServerError>,
+        {
+            let read = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            match read {
+                Some(read) => read(),
+                None => Err(ServerError::new(
+                    ServerErrorKind::Local,
+                    "job state read",
+                    "the read was already made",
+                )),
+            }
+        }
+        let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(read)));
+        let on_thread = std::sync::Arc::clone(&slot);
         let spawned = std::thread::Builder::new()
             .name("state-read".into())
-            .spawn(move || {
-                let read = on_thread
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take();
-                match read {
-                    Some(read) => read(),
-                    None => Err(ServerError::new(
-                        ServerErrorKind::Local,
-                        "job state read",
-                        "the read was already made",
-                    )),
-                }
-            });
+            .spawn(move || run(&on_thread));
         match spawned {
             Ok(handle) => PendingState(Pending::Running(handle)),
             Err(err) => {
                 log::warn!("cannot start a thread for a job state read ({err}); reading now");
-                let read = read
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take();
-                PendingState::ready(match read {
-                    Some(read) => read(),
-                    None => Err(ServerError::new(
-                        ServerErrorKind::Local,
-                        "job state read",
-                        "the read was already made",
-                    )),
-                })
+                PendingState::ready(run(&slot))
             }
         }
     }
