@@ -15,6 +15,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::unistd::{pipe2, read};
 
 use super::poll::poll_timeout;
+use super::reader::PipeReader;
 use super::{sys, OutputSink, ProcessError};
 
 /// Requested size of the output pipe (the unprivileged maximum by default).
@@ -24,6 +25,9 @@ const PIPE_SIZE: i32 = 1 << 20;
 pub(super) enum Capture {
     /// A pipe the agent reads, chunk by chunk to [`OutputSink::output`].
     Pipe(OwnedFd),
+    /// The same pipe read on a thread of its own ([`PipeReader`]); the runner takes the
+    /// chunks it queued.
+    Reader(PipeReader),
     /// The command writes into the sink's file itself ([`OutputSink::direct_output`]); an
     /// inotify watch on that file wakes the runner when the command's description of it is
     /// closed for the last time (`IN_CLOSE_WRITE`: no process holds the output any more, as
@@ -69,9 +73,24 @@ impl Capture {
         }
     }
 
+    /// A pipe is read on a thread of its own from now on, when one can be started.
+    pub(super) fn read_on_thread(self) -> Capture {
+        match self {
+            Capture::Pipe(fd) => match PipeReader::start(fd) {
+                Ok(reader) => Capture::Reader(reader),
+                Err((fd, err)) => {
+                    log::debug!("cannot read the output on a thread ({err}); the runner reads it");
+                    Capture::Pipe(fd)
+                }
+            },
+            other => other,
+        }
+    }
+
     pub(super) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
             Capture::Pipe(fd) => fd.as_fd(),
+            Capture::Reader(reader) => reader.ready_fd(),
             Capture::Follow(watch) => watch.inotify().as_fd(),
         }
     }

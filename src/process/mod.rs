@@ -9,6 +9,7 @@
 //! - `unix.rs`: the runner, one command from spawn to reap ([`run_command`]);
 //! - `spawn.rs`: the phase token and the `oom_score_adj` written between fork and exec;
 //! - `capture.rs`: the output pipe, or the sink's file followed with direct capture;
+//! - `reader.rs`: the output pipe read on a thread, beside the runner that writes it;
 //! - `poll.rs`: the stop signal's wake pipe and deadlines as `poll()` timeouts;
 //! - `group.rs`: the process group from spawn to reap: SIGTERM, the final sweep, reaping;
 //! - `pinned.rs`: signalling one process through a pidfd, never a reused pid;
@@ -31,6 +32,7 @@ mod group;
 mod leftovers;
 mod pinned;
 mod poll;
+mod reader;
 mod reap;
 mod spawn;
 mod sweep;

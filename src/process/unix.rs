@@ -3,7 +3,9 @@
 //! One command is `/bin/sh -c CMD` in a new process group whose stdout and stderr share
 //! one pipe, or, when the sink offers a file ([`OutputSink::direct_output`]), that file:
 //! the command then writes its log itself and the runner follows the file (see
-//! [`Capture`]). The runner blocks in `poll()` on the pipe (or the file's inotify watch),
+//! [`Capture`]); the pipe is read on a thread of its own ([`super::reader`]) while the
+//! runner hands what it read to the sink. The runner blocks in `poll()` on the pipe's
+//! reader (or the pipe itself, or the file's inotify watch),
 //! the [`StopSignal`]'s wake pipe and a pidfd of the shell (readable when it exits), with
 //! the timeout computed from the nearest deadline. A [`ProcessGroupGuard`] owns the group
 //! from spawn to reap: its final sweep (also run from `Drop`) kills the group and every
@@ -18,6 +20,7 @@
 
 use std::ops::ControlFlow;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -28,6 +31,7 @@ use nix::unistd::{read, Pid};
 use super::capture::{drain_output, instant_of, last_holder_closed, Capture};
 use super::group::ProcessGroupGuard;
 use super::poll::{earliest, later, poll_timeout};
+use super::reader::End;
 use super::reap::decode_status;
 use super::spawn::{spawn, Spawned};
 use super::{
@@ -192,9 +196,10 @@ impl<'a> Run<'a> {
             leader,
             start,
         } = spawned;
+        let capture = capture.read_on_thread();
         let buf = match capture {
             Capture::Pipe(_) => vec![0u8; READ_CHUNK],
-            Capture::Follow(_) => Vec::new(),
+            Capture::Reader(_) | Capture::Follow(_) => Vec::new(),
         };
         let follow_max = sink
             .follow_pause_max()
@@ -450,7 +455,7 @@ impl<'a> Run<'a> {
         };
         let deadline = match self.capture {
             Capture::Follow(_) => earliest(deadline, Some(self.next_follow)),
-            Capture::Pipe(_) => deadline,
+            Capture::Pipe(_) | Capture::Reader(_) => deadline,
         };
         let watch_leader = self.leader_exit_at.is_none();
         let watch_exits = self.state == CommandState::Terminating;
@@ -526,7 +531,23 @@ impl<'a> Run<'a> {
                 Err(Errno::EAGAIN | Errno::EINTR) => {}
                 Err(e) => return Err(sys("reading the command's output")(e)),
             },
-            Capture::Pipe(_) => {}
+            Capture::Reader(reader) if ready.output => {
+                reader.acknowledge();
+                while let Some(chunk) = reader.next() {
+                    self.sink.output(chunk.bytes());
+                    self.last_output = Instant::now();
+                    reader.recycle(chunk);
+                }
+                match reader.end() {
+                    Some(End::Eof) => {
+                        self.output_open = false;
+                        rescan_now = true;
+                    }
+                    Some(End::Failed(e)) => return Err(sys("reading the command's output")(e)),
+                    None => {}
+                }
+            }
+            Capture::Pipe(_) | Capture::Reader(_) => {}
             Capture::Follow(watch) => {
                 if ready.output && last_holder_closed(watch) {
                     self.output_open = false;
@@ -570,13 +591,29 @@ impl<'a> Run<'a> {
             reason,
             mut needed_sigkill,
             held_output_for,
-            output_open,
+            mut output_open,
             ..
         } = self;
         // The watch is done with: removed now, the kernel's grace period for it runs while
         // the phase ends instead of when the inotify instance is closed (the agent's exit).
         let (pipe, followed) = match capture {
-            Capture::Pipe(out_read) => (Some(out_read), false),
+            Capture::Pipe(out_read) => (Some(Arc::new(out_read)), false),
+            Capture::Reader(reader) => {
+                // What the reader queued comes first; the runner reads the rest itself.
+                let (chunks, ended, out_read) = reader.stop();
+                for chunk in &chunks {
+                    sink.output(chunk.bytes());
+                }
+                match ended {
+                    Some(End::Eof) => output_open = false,
+                    Some(End::Failed(e)) => return Err(sys("reading the command's output")(e)),
+                    None => {}
+                }
+                if output_open {
+                    buf = vec![0u8; READ_CHUNK];
+                }
+                (Some(out_read), false)
+            }
             Capture::Follow(watch) => {
                 drop(watch);
                 (None, true)
