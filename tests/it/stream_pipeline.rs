@@ -330,3 +330,67 @@ fn text_that_escapes_badly_is_cut_into_fragments_whose_json_text_stays_under_the
     }
     assert_no_server_panics(&server);
 }
+
+/// Waits up to `limit` for the fake server to hold `n` output fragments of `job`.
+fn wait_for_fragments(server: &FakeServer, job: &str, n: usize, limit: Duration) -> usize {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let held = server.fragments(job, "output").len();
+        if held >= n || std::time::Instant::now() >= deadline {
+            return held;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_full_fragment_goes_out_at_once_while_a_partial_one_waits_for_the_interval() {
+    let server = FakeServer::start();
+    let scratch = Scratch::new("pipe-full");
+    let mut settings = pipeline_settings(&server, &scratch);
+    // Far longer than the test waits: only a full fragment may go out before it ends.
+    settings.output_post_interval = Duration::from_secs(600);
+    let client = HttpServer::new(settings);
+    let job = new_job(&server);
+    let path = scratch.path("test.log");
+    let mut text = String::new();
+    let mut grow = |more: &str| {
+        text.push_str(more);
+        std::fs::write(&path, &text).expect("write the phase log");
+        client.output(&job, Phase::Test, more.as_bytes(), &path, text.len() as u64);
+    };
+
+    // The job's first fragment goes out at once; the next partial one waits for the
+    // interval.
+    grow("first\n");
+    assert_eq!(
+        wait_for_fragments(&server, &job, 1, Duration::from_secs(30)),
+        1,
+        "the first fragment was not posted"
+    );
+    grow("partial\n");
+    // Gives the streamer time to start waiting out the interval for the partial fragment.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        server.fragments(&job, "output").len(),
+        1,
+        "posted before the interval"
+    );
+
+    // The log now holds more than a fragment: it goes out without waiting the interval.
+    grow(&log_text(4));
+    assert!(
+        wait_for_fragments(&server, &job, 2, Duration::from_secs(30)) >= 2,
+        "a full fragment waited for the output interval"
+    );
+    let frags = server.fragments(&job, "output");
+    assert_numbered_once_in_order(&frags);
+    assert_eq!(frags[1].log_data.len(), FRAGMENT);
+    client.finish_output(&job, Phase::Test);
+    assert!(client.drain(&job, Duration::from_secs(60)), "not drained");
+    assert_eq!(
+        phase_texts(&server.fragments(&job, "output")),
+        vec![("test".to_string(), text.clone())]
+    );
+    assert_no_server_panics(&server);
+}

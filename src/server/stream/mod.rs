@@ -112,6 +112,8 @@ struct Shared {
     alive: AtomicBool,
     /// Fragments of a job in the pipeline at most: [`PIPELINE_DEPTH`], or 1.
     depth: u32,
+    /// Bytes of the log in a full fragment (`fragment_size`): one that is due at once.
+    full: u64,
 }
 
 /// Fragments of one job prepared, waiting or being posted at a time: one on the wire and
@@ -332,6 +334,7 @@ impl Streamer {
             } else {
                 1
             },
+            full: core.settings.fragment_size as u64,
         });
         let mut threads = Vec::new();
         let bodies: [(&str, ThreadBody); 2] = [
@@ -426,8 +429,12 @@ impl Streamer {
             Some(p) => {
                 if len > p.known {
                     // A phase with nothing left to prepare may be due a post before the
-                    // streamer's current wait ends.
-                    wake |= !p.unqueued();
+                    // streamer's current wait ends; so is one whose bytes waiting now make
+                    // a full fragment, which does not wait for `output_post_interval`.
+                    let full = self.shared.full;
+                    wake |= !p.unqueued()
+                        || (p.known.saturating_sub(p.queued) < full
+                            && len.saturating_sub(p.queued) >= full);
                     p.known = len;
                     p.held_at = None;
                 }
