@@ -135,6 +135,18 @@ impl PipeReader {
         self.shared.lock().filled.pop_front()
     }
 
+    /// The most chunks to take in one go: what the pool holds. A reader refilling as fast
+    /// as chunks are taken never keeps the runner from its other checks for longer.
+    pub(super) const BATCH: usize = BUFFERS;
+
+    /// After a batch: wakes the ready pipe again when chunks are still waiting, so the
+    /// runner's next `poll()` returns at once instead of sleeping on them.
+    pub(super) fn rearm(&self) {
+        if !self.shared.lock().filled.is_empty() {
+            self.shared.ready.wake();
+        }
+    }
+
     /// Gives a taken chunk's buffer back to the reader.
     pub(super) fn recycle(&self, chunk: Chunk) {
         self.shared.lock().free.push(chunk.buf);

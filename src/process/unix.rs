@@ -31,7 +31,7 @@ use nix::unistd::{read, Pid};
 use super::capture::{drain_output, instant_of, last_holder_closed, Capture};
 use super::group::ProcessGroupGuard;
 use super::poll::{earliest, later, poll_timeout};
-use super::reader::End;
+use super::reader::{End, PipeReader};
 use super::reap::decode_status;
 use super::spawn::{spawn, Spawned};
 use super::{
@@ -533,11 +533,15 @@ impl<'a> Run<'a> {
             },
             Capture::Reader(reader) if ready.output => {
                 reader.acknowledge();
-                while let Some(chunk) = reader.next() {
+                // One batch, then the stops and deadlines are checked again: a command
+                // printing as fast as the sink takes it never starves them.
+                for _ in 0..PipeReader::BATCH {
+                    let Some(chunk) = reader.next() else { break };
                     self.sink.output(chunk.bytes());
                     self.last_output = Instant::now();
                     reader.recycle(chunk);
                 }
+                reader.rearm();
                 match reader.end() {
                     Some(End::Eof) => {
                         self.output_open = false;

@@ -882,3 +882,54 @@ fn absurd_durations_do_not_overflow() {
     assert_eq!(outcome.termination, Termination::Exited(0));
     assert_eq!(text(&out), "ok\n");
 }
+
+#[test]
+fn endless_output_into_a_slow_sink_is_stopped_whole_and_in_order() {
+    // `yes` prints for ever; the sink takes 5 ms a chunk, so the reader's buffers and the
+    // pipe stay full and the command is held back by them when its deadline comes.
+    let marker = Marker::new();
+    let line = format!("{}\n", marker.digits);
+    let mut spec = spec(&format!("yes {}", marker.digits));
+    spec.global_timeout = Some(Duration::from_secs(1));
+    // On a thread, so that a runner that never gets back to its deadline fails the test
+    // (the marker kills `yes` on the way out) instead of hanging it.
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let stop = StopSignal::new().expect("stop signal");
+        let (mut out, mut chunks) = (Vec::new(), 0usize);
+        let outcome = run_command(
+            &spec,
+            &mut |chunk: &[u8]| {
+                out.extend_from_slice(chunk);
+                chunks += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            },
+            &stop,
+        )
+        .expect("command runs");
+        let _ = done.send((outcome, out, chunks));
+    });
+    let (outcome, out, chunks) = finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the 1 s deadline did not end the command within 60 s");
+    assert_eq!(outcome.termination, Termination::GlobalTimeout);
+    assert!(
+        marker.living().is_empty(),
+        "a process of the phase survived"
+    );
+    // The output is the command's lines in order, with the stop line once where the
+    // agent stopped it (what the command had printed before its end but the agent had not
+    // read yet comes after it): nothing lost, nothing repeated.
+    let stop_line = "\nERROR: Global timeout reached! (1s)\n";
+    let text = text(&out);
+    assert_eq!(text.matches(stop_line).count(), 1, "not one stop line");
+    let printed = text.replacen(stop_line, "", 1);
+    assert!(chunks > 10, "only {chunks} chunks");
+    let whole = printed.len() / line.len();
+    assert!(whole > 10, "only {whole} lines");
+    assert_eq!(
+        printed.as_bytes(),
+        &line.repeat(whole + 1).as_bytes()[..printed.len()],
+        "the output is not the command's lines in order"
+    );
+}
