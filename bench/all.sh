@@ -23,7 +23,8 @@
 # server, commit and machine.
 #
 # The run-job figures run on a tmpfs: /dev/shm when it is one, else a tmpfs mounted for
-# the run (root only); the agents' directories in the other figures are there too.
+# the run (root only); the agents' directories in the other figures are there too. The
+# run-job throughput figures are measured again on the disk /tmp is on (names `*_disk`).
 # After a full run: UPDATE_GENERATED=1 cargo test --test it docs:: rewrites bench/README.md's table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,8 +57,10 @@ else
   echo "bench/all.sh: /dev/shm is no writable tmpfs and only root can mount one" >&2; exit 2
 fi
 work=$(mktemp -d "$base/tf-bench.XXXXXX")
+diskwork=
 cleanup() {
   rm -rf "$work"
+  if [ -n "$diskwork" ]; then rm -rf "$diskwork"; fi
   if [ -n "$mounted" ]; then umount "$mounted" && rmdir "$mounted"; fi
 }
 trap cleanup EXIT
@@ -95,6 +98,11 @@ produce() {
 
 # The quietest first: the run-job ratio is the most sensitive to other load.
 produce run-job python3 bench/run_job.py --bin "$bin" --dir "$work" "${smoke[@]}"
+# The same on the disk /tmp is on (/var/tmp when /tmp is a tmpfs).
+disk=${TMPDIR:-/tmp}
+[ "$(stat -f -c %T "$disk")" = tmpfs ] && disk=/var/tmp
+diskwork=$(mktemp -d "$disk/tf-bench-disk.XXXXXX")
+produce run-job-disk python3 bench/run_job.py --bin "$bin" --dir "$diskwork" --suffix _disk "${smoke[@]}"
 produce daemon "${cargo_bench[@]}" --bench suite -- daemon --dir "$work" "${smoke[@]}"
 produce process "${cargo_bench[@]}" --bench process -- "${smoke[@]}"
 produce idle "${cargo_bench[@]}" --bench suite -- idle --dir "$work" "${smoke[@]}"

@@ -13,6 +13,7 @@
 
 Prints numbers; the lines that start with FIGURE are what bench/all.sh collects.
 Usage: bench/run_job.py --bin PATH --dir DIR [--smoke] [--size BYTES] [--rounds N]
+                        [--suffix _disk]   (the throughput figures only, names suffixed)
 """
 
 import argparse
@@ -64,9 +65,20 @@ def peak_rss_kib(argv):
     return peak
 
 
+# Appended to every figure's name (`--suffix`): the same figures from another directory.
+SUFFIX = ""
+
+
 def figure(name, value, unit, **details):
     extra = "".join(f" {k}={v}" for k, v in details.items())
-    print(f"FIGURE {name}={value:.4f} unit={unit}{extra}", flush=True)
+    print(f"FIGURE {name}{SUFFIX}={value:.4f} unit={unit}{extra}", flush=True)
+
+
+def fs_type(path):
+    """The file system type of `path` (`ext4`, `tmpfs`...), as stat -f names it."""
+    out = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True,
+                         check=False).stdout.strip()
+    return out or "unknown"
 
 
 def write(path, text):
@@ -147,17 +159,17 @@ test_command: {cmd}
     rss = peak_rss_kib(agent)
     logged_bytes(f"{work}/run")
     print(f"peak RSS (VmHWM every 5 ms, one more round): {rss} KiB")
-    details = {"bytes": size, "rounds": rounds, "dir": base}
+    details = {"bytes": size, "rounds": rounds, "dir": base, "fs": fs_type(base)}
     figure("run_job_s", min(ours), "s", **details)
     figure("sh_to_file_s", min(theirs), "s", **details)
     figure("run_job_vs_sh_ratio", min(ours) / min(theirs), "ratio", **details)
-    figure("run_job_cpu_s_per_gb", min(cpus) / (size / 1e9), "s/GB", bytes=size)
+    figure("run_job_cpu_s_per_gb", min(cpus) / (size / 1e9), "s/GB", **details)
     figure("sh_after_banner_s", min(bannered), "s", banner_bytes=banner, **details)
     figure("run_job_vs_sh_after_banner_ratio", min(ours) / min(bannered), "ratio", **details)
     figure("run_job_masked_s", min(piped), "s", **details)
     figure("run_job_masked_vs_sh_ratio", min(piped) / min(theirs), "ratio", **details)
-    figure("run_job_masked_cpu_s_per_gb", min(piped_cpus) / (size / 1e9), "s/GB", bytes=size)
-    figure("run_job_peak_rss_mib", rss / 1024, "MiB", bytes=size)
+    figure("run_job_masked_cpu_s_per_gb", min(piped_cpus) / (size / 1e9), "s/GB", **details)
+    figure("run_job_peak_rss_mib", rss / 1024, "MiB", **details)
 
 
 PHASES = ["setup", "provision", "firmware_update", "test", "allocate", "reserve", "cleanup"]
@@ -223,13 +235,19 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="small size, one round")
     parser.add_argument("--size", type=int, help="bytes the test phase prints")
     parser.add_argument("--rounds", type=int, help="alternating rounds")
+    parser.add_argument("--suffix", default="",
+                        help="appended to the figures' names (e.g. _disk); measures only "
+                        "the throughput figures")
     args = parser.parse_args()
+    global SUFFIX
+    SUFFIX = args.suffix
     size = args.size or (100_000_000 if args.smoke else 1_000_000_000)
     rounds = args.rounds or (1 if args.smoke else 5)
     work = tempfile.mkdtemp(prefix="bench-run-job-", dir=args.dir)
     try:
         throughput(os.path.abspath(args.bin), args.dir, work, size, rounds)
-        overhead(os.path.abspath(args.bin), work, 3 if args.smoke else 20)
+        if not args.suffix:
+            overhead(os.path.abspath(args.bin), work, 3 if args.smoke else 20)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
