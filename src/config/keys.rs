@@ -173,7 +173,7 @@ config_keys! {
     },
     output_post_interval: u64 = OutputPostInterval {
         kind: Seconds, default: Int(1), origin: ThisAgent, min: 1,
-        meaning: "Seconds between posts of a phase's live output to the server",
+        meaning: "Seconds between posts of a phase's live output to the server while less than a whole fragment (1 MiB) waits; whole fragments go out one after the other",
     },
     audit_trails_kept: u64 = AuditTrailsKept {
         kind: Count, default: Int(100), origin: ThisAgent,
