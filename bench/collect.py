@@ -27,7 +27,7 @@ FLEET = "cargo bench --bench suite -- fleet"
 
 # (name, unit, what it is, limit as (op, value) or None, the target's words, producer).
 # `{key}` in the words is filled from the figure's details (`{bytes}` as MB or GB).
-FIGURES = [
+RUN_JOB_THROUGHPUT = [
     ("run_job_s", "s",
      "`run-job`, a test printing {bytes} (`head -c`), run directory on tmpfs, stdout to "
      "/dev/null: wall time, fastest of {rounds} rounds", None, "", RUN_JOB),
@@ -57,29 +57,16 @@ FIGURES = [
     ("run_job_masked_cpu_s_per_gb", "s/GB",
      "agent CPU per GB with a secret (reading the pipe, masking, writing the log)",
      ("<=", 1.0), "≤ 1 s/GB", RUN_JOB),
-    # The same with the run directory on the disk `/tmp` is on (issue 16: tmpfs and disk).
-    *[(name + "_disk", unit,
-       "[{fs}, the disk /tmp is on] " + what.replace("on tmpfs", "on the disk").replace(
-           "the same tmpfs", "the same disk"), limit, target, RUN_JOB + " --suffix _disk")
-      for name, unit, what, limit, target in [
-          ("run_job_s", "s", "`run-job` printing {bytes}, run directory on tmpfs: wall time, "
-           "fastest of {rounds} rounds", None, ""),
-          ("sh_to_file_s", "s", "the limit: `sh -c 'CMD > file'` on the same tmpfs", None, ""),
-          ("run_job_vs_sh_ratio", "ratio", "`run-job` / `sh -c 'CMD > file'` (no secrets)",
-           ("<=", 1.10), "≤ 1.10×"),
-          ("sh_after_banner_s", "s", "the limit for the same file layout: `sh -c 'CMD >> file'` "
-           "after {banner_bytes} bytes", None, ""),
-          ("run_job_vs_sh_after_banner_ratio", "ratio", "`run-job` / that limit", None, ""),
-          ("run_job_masked_s", "s", "the same job with a secret to mask: wall time", None, ""),
-          ("run_job_masked_vs_sh_ratio", "ratio",
-           "`run-job` with a secret / `sh -c 'CMD > file'`", ("<=", 1.30), "≤ 1.30×"),
-          ("run_job_cpu_s_per_gb", "s/GB", "agent CPU per GB without a secret",
-           ("<=", 1.0), "≤ 1 s/GB"),
-          ("run_job_masked_cpu_s_per_gb", "s/GB", "agent CPU per GB with a secret",
-           ("<=", 1.0), "≤ 1 s/GB"),
-          ("run_job_peak_rss_mib", "MiB", "agent peak RSS (VmHWM) without a secret",
-           ("<=", 16.0), "≤ 16 MiB"),
-      ]],
+]
+# The same figures with the run directory on the disk `/tmp` is on (issue 16: tmpfs and disk).
+RUN_JOB_THROUGHPUT_DISK = [
+    (name + "_disk", unit,
+     "[{fs}, the disk /tmp is on] "
+     + what.replace("on tmpfs", "on the disk").replace("the same tmpfs", "the same disk"),
+     limit, target, producer + " --suffix _disk")
+    for name, unit, what, limit, target, producer in RUN_JOB_THROUGHPUT
+]
+FIGURES = RUN_JOB_THROUGHPUT + RUN_JOB_THROUGHPUT_DISK + [
     ("phase_overhead_ms", "ms",
      "overhead per phase: a job of 7 phases running `true`, process start to exit / 7, "
      "mean of {jobs} jobs", None, "", RUN_JOB),
