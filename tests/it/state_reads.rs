@@ -17,6 +17,17 @@ use std::time::{Duration, Instant};
 
 /// Every phase has a command; a job with only `test_data` skips provision, firmware_update,
 /// allocate and reserve (no data).
+/// The `job_state` posts the Python agent makes for a job that runs to its end, in its
+/// order (the server derives job events from them).
+const PYTHON_POSTS: [&str; 7] = [
+    "setup",
+    "provision",
+    "firmware_update",
+    "test",
+    "allocate",
+    "reserve",
+    "complete",
+];
 const COMMANDS: &str = "setup_command: echo setup ran\nprovision_command: echo provision ran\nfirmware_update_command: echo firmware ran\nallocate_command: echo allocate ran\nreserve_command: echo reserve ran\ncleanup_command: echo cleanup ran\n";
 
 fn server_with_status(on: bool) -> FakeServer {
@@ -202,15 +213,7 @@ fn with_status_every_read_before_and_during_phases_is_a_status_read() {
     );
     assert_eq!(
         posted_states(&server, &id),
-        [
-            "setup",
-            "provision",
-            "firmware_update",
-            "test",
-            "allocate",
-            "reserve",
-            "complete"
-        ],
+        PYTHON_POSTS,
         "the Python agent's job_state posts"
     );
     assert!(agent_log(&s, &name).contains("read through GET /v1/result/<id>/status"));
@@ -257,18 +260,7 @@ fn without_status_one_404_decides_and_every_read_is_a_full_one() {
     // Setup, provision, firmware_update, test, allocate, reserve: each read first.
     let before_reserve = server_time_of_state(&server, &id, "reserve");
     assert!(reads.iter().filter(|r| r.at < before_reserve).count() >= 6 + 2);
-    assert_eq!(
-        posted_states(&server, &id),
-        [
-            "setup",
-            "provision",
-            "firmware_update",
-            "test",
-            "allocate",
-            "reserve",
-            "complete"
-        ]
-    );
+    assert_eq!(posted_states(&server, &id), PYTHON_POSTS);
     assert!(agent_log(&s, &name).contains("has no GET /v1/result/<id>/status (404)"));
 }
 
@@ -394,18 +386,7 @@ fn without_status_the_read_for_the_skipped_phases_overlaps_the_output_tail() {
         after[0].log_bytes
     );
     // The job_state posts are the Python agent's, allocate and reserve included.
-    assert_eq!(
-        posted_states(&server, &id),
-        [
-            "setup",
-            "provision",
-            "firmware_update",
-            "test",
-            "allocate",
-            "reserve",
-            "complete"
-        ]
-    );
+    assert_eq!(posted_states(&server, &id), PYTHON_POSTS);
     assert_eq!(
         server.log_text(&id, "output").matches('x').count(),
         2_000_000
