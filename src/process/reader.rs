@@ -228,8 +228,6 @@ fn read_loop(shared: &Shared, fd: &OwnedFd) {
                 Err(err) => break Err(err),
             }
             if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-                // Stopped; the buffer goes back for the runner's accounting.
-                shared.lock().free.push(buf);
                 return;
             }
         };
