@@ -18,7 +18,7 @@
 # TF_BENCH_SERVER="KITDIR:PORT[ KITDIR:PORT]": also measure against running copies of the
 # real-server kit (../shared/realserver), e.g. "/tmp/tfserver:5000 /tmp/tfserver-new:5100":
 # a 200 MB test phase through the agent beside the kit's bare ingest client, in the same
-# run (bench/realserver.py). Each server is probed for GET /v1/result/<id>/status and its
+# run, three rounds of each alternated, the best of each kept (bench/realserver.py). Each server is probed for GET /v1/result/<id>/status and its
 # figures are named `realserver_status_*` or `realserver_old_*`; their details say which
 # server, commit and machine.
 #
@@ -114,8 +114,9 @@ for kit in ${TF_BENCH_SERVER:-}; do
     "http://127.0.0.1:$port/v1/result/00000000-0000-4000-8000-000000000000/status" || true)
   kind=$([ "$code" = 404 ] && echo old || echo status)
   size=200; [ "$mode" = smoke ] && size=20
+  rounds=3; [ "$mode" = smoke ] && rounds=1
   produce "realserver-$kind" python3 bench/realserver.py --kit "$dir" --port "$port" \
-    --agent "$bin" --label "$kind" --size-mb "$size"
+    --agent "$bin" --label "$kind" --size-mb "$size" --rounds "$rounds"
 done
 
 echo "== measured in $(( $(date +%s) - started )) s (with the build)"

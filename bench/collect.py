@@ -147,21 +147,23 @@ for _kind, _words in [("old", "a server without `/status`"),
     OPTIONAL += [
         (f"realserver_{_kind}_bare_client_mb_s", "MB/s",
          f"the limit: the kit's `ingest-bench.py`, 1 MiB fragments on one connection, into "
-         f"{_words} ({{server}}, commit {{commit}}, on {{host}})", None, "", REALSERVER),
+         f"{_words} ({{server}}, commit {{commit}}, on {{host}}), best of {{rounds}} rounds "
+         f"alternating with the agent's", None, "", REALSERVER),
         (f"realserver_{_kind}_live_mb_s", "MB/s",
          f"daemon, a test phase printing {{bytes}} into {_words} ({{server}} on {{host}}): the live "
-         f"rate (the `test` state post to the end of its last fragment, from the server's request log)", None, "", REALSERVER),
+         f"rate (the `test` state post to the end of its last fragment, from the server's request "
+         f"log), best of {{rounds}} rounds", None, "", REALSERVER),
         (f"realserver_{_kind}_live_vs_bare_ratio", "ratio",
          f"that live rate / the bare client's, {_words} ({{server}} on {{host}}, same run)", (">=", 0.80), "≥ 0.80×", REALSERVER),
         (f"realserver_{_kind}_job_output_mb_s", "MB/s",
          f"the job's output rate into {_words} ({{server}} on {{host}}): {{bytes}} / (the `test` "
-         f"state post → the next state post)", None, "", REALSERVER),
+         f"state post → the next state post), best of {{rounds}} rounds", None, "", REALSERVER),
         (f"realserver_{_kind}_job_vs_bare_ratio", "ratio",
          f"that job output rate / the bare client's, {_words} ({{server}} on {{host}}, same run)", (">=", 0.75), "≥ 0.75×",
          REALSERVER),
         (f"realserver_{_kind}_switch_ms", "ms",
          f"the end of the test phase's last fragment → the next state post, {_words} "
-         f"({{server}} on {{host}})",
+         f"({{server}} on {{host}}), median of {{rounds}} rounds",
          ("<=", 50.0), "≤ 50 ms", REALSERVER),
     ]
 
