@@ -18,9 +18,10 @@
 # TF_BENCH_SERVER="KITDIR:PORT[ KITDIR:PORT]": also measure against running copies of the
 # real-server kit (../shared/realserver), e.g. "/tmp/tfserver:5000 /tmp/tfserver-new:5100":
 # a 200 MB test phase through the agent beside the kit's bare ingest client, in the same
-# run, three rounds of each alternated, the best of each kept (bench/realserver.py). Each server is probed for GET /v1/result/<id>/status and its
-# figures are named `realserver_status_*` or `realserver_old_*`; their details say which
-# server, commit and machine.
+# run, five rounds of each alternated and the best of each kept (bench/realserver.py).
+# Each server is probed for GET /v1/result/<id>/status and its figures are named
+# `realserver_status_*` or `realserver_old_*`; their details say which server, commit and
+# machine.
 #
 # The run-job figures run on a tmpfs: /dev/shm when it is one, else a tmpfs mounted for
 # the run (root only); the agents' directories in the other figures are there too. The
@@ -114,7 +115,7 @@ for kit in ${TF_BENCH_SERVER:-}; do
     "http://127.0.0.1:$port/v1/result/00000000-0000-4000-8000-000000000000/status" || true)
   kind=$([ "$code" = 404 ] && echo old || echo status)
   size=200; [ "$mode" = smoke ] && size=20
-  rounds=3; [ "$mode" = smoke ] && rounds=1
+  rounds=5; [ "$mode" = smoke ] && rounds=1
   produce "realserver-$kind" python3 bench/realserver.py --kit "$dir" --port "$port" \
     --agent "$bin" --label "$kind" --size-mb "$size" --rounds "$rounds"
 done

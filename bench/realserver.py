@@ -192,6 +192,9 @@ figure("job_output_mb_s", max(jobs), "MB/s")
 figure("job_vs_bare_ratio", max(jobs) / bare_rate, "ratio")
 figure("live_vs_bare_ratio", max(lives) / bare_rate, "ratio")
 figure("switch_ms", sorted(switches)[len(switches) // 2] * 1000, "ms")
+pairs = sorted(l / b for l, b in zip(lives, bares))
+print(f"median of the rounds' own live / bare ratios: {pairs[len(pairs) // 2]:.3f} "
+      f"(from {pairs[0]:.3f} to {pairs[-1]:.3f})", flush=True)
 print("state reads and job_state posts of the last job (request log):", flush=True)
 for l in log_lines(job):
     if l[1] == "GET" or l[5].startswith("job_state="):
