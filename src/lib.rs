@@ -30,6 +30,7 @@ pub mod mask;
 pub mod metrics;
 pub mod notify;
 pub mod outcome;
+pub mod pagebuf;
 pub mod phase;
 pub mod process;
 pub mod release;

@@ -18,21 +18,23 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::unistd::read;
 
 use super::poll::WakePipe;
+use crate::pagebuf::PageBuf;
 
 /// Buffers in the pool, and the size of each: 1 MiB of output in flight at most, the
-/// size of the pipe itself.
+/// size of the pipe itself. Each starts at a page boundary, as the pipe's pages do
+/// ([`crate::pagebuf`]).
 const BUFFERS: usize = 8;
 const BUFFER_SIZE: usize = 128 * 1024;
 
 /// Bytes the reader read, in order.
 pub(super) struct Chunk {
-    buf: Vec<u8>,
+    buf: PageBuf,
     len: usize,
 }
 
 impl Chunk {
     pub(super) fn bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
+        &self.buf.as_slice()[..self.len]
     }
 }
 
@@ -48,7 +50,7 @@ pub(super) enum End {
 /// What the reader and the runner share, under one lock.
 struct Queue {
     filled: VecDeque<Chunk>,
-    free: Vec<Vec<u8>>,
+    free: Vec<PageBuf>,
     /// Set once the reader has read its last: after the last chunk in `filled`.
     end: Option<End>,
     /// The runner asks the reader to stop.
@@ -90,7 +92,7 @@ impl PipeReader {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 filled: VecDeque::with_capacity(BUFFERS),
-                free: (0..BUFFERS).map(|_| vec![0u8; BUFFER_SIZE]).collect(),
+                free: (0..BUFFERS).map(|_| PageBuf::new(BUFFER_SIZE)).collect(),
                 end: None,
                 stop: false,
             }),
@@ -214,7 +216,7 @@ fn read_loop(shared: &Shared, fd: &OwnedFd) {
             }
         };
         let read = loop {
-            match read(fd, &mut buf) {
+            match read(fd, buf.as_mut_slice()) {
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => {}
                 done => break done,

@@ -38,6 +38,7 @@ use super::{
     stop_line, straggler_line, sys, CommandEvent, CommandOutcome, CommandSpec, CommandState,
     OutputSink, ProcessError, StopKind, StopSignal, Termination, KILL_NOW_LINE,
 };
+use crate::pagebuf::PageBuf;
 
 /// One read from the output pipe; the buffer is reused for the whole command.
 const READ_CHUNK: usize = 256 * 1024;
@@ -136,7 +137,7 @@ struct Run<'a> {
     guard: ProcessGroupGuard,
     capture: Capture,
     /// The pipe's read buffer (empty with direct capture).
-    buf: Vec<u8>,
+    buf: PageBuf,
     /// The shell, and the group id.
     leader: Pid,
     start: Instant,
@@ -198,8 +199,8 @@ impl<'a> Run<'a> {
         } = spawned;
         let capture = capture.read_on_thread();
         let buf = match capture {
-            Capture::Pipe(_) => vec![0u8; READ_CHUNK],
-            Capture::Reader(_) | Capture::Follow(_) => Vec::new(),
+            Capture::Pipe(_) => PageBuf::new(READ_CHUNK),
+            Capture::Reader(_) | Capture::Follow(_) => PageBuf::new(0),
         };
         let follow_max = sink
             .follow_pause_max()
@@ -519,18 +520,20 @@ impl<'a> Run<'a> {
         }
         let mut rescan_now = ready.leader || !ready.exited.is_empty();
         match &self.capture {
-            Capture::Pipe(out_read) if ready.output => match read(out_read, &mut self.buf) {
-                Ok(0) => {
-                    self.output_open = false;
-                    rescan_now = true;
+            Capture::Pipe(out_read) if ready.output => {
+                match read(out_read, self.buf.as_mut_slice()) {
+                    Ok(0) => {
+                        self.output_open = false;
+                        rescan_now = true;
+                    }
+                    Ok(n) => {
+                        self.sink.output(&self.buf.as_slice()[..n]);
+                        self.last_output = Instant::now();
+                    }
+                    Err(Errno::EAGAIN | Errno::EINTR) => {}
+                    Err(e) => return Err(sys("reading the command's output")(e)),
                 }
-                Ok(n) => {
-                    self.sink.output(&self.buf[..n]);
-                    self.last_output = Instant::now();
-                }
-                Err(Errno::EAGAIN | Errno::EINTR) => {}
-                Err(e) => return Err(sys("reading the command's output")(e)),
-            },
+            }
             Capture::Reader(reader) if ready.output => {
                 reader.acknowledge();
                 // One batch, then the stops and deadlines are checked again: a command
@@ -614,7 +617,7 @@ impl<'a> Run<'a> {
                     None => {}
                 }
                 if output_open {
-                    buf = vec![0u8; READ_CHUNK];
+                    buf = PageBuf::new(READ_CHUNK);
                 }
                 (Some(out_read), false)
             }
@@ -651,7 +654,7 @@ impl<'a> Run<'a> {
                 _ => DRAIN_BOUND,
             };
             if let Some(out_read) = &pipe {
-                drain_output(out_read, &mut buf, sink, bound)?;
+                drain_output(out_read, buf.as_mut_slice(), sink, bound)?;
             }
         }
         if followed {
