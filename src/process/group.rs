@@ -214,6 +214,7 @@ impl ProcessGroupGuard {
                     && found.iter().any(|s| s.pid == leader);
             }
             let mut alive = 0;
+            let mut exiting = 0;
             for stat in &found {
                 let id = (stat.pid, stat.starttime);
                 if stat.is_alive() {
@@ -231,20 +232,19 @@ impl ProcessGroupGuard {
                         }
                     }
                     signal_process(stat.pid, stat.starttime, Signal::SIGKILL, &mut buf);
-                } else if stat.ppid == self.own_pid && stat.pid != leader {
-                    if let Ok(Some(_)) | Err(_) = reap(Pid::from_raw(stat.pid), true) {
-                        self.known.retain(|&(pid, _)| pid != stat.pid);
-                    }
+                } else if stat.ppid == self.own_pid && stat.pid != leader && !self.reap_child(stat)
+                {
+                    exiting += 1;
                 }
             }
             // The leader is not reaped yet, so the group id is still ours.
             self.signal_group(Signal::SIGKILL);
-            if alive == 0 {
+            if alive == 0 && exiting == 0 {
                 break;
             }
             if Instant::now() >= deadline {
                 log::warn!(
-                    "process group {leader}: {alive} processes still alive after {} ms of SIGKILL",
+                    "process group {leader}: {alive} processes still alive and {exiting} still exiting after {} ms of SIGKILL",
                     SWEEP_BOUND.as_millis()
                 );
                 break;
@@ -278,13 +278,49 @@ impl ProcessGroupGuard {
 
     /// A member killed while the shell was still exiting died as the shell's child; the
     /// shell's exit then handed its zombie to the agent (the subreaper). Once the shell is
-    /// reaped, every such zombie is ours: reap those of the phase.
+    /// reaped, every such zombie is ours: reap those of the phase. A killed process is
+    /// neither alive nor a zombie while it is inside `exit()`, and its environment reads
+    /// empty by then; it is waited for (rescanning, within [`SWEEP_BOUND`]) until it is a
+    /// zombie that is reaped here or that has a parent other than the agent.
     fn reap_adopted_zombies(&mut self) {
-        for stat in sweep::scan(&self.marks(false)) {
-            if !stat.is_alive() && stat.ppid == self.own_pid && stat.pid != self.leader.as_raw() {
-                if let Ok(Some(_)) | Err(_) = reap(Pid::from_raw(stat.pid), true) {
-                    self.known.retain(|&(pid, _)| pid != stat.pid);
+        let leader = self.leader.as_raw();
+        let deadline = Instant::now() + SWEEP_BOUND;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let mut exiting = 0;
+            for stat in sweep::scan(&self.marks(false)) {
+                if stat.is_alive() || stat.pid == leader {
+                    continue;
                 }
+                let ours = stat.ppid == self.own_pid;
+                if (ours && !self.reap_child(&stat)) || (!ours && stat.state != b'Z') {
+                    exiting += 1;
+                }
+            }
+            if exiting == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "process group {leader}: {exiting} processes still exiting {} ms after the shell was reaped",
+                    SWEEP_BOUND.as_millis()
+                );
+                break;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Reaps `stat`, a child of the agent that is no longer alive. Returns `false` while it
+    /// is still inside `exit()` (not a zombie yet, so not reapable), `true` once it is
+    /// reaped or is no child to wait for (then it is forgotten).
+    fn reap_child(&mut self, stat: &ProcStat) -> bool {
+        match reap(Pid::from_raw(stat.pid), true) {
+            Ok(None) => false,
+            Ok(Some(_)) | Err(_) => {
+                self.known.retain(|&(pid, _)| pid != stat.pid);
+                true
             }
         }
     }

@@ -505,6 +505,41 @@ fn a_setsid_daemon_after_a_normal_exit_is_swept() {
     assert_tree_gone(&m, &seen, 1);
 }
 
+/// A killed process is neither alive nor reapable while it is still inside `exit()`, and
+/// its environment already reads empty there. `tail -c N` from a pipe keeps the last N
+/// bytes in memory until its input ends (here never), so once killed it spends some
+/// milliseconds freeing them: the runner must wait for it and reap it before returning.
+/// Nothing of it holds the output, whose end would otherwise be awaited (and come after
+/// the memory is freed).
+#[test]
+fn a_straggler_still_exiting_when_swept_is_reaped_before_the_runner_returns() {
+    become_subreaper().expect("subreaper");
+    let m = Marker::new();
+    let scratch = crate::support::scratch::Scratch::new("straggler-exiting");
+    let absorbed = scratch.path(&format!("absorbed-{}", m.digits));
+    let absorbed = absorbed.display();
+    let spec = spec(&format!(
+        "{{ head -c 268435456 /dev/zero; : > {absorbed}; {}; }} 2>/dev/null | tail -c 268435456 - /dev/null/marker-{} >/dev/null 2>&1 & \
+         until [ -e {absorbed} ]; do sleep 0.01; done; echo ready",
+        m.sleep(),
+        m.digits
+    ));
+    let (outcome, out, seen) = run_until_ready(&spec, &m);
+    assert_eq!(
+        outcome.termination,
+        Termination::Exited(0),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        outcome.stragglers_killed >= 1,
+        "{outcome:?}: {}",
+        text(&out)
+    );
+    // The subshell (which execs its sleep) and tail.
+    assert_tree_gone(&m, &seen, 2);
+}
+
 #[test]
 fn global_timeout_line_names_whole_seconds() {
     let m = Marker::new();
