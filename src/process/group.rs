@@ -203,8 +203,7 @@ impl ProcessGroupGuard {
         let leader = self.leader.as_raw();
         let before = self.killed.len();
         let mut escapees = 0;
-        let deadline = Instant::now() + SWEEP_BOUND;
-        let mut pause = Duration::from_millis(1);
+        let mut rescans = Rescans::new();
         let mut buf = Vec::new();
         let mut first = true;
         loop {
@@ -242,15 +241,13 @@ impl ProcessGroupGuard {
             if alive == 0 && exiting == 0 {
                 break;
             }
-            if Instant::now() >= deadline {
+            if !rescans.wait() {
                 log::warn!(
                     "process group {leader}: {alive} processes still alive and {exiting} still exiting after {} ms of SIGKILL",
                     SWEEP_BOUND.as_millis()
                 );
                 break;
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(50));
         }
         (self.killed.len() - before, escapees)
     }
@@ -284,8 +281,7 @@ impl ProcessGroupGuard {
     /// zombie that is reaped here or that has a parent other than the agent.
     fn reap_adopted_zombies(&mut self) {
         let leader = self.leader.as_raw();
-        let deadline = Instant::now() + SWEEP_BOUND;
-        let mut pause = Duration::from_millis(1);
+        let mut rescans = Rescans::new();
         loop {
             let mut exiting = 0;
             for stat in sweep::scan(&self.marks(false)) {
@@ -300,15 +296,13 @@ impl ProcessGroupGuard {
             if exiting == 0 {
                 break;
             }
-            if Instant::now() >= deadline {
+            if !rescans.wait() {
                 log::warn!(
                     "process group {leader}: {exiting} processes still exiting {} ms after the shell was reaped",
                     SWEEP_BOUND.as_millis()
                 );
                 break;
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 
@@ -332,6 +326,32 @@ impl ProcessGroupGuard {
             what: "waitpid on the command's shell",
             source,
         })
+    }
+}
+
+/// The pace of a sweep's rescans: 1 ms after the first, doubling up to 50 ms, for at
+/// most [`SWEEP_BOUND`].
+struct Rescans {
+    deadline: Instant,
+    pause: Duration,
+}
+
+impl Rescans {
+    fn new() -> Rescans {
+        Rescans {
+            deadline: Instant::now() + SWEEP_BOUND,
+            pause: Duration::from_millis(1),
+        }
+    }
+
+    /// Waits before the next rescan; `false` (at once) when the bound is past.
+    fn wait(&mut self) -> bool {
+        if Instant::now() >= self.deadline {
+            return false;
+        }
+        std::thread::sleep(self.pause);
+        self.pause = (self.pause * 2).min(Duration::from_millis(50));
+        true
     }
 }
 
