@@ -27,7 +27,7 @@ the request log for it (state reads and job_state posts) are printed.
 Prints `FIGURE name=value unit=...` lines (names carry --label) and the state-read lines
 of the request log that show which endpoint the agent used. Asserts nothing.
 """
-import argparse, json, os, re, subprocess, sys, tempfile, time, urllib.request
+import argparse, json, os, re, statistics, subprocess, sys, tempfile, time, urllib.request
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--kit", required=True)
@@ -38,6 +38,7 @@ ap.add_argument("--label", default="")
 ap.add_argument("--rounds", type=int, default=1)
 ap.add_argument("--cancel", action="store_true")
 a = ap.parse_args()
+rounds = max(a.rounds, 1)
 base = f"http://127.0.0.1:{a.port}"
 reqlog = os.path.join(a.kit, "logs", "requests.log")
 label = a.label or f"port{a.port}"
@@ -51,7 +52,7 @@ def commit_of(kit):
 
 
 DETAILS = (f"server={base} commit={commit_of(a.kit)} host={os.uname().nodename} "
-           f"bytes={a.size_mb * 1_000_000} rounds={max(a.rounds, 1)}")
+           f"bytes={a.size_mb * 1_000_000} rounds={rounds}")
 
 
 def figure(name, value, unit):
@@ -170,7 +171,7 @@ def one_job():
 bares, lives, jobs, switches = [], [], [], []
 agent = start_agent(config)
 try:
-    for r in range(1, max(a.rounds, 1) + 1):
+    for r in range(1, rounds + 1):
         bares.append(bare_client())
         live, job_rate, switch, job = one_job()
         lives.append(live)
@@ -191,9 +192,9 @@ figure("live_mb_s", max(lives), "MB/s")
 figure("job_output_mb_s", max(jobs), "MB/s")
 figure("job_vs_bare_ratio", max(jobs) / bare_rate, "ratio")
 figure("live_vs_bare_ratio", max(lives) / bare_rate, "ratio")
-figure("switch_ms", sorted(switches)[len(switches) // 2] * 1000, "ms")
+figure("switch_ms", statistics.median_high(switches) * 1000, "ms")
 pairs = sorted(l / b for l, b in zip(lives, bares))
-print(f"median of the rounds' own live / bare ratios: {pairs[len(pairs) // 2]:.3f} "
+print(f"median of the rounds' own live / bare ratios: {statistics.median_high(pairs):.3f} "
       f"(from {pairs[0]:.3f} to {pairs[-1]:.3f})", flush=True)
 print("state reads and job_state posts of the last job (request log):", flush=True)
 for l in log_lines(job):
